@@ -1,0 +1,1 @@
+"""Drop-in nn.Modules of hrfast."""

@@ -1,0 +1,57 @@
+"""Plain PyTorch references of hrfast's ops: the ground truth for tests and benchmarks, and the CPU path.
+
+They compute exactly what eager HRNet code computes, in the order it computes it (affine, i.e. BN, at the
+source resolution, then `F.interpolate`, then the sum in term order, then ReLU), in the inputs' dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .resample import Resample, as_resample
+
+
+def affine_ref(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor]) -> Tensor:
+    """Per-channel `x * scale + shift` in the wider of the two dtypes, rounded back to x's dtype (as BN does)."""
+    if scale is not None:
+        x_scaled = x * scale.view(1, -1, 1, 1)
+    else:
+        x_scaled = x
+    if shift is not None:
+        x_scaled = x_scaled + shift.view(1, -1, 1, 1)
+    return x_scaled.to(x.dtype)
+
+
+def resample_ref(x: Tensor, resample: Resample, size: Tuple[int, int]) -> Tensor:
+    """`F.interpolate` to `size`, passing the scale factor when there is one (ATen then uses 1/s)."""
+    kwargs = {"mode": resample.mode}
+    if resample.is_bilinear:
+        kwargs["align_corners"] = resample.corners_aligned
+    if resample.scale_factor is not None:
+        kwargs["scale_factor"] = resample.scale_factor
+        kwargs["recompute_scale_factor"] = resample.recompute_scale_factor
+    else:
+        kwargs["size"] = tuple(size)
+    return F.interpolate(x, **kwargs)
+
+
+def fuse_ref(
+    inputs: Sequence[Tensor],
+    scales: Sequence[Optional[Tensor]],
+    shifts: Sequence[Optional[Tensor]],
+    resamples: Sequence[Optional[Resample]],
+    size: Tuple[int, int],
+    relu: bool = True,
+) -> Tensor:
+    """y = ReLU(sum_k Up_k(x_k * scale_k + shift_k)), terms without a Resample being at `size` already."""
+    total = None
+    for k, (x, scale, shift, resample) in enumerate(zip(inputs, scales, shifts, resamples)):
+        term = affine_ref(x, scale, shift)
+        resample = as_resample(resample, f"resamples[{k}]")
+        if resample is not None:
+            term = resample_ref(term, resample, size)
+        total = term if total is None else total + term
+    return torch.relu(total) if relu else total

@@ -19,6 +19,7 @@ reduced by the launcher in a fixed order, so results are bitwise deterministic.
 from __future__ import annotations
 
 import math
+import os
 from contextlib import nullcontext
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
@@ -30,6 +31,9 @@ from torch import Tensor
 MAX_TERMS = 4
 SAME, NEAREST, BILINEAR = 0, 1, 2
 INT32_LIMIT = 2**31 - 1
+# Tests set this (or HRFAST_POISON=1): every buffer a launcher allocates starts as NaN, so an element a
+# kernel forgets to write fails the comparison instead of passing with stale memory.
+POISON_OUTPUTS = os.environ.get("HRFAST_POISON", "0") == "1"
 
 
 class Term(NamedTuple):
@@ -243,8 +247,9 @@ def _fuse_backward_same_kernel(
 
 
 @triton.jit
-def _first_reader(s, r, MODE: tl.constexpr, ALIGN: tl.constexpr, F64: tl.constexpr):
-    """A lower bound (2 indices of slack for rounding) on the first output index that reads source s."""
+def _first_reader(s, r, step, offset, MODE: tl.constexpr, ALIGN: tl.constexpr, F64: tl.constexpr):
+    """First output index that may read source s: exact (s * step - offset) when the host found the ratio
+    to be exactly 1/step; otherwise a lower bound with 2 indices of slack for rounding."""
     if F64:
         sf = s.to(tl.float64)
     else:
@@ -259,6 +264,7 @@ def _first_reader(s, r, MODE: tl.constexpr, ALIGN: tl.constexpr, F64: tl.constex
     start = tl.maximum(start, 0.0)  # before the cast: negative values truncate towards zero
     lo = start.to(tl.int32) - 2
     lo = tl.where(r > 0.0, lo, 0)  # r == 0 (align_corners, one source pixel): every output reads it
+    lo = tl.where(step > 0, s * step - offset, lo)
     return tl.maximum(lo, 0)
 
 
@@ -279,7 +285,7 @@ def _upsample_adjoint_kernel(
     z_ptr, sz_n, sz_c, sz_h, sz_w,
     scale_ptr, dz_ptr, sd_n, sd_c, sd_h, sd_w,
     part_ptr, R, C, h, w,
-    ry, rx, ry_num, ry_den, rx_num, rx_den, KH, KW,
+    ry, rx, ry_num, ry_den, rx_num, rx_den, KH, KW, step_h, step_w, off_h, off_w,
     MODE: tl.constexpr, ALIGN: tl.constexpr, HAS_SCALE: tl.constexpr, NEED_DZ: tl.constexpr,
     NEED_DSCALE: tl.constexpr, NEED_DSHIFT: tl.constexpr,
     F64: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -302,8 +308,8 @@ def _upsample_adjoint_kernel(
     if MODE == 2:
         ry = _ratio(ry, ry_num, ry_den, F64)
         rx = _ratio(rx, rx_num, rx_den, F64)
-    lo_y = _first_reader(sy, ry, MODE, ALIGN, F64)
-    lo_x = _first_reader(sx, rx, MODE, ALIGN, F64)
+    lo_y = _first_reader(sy, ry, step_h, off_h, MODE, ALIGN, F64)
+    lo_x = _first_reader(sx, rx, step_w, off_w, MODE, ALIGN, F64)
     u = tl.zeros([BLOCK_C, BLOCK_P], dtype=acc_t)
     for ky in range(0, KH):
         dy = lo_y + ky
@@ -360,12 +366,20 @@ def _is_channels_last(t: Tensor) -> bool:
     return t.dim() == 4 and t.stride(1) == 1 and t.shape[1] > 1
 
 
+def _poisoned(t: Tensor) -> Tensor:
+    return t.fill_(float("nan")) if POISON_OUTPUTS else t
+
+
+def _empty(shape, dtype, device, memory_format=torch.contiguous_format) -> Tensor:
+    return _poisoned(torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format))
+
+
 def _empty_grad(x: Tensor, layout_hint: Tensor) -> Tensor:
     """A gradient buffer in x's layout; x may be a stride-0 stand-in (not saved), then in layout_hint's."""
     if 0 not in x.stride() or x.numel() <= 1:
-        return torch.empty_like(x)
+        return _poisoned(torch.empty_like(x))
     fmt = torch.channels_last if _is_channels_last(layout_hint) else torch.contiguous_format
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    return _empty(x.shape, x.dtype, x.device, fmt)
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -402,15 +416,14 @@ def fuse_forward(terms: Sequence[Term], out_size: Tuple[int, int], relu: bool = 
     N, C = x0.shape[:2]
     H, W = out_size
     acc_dtype = _accumulation_dtype(x0.dtype)
-    out = torch.empty((N, C, H, W), dtype=x0.dtype, device=x0.device, memory_format=memory_format)
+    out = _empty((N, C, H, W), x0.dtype, x0.device, memory_format)
     groups = [list(terms[i:i + MAX_TERMS - (i > 0)]) for i in _group_starts(len(terms))]
     partial = None
     for gi, group in enumerate(groups):
         last = gi == len(groups) - 1
         if partial is not None:
             group = [Term(partial)] + group
-        target = out if last else torch.empty((N, C, H, W), dtype=acc_dtype, device=x0.device,
-                                               memory_format=memory_format)
+        target = out if last else _empty((N, C, H, W), acc_dtype, x0.device, memory_format)
         _launch_forward(group, target, relu=relu and last, force_int64=force_int64)
         partial = target
     return out
@@ -450,14 +463,21 @@ def _launch_forward(group: Sequence[Term], out: Tensor, relu: bool, force_int64:
             INT64=int64, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=4, **consts)
 
 
-def window(ratio: Tuple[int, int], mode: int, n_out: int) -> int:
-    """How many output indices the adjoint visits per source index: a safe over-estimate of the true
-    fan-out (1/r for nearest, 2/r for bilinear) with slack for `_first_reader`'s rounding margin."""
-    r = ratio[0] / ratio[1]
+def window(ratio: Tuple[int, int], mode: int, align_corners: bool, n_out: int) -> Tuple[int, int, int]:
+    """(K, step, offset) of the adjoint's gather along one axis: source s visits outputs
+    [s * step - offset, + K) when the ratio is exactly 1/step (step a power of 2, so the forward's float
+    index math is exact too: HRNet's usual x2^k), else step = 0 and K over-estimates the fan-out
+    (1/r nearest, 2/r bilinear) with room for `_first_reader`'s slack."""
+    num, den = ratio
+    if num == 1 and den & (den - 1) == 0 and not (mode == BILINEAR and align_corners):
+        if mode == NEAREST:
+            return den, den, 0
+        return 2 * den, den, (den + 1) // 2  # d reads s iff (d + 0.5) / m - 0.5 lies in [s - 1, s + 1)
+    r = num / den
     if r <= 0:
-        return n_out
+        return n_out, 0, 0
     fan_out = 1.0 / r if mode == NEAREST else 2.0 / r
-    return min(n_out + 2, math.ceil(fan_out) + 5)
+    return min(n_out + 2, math.ceil(fan_out) + 5), 0, 0
 
 
 def fuse_backward(grad_y: Tensor, y: Optional[Tensor], terms: Sequence[Term], needs_grad: Sequence[Tuple[bool, bool, bool]],
@@ -479,7 +499,7 @@ def fuse_backward(grad_y: Tensor, y: Optional[Tensor], terms: Sequence[Term], ne
     int64 = force_int64 or needs_int64(grad_y, y, *(t.x for t in terms))
     g = None
     if low:
-        g = grad_y if not relu else torch.empty_like(grad_y, memory_format=fmt)
+        g = grad_y if not relu else _empty(grad_y.shape, grad_y.dtype, grad_y.device, fmt)
     block_c, block_p = _tile(C, H * W, fmt == torch.channels_last, budget=2048)
     grid = (triton.cdiv(H * W, block_p), triton.cdiv(C, block_c), N)
     R = grid[0] * N
@@ -489,7 +509,7 @@ def fuse_backward(grad_y: Tensor, y: Optional[Tensor], terms: Sequence[Term], ne
         first = gi == 0
         write_g = first and g is not None and relu
         need_g_sum = first and need_sum_g
-        parts = torch.empty((MAX_TERMS + 1, R, C), dtype=acc_dtype, device=grad_y.device)
+        parts = _empty((MAX_TERMS + 1, R, C), acc_dtype, grad_y.device)
         slot_args, consts = [], {}
         for slot in range(MAX_TERMS):
             if slot < len(group):
@@ -546,8 +566,10 @@ def _upsample_adjoint(g: Tensor, term: Term, needs: Tuple[bool, bool, bool], acc
     block_c, block_p = _tile(C, h * w, _is_channels_last(z), budget=1024)
     grid = (triton.cdiv(h * w, block_p), triton.cdiv(C, block_c), N)
     R = grid[0] * N
-    parts = torch.zeros((2, R, C), dtype=acc_dtype, device=z.device)
+    parts = _empty((2, R, C), acc_dtype, z.device)
     dz_arg = dz if dz is not None else z
+    kh, step_h, off_h = window(term.ratio_h, term.mode, term.align_corners, H)
+    kw, step_w, off_w = window(term.ratio_w, term.mode, term.align_corners, W)
     if z.numel() > 0:
         with _device_context(z):
             _upsample_adjoint_kernel[grid](
@@ -555,7 +577,7 @@ def _upsample_adjoint(g: Tensor, term: Term, needs: Tuple[bool, bool, bool], acc
                 term.scale if term.scale is not None else z, dz_arg, *dz_arg.stride(),
                 parts, R, C, h, w,
                 _axis_ratio_f32(term.ratio_h), _axis_ratio_f32(term.ratio_w), *term.ratio_h, *term.ratio_w,
-                window(term.ratio_h, term.mode, H), window(term.ratio_w, term.mode, W),
+                kh, kw, step_h, step_w, off_h, off_w,
                 MODE=term.mode, ALIGN=bool(term.align_corners), HAS_SCALE=term.scale is not None,
                 NEED_DZ=need_dz, NEED_DSCALE=need_dscale, NEED_DSHIFT=need_dshift,
                 F64=acc_dtype == torch.float64, INT64=int64 or needs_int64(z, dz), BLOCK_C=block_c,

@@ -20,10 +20,15 @@ ScaleFactor = Union[float, Tuple[float, float]]
 
 
 class AxisRatio(NamedTuple):
-    """Source index = f(dst index, num/den); see `Resample.axis_ratio`."""
+    """Source index = f(dst index, num/den), in lowest terms; see `Resample.axis_ratio`."""
 
     num: int
     den: int
+
+    @classmethod
+    def of(cls, num: int, den: int) -> "AxisRatio":
+        g = math.gcd(num, den) or 1
+        return cls(num // g, den // g)
 
     @property
     def value(self) -> float:
@@ -107,12 +112,12 @@ class Resample:
         if self.mode == "nearest" and n_out == 2 * n_in:  # ATen's exact `dst >> 1` shortcut
             return AxisRatio(1, 2)
         if self.corners_aligned:
-            return AxisRatio(n_in - 1, n_out - 1) if n_out > 1 else AxisRatio(0, 1)
+            return AxisRatio.of(n_in - 1, n_out - 1) if n_out > 1 else AxisRatio(0, 1)
         pair = self._scale_pair()
         if pair is not None and not self.recompute_scale_factor:
             frac = Fraction(pair[axis])  # exact: 1/s as ATen computes it in double
             return AxisRatio(frac.denominator, frac.numerator)
-        return AxisRatio(n_in, n_out)
+        return AxisRatio.of(n_in, n_out)
 
 
 def as_resample(value, where: str) -> Optional[Resample]:

@@ -55,11 +55,11 @@ class Term(NamedTuple):
 @triton.jit
 def _offsets(n, c, y, x, s_n, s_c, s_h, s_w, INT64: tl.constexpr):
     """Element offsets of a [BLOCK_C, BLOCK_P] tile: channel part [:, None] + pixel part [None, :]."""
-    if INT64:
+    if INT64:  # one return below: the compiler wants one return type whatever the branch
+        n = n.to(tl.int64)
         c = c.to(tl.int64)
         y = y.to(tl.int64)
         x = x.to(tl.int64)
-        return (n.to(tl.int64) * s_n + c * s_c)[:, None] + (y * s_h + x * s_w)[None, :]
     return (n * s_n + c * s_c)[:, None] + (y * s_h + x * s_w)[None, :]
 
 
@@ -90,9 +90,10 @@ def _linear_source(d, r, n_in, ALIGN: tl.constexpr, F64: tl.constexpr):
 @triton.jit
 def _ratio(r32, num, den, F64: tl.constexpr):
     # bilinear computes its ratio in the accumulation type (ATen's opmath); the f64 one from exact integers
+    r = r32
     if F64:
-        return tl.cast(num, tl.float64) / tl.cast(den, tl.float64)
-    return r32
+        r = tl.cast(num, tl.float64) / tl.cast(den, tl.float64)
+    return r
 
 
 # -------------------------------------------------------------------------------------------------- forward

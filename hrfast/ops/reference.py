@@ -55,3 +55,24 @@ def fuse_ref(
             term = resample_ref(term, resample, size)
         total = term if total is None else total + term
     return torch.relu(total) if relu else total
+
+
+def fusion_module_ref(fuse_layers, xs: Sequence[Tensor], upsample: Optional[str] = None,
+                      align_corners: Optional[bool] = None) -> list:
+    """What an HRNet module's fusion computes with its own layers, eagerly (the official/timm loop).
+
+    `fuse_layers[i][j]` is None/Identity for j == i; for j > i it ends in its own upsample module (pose,
+    cls, timm) or, when `upsample` is given, is followed by `F.interpolate(size=xs[i].shape[2:], mode=upsample,
+    align_corners=align_corners)` as the official segmentation and facial-landmark code do in forward.
+    """
+    out = []
+    for i, row in enumerate(fuse_layers):
+        total = None
+        for j, layer in enumerate(row):
+            term = xs[j] if layer is None else layer(xs[j])
+            if j > i and upsample is not None:
+                kwargs = {"align_corners": align_corners} if upsample == "bilinear" else {}
+                term = F.interpolate(term, size=tuple(xs[i].shape[2:]), mode=upsample, **kwargs)
+            total = term if total is None else total + term
+        out.append(torch.relu(total))
+    return out

@@ -170,6 +170,8 @@ def _validate(inputs, scales, shifts, resample, size):
         if x.shape[1] != x0.shape[1]:
             raise ValueError(f"inputs[{k}] has {x.shape[1]} channels but inputs[0] has {x0.shape[1]}; "
                              "every term must already have the output branch's channels")
+    if x0.shape[0] > 65535:  # the kernels' grid has one z-slice per image; CUDA caps grid z at 65535
+        raise ValueError(f"inputs have batch {x0.shape[0]}; the fused op supports at most 65535 images per call")
     n, C = len(inputs), x0.shape[1]
     scales = _per_term(scales, "scales", n)
     shifts = _per_term(shifts, "shifts", n)

@@ -28,8 +28,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .resample import (BILINEAR, NEAREST, SAME, adjoint_weight, bilinear_ratio, first_reader, load_term,  # noqa: F401
+                       tile_offsets)
+
 MAX_TERMS = 4
-SAME, NEAREST, BILINEAR = 0, 1, 2
 INT32_LIMIT = 2**31 - 1
 # Tests set this (or HRFAST_POISON=1): every buffer a launcher allocates starts as NaN, so an element a
 # kernel forgets to write fails the comparison instead of passing with stale memory.
@@ -47,89 +49,6 @@ class Term(NamedTuple):
     align_corners: bool = False
     ratio_h: Tuple[int, int] = (1, 1)
     ratio_w: Tuple[int, int] = (1, 1)
-
-
-# --------------------------------------------------------------------------------------------- index math
-
-
-@triton.jit
-def _offsets(n, c, y, x, s_n, s_c, s_h, s_w, INT64: tl.constexpr):
-    """Element offsets of a [BLOCK_C, BLOCK_P] tile: channel part [:, None] + pixel part [None, :]."""
-    if INT64:  # one return below: the compiler wants one return type whatever the branch
-        n = n.to(tl.int64)
-        c = c.to(tl.int64)
-        y = y.to(tl.int64)
-        x = x.to(tl.int64)
-    return (n * s_n + c * s_c)[:, None] + (y * s_h + x * s_w)[None, :]
-
-
-@triton.jit
-def _nearest_source(d, r, n_in):
-    # ATen nearest_neighbor_compute_source_index: min(floorf(dst * scale), in - 1), always in float32
-    return tl.minimum((d.to(tl.float32) * r).to(tl.int32), n_in - 1)
-
-
-@triton.jit
-def _linear_source(d, r, n_in, ALIGN: tl.constexpr, F64: tl.constexpr):
-    """ATen's bilinear taps (i0, i1) and weights (l0, l1) of output index d along one axis."""
-    if F64:
-        df = d.to(tl.float64)
-    else:
-        df = d.to(tl.float32)
-    if ALIGN:
-        real = r * df
-    else:
-        real = tl.maximum(r * (df + 0.5) - 0.5, 0.0)
-    i0 = tl.minimum(real.to(tl.int32), n_in - 1)
-    l1 = tl.minimum(tl.maximum(real - i0.to(real.dtype), 0.0), 1.0)
-    # the second tap only where it has weight: identity axes then read nothing extra (as ATen's copy)
-    i1 = tl.where((i0 < n_in - 1) & (l1 > 0.0), i0 + 1, i0)
-    return i0, i1, 1.0 - l1, l1
-
-
-@triton.jit
-def _ratio(r32, num, den, F64: tl.constexpr):
-    # bilinear computes its ratio in the accumulation type (ATen's opmath); the f64 one from exact integers
-    r = r32
-    if F64:
-        r = tl.cast(num, tl.float64) / tl.cast(den, tl.float64)
-    return r
-
-
-# -------------------------------------------------------------------------------------------------- forward
-
-
-@triton.jit
-def _load_term(n, c, c_mask, oy, ox, p_mask,
-               x_ptr, scale_ptr, shift_ptr, h, w, s_n, s_c, s_h, s_w,
-               ry, rx, ry_num, ry_den, rx_num, rx_den,
-               MODE: tl.constexpr, ALIGN: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-               F64: tl.constexpr, INT64: tl.constexpr):
-    """One term of the sum on an output tile, in the accumulation dtype."""
-    acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
-    mask = c_mask[:, None] & p_mask[None, :]
-    if MODE == 0:
-        v = tl.load(x_ptr + _offsets(n, c, oy, ox, s_n, s_c, s_h, s_w, INT64), mask=mask, other=0.0).to(acc_t)
-    elif MODE == 1:
-        iy = _nearest_source(oy, ry, h)
-        ix = _nearest_source(ox, rx, w)
-        v = tl.load(x_ptr + _offsets(n, c, iy, ix, s_n, s_c, s_h, s_w, INT64), mask=mask, other=0.0).to(acc_t)
-    else:
-        y0, y1, ly0, ly1 = _linear_source(oy, _ratio(ry, ry_num, ry_den, F64), h, ALIGN, F64)
-        x0, x1, lx0, lx1 = _linear_source(ox, _ratio(rx, rx_num, rx_den, F64), w, ALIGN, F64)
-        v00 = tl.load(x_ptr + _offsets(n, c, y0, x0, s_n, s_c, s_h, s_w, INT64), mask=mask, other=0.0).to(acc_t)
-        v01 = tl.load(x_ptr + _offsets(n, c, y0, x1, s_n, s_c, s_h, s_w, INT64), mask=mask, other=0.0).to(acc_t)
-        v10 = tl.load(x_ptr + _offsets(n, c, y1, x0, s_n, s_c, s_h, s_w, INT64), mask=mask, other=0.0).to(acc_t)
-        v11 = tl.load(x_ptr + _offsets(n, c, y1, x1, s_n, s_c, s_h, s_w, INT64), mask=mask, other=0.0).to(acc_t)
-        lx0 = lx0[None, :]
-        lx1 = lx1[None, :]
-        # ATen's order: h0l * (w0l * v00 + w1l * v01) + h1l * (w0l * v10 + w1l * v11)
-        v = ly0[None, :] * (lx0 * v00 + lx1 * v01) + ly1[None, :] * (lx0 * v10 + lx1 * v11)
-    if HAS_SCALE:
-        v = v * tl.load(scale_ptr + c, mask=c_mask, other=0.0).to(acc_t)[:, None]
-    if HAS_SHIFT:
-        v = v + tl.load(shift_ptr + c, mask=c_mask, other=0.0).to(acc_t)[:, None]
-    return v
 
 
 @triton.jit
@@ -155,21 +74,21 @@ def _fuse_forward_kernel(
     c_mask = c < C
     oy = p // W
     ox = p % W
-    acc = _load_term(n, c, c_mask, oy, ox, p_mask, x0, scale0, shift0, h0, w0, sn0, sc0, sh0, sw0,
+    acc = load_term(n, c, c_mask, oy, ox, p_mask, x0, scale0, shift0, h0, w0, sn0, sc0, sh0, sw0,
                      ry0, rx0, ryn0, ryd0, rxn0, rxd0, MODE0, ALIGN0, SCALE0, SHIFT0, F64, INT64)
     if NUM_TERMS > 1:
-        acc += _load_term(n, c, c_mask, oy, ox, p_mask, x1, scale1, shift1, h1, w1, sn1, sc1, sh1, sw1,
+        acc += load_term(n, c, c_mask, oy, ox, p_mask, x1, scale1, shift1, h1, w1, sn1, sc1, sh1, sw1,
                           ry1, rx1, ryn1, ryd1, rxn1, rxd1, MODE1, ALIGN1, SCALE1, SHIFT1, F64, INT64)
     if NUM_TERMS > 2:
-        acc += _load_term(n, c, c_mask, oy, ox, p_mask, x2, scale2, shift2, h2, w2, sn2, sc2, sh2, sw2,
+        acc += load_term(n, c, c_mask, oy, ox, p_mask, x2, scale2, shift2, h2, w2, sn2, sc2, sh2, sw2,
                           ry2, rx2, ryn2, ryd2, rxn2, rxd2, MODE2, ALIGN2, SCALE2, SHIFT2, F64, INT64)
     if NUM_TERMS > 3:
-        acc += _load_term(n, c, c_mask, oy, ox, p_mask, x3, scale3, shift3, h3, w3, sn3, sc3, sh3, sw3,
+        acc += load_term(n, c, c_mask, oy, ox, p_mask, x3, scale3, shift3, h3, w3, sn3, sc3, sh3, sw3,
                           ry3, rx3, ryn3, ryd3, rxn3, rxd3, MODE3, ALIGN3, SCALE3, SHIFT3, F64, INT64)
     if RELU:
         acc = tl.where(acc < 0.0, 0.0, acc)  # keeps NaN, as torch.relu does
     mask = c_mask[:, None] & p_mask[None, :]
-    tl.store(out_ptr + _offsets(n, c, oy, ox, so_n, so_c, so_h, so_w, INT64),
+    tl.store(out_ptr + tile_offsets(n, c, oy, ox, so_n, so_c, so_h, so_w, INT64),
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -186,10 +105,10 @@ def _same_term_backward(g, n, c, c_mask, oy, ox, mask, part_ptr, row, R, C,
         dx = g
         if HAS_SCALE:
             dx = g * tl.load(scale_ptr + c, mask=c_mask, other=0.0).to(acc_t)[:, None]
-        tl.store(dx_ptr + _offsets(n, c, oy, ox, sdn, sdc, sdh, sdw, INT64), dx.to(dx_ptr.dtype.element_ty),
+        tl.store(dx_ptr + tile_offsets(n, c, oy, ox, sdn, sdc, sdh, sdw, INT64), dx.to(dx_ptr.dtype.element_ty),
                  mask=mask)
     if NEED_DSCALE:
-        x = tl.load(x_ptr + _offsets(n, c, oy, ox, sxn, sxc, sxh, sxw, INT64), mask=mask, other=0.0).to(acc_t)
+        x = tl.load(x_ptr + tile_offsets(n, c, oy, ox, sxn, sxc, sxh, sxw, INT64), mask=mask, other=0.0).to(acc_t)
         tl.store(part_ptr + (SLOT * R + row) * C + c, tl.sum(g * x, axis=1), mask=c_mask)
 
 
@@ -223,13 +142,13 @@ def _fuse_backward_same_kernel(
     oy = p // W
     ox = p % W
     row = n * tl.num_programs(0) + pid_p
-    g = tl.load(gy_ptr + _offsets(n, c, oy, ox, sgy_n, sgy_c, sgy_h, sgy_w, INT64), mask=mask, other=0.0)
+    g = tl.load(gy_ptr + tile_offsets(n, c, oy, ox, sgy_n, sgy_c, sgy_h, sgy_w, INT64), mask=mask, other=0.0)
     g = g.to(acc_t)
     if RELU:
-        y = tl.load(y_ptr + _offsets(n, c, oy, ox, sy_n, sy_c, sy_h, sy_w, INT64), mask=mask, other=0.0)
+        y = tl.load(y_ptr + tile_offsets(n, c, oy, ox, sy_n, sy_c, sy_h, sy_w, INT64), mask=mask, other=0.0)
         g = tl.where(y > 0.0, g, 0.0)
     if WRITE_G:
-        tl.store(g_ptr + _offsets(n, c, oy, ox, sg_n, sg_c, sg_h, sg_w, INT64), g.to(g_ptr.dtype.element_ty),
+        tl.store(g_ptr + tile_offsets(n, c, oy, ox, sg_n, sg_c, sg_h, sg_w, INT64), g.to(g_ptr.dtype.element_ty),
                  mask=mask)
     if NEED_SUM_G:
         tl.store(part_ptr + (4 * R + row) * C + c, tl.sum(g, axis=1), mask=c_mask)
@@ -245,39 +164,6 @@ def _fuse_backward_same_kernel(
     if NUM_TERMS > 3:
         _same_term_backward(g, n, c, c_mask, oy, ox, mask, part_ptr, row, R, C, x3, scale3, dx3,
                             sxn3, sxc3, sxh3, sxw3, sdn3, sdc3, sdh3, sdw3, 3, SCALE3, DX3, DSCALE3, F64, INT64)
-
-
-@triton.jit
-def _first_reader(s, r, step, offset, MODE: tl.constexpr, ALIGN: tl.constexpr, F64: tl.constexpr):
-    """First output index that may read source s: exact (s * step - offset) when the host found the ratio
-    to be exactly 1/step; otherwise a lower bound with 2 indices of slack for rounding."""
-    if F64:
-        sf = s.to(tl.float64)
-    else:
-        sf = s.to(tl.float32)
-    safe_r = tl.where(r > 0.0, r, 1.0)
-    if MODE == 1:
-        start = sf / safe_r
-    elif ALIGN:
-        start = (sf - 1.0) / safe_r
-    else:
-        start = (sf - 0.5) / safe_r - 0.5
-    start = tl.maximum(start, 0.0)  # before the cast: negative values truncate towards zero
-    lo = start.to(tl.int32) - 2
-    lo = tl.where(r > 0.0, lo, 0)  # r == 0 (align_corners, one source pixel): every output reads it
-    lo = tl.where(step > 0, s * step - offset, lo)
-    return tl.maximum(lo, 0)
-
-
-@triton.jit
-def _adjoint_weight(d, s, r, n_in, n_out, MODE: tl.constexpr, ALIGN: tl.constexpr, F64: tl.constexpr):
-    """Weight with which output index d reads source index s, with the forward's exact index rules."""
-    if MODE == 1:
-        wgt = tl.where(_nearest_source(d, r, n_in) == s, 1.0, 0.0)
-    else:
-        i0, i1, l0, l1 = _linear_source(d, r, n_in, ALIGN, F64)
-        wgt = tl.where(i0 == s, l0, 0.0) + tl.where(i1 == s, l1, 0.0)
-    return tl.where(d < n_out, wgt, 0.0)
 
 
 @triton.jit
@@ -307,19 +193,19 @@ def _upsample_adjoint_kernel(
     sy = q // w
     sx = q % w
     if MODE == 2:
-        ry = _ratio(ry, ry_num, ry_den, F64)
-        rx = _ratio(rx, rx_num, rx_den, F64)
-    lo_y = _first_reader(sy, ry, step_h, off_h, MODE, ALIGN, F64)
-    lo_x = _first_reader(sx, rx, step_w, off_w, MODE, ALIGN, F64)
+        ry = bilinear_ratio(ry, ry_num, ry_den, F64)
+        rx = bilinear_ratio(rx, rx_num, rx_den, F64)
+    lo_y = first_reader(sy, ry, step_h, off_h, MODE, ALIGN, F64)
+    lo_x = first_reader(sx, rx, step_w, off_w, MODE, ALIGN, F64)
     u = tl.zeros([BLOCK_C, BLOCK_P], dtype=acc_t)
     for ky in range(0, KH):
         dy = lo_y + ky
-        wy = _adjoint_weight(dy, sy, ry, h, H, MODE, ALIGN, F64)
+        wy = adjoint_weight(dy, sy, ry, h, H, MODE, ALIGN, F64)
         for kx in range(0, KW):
             dx = lo_x + kx
-            wgt = wy * _adjoint_weight(dx, sx, rx, w, W, MODE, ALIGN, F64)
+            wgt = wy * adjoint_weight(dx, sx, rx, w, W, MODE, ALIGN, F64)
             m = c_mask[:, None] & (q_mask & (wgt != 0.0))[None, :]
-            gv = tl.load(g_ptr + _offsets(n, c, dy, dx, sg_n, sg_c, sg_h, sg_w, INT64), mask=m, other=0.0)
+            gv = tl.load(g_ptr + tile_offsets(n, c, dy, dx, sg_n, sg_c, sg_h, sg_w, INT64), mask=m, other=0.0)
             u += gv.to(acc_t) * wgt.to(acc_t)[None, :]
     mask = c_mask[:, None] & q_mask[None, :]
     row = n * tl.num_programs(0) + pid_p
@@ -327,10 +213,10 @@ def _upsample_adjoint_kernel(
         dz = u
         if HAS_SCALE:
             dz = u * tl.load(scale_ptr + c, mask=c_mask, other=0.0).to(acc_t)[:, None]
-        tl.store(dz_ptr + _offsets(n, c, sy, sx, sd_n, sd_c, sd_h, sd_w, INT64), dz.to(dz_ptr.dtype.element_ty),
+        tl.store(dz_ptr + tile_offsets(n, c, sy, sx, sd_n, sd_c, sd_h, sd_w, INT64), dz.to(dz_ptr.dtype.element_ty),
                  mask=mask)
     if NEED_DSCALE:
-        z = tl.load(z_ptr + _offsets(n, c, sy, sx, sz_n, sz_c, sz_h, sz_w, INT64), mask=mask, other=0.0)
+        z = tl.load(z_ptr + tile_offsets(n, c, sy, sx, sz_n, sz_c, sz_h, sz_w, INT64), mask=mask, other=0.0)
         tl.store(part_ptr + row * C + c, tl.sum(u * z.to(acc_t), axis=1), mask=c_mask)
     if NEED_DSHIFT:
         tl.store(part_ptr + (R + row) * C + c, tl.sum(u, axis=1), mask=c_mask)

@@ -18,9 +18,12 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from hrfast.kernels import fuse as K  # noqa: E402
+from hrfast.kernels import head as KH  # noqa: E402
 
 TARGETS = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)]
-KERNELS = ["_fuse_forward_kernel", "_fuse_backward_same_kernel", "_upsample_adjoint_kernel"]
+KERNELS = {K: ["_fuse_forward_kernel", "_fuse_backward_same_kernel", "_upsample_adjoint_kernel"],
+           KH: ["_head_stats_kernel", "_head_forward_kernel", "_head_backward_reduce_kernel",
+                "_head_backward_ds_kernel"]}
 TYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
 
@@ -100,12 +103,39 @@ def record_cases(calls):
         K.fuse_backward(torch.randn_like(y), None, terms, [(True, False, False)] * len(terms), relu=False)
 
 
+def record_head_cases(calls):
+    """The head's launchers over dtypes, modes and layouts (eval and batch statistics)."""
+    from hrfast.kernels.head import HeadPlan, HeadTensors
+    from hrfast.ops import Resample
+    from hrfast.ops.fuse import _term_plan
+
+    for dtype in TYPE_NAMES:
+        for resample in (Resample("nearest"), Resample("bilinear"), Resample("bilinear", align_corners=True)):
+            for channels_last in (False, True):
+                x0 = torch.randn(2, 18, 8, 8, dtype=dtype)
+                lows = [torch.randn(2, 40, 8 // 2**j, 8 // 2**j, dtype=dtype) for j in (1, 2, 3)]
+                if channels_last:
+                    x0, lows = x0.to(memory_format=torch.channels_last), [p.to(memory_format=torch.channels_last)
+                                                                         for p in lows]
+                plan = HeadPlan(tuple(tuple(_term_plan(resample, p.shape[2:], (8, 8))) for p in lows))
+                t = HeadTensors(x0, lows, torch.randn(40, 18, dtype=dtype), torch.randn(19, 40, dtype=dtype),
+                                torch.randn(19, dtype=dtype))
+                scale = torch.rand(40, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+                KH.head_batch_stats(plan, t)
+                KH.head_forward(plan, t, scale, scale)
+                grad = torch.randn(2, 19, 8, 8, dtype=dtype)
+                KH.head_backward_reduce(plan, t, scale, scale, grad)
+                KH.head_backward_ds(plan, t, scale, scale, grad)
+                KH.head_backward_ds(plan, t, scale, scale, grad, scale, scale)
+
+
 def main():
     calls = []
-    originals = {name: getattr(K, name) for name in KERNELS}
-    for name, fn in originals.items():
-        setattr(K, name, Recorder(fn, calls))
+    for module, names in KERNELS.items():
+        for name in names:
+            setattr(module, name, Recorder(getattr(module, name), calls))
     record_cases(calls)
+    record_head_cases(calls)
     variants = {}
     for fn, args, kwargs in calls:
         variants.setdefault(variant_key(fn, args, kwargs), (fn, args, kwargs))

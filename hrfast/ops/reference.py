@@ -76,3 +76,31 @@ def fusion_module_ref(fuse_layers, xs: Sequence[Tensor], upsample: Optional[str]
             total = term if total is None else total + term
         out.append(torch.relu(total))
     return out
+
+
+def head_ref(
+    xs: Sequence[Tensor],
+    conv_weight: Tensor,
+    conv_bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    cls_weight: Tensor,
+    cls_bias: Optional[Tensor],
+    resamples: Sequence[Optional[Resample]],
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """The HRNetV2 head as existing code computes it: Cls(ReLU(BN(Conv1x1(cat[x0, Up(x1), Up(x2), Up(x3)])))).
+
+    `resamples[j]` upsamples xs[j] to xs[0]'s size (None: already that size); BN is `F.batch_norm` with its
+    in-place running-statistics update when training.
+    """
+    size = tuple(xs[0].shape[2:])
+    ups = [x if r is None else resample_ref(x, as_resample(r, f"resamples[{j}]"), size)
+           for j, (x, r) in enumerate(zip(xs, resamples))]
+    hidden = F.conv2d(torch.cat(ups, 1), conv_weight, conv_bias)
+    hidden = F.batch_norm(hidden, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+    return F.conv2d(torch.relu(hidden), cls_weight, cls_bias)

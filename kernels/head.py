@@ -1,0 +1,406 @@
+"""Triton kernels for the HRNetV2 head, reordered: the 15C-channel full-resolution tensor never reaches memory.
+
+    logits = Wc . ReLU(BN(W0 x0 + sum_j Up(P_j) + b)) + bc,     P_j = W_j x_j at branch j's resolution
+
+(the 1x1 conv commutes with Up, whose weights sum to 1). Every kernel works on chunks of BLOCK_M of the M
+head channels over a tile of BLOCK_P pixels of one image, recomputing the pre-BN chunk
+s = W0[m] . x0 + sum_j Up(P_j)[m] (conv bias excluded: it only shifts BN's mean) from x0 and the
+low-resolution projections:
+
+- `_head_stats_kernel`: per-tile sum and centred sum of squares of s (BN batch statistics, training);
+- `_head_forward_kernel`: logits = Wc . ReLU(s * scale + shift) + bc, accumulated over M chunks;
+- `_head_backward_reduce_kernel`: over pixel splits, dWc = sum dlogits a^T, sum dA and sum dA * s, where
+  dA = (Wc^T dlogits) * (a > 0);
+- `_head_backward_ds_kernel`: ds = dA * scale + alpha + beta * s (alpha, beta: BN's batch-statistics terms),
+  written once; the launcher turns it into dx0 and dW0 (GEMMs) and dP_j (the fusion op's adjoint gather).
+
+Per-split and per-tile partial sums are reduced on the host in a fixed order: deterministic, no atomics.
+"""
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .fuse import Term, _device_context, _empty, _upsample_adjoint, needs_int64
+from .resample import SAME, load_term, tile_offsets
+
+MAX_LOW = 3  # HRNetV2: x0 plus three lower-resolution branches
+
+
+class HeadPlan(NamedTuple):
+    """Static description of one head call: per low branch (mode, align_corners, ratio_h, ratio_w)."""
+
+    lows: Tuple[Tuple[int, bool, Tuple[int, int], Tuple[int, int]], ...]
+
+
+@triton.jit
+def _pre_bn_chunk(w0, x0, n, m, m_mask, oy, ox, p_mask,
+                  p1, h1, w1, sn1, sc1, sh1, sw1, ry1, rx1, ryn1, ryd1, rxn1, rxd1,
+                  p2, h2, w2, sn2, sc2, sh2, sw2, ry2, rx2, ryn2, ryd2, rxn2, rxd2,
+                  p3, h3, w3, sn3, sc3, sh3, sw3, ry3, rx3, ryn3, ryd3, rxn3, rxd3,
+                  NUM_LOW: tl.constexpr, MODE1: tl.constexpr, ALIGN1: tl.constexpr, MODE2: tl.constexpr,
+                  ALIGN2: tl.constexpr, MODE3: tl.constexpr, ALIGN3: tl.constexpr,
+                  F64: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr):
+    """s[m, p] = W0[m, :] . x0[:, p] + sum_j Up(P_j)[m, p] for a [BLOCK_M, BLOCK_P] chunk, in fp32 (fp64)."""
+    acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
+    s = tl.dot(w0, x0, out_dtype=acc_t, input_precision=PRECISION)
+    if NUM_LOW > 0:
+        s += load_term(n, m, m_mask, oy, ox, p_mask, p1, p1, p1, h1, w1, sn1, sc1, sh1, sw1,
+                       ry1, rx1, ryn1, ryd1, rxn1, rxd1, MODE1, ALIGN1, False, False, F64, INT64)
+    if NUM_LOW > 1:
+        s += load_term(n, m, m_mask, oy, ox, p_mask, p2, p2, p2, h2, w2, sn2, sc2, sh2, sw2,
+                       ry2, rx2, ryn2, ryd2, rxn2, rxd2, MODE2, ALIGN2, False, False, F64, INT64)
+    if NUM_LOW > 2:
+        s += load_term(n, m, m_mask, oy, ox, p_mask, p3, p3, p3, h3, w3, sn3, sc3, sh3, sw3,
+                       ry3, rx3, ryn3, ryd3, rxn3, rxd3, MODE3, ALIGN3, False, False, F64, INT64)
+    return s
+
+
+@triton.jit
+def _load_x0(x0_ptr, n, oy, ox, p_mask, C0, s_n, s_c, s_h, s_w, C0P: tl.constexpr, INT64: tl.constexpr):
+    c = tl.arange(0, C0P)
+    mask = (c < C0)[:, None] & p_mask[None, :]
+    return tl.load(x0_ptr + tile_offsets(n, c, oy, ox, s_n, s_c, s_h, s_w, INT64), mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_matrix(ptr, rows, cols, n_rows, n_cols, s_r, s_c):
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    return tl.load(ptr + rows[:, None] * s_r + cols[None, :] * s_c, mask=mask, other=0.0)
+
+
+@triton.jit
+def _pixels(pid_p, H, W, BLOCK_P: tl.constexpr):
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    return p < H * W, p // W, p % W
+
+
+@triton.jit
+def _head_stats_kernel(
+    x0_ptr, sx_n, sx_c, sx_h, sx_w, C0, H, W,
+    w0_ptr, sw0_m, sw0_c, M, part_ptr, R,
+    p1, h1, w1, sn1, sc1, sh1, sw1, ry1, rx1, ryn1, ryd1, rxn1, rxd1,
+    p2, h2, w2, sn2, sc2, sh2, sw2, ry2, rx2, ryn2, ryd2, rxn2, rxd2,
+    p3, h3, w3, sn3, sc3, sh3, sw3, ry3, rx3, ryn3, ryd3, rxn3, rxd3,
+    NUM_LOW: tl.constexpr, MODE1: tl.constexpr, ALIGN1: tl.constexpr, MODE2: tl.constexpr,
+    ALIGN2: tl.constexpr, MODE3: tl.constexpr, ALIGN3: tl.constexpr,
+    F64: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr,
+    C0P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Per tile and channel: sum of s (slot 0) and sum of (s - tile mean)^2 (slot 1), for Chan's merge."""
+    pid_p = tl.program_id(0)
+    n = tl.program_id(1)
+    p_mask, oy, ox = _pixels(pid_p, H, W, BLOCK_P)
+    count = tl.sum(p_mask.to(tl.float32), axis=0)
+    x0 = _load_x0(x0_ptr, n, oy, ox, p_mask, C0, sx_n, sx_c, sx_h, sx_w, C0P, INT64)
+    row = n * tl.num_programs(0) + pid_p
+    for m0 in range(0, M, BLOCK_M):
+        m = m0 + tl.arange(0, BLOCK_M)
+        m_mask = m < M
+        w0 = _load_matrix(w0_ptr, m, tl.arange(0, C0P), M, C0, sw0_m, sw0_c)
+        s = _pre_bn_chunk(w0, x0, n, m, m_mask, oy, ox, p_mask,
+                          p1, h1, w1, sn1, sc1, sh1, sw1, ry1, rx1, ryn1, ryd1, rxn1, rxd1,
+                          p2, h2, w2, sn2, sc2, sh2, sw2, ry2, rx2, ryn2, ryd2, rxn2, rxd2,
+                          p3, h3, w3, sn3, sc3, sh3, sw3, ry3, rx3, ryn3, ryd3, rxn3, rxd3,
+                          NUM_LOW, MODE1, ALIGN1, MODE2, ALIGN2, MODE3, ALIGN3, F64, INT64, PRECISION)
+        s = tl.where(p_mask[None, :], s, 0.0)
+        total = tl.sum(s, axis=1)
+        centred = tl.where(p_mask[None, :], s - (total / count)[:, None], 0.0)
+        tl.store(part_ptr + row * M + m, total, mask=m_mask)
+        tl.store(part_ptr + (R + row) * M + m, tl.sum(centred * centred, axis=1), mask=m_mask)
+
+
+@triton.jit
+def _head_forward_kernel(
+    x0_ptr, sx_n, sx_c, sx_h, sx_w, C0, H, W,
+    w0_ptr, sw0_m, sw0_c, M, scale_ptr, shift_ptr,
+    wc_ptr, swc_k, swc_m, K, bc_ptr, out_ptr, so_n, so_c, so_h, so_w,
+    p1, h1, w1, sn1, sc1, sh1, sw1, ry1, rx1, ryn1, ryd1, rxn1, rxd1,
+    p2, h2, w2, sn2, sc2, sh2, sw2, ry2, rx2, ryn2, ryd2, rxn2, rxd2,
+    p3, h3, w3, sn3, sc3, sh3, sw3, ry3, rx3, ryn3, ryd3, rxn3, rxd3,
+    NUM_LOW: tl.constexpr, MODE1: tl.constexpr, ALIGN1: tl.constexpr, MODE2: tl.constexpr,
+    ALIGN2: tl.constexpr, MODE3: tl.constexpr, ALIGN3: tl.constexpr, HAS_BC: tl.constexpr,
+    F64: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr,
+    C0P: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
+    pid_p = tl.program_id(0)
+    n = tl.program_id(1)
+    p_mask, oy, ox = _pixels(pid_p, H, W, BLOCK_P)
+    x0 = _load_x0(x0_ptr, n, oy, ox, p_mask, C0, sx_n, sx_c, sx_h, sx_w, C0P, INT64)
+    k = tl.arange(0, KP)
+    logits = tl.zeros([KP, BLOCK_P], dtype=acc_t)
+    for m0 in range(0, M, BLOCK_M):
+        m = m0 + tl.arange(0, BLOCK_M)
+        m_mask = m < M
+        w0 = _load_matrix(w0_ptr, m, tl.arange(0, C0P), M, C0, sw0_m, sw0_c)
+        s = _pre_bn_chunk(w0, x0, n, m, m_mask, oy, ox, p_mask,
+                          p1, h1, w1, sn1, sc1, sh1, sw1, ry1, rx1, ryn1, ryd1, rxn1, rxd1,
+                          p2, h2, w2, sn2, sc2, sh2, sw2, ry2, rx2, ryn2, ryd2, rxn2, rxd2,
+                          p3, h3, w3, sn3, sc3, sh3, sw3, ry3, rx3, ryn3, ryd3, rxn3, rxd3,
+                          NUM_LOW, MODE1, ALIGN1, MODE2, ALIGN2, MODE3, ALIGN3, F64, INT64, PRECISION)
+        scale = tl.load(scale_ptr + m, mask=m_mask, other=0.0).to(acc_t)
+        shift = tl.load(shift_ptr + m, mask=m_mask, other=0.0).to(acc_t)
+        a = tl.maximum(s * scale[:, None] + shift[:, None], 0.0)
+        wc = _load_matrix(wc_ptr, k, m, K, M, swc_k, swc_m)
+        # like eager, the classifier multiplies the activation in the input dtype (fp32 accumulate)
+        logits += tl.dot(wc, a.to(wc.dtype), out_dtype=acc_t, input_precision=PRECISION)
+    if HAS_BC:
+        logits += tl.load(bc_ptr + k, mask=k < K, other=0.0).to(acc_t)[:, None]
+    mask = (k < K)[:, None] & p_mask[None, :]
+    tl.store(out_ptr + tile_offsets(n, k, oy, ox, so_n, so_c, so_h, so_w, INT64),
+             logits.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _head_backward_reduce_kernel(
+    x0_ptr, sx_n, sx_c, sx_h, sx_w, C0, H, W,
+    w0_ptr, sw0_m, sw0_c, M, scale_ptr, shift_ptr,
+    wc_ptr, swc_k, swc_m, K, g_ptr, sg_n, sg_c, sg_h, sg_w,
+    dwc_ptr, part_ptr, SPLITS, TILES,
+    p1, h1, w1, sn1, sc1, sh1, sw1, ry1, rx1, ryn1, ryd1, rxn1, rxd1,
+    p2, h2, w2, sn2, sc2, sh2, sw2, ry2, rx2, ryn2, ryd2, rxn2, rxd2,
+    p3, h3, w3, sn3, sc3, sh3, sw3, ry3, rx3, ryn3, ryd3, rxn3, rxd3,
+    NUM_LOW: tl.constexpr, MODE1: tl.constexpr, ALIGN1: tl.constexpr, MODE2: tl.constexpr,
+    ALIGN2: tl.constexpr, MODE3: tl.constexpr, ALIGN3: tl.constexpr,
+    F64: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr,
+    C0P: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Program (M chunk, split) visits tiles split, split + SPLITS, ...: partial dWc[:, chunk], sum dA, sum dA*s."""
+    acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(1)
+    m_mask = m < M
+    k = tl.arange(0, KP)
+    w0 = _load_matrix(w0_ptr, m, tl.arange(0, C0P), M, C0, sw0_m, sw0_c)
+    wc = _load_matrix(wc_ptr, k, m, K, M, swc_k, swc_m)
+    wc_t = tl.trans(wc)
+    scale = tl.load(scale_ptr + m, mask=m_mask, other=0.0).to(acc_t)
+    shift = tl.load(shift_ptr + m, mask=m_mask, other=0.0).to(acc_t)
+    tiles_per_image = tl.cdiv(H * W, BLOCK_P)
+    dwc = tl.zeros([KP, BLOCK_M], dtype=acc_t)
+    sum_da = tl.zeros([BLOCK_M], dtype=acc_t)
+    sum_das = tl.zeros([BLOCK_M], dtype=acc_t)
+    for t in range(split, TILES, SPLITS):
+        n = t // tiles_per_image
+        p_mask, oy, ox = _pixels(t % tiles_per_image, H, W, BLOCK_P)
+        x0 = _load_x0(x0_ptr, n, oy, ox, p_mask, C0, sx_n, sx_c, sx_h, sx_w, C0P, INT64)
+        s = _pre_bn_chunk(w0, x0, n, m, m_mask, oy, ox, p_mask,
+                          p1, h1, w1, sn1, sc1, sh1, sw1, ry1, rx1, ryn1, ryd1, rxn1, rxd1,
+                          p2, h2, w2, sn2, sc2, sh2, sw2, ry2, rx2, ryn2, ryd2, rxn2, rxd2,
+                          p3, h3, w3, sn3, sc3, sh3, sw3, ry3, rx3, ryn3, ryd3, rxn3, rxd3,
+                          NUM_LOW, MODE1, ALIGN1, MODE2, ALIGN2, MODE3, ALIGN3, F64, INT64, PRECISION)
+        a_pre = s * scale[:, None] + shift[:, None]
+        a = tl.maximum(a_pre, 0.0)
+        g_mask = (k < K)[:, None] & p_mask[None, :]
+        g = tl.load(g_ptr + tile_offsets(n, k, oy, ox, sg_n, sg_c, sg_h, sg_w, INT64), mask=g_mask, other=0.0)
+        g = g.to(wc.dtype)
+        da = tl.dot(wc_t, g, out_dtype=acc_t, input_precision=PRECISION)
+        da = tl.where((a_pre > 0.0) & p_mask[None, :], da, 0.0)
+        dwc += tl.dot(g, tl.trans(a.to(wc.dtype)), out_dtype=acc_t, input_precision=PRECISION)
+        sum_da += tl.sum(da, axis=1)
+        sum_das += tl.sum(da * s, axis=1)
+    tl.store(dwc_ptr + (split * KP + k[:, None]) * M + m[None, :], dwc, mask=(k < K)[:, None] & m_mask[None, :])
+    tl.store(part_ptr + split * M + m, sum_da, mask=m_mask)
+    tl.store(part_ptr + (SPLITS + split) * M + m, sum_das, mask=m_mask)
+
+
+@triton.jit
+def _head_backward_ds_kernel(
+    x0_ptr, sx_n, sx_c, sx_h, sx_w, C0, H, W,
+    w0_ptr, sw0_m, sw0_c, M, scale_ptr, shift_ptr, alpha_ptr, beta_ptr,
+    wc_ptr, swc_k, swc_m, K, g_ptr, sg_n, sg_c, sg_h, sg_w, ds_ptr, sd_n, sd_c, sd_h, sd_w,
+    p1, h1, w1, sn1, sc1, sh1, sw1, ry1, rx1, ryn1, ryd1, rxn1, rxd1,
+    p2, h2, w2, sn2, sc2, sh2, sw2, ry2, rx2, ryn2, ryd2, rxn2, rxd2,
+    p3, h3, w3, sn3, sc3, sh3, sw3, ry3, rx3, ryn3, ryd3, rxn3, rxd3,
+    NUM_LOW: tl.constexpr, MODE1: tl.constexpr, ALIGN1: tl.constexpr, MODE2: tl.constexpr,
+    ALIGN2: tl.constexpr, MODE3: tl.constexpr, ALIGN3: tl.constexpr, BATCH_STATS: tl.constexpr,
+    F64: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr,
+    C0P: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """ds = dA * scale (+ alpha + beta * s with batch statistics), the gradient of the pre-BN activation."""
+    acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
+    pid_p = tl.program_id(0)
+    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = tl.program_id(2)
+    m_mask = m < M
+    k = tl.arange(0, KP)
+    p_mask, oy, ox = _pixels(pid_p, H, W, BLOCK_P)
+    x0 = _load_x0(x0_ptr, n, oy, ox, p_mask, C0, sx_n, sx_c, sx_h, sx_w, C0P, INT64)
+    w0 = _load_matrix(w0_ptr, m, tl.arange(0, C0P), M, C0, sw0_m, sw0_c)
+    s = _pre_bn_chunk(w0, x0, n, m, m_mask, oy, ox, p_mask,
+                      p1, h1, w1, sn1, sc1, sh1, sw1, ry1, rx1, ryn1, ryd1, rxn1, rxd1,
+                      p2, h2, w2, sn2, sc2, sh2, sw2, ry2, rx2, ryn2, ryd2, rxn2, rxd2,
+                      p3, h3, w3, sn3, sc3, sh3, sw3, ry3, rx3, ryn3, ryd3, rxn3, rxd3,
+                      NUM_LOW, MODE1, ALIGN1, MODE2, ALIGN2, MODE3, ALIGN3, F64, INT64, PRECISION)
+    scale = tl.load(scale_ptr + m, mask=m_mask, other=0.0).to(acc_t)
+    shift = tl.load(shift_ptr + m, mask=m_mask, other=0.0).to(acc_t)
+    a_pre = s * scale[:, None] + shift[:, None]
+    wc = _load_matrix(wc_ptr, k, m, K, M, swc_k, swc_m)
+    g_mask = (k < K)[:, None] & p_mask[None, :]
+    g = tl.load(g_ptr + tile_offsets(n, k, oy, ox, sg_n, sg_c, sg_h, sg_w, INT64), mask=g_mask, other=0.0)
+    da = tl.dot(tl.trans(wc), g.to(wc.dtype), out_dtype=acc_t, input_precision=PRECISION)
+    ds = tl.where(a_pre > 0.0, da, 0.0) * scale[:, None]
+    if BATCH_STATS:
+        alpha = tl.load(alpha_ptr + m, mask=m_mask, other=0.0).to(acc_t)
+        beta = tl.load(beta_ptr + m, mask=m_mask, other=0.0).to(acc_t)
+        ds += alpha[:, None] + beta[:, None] * s
+    mask = m_mask[:, None] & p_mask[None, :]
+    tl.store(ds_ptr + tile_offsets(n, m, oy, ox, sd_n, sd_c, sd_h, sd_w, INT64), ds.to(ds_ptr.dtype.element_ty),
+             mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------ launchers
+
+
+class HeadTensors(NamedTuple):
+    """Tensors of one head call; weights are 2-D ([M, C0], [K, M]) in x0's dtype."""
+
+    x0: Tensor
+    lows: Sequence[Tensor]  # P_j = W_j x_j, [N, M, h_j, w_j]
+    w0: Tensor
+    wc: Tensor
+    bc: Optional[Tensor]
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 must not silently become tf32 (the 1e-5 contract); low precision uses tensor cores anyway
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def _blocks(t: HeadTensors) -> dict:
+    C0, M, K = t.x0.shape[1], t.w0.shape[0], t.wc.shape[0]
+    return dict(C0P=max(16, triton.next_power_of_2(C0)), KP=max(16, triton.next_power_of_2(K)),
+                BLOCK_M=min(64, max(16, triton.next_power_of_2(M))), BLOCK_P=64)
+
+
+def _low_args(plan: HeadPlan, t: HeadTensors) -> Tuple[list, dict]:
+    args, consts = [], {"NUM_LOW": len(t.lows)}
+    for slot in range(MAX_LOW):
+        if slot < len(t.lows):
+            p = t.lows[slot]
+            mode, align, ratio_h, ratio_w = plan.lows[slot]
+            args += [p, p.shape[2], p.shape[3], *p.stride(), ratio_h[0] / ratio_h[1], ratio_w[0] / ratio_w[1],
+                     *ratio_h, *ratio_w]
+        else:
+            mode, align = SAME, False
+            args += [t.x0, 1, 1, *t.x0.stride(), 1.0, 1.0, 1, 1, 1, 1]
+        consts[f"MODE{slot + 1}"] = mode
+        consts[f"ALIGN{slot + 1}"] = bool(align)
+    return args, consts
+
+
+def _common(t: HeadTensors, force_int64: bool) -> Tuple[list, dict]:
+    x0 = t.x0
+    args = [x0, *x0.stride(), x0.shape[1], x0.shape[2], x0.shape[3], t.w0, *t.w0.stride(), t.w0.shape[0]]
+    consts = dict(F64=x0.dtype == torch.float64, INT64=force_int64 or needs_int64(x0, *t.lows),
+                  PRECISION=_precision(x0.dtype), **_blocks(t))
+    return args, consts
+
+
+def _acc_dtype(t: HeadTensors) -> torch.dtype:
+    return torch.float64 if t.x0.dtype == torch.float64 else torch.float32
+
+
+def head_batch_stats(plan: HeadPlan, t: HeadTensors, force_int64: bool = False) -> Tuple[Tensor, Tensor]:
+    """(mean, biased var) over (N, H, W) of s = W0 x0 + sum_j Up(P_j), float64, from per-tile partials
+    merged with Chan's parallel formula (no E[s^2] - E[s]^2 cancellation)."""
+    N, _, H, W = t.x0.shape
+    M = t.w0.shape[0]
+    common, consts = _common(t, force_int64)
+    low, low_consts = _low_args(plan, t)
+    block_p = consts["BLOCK_P"]
+    tiles = triton.cdiv(H * W, block_p)
+    R = tiles * N
+    parts = _empty((2, R, M), _acc_dtype(t), t.x0.device)
+    consts.pop("KP")
+    with _device_context(t.x0):
+        _head_stats_kernel[(tiles, N)](*common, parts, R, *low, **consts, **low_consts, num_warps=4)
+    counts = torch.full((tiles,), float(block_p), dtype=torch.float64, device=t.x0.device)
+    counts[-1] = H * W - (tiles - 1) * block_p
+    counts = counts.repeat(N)[:, None]
+    sums, m2 = parts[0].double(), parts[1].double()
+    total = counts.sum()
+    mean = sums.sum(0) / total
+    tile_means = sums / counts
+    var = (m2.sum(0) + (counts * (tile_means - mean) ** 2).sum(0)) / total
+    return mean, var
+
+
+def head_forward(plan: HeadPlan, t: HeadTensors, scale: Tensor, shift: Tensor, force_int64: bool = False) -> Tensor:
+    """logits [N, K, H, W] = Wc . ReLU(s * scale + shift) + bc, never materialising s."""
+    N, _, H, W = t.x0.shape
+    K = t.wc.shape[0]
+    fmt = torch.channels_last if t.x0.stride(1) == 1 and t.x0.shape[1] > 1 else torch.contiguous_format
+    out = _empty((N, K, H, W), t.x0.dtype, t.x0.device, fmt)
+    common, consts = _common(t, force_int64)
+    low, low_consts = _low_args(plan, t)
+    grid = (triton.cdiv(H * W, consts["BLOCK_P"]), N)
+    with _device_context(t.x0):
+        _head_forward_kernel[grid](*common, scale, shift, t.wc, *t.wc.stride(), K,
+                                   t.bc if t.bc is not None else scale, out, *out.stride(), *low,
+                                   HAS_BC=t.bc is not None, **consts, **low_consts, num_warps=4)
+    return out
+
+
+def head_backward_reduce(plan: HeadPlan, t: HeadTensors, scale: Tensor, shift: Tensor, grad: Tensor,
+                         force_int64: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dWc [K, M], sum_p dA, sum_p dA * s) where dA = (Wc^T grad) * (a > 0) is the gradient at BN's output;
+    the caller forms scale/shift (or BN weight/bias) gradients and BN's batch-statistics terms from them."""
+    N, C0, H, W = t.x0.shape
+    M, K = t.w0.shape[0], t.wc.shape[0]
+    common, consts = _common(t, force_int64)
+    low, low_consts = _low_args(plan, t)
+    acc = _acc_dtype(t)
+    block_m, block_p = consts["BLOCK_M"], consts["BLOCK_P"]
+    tiles = triton.cdiv(H * W, block_p) * N
+    splits = max(1, min(tiles, 64))
+    dwc_parts = _empty((splits, consts["KP"], M), acc, t.x0.device)
+    sums = _empty((2, splits, M), acc, t.x0.device)
+    with _device_context(t.x0):
+        _head_backward_reduce_kernel[(triton.cdiv(M, block_m), splits)](
+            *common, scale, shift, t.wc, *t.wc.stride(), K, grad, *grad.stride(), dwc_parts, sums, splits, tiles,
+            *low, **consts, **low_consts, num_warps=4)
+    dwc = dwc_parts.sum(0)[:K]
+    sum_da, sum_da_s = sums[0].sum(0), sums[1].sum(0)
+    return dwc, sum_da, sum_da_s
+
+
+def head_backward_ds(plan: HeadPlan, t: HeadTensors, scale: Tensor, shift: Tensor, grad: Tensor,
+                     alpha: Optional[Tensor] = None, beta: Optional[Tensor] = None,
+                     force_int64: bool = False) -> Tensor:
+    """ds [N, M, H, W] (x0's dtype): dA * scale, plus alpha + beta * s when BN used batch statistics."""
+    N, C0, H, W = t.x0.shape
+    M, K = t.w0.shape[0], t.wc.shape[0]
+    common, consts = _common(t, force_int64)
+    low, low_consts = _low_args(plan, t)
+    fmt = torch.channels_last if t.x0.stride(1) == 1 and C0 > 1 else torch.contiguous_format
+    ds = _empty((N, M, H, W), t.x0.dtype, t.x0.device, fmt)
+    if needs_int64(ds):
+        consts["INT64"] = True
+    grid = (triton.cdiv(H * W, consts["BLOCK_P"]), triton.cdiv(M, consts["BLOCK_M"]), N)
+    with _device_context(t.x0):
+        _head_backward_ds_kernel[grid](
+            *common, scale, shift, alpha if alpha is not None else scale, beta if beta is not None else scale,
+            t.wc, *t.wc.stride(), K, grad, *grad.stride(), ds, *ds.stride(), *low,
+            BATCH_STATS=alpha is not None, **consts, **low_consts, num_warps=4)
+    return ds
+
+
+def upsample_adjoint(plan: HeadPlan, ds: Tensor, lows: Sequence[Tensor]) -> List[Tensor]:
+    """dP_j = Up_j^T(ds) with the fusion op's deterministic gather."""
+    acc = torch.float64 if ds.dtype == torch.float64 else torch.float32
+    int64 = needs_int64(ds)
+    out = []
+    for (mode, align, ratio_h, ratio_w), p in zip(plan.lows, lows):
+        if mode == SAME:
+            out.append(ds.clone())
+            continue
+        term = Term(p, None, None, mode, align, ratio_h, ratio_w)
+        dz, _, _ = _upsample_adjoint(ds, term, (True, False, False), acc, int64)
+        out.append(dz)
+    return out

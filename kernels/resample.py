@@ -1,0 +1,121 @@
+"""Resampling helpers shared by hrfast's Triton kernels: `F.interpolate`'s index rules, tile offsets, the
+gather of one (optionally affine) term on an output tile, and the adjoint's source-to-output windows.
+
+Index math follows ATen's UpSample.h: nearest `min(floorf(dst * scale), in - 1)` in float32; bilinear
+`area_pixel_compute_source_index` in the accumulation type (float32, float64 for float64) with the ratio
+given as an exact fraction; mode codes SAME (no resampling), NEAREST, BILINEAR.
+"""
+import triton
+import triton.language as tl
+
+SAME, NEAREST, BILINEAR = 0, 1, 2
+
+
+@triton.jit
+def tile_offsets(n, c, y, x, s_n, s_c, s_h, s_w, INT64: tl.constexpr):
+    """Element offsets of a [BLOCK_C, BLOCK_P] tile: channel part [:, None] + pixel part [None, :]."""
+    if INT64:  # one return below: the compiler wants one return type whatever the branch
+        n = n.to(tl.int64)
+        c = c.to(tl.int64)
+        y = y.to(tl.int64)
+        x = x.to(tl.int64)
+    return (n * s_n + c * s_c)[:, None] + (y * s_h + x * s_w)[None, :]
+
+
+@triton.jit
+def nearest_source(d, r, n_in):
+    # ATen nearest_neighbor_compute_source_index: min(floorf(dst * scale), in - 1), always in float32
+    return tl.minimum((d.to(tl.float32) * r).to(tl.int32), n_in - 1)
+
+
+@triton.jit
+def linear_source(d, r, n_in, ALIGN: tl.constexpr, F64: tl.constexpr):
+    """ATen's bilinear taps (i0, i1) and weights (l0, l1) of output index d along one axis."""
+    if F64:
+        df = d.to(tl.float64)
+    else:
+        df = d.to(tl.float32)
+    if ALIGN:
+        real = r * df
+    else:
+        real = tl.maximum(r * (df + 0.5) - 0.5, 0.0)
+    i0 = tl.minimum(real.to(tl.int32), n_in - 1)
+    l1 = tl.minimum(tl.maximum(real - i0.to(real.dtype), 0.0), 1.0)
+    # the second tap only where it has weight: identity axes then read nothing extra (as ATen's copy)
+    i1 = tl.where((i0 < n_in - 1) & (l1 > 0.0), i0 + 1, i0)
+    return i0, i1, 1.0 - l1, l1
+
+
+@triton.jit
+def bilinear_ratio(r32, num, den, F64: tl.constexpr):
+    # bilinear computes its ratio in the accumulation type (ATen's opmath); the f64 one from exact integers
+    r = r32
+    if F64:
+        r = tl.cast(num, tl.float64) / tl.cast(den, tl.float64)
+    return r
+
+
+@triton.jit
+def load_term(n, c, c_mask, oy, ox, p_mask,
+               x_ptr, scale_ptr, shift_ptr, h, w, s_n, s_c, s_h, s_w,
+               ry, rx, ry_num, ry_den, rx_num, rx_den,
+               MODE: tl.constexpr, ALIGN: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+               F64: tl.constexpr, INT64: tl.constexpr):
+    """One term of the sum on an output tile, in the accumulation dtype."""
+    acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
+    mask = c_mask[:, None] & p_mask[None, :]
+    if MODE == 0:
+        v = tl.load(x_ptr + tile_offsets(n, c, oy, ox, s_n, s_c, s_h, s_w, INT64), mask=mask, other=0.0).to(acc_t)
+    elif MODE == 1:
+        iy = nearest_source(oy, ry, h)
+        ix = nearest_source(ox, rx, w)
+        v = tl.load(x_ptr + tile_offsets(n, c, iy, ix, s_n, s_c, s_h, s_w, INT64), mask=mask, other=0.0).to(acc_t)
+    else:
+        y0, y1, ly0, ly1 = linear_source(oy, bilinear_ratio(ry, ry_num, ry_den, F64), h, ALIGN, F64)
+        x0, x1, lx0, lx1 = linear_source(ox, bilinear_ratio(rx, rx_num, rx_den, F64), w, ALIGN, F64)
+        v00 = tl.load(x_ptr + tile_offsets(n, c, y0, x0, s_n, s_c, s_h, s_w, INT64), mask=mask, other=0.0).to(acc_t)
+        v01 = tl.load(x_ptr + tile_offsets(n, c, y0, x1, s_n, s_c, s_h, s_w, INT64), mask=mask, other=0.0).to(acc_t)
+        v10 = tl.load(x_ptr + tile_offsets(n, c, y1, x0, s_n, s_c, s_h, s_w, INT64), mask=mask, other=0.0).to(acc_t)
+        v11 = tl.load(x_ptr + tile_offsets(n, c, y1, x1, s_n, s_c, s_h, s_w, INT64), mask=mask, other=0.0).to(acc_t)
+        lx0 = lx0[None, :]
+        lx1 = lx1[None, :]
+        # ATen's order: h0l * (w0l * v00 + w1l * v01) + h1l * (w0l * v10 + w1l * v11)
+        v = ly0[None, :] * (lx0 * v00 + lx1 * v01) + ly1[None, :] * (lx0 * v10 + lx1 * v11)
+    if HAS_SCALE:
+        v = v * tl.load(scale_ptr + c, mask=c_mask, other=0.0).to(acc_t)[:, None]
+    if HAS_SHIFT:
+        v = v + tl.load(shift_ptr + c, mask=c_mask, other=0.0).to(acc_t)[:, None]
+    return v
+
+
+@triton.jit
+def first_reader(s, r, step, offset, MODE: tl.constexpr, ALIGN: tl.constexpr, F64: tl.constexpr):
+    """First output index that may read source s: exact (s * step - offset) when the host found the ratio
+    to be exactly 1/step; otherwise a lower bound with 2 indices of slack for rounding."""
+    if F64:
+        sf = s.to(tl.float64)
+    else:
+        sf = s.to(tl.float32)
+    safe_r = tl.where(r > 0.0, r, 1.0)
+    if MODE == 1:
+        start = sf / safe_r
+    elif ALIGN:
+        start = (sf - 1.0) / safe_r
+    else:
+        start = (sf - 0.5) / safe_r - 0.5
+    start = tl.maximum(start, 0.0)  # before the cast: negative values truncate towards zero
+    lo = start.to(tl.int32) - 2
+    lo = tl.where(r > 0.0, lo, 0)  # r == 0 (align_corners, one source pixel): every output reads it
+    lo = tl.where(step > 0, s * step - offset, lo)
+    return tl.maximum(lo, 0)
+
+
+@triton.jit
+def adjoint_weight(d, s, r, n_in, n_out, MODE: tl.constexpr, ALIGN: tl.constexpr, F64: tl.constexpr):
+    """Weight with which output index d reads source index s, with the forward's exact index rules."""
+    if MODE == 1:
+        wgt = tl.where(nearest_source(d, r, n_in) == s, 1.0, 0.0)
+    else:
+        i0, i1, l0, l1 = linear_source(d, r, n_in, ALIGN, F64)
+        wgt = tl.where(i0 == s, l0, 0.0) + tl.where(i1 == s, l1, 0.0)
+    return tl.where(d < n_out, wgt, 0.0)

@@ -41,8 +41,10 @@ def linear_source(d, r, n_in, ALIGN: tl.constexpr, F64: tl.constexpr):
         real = tl.maximum(r * (df + 0.5) - 0.5, 0.0)
     i0 = tl.minimum(real.to(tl.int32), n_in - 1)
     l1 = tl.minimum(tl.maximum(real - i0.to(real.dtype), 0.0), 1.0)
-    # the second tap only where it has weight: identity axes then read nothing extra (as ATen's copy)
-    i1 = tl.where((i0 < n_in - 1) & (l1 > 0.0), i0 + 1, i0)
+    # ATen reads the second tap even at zero weight (so 0 * inf gives NaN, as in F.interpolate), except on an
+    # axis that is not resized (ratio exactly 1), where it copies
+    resized = (tl.zeros_like(real) + r) != 1.0  # elementwise, so `&` also works in the interpreter
+    i1 = tl.where((i0 < n_in - 1) & resized, i0 + 1, i0)
     return i0, i1, 1.0 - l1, l1
 
 

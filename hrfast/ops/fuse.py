@@ -130,7 +130,8 @@ def fuse(
     plan = FusePlan(plans, tuple(size), relu, channels_last)
     flat: List[Optional[Tensor]] = []
     for x, s, b in zip(inputs, scales, shifts):
-        flat += [x, s, b]
+        # the kernels index per-channel vectors densely; a strided or expanded view is copied (autograd-safe)
+        flat += [x, s.contiguous() if s is not None else None, b.contiguous() if b is not None else None]
     return FuseFunction.apply(plan, *flat)
 
 

@@ -144,6 +144,7 @@ def hrnet_v2_head(
 
     plan = HeadPlan(tuple(tuple(_term_plan(r, p.shape[2:], size)) for r, p in zip(resamples, lows)))
     wc = cls_weight.reshape(cls_weight.shape[0], M).to(dtype)
+    cls_bias = cls_bias.contiguous() if cls_bias is not None else None  # indexed densely by the kernel
     use_batch_stats = training or (running_mean is None and running_var is None)
     if use_batch_stats:
         logits, mean, var = HeadFunction.apply(plan, True, eps, xs[0], w0, bn_weight, bn_bias, wc, cls_bias,

@@ -45,6 +45,16 @@ def fresh_seed(request):
 
 
 @pytest.fixture(autouse=True)
+def no_tf32():
+    """fp32 convs and matmuls on a GPU must be true fp32 to be held to the 1e-5 relative tolerance
+    (cuDNN convolutions default to TF32)."""
+    conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
+
+
+@pytest.fixture(autouse=True)
 def poison_kernel_outputs(monkeypatch):
     """Every buffer the Triton launchers allocate starts as NaN, so an unwritten element fails."""
     try:
@@ -81,4 +91,33 @@ def interpreter_rounds_bf16_to_nearest(monkeypatch):
         return original(self, src, dst_type)
 
     monkeypatch.setattr(interp.InterpreterBuilder, "cast_impl", cast_impl)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def interpreter_bf16_dot(monkeypatch):
+    """Under TRITON_INTERPRET=1, make `tl.dot` of bfloat16 operands multiply their values, as compiled kernels do.
+
+    The Triton interpreter (seen with triton 3.9, `InterpreterBuilder.create_dot`) stores bf16 tensors as
+    uint16 bit patterns and hands them to `np.matmul` as they are, so a bf16 dot multiplies integers (results
+    ~1e9 instead of ~1). The head kernels use `tl.dot` for W0 x0, the classifier and their backward, so every
+    bf16 check would measure that instead of the kernels. The operands are widened to fp32 first (exact), then
+    multiplied and accumulated in fp32, which is what the tensor cores do. No-op on a GPU.
+    """
+    if HAS_CUDA or os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    import triton.language as tl
+    import triton.runtime.interpreter as interp
+
+    original = interp.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.dtype.scalar == tl.bfloat16:
+            a = self.cast_impl(a, tl.float32)
+        if b.dtype.scalar == tl.bfloat16:
+            b = self.cast_impl(b, tl.float32)
+        return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interp.InterpreterBuilder, "create_dot", create_dot)
     yield

@@ -27,15 +27,6 @@ SIZES = ((16, 16), (8, 8), (4, 4), (2, 2))  # timm branches: /1, /2, /4, /8 of t
 ODD_SIZES = ((7, 9), (4, 5), (2, 3))  # official seg: conv3x3 s2 p1 gives ceil(n / 2)
 
 
-@pytest.fixture(autouse=True)
-def no_tf32():
-    """fp32 convs on a GPU must be true fp32 to be held to FP32_RTOL."""
-    conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
-
-
 # ------------------------------------------------------------------------------------------------ builders
 
 

@@ -127,9 +127,14 @@ def hrnet_v2_head(
     bn = (running_mean, running_var, bn_weight, bn_bias)
     _validate_bn(bn, conv_weight.shape[0], training, xs[0].device)
     impl = resolve_backend(backend, xs[0].device)
+    use_batch_stats = training or (running_mean is None and running_var is None)  # as F.batch_norm's callers do
     if impl == "reference" or xs[0].numel() == 0:
         return head_ref(xs, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, cls_weight,
-                        cls_bias, [None] + resamples, training, momentum, eps)
+                        cls_bias, [None] + resamples, use_batch_stats, momentum, eps)
+    count = xs[0].shape[0] * xs[0].shape[2] * xs[0].shape[3]
+    if use_batch_stats and count <= 1:  # F.batch_norm's _verify_batch_size, before any kernel runs
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                         f"{[xs[0].shape[0], conv_weight.shape[0], *xs[0].shape[2:]]}")
     dtype = xs[0].dtype
     M = conv_weight.shape[0]
     weight = conv_weight.reshape(M, -1).to(dtype)
@@ -145,7 +150,6 @@ def hrnet_v2_head(
     plan = HeadPlan(tuple(tuple(_term_plan(r, p.shape[2:], size)) for r, p in zip(resamples, lows)))
     wc = cls_weight.reshape(cls_weight.shape[0], M).to(dtype)
     cls_bias = cls_bias.contiguous() if cls_bias is not None else None  # indexed densely by the kernel
-    use_batch_stats = training or (running_mean is None and running_var is None)
     if use_batch_stats:
         logits, mean, var = HeadFunction.apply(plan, True, eps, xs[0], w0, bn_weight, bn_bias, wc, cls_bias,
                                                conv_bias, *lows)
@@ -166,8 +170,6 @@ def hrnet_v2_head(
 
 
 def _update_running_stats(running_mean, running_var, mean, var, conv_bias, count, momentum):
-    if count <= 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got {count}")
     with torch.no_grad():
         mean = mean if conv_bias is None else mean + conv_bias.double()
         unbiased = var * (count / (count - 1))

@@ -5,10 +5,11 @@ Importing hrfast imports neither triton nor anything that queries CUDA; kernels 
 from . import ops
 from ._backend import BACKENDS
 from .ops import Resample
+from ._patch import PatchReport, patch, unpatch
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "nn", "Resample", "BACKENDS", "__version__"]
+__all__ = ["ops", "nn", "Resample", "BACKENDS", "patch", "unpatch", "PatchReport", "__version__"]
 
 
 def __getattr__(name):

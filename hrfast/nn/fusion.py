@@ -25,7 +25,7 @@ from ..ops.fuse import fuse
 from ..ops.resample import MODES, Resample
 from ._norm import can_fold, fold_batch_norm
 
-__all__ = ["HRFusion"]
+__all__ = ["HRFusion", "fusion_forward"]
 
 _IDENTITY, _UP, _DOWN = "identity", "up", "down"
 
@@ -156,6 +156,53 @@ def _describe(r: Resample) -> str:
     return "nearest"
 
 
+def fusion_forward(fuse_layers: nn.ModuleList, xs: Sequence[Tensor], *, default: Optional[Resample] = None,
+                   backend: str = "auto") -> List[Tensor]:
+    """The fused fusion step over `fuse_layers` (what `HRFusion.forward` runs), as a function.
+
+    `default` is the Resample of the j > i entries without an upsample module (None: such entries raise).
+    Used by `HRFusion` and by `hrfast.patch`, which must not add a module to the model it patches.
+    """
+    # parsed on every call: cheap, and it follows module swaps made after construction
+    # (e.g. nn.SyncBatchNorm.convert_sync_batchnorm replacing the norms)
+    plan, num_inputs = _parse(fuse_layers, default)
+    if isinstance(xs, Tensor) or not isinstance(xs, (list, tuple)):
+        raise TypeError(f"xs must be a list or tuple of tensors (one per branch), got {type(xs).__name__}")
+    if len(xs) != num_inputs:
+        raise ValueError(f"xs must hold {num_inputs} tensors (one per input branch of fuse_layers), got {len(xs)}")
+    for j, x in enumerate(xs):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"xs[{j}] must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"xs[{j}] must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
+    return [_fuse_row(row, xs, tuple(xs[i].shape[2:]), backend) for i, row in enumerate(plan)]
+
+
+def _fuse_row(row: Sequence[_Entry], xs: Sequence[Tensor], size: Tuple[int, int], backend: str) -> Tensor:
+    # first every term up to its foldable norm, then the common dtype (eager `+` promotes), then the fold
+    terms, to_fold = [], []
+    for j, entry in enumerate(row):
+        h = xs[j]
+        if entry.kind != _IDENTITY:
+            for m in entry.pre:
+                h = m(h)
+            if can_fold(entry.last):
+                to_fold.append(j)
+            else:
+                h = entry.last(h)
+        terms.append(h)
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in terms])
+    scales: List[Optional[Tensor]] = [None] * len(row)
+    shifts: List[Optional[Tensor]] = [None] * len(row)
+    for j in range(len(row)):
+        if j in to_fold:
+            terms[j], scales[j], shifts[j] = fold_batch_norm(row[j].last, terms[j], dtype)
+        else:
+            terms[j] = terms[j].to(dtype)
+    return fuse(terms, scales=scales, shifts=shifts, resample=[e.resample for e in row], size=size, relu=True,
+                backend=backend)
+
+
 class HRFusion(nn.Module):
     """Fused fusion step of an HRNet module: ``out[i] = ReLU(sum_j fuse_layers[i][j](xs[j]))``.
 
@@ -246,44 +293,7 @@ class HRFusion(nn.Module):
         Returns:
             A new list of fresh tensors (never views of `xs`); `xs` itself is not modified.
         """
-        # parsed on every call: cheap, and it follows module swaps made after construction
-        # (e.g. nn.SyncBatchNorm.convert_sync_batchnorm replacing the norms)
-        plan, num_inputs = _parse(self.fuse_layers, self._default)
-        if isinstance(xs, Tensor) or not isinstance(xs, (list, tuple)):
-            raise TypeError(f"xs must be a list or tuple of tensors (one per branch), got {type(xs).__name__}")
-        if len(xs) != num_inputs:
-            raise ValueError(f"xs must hold {num_inputs} tensors (one per input branch of fuse_layers), "
-                             f"got {len(xs)}")
-        for j, x in enumerate(xs):
-            if not isinstance(x, Tensor):
-                raise TypeError(f"xs[{j}] must be a torch.Tensor, got {type(x).__name__}")
-            if x.dim() != 4:
-                raise ValueError(f"xs[{j}] must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
-        return [self._fuse_row(i, row, xs) for i, row in enumerate(plan)]
-
-    def _fuse_row(self, i: int, row: Sequence[_Entry], xs: Sequence[Tensor]) -> Tensor:
-        # first every term up to its foldable norm, then the common dtype (eager `+` promotes), then the fold
-        terms, to_fold = [], []
-        for j, entry in enumerate(row):
-            h = xs[j]
-            if entry.kind != _IDENTITY:
-                for m in entry.pre:
-                    h = m(h)
-                if can_fold(entry.last):
-                    to_fold.append(j)
-                else:
-                    h = entry.last(h)
-            terms.append(h)
-        dtype = functools.reduce(torch.promote_types, [t.dtype for t in terms])
-        scales: List[Optional[Tensor]] = [None] * len(row)
-        shifts: List[Optional[Tensor]] = [None] * len(row)
-        for j in range(len(row)):
-            if j in to_fold:
-                terms[j], scales[j], shifts[j] = fold_batch_norm(row[j].last, terms[j], dtype)
-            else:
-                terms[j] = terms[j].to(dtype)
-        return fuse(terms, scales=scales, shifts=shifts, resample=[e.resample for e in row],
-                    size=tuple(xs[i].shape[2:]), relu=True, backend=self.backend)
+        return fusion_forward(self.fuse_layers, xs, default=self._default, backend=self.backend)
 
     def extra_repr(self) -> str:
         try:

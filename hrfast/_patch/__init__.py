@@ -1,0 +1,18 @@
+"""`hrfast.patch(model)`: make an existing HRNet model use hrfast's fused ops, in place, reversibly.
+
+The public API is `patch`, `unpatch` and `PatchReport` (also exported as `hrfast.patch`, `hrfast.unpatch`,
+`hrfast.PatchReport`). Note that after ``import hrfast``, the attribute ``hrfast.patch`` is the function; this
+package is reached as ``from hrfast.patch import ...`` (or ``sys.modules["hrfast.patch"]``).
+
+Layout: `core` holds the generic machinery (the walk, the report, the instance-level forward, the adapter
+registry); `fusion` holds the structural matcher and adapter of the multi-resolution fusion step. Head
+adapters (the HRNetV2 concat head) register themselves with `register_adapter` under kind "head".
+"""
+from .core import (Adapter, Match, Options, PatchedForward, PatchReport, PatchRow, adapters, patch,
+                   register_adapter, unpatch)
+from .fusion import FusionAdapter, FusionConfig, HRLayout, inspect_hr_module
+
+register_adapter(FusionAdapter())
+
+__all__ = ["patch", "unpatch", "PatchReport", "PatchRow", "Adapter", "Match", "Options", "PatchedForward",
+           "register_adapter", "adapters", "FusionAdapter", "FusionConfig", "HRLayout", "inspect_hr_module"]

@@ -15,6 +15,17 @@ from torch import Tensor
 __all__ = ["BasicBlock", "Bottleneck", "BLOCKS", "HighResolutionModuleBase", "HighResolutionBackbone"]
 
 
+def init_normal_weights(model: nn.Module) -> None:
+    """Upstream's init for the segmentation and landmark models: Normal(0, 0.001) convs, BN weight 1 and
+    bias 0 (conv biases keep PyTorch's default)."""
+    for mod in model.modules():
+        if isinstance(mod, nn.Conv2d):
+            nn.init.normal_(mod.weight, std=0.001)
+        elif isinstance(mod, nn.BatchNorm2d):
+            nn.init.constant_(mod.weight, 1)
+            nn.init.constant_(mod.bias, 0)
+
+
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     """3x3 convolution with padding 1 and no bias."""
     return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)

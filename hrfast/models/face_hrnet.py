@@ -13,7 +13,7 @@ from typing import Dict, Optional
 import torch.nn as nn
 from torch import Tensor
 
-from ._common import HighResolutionBackbone
+from ._common import HighResolutionBackbone, init_normal_weights
 from .configs import stage_config
 from .seg_hrnet import HighResolutionModule, concat_branches
 
@@ -59,12 +59,7 @@ class HighResolutionNet(HighResolutionBackbone):
 
     def init_weights(self) -> None:
         """Normal(0, 0.001) convs, BN weight 1 and bias 0, as upstream."""
-        for mod in self.modules():
-            if isinstance(mod, nn.Conv2d):
-                nn.init.normal_(mod.weight, std=0.001)
-            elif isinstance(mod, nn.BatchNorm2d):
-                nn.init.constant_(mod.weight, 1)
-                nn.init.constant_(mod.bias, 0)
+        init_normal_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         """``[N, 3, H, W]`` -> ``[N, num_joints, ceil(H/4), ceil(W/4)]`` heatmaps."""

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import HighResolutionBackbone, HighResolutionModuleBase
+from ._common import HighResolutionBackbone, HighResolutionModuleBase, init_normal_weights
 
 __all__ = ["HighResolutionModule", "HighResolutionNet", "concat_branches"]
 
@@ -101,13 +101,8 @@ class HighResolutionNet(HighResolutionBackbone):
         return {"align_corners": self.align_corners}
 
     def init_weights(self) -> None:
-        """Normal(0, 0.001) convs, BN weight 1 and bias 0, as upstream (conv biases keep PyTorch's default)."""
-        for mod in self.modules():
-            if isinstance(mod, nn.Conv2d):
-                nn.init.normal_(mod.weight, std=0.001)
-            elif isinstance(mod, nn.BatchNorm2d):
-                nn.init.constant_(mod.weight, 1)
-                nn.init.constant_(mod.bias, 0)
+        """Normal(0, 0.001) convs, BN weight 1 and bias 0, as upstream."""
+        init_normal_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         """``[N, 3, H, W]`` -> ``[N, num_classes, ceil(H/4), ceil(W/4)]`` logits."""

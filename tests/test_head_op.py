@@ -18,7 +18,6 @@ That gradient is checked against an absolute bound scaled by the conv weight's g
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple, Optional, Sequence, Tuple
 
 import pytest

@@ -14,7 +14,7 @@ synchronising, ...) runs the eager concat form with its own layers instead.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn

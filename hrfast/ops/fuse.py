@@ -32,6 +32,16 @@ class FusePlan(NamedTuple):
     size: Tuple[int, int]
     relu: bool
     channels_last: bool
+    backend: str = "triton"  # which launchers run it: see `_launchers`
+
+
+def _launchers(backend: str):
+    """The module with `Term`, `fuse_forward` and `fuse_backward` for a concrete backend (imported lazily)."""
+    if backend == "triton":
+        from hrfast.kernels import fuse as launchers
+    else:
+        raise ValueError(f"no fused launchers for backend {backend!r}")
+    return launchers
 
 
 def _term_plan(resample: Optional[Resample], in_hw: Tuple[int, int], size: Tuple[int, int]) -> TermPlan:
@@ -44,15 +54,13 @@ def _term_plan(resample: Optional[Resample], in_hw: Tuple[int, int], size: Tuple
 
 
 class FuseFunction(torch.autograd.Function):
-    """Autograd over the Triton launchers. Inputs: the plan, then (x, scale, shift) per term, None allowed."""
+    """Autograd over the fused launchers. Inputs: the plan, then (x, scale, shift) per term, None allowed."""
 
     @staticmethod
     def forward(ctx, plan: FusePlan, *flat: Optional[Tensor]) -> Tensor:
-        from hrfast.kernels.fuse import fuse_forward
-
         terms = _kernel_terms(plan, flat)
         fmt = torch.channels_last if plan.channels_last else torch.contiguous_format
-        y = fuse_forward(terms, plan.size, relu=plan.relu, memory_format=fmt)
+        y = _launchers(plan.backend).fuse_forward(terms, plan.size, relu=plan.relu, memory_format=fmt)
         ctx.plan = plan
         # keep only what backward reads: y for the ReLU mask, x_k where its scale needs a gradient
         kept = []
@@ -67,8 +75,6 @@ class FuseFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y: Tensor):
-        from hrfast.kernels.fuse import fuse_backward
-
         y, *kept = ctx.saved_tensors
         plan = ctx.plan
         needs = [tuple(ctx.needs_input_grad[1 + 3 * k:4 + 3 * k]) for k in range(len(plan.terms))]
@@ -77,13 +83,12 @@ class FuseFunction(torch.autograd.Function):
             if kept[3 * k] is None:
                 kept[3 * k] = grad_y.new_empty(()).expand(shape)
         terms = _kernel_terms(plan, kept)
-        grads = fuse_backward(grad_y, y, terms, needs, relu=plan.relu)
+        grads = _launchers(plan.backend).fuse_backward(grad_y, y, terms, needs, relu=plan.relu)
         return (None, *[g for term_grads in grads for g in term_grads])
 
 
 def _kernel_terms(plan: FusePlan, flat: Sequence[Optional[Tensor]]):
-    from hrfast.kernels.fuse import Term
-
+    Term = _launchers(plan.backend).Term
     return [Term(flat[3 * k], flat[3 * k + 1], flat[3 * k + 2], p.mode, p.align_corners, p.ratio_h, p.ratio_w)
             for k, p in enumerate(plan.terms)]
 
@@ -127,7 +132,7 @@ def fuse(
     same_size = [x for x, p in zip(inputs, plans) if p.mode == _SAME]
     layout_ref = same_size[0] if same_size else inputs[0]
     channels_last = layout_ref.dim() == 4 and layout_ref.shape[1] > 1 and layout_ref.stride(1) == 1
-    plan = FusePlan(plans, tuple(size), relu, channels_last)
+    plan = FusePlan(plans, tuple(size), relu, channels_last, impl)
     flat: List[Optional[Tensor]] = []
     for x, s, b in zip(inputs, scales, shifts):
         # the kernels index per-channel vectors densely; a strided or expanded view is copied (autograd-safe)

@@ -16,6 +16,11 @@ module namespaces without that global.
 `build(family)` returns a `TinyHRNet`: a stem, then transitions and stages as in `HighResolutionNet` (stage 2: one
 2-branch module, stage 3: one 3-branch module, stage 4: two 4-branch modules), returning the list of branch
 outputs, with small widths so that it runs in milliseconds.
+
+`build_net(name)` returns a whole toy model with its head (section 4, see NETS): the official segmentation
+(HRNet-OCR and master branches), facial-landmark and seg_hrnet_ocr `HighResolutionNet`s, openseg's `HRNet_W48`, mmseg
+`EncoderDecoder` / `CascadeEncoderDecoder` (FCNHead, OCRHead) and mmpose `TopdownPoseEstimator` (FeatureMapProcessor
+neck, HeatmapHead); `fcn_head()` a standalone mmseg FCNHead.
 """
 from __future__ import annotations
 
@@ -85,6 +90,9 @@ def _namespace(name: str) -> types.ModuleType:
     if module is None:
         module = types.ModuleType(name, "stand-in for the module defining one HRNet code base's classes")
         sys.modules[name] = module
+        if "." in name:  # pickle imports the parent package first
+            parent, _, child = name.rpartition(".")
+            setattr(_namespace(parent), child, module)
     return module
 
 
@@ -733,3 +741,558 @@ def size_based(family: str) -> bool:
 
 def fusion_modules(model: nn.Module) -> List[nn.Module]:
     return [m for m in model.modules() if getattr(m, "fuse_layers", None) is not None]
+
+
+# ------------------------------------------------------------------------------ whole models with heads (section 4)
+#
+# Official HighResolutionNet (seg HRNet-OCR and master branches, facial landmarks, seg_hrnet_ocr), openseg's HRNet_W48,
+# mmseg EncoderDecoder / CascadeEncoderDecoder with FCNHead / OCRHead, mmpose TopdownPoseEstimator with the
+# FeatureMapProcessor neck and HeatmapHead, at toy widths. Each forward is written out as the upstream file has it
+# (the head patcher checks the official forward's source and attributes).
+
+
+def _head_layers(width, num_classes, norm, momentum, act=None, final_conv_kernel=1):
+    """`last_layer` / facial `head`: Sequential(conv1x1 (bias), norm, ReLU(inplace), conv k x k (bias))."""
+    return nn.Sequential(
+        nn.Conv2d(width, width, kernel_size=1, stride=1, padding=0),
+        norm(width, momentum=momentum),
+        act if act is not None else nn.ReLU(inplace=True),
+        nn.Conv2d(width, num_classes, kernel_size=final_conv_kernel, stride=1,
+                  padding=1 if final_conv_kernel == 3 else 0))
+
+
+class _OfficialNetBase(nn.Module):
+    """`HighResolutionNet.__init__` of the official seg / face code at toy widths: conv1 bn1 conv2 bn2 relu layer1,
+    then transition1 stage2 transition2 stage3 transition3 stage4 (every stage multi-scale) with stage{2,3,4}_cfg.
+    Subclasses add the head (`_add_head`) and write the forward."""
+
+    family = "seg_ocr"
+    bn_momentum = 0.1
+    head_attr = "last_layer"
+
+    def __init__(self, width=4, stem=8, num_classes=3, head_norm=None, head_act=None, final_conv_kernel=1):
+        super().__init__()
+        make_module = FAMILIES[self.family][0]
+        norm, m = nn.BatchNorm2d, self.bn_momentum
+        channels = [width * 2 ** k for k in range(4)]
+        self.conv1 = nn.Conv2d(3, stem, kernel_size=3, stride=2, padding=1, bias=False)
+        self.bn1 = norm(stem, momentum=m)
+        self.conv2 = nn.Conv2d(stem, stem, kernel_size=3, stride=2, padding=1, bias=False)
+        self.bn2 = norm(stem, momentum=m)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = nn.Sequential(BasicBlock(stem, stem))
+        pre = [stem]
+        for s, modules in ((2, 1), (3, 1), (4, 2)):
+            cur = channels[:s]
+            setattr(self, f"stage{s}_cfg", dict(NUM_MODULES=modules, NUM_BRANCHES=s, BLOCK="BASIC",
+                                                NUM_BLOCKS=[1] * s, NUM_CHANNELS=cur, FUSE_METHOD="SUM"))
+            setattr(self, f"transition{s - 1}", self._make_transition_layer(pre, cur))
+            setattr(self, f"stage{s}", nn.Sequential(*[make_module(s, cur, True) for _ in range(modules)]))
+            pre = cur
+        self._add_head(sum(channels), num_classes, head_norm or nn.BatchNorm2d, head_act, final_conv_kernel)
+
+    def _add_head(self, width, num_classes, norm, act, final_conv_kernel):
+        setattr(self, self.head_attr, _head_layers(width, num_classes, norm, self.bn_momentum, act, final_conv_kernel))
+
+    def _make_transition_layer(self, num_channels_pre_layer, num_channels_cur_layer):
+        num_branches_cur = len(num_channels_cur_layer)
+        num_branches_pre = len(num_channels_pre_layer)
+        transition_layers = []
+        for i in range(num_branches_cur):
+            if i < num_branches_pre:
+                if num_channels_cur_layer[i] != num_channels_pre_layer[i]:
+                    transition_layers.append(nn.Sequential(
+                        nn.Conv2d(num_channels_pre_layer[i], num_channels_cur_layer[i], 3, 1, 1, bias=False),
+                        nn.BatchNorm2d(num_channels_cur_layer[i], momentum=self.bn_momentum),
+                        nn.ReLU(inplace=True)))
+                else:
+                    transition_layers.append(None)
+            else:
+                conv3x3s = []
+                for j in range(i + 1 - num_branches_pre):
+                    inchannels = num_channels_pre_layer[-1]
+                    outchannels = num_channels_cur_layer[i] if j == i - num_branches_pre else inchannels
+                    conv3x3s.append(nn.Sequential(
+                        nn.Conv2d(inchannels, outchannels, 3, 2, 1, bias=False),
+                        nn.BatchNorm2d(outchannels, momentum=self.bn_momentum),
+                        nn.ReLU(inplace=True)))
+                transition_layers.append(nn.Sequential(*conv3x3s))
+        return nn.ModuleList(transition_layers)
+
+
+class HighResolutionNet(_OfficialNetBase):
+    """HRNet-Semantic-Segmentation (HRNet-OCR branch) seg_hrnet.py: the concat resizes with the module global
+    ALIGN_CORNERS (this file's), x[0] is not resampled; `last_layer` after it; output at 1/4."""
+
+    def forward(self, x):
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.relu(x)
+        x = self.conv2(x)
+        x = self.bn2(x)
+        x = self.relu(x)
+        x = self.layer1(x)
+
+        x_list = []
+        for i in range(self.stage2_cfg["NUM_BRANCHES"]):
+            if self.transition1[i] is not None:
+                x_list.append(self.transition1[i](x))
+            else:
+                x_list.append(x)
+        y_list = self.stage2(x_list)
+
+        x_list = []
+        for i in range(self.stage3_cfg["NUM_BRANCHES"]):
+            if self.transition2[i] is not None:
+                if i < self.stage2_cfg["NUM_BRANCHES"]:
+                    x_list.append(self.transition2[i](y_list[i]))
+                else:
+                    x_list.append(self.transition2[i](y_list[-1]))
+            else:
+                x_list.append(y_list[i])
+        y_list = self.stage3(x_list)
+
+        x_list = []
+        for i in range(self.stage4_cfg["NUM_BRANCHES"]):
+            if self.transition3[i] is not None:
+                if i < self.stage3_cfg["NUM_BRANCHES"]:
+                    x_list.append(self.transition3[i](y_list[i]))
+                else:
+                    x_list.append(self.transition3[i](y_list[-1]))
+            else:
+                x_list.append(y_list[i])
+        x = self.stage4(x_list)
+
+        # Upsampling
+        x0_h, x0_w = x[0].size(2), x[0].size(3)
+        x1 = F.interpolate(x[1], size=(x0_h, x0_w), mode="bilinear", align_corners=ALIGN_CORNERS)
+        x2 = F.interpolate(x[2], size=(x0_h, x0_w), mode="bilinear", align_corners=ALIGN_CORNERS)
+        x3 = F.interpolate(x[3], size=(x0_h, x0_w), mode="bilinear", align_corners=ALIGN_CORNERS)
+
+        x = torch.cat([x[0], x1, x2, x3], 1)
+
+        x = self.last_layer(x)
+
+        return x
+
+
+class _SegMasterNet(_OfficialNetBase):
+    """Seg master / pytorch-v1.1 seg_hrnet.py: no ALIGN_CORNERS global, the concat resizes without align_corners
+    (False), BN momentum 0.01, every non-None transition fed y_list[-1]."""
+
+    family = "seg_master"
+    bn_momentum = 0.01
+
+    def forward(self, x):
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.relu(x)
+        x = self.conv2(x)
+        x = self.bn2(x)
+        x = self.relu(x)
+        x = self.layer1(x)
+
+        x_list = []
+        for i in range(self.stage2_cfg["NUM_BRANCHES"]):
+            if self.transition1[i] is not None:
+                x_list.append(self.transition1[i](x))
+            else:
+                x_list.append(x)
+        y_list = self.stage2(x_list)
+
+        x_list = []
+        for i in range(self.stage3_cfg["NUM_BRANCHES"]):
+            if self.transition2[i] is not None:
+                x_list.append(self.transition2[i](y_list[-1]))
+            else:
+                x_list.append(y_list[i])
+        y_list = self.stage3(x_list)
+
+        x_list = []
+        for i in range(self.stage4_cfg["NUM_BRANCHES"]):
+            if self.transition3[i] is not None:
+                x_list.append(self.transition3[i](y_list[-1]))
+            else:
+                x_list.append(y_list[i])
+        x = self.stage4(x_list)
+
+        # Upsampling
+        x0_h, x0_w = x[0].size(2), x[0].size(3)
+        x1 = F.interpolate(x[1], size=(x0_h, x0_w), mode="bilinear")
+        x2 = F.interpolate(x[2], size=(x0_h, x0_w), mode="bilinear")
+        x3 = F.interpolate(x[3], size=(x0_h, x0_w), mode="bilinear")
+
+        x = torch.cat([x[0], x1, x2, x3], 1)
+        x = self.last_layer(x)
+
+        return x
+
+
+class _FaceNet(_OfficialNetBase):
+    """HRNet-Facial-Landmark-Detection lib/models/hrnet.py: an unused `sf` Softmax, the head named `head`, the
+    concat with an explicit align_corners=False, BN momentum 0.01."""
+
+    family = "face"
+    bn_momentum = 0.01
+    head_attr = "head"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sf = nn.Softmax(dim=1)
+
+    def forward(self, x):
+        # h, w = x.size(2), x.size(3)
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.relu(x)
+        x = self.conv2(x)
+        x = self.bn2(x)
+        x = self.relu(x)
+        x = self.layer1(x)
+
+        x_list = []
+        for i in range(self.stage2_cfg["NUM_BRANCHES"]):
+            if self.transition1[i] is not None:
+                x_list.append(self.transition1[i](x))
+            else:
+                x_list.append(x)
+        y_list = self.stage2(x_list)
+
+        x_list = []
+        for i in range(self.stage3_cfg["NUM_BRANCHES"]):
+            if self.transition2[i] is not None:
+                x_list.append(self.transition2[i](y_list[-1]))
+            else:
+                x_list.append(y_list[i])
+        y_list = self.stage3(x_list)
+
+        x_list = []
+        for i in range(self.stage4_cfg["NUM_BRANCHES"]):
+            if self.transition3[i] is not None:
+                x_list.append(self.transition3[i](y_list[-1]))
+            else:
+                x_list.append(y_list[i])
+        x = self.stage4(x_list)
+
+        # Head Part
+        height, width = x[0].size(2), x[0].size(3)
+        x1 = F.interpolate(x[1], size=(height, width), mode="bilinear", align_corners=False)
+        x2 = F.interpolate(x[2], size=(height, width), mode="bilinear", align_corners=False)
+        x3 = F.interpolate(x[3], size=(height, width), mode="bilinear", align_corners=False)
+        x = torch.cat([x[0], x1, x2, x3], 1)
+        x = self.head(x)
+
+        return x
+
+
+class _SegOcrNet(HighResolutionNet):
+    """seg_hrnet_ocr.py: the concat feeds `aux_head` (last_layer's structure) and the OCR head (`conv3x3_ocr`,
+    `ocr_gather_head`, `ocr_distri_head` (stand-ins), `cls_head`); returns [out_aux, out]."""
+
+    head_attr = "aux_head"
+
+    def _add_head(self, width, num_classes, norm, act, final_conv_kernel):
+        super()._add_head(width, num_classes, norm, act, final_conv_kernel)
+        self.conv3x3_ocr = nn.Sequential(nn.Conv2d(width, 8, 3, 1, 1), nn.BatchNorm2d(8), nn.ReLU(inplace=True))
+        self.ocr_gather_head = nn.Identity()
+        self.ocr_distri_head = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout2d(0.05))
+        self.cls_head = nn.Conv2d(8, num_classes, 1)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn2(self.conv2(x)))
+        x = self.layer1(x)
+        y_list = [x]
+        for s in (2, 3, 4):
+            transition = getattr(self, f"transition{s - 1}")
+            x_list = [y_list[i] if t is None else t(y_list[i] if i < len(y_list) else y_list[-1])
+                      for i, t in enumerate(transition)]
+            y_list = getattr(self, f"stage{s}")(x_list)
+        x = y_list
+        x0_h, x0_w = x[0].size(2), x[0].size(3)
+        ups = [F.interpolate(t, size=(x0_h, x0_w), mode="bilinear", align_corners=ALIGN_CORNERS) for t in x[1:]]
+        feats = torch.cat([x[0], *ups], 1)
+        out_aux = self.aux_head(feats)
+        feats = self.ocr_distri_head(self.ocr_gather_head(self.conv3x3_ocr(feats)))
+        return [out_aux, self.cls_head(feats)]
+
+
+class _OpensegHRNet(nn.Module):
+    """openseg.pytorch HRNet_W48: `backbone` (branches), concat with align_corners=True, `cls_head` =
+    Sequential(conv3x3 (bias), BNReLU, Dropout2d(0.10), conv1x1 (no bias)), resized to the input."""
+
+    def __init__(self, width=4, num_classes=3):
+        super().__init__()
+        self.backbone = TinyHRNet(FAMILIES["openseg"][0], width, True)
+        c = 15 * width
+        self.cls_head = nn.Sequential(
+            nn.Conv2d(c, c, kernel_size=3, stride=1, padding=1),
+            nn.Sequential(nn.BatchNorm2d(c), nn.ReLU()),
+            nn.Dropout2d(0.10),
+            nn.Conv2d(c, num_classes, kernel_size=1, stride=1, padding=0, bias=False))
+
+    def forward(self, x_):
+        x = self.backbone(x_)
+        _, _, h, w = x[0].size()
+        feat1 = x[0]
+        feat2 = F.interpolate(x[1], size=(h, w), mode="bilinear", align_corners=True)
+        feat3 = F.interpolate(x[2], size=(h, w), mode="bilinear", align_corners=True)
+        feat4 = F.interpolate(x[3], size=(h, w), mode="bilinear", align_corners=True)
+        feats = torch.cat([feat1, feat2, feat3, feat4], 1)
+        out = self.cls_head(feats)
+        out = F.interpolate(out, size=(x_.size(2), x_.size(3)), mode="bilinear", align_corners=True)
+        return out
+
+
+_place(_SegMasterNet, "hrnet_layouts_seg_master.seg_hrnet", "HighResolutionNet")
+_place(_FaceNet, "hrnet_layouts_face.hrnet", "HighResolutionNet")
+_place(_SegOcrNet, "hrnet_layouts_seg_ocr.seg_hrnet_ocr", "HighResolutionNet")
+_place(_OpensegHRNet, "hrnet_layouts_openseg.hrnet", "HRNet_W48")
+
+
+class _ConvModule(nn.Module):
+    """mmcv ConvModule(norm_cfg, act_cfg=ReLU): `conv` (bias='auto': False with a norm), the norm under its
+    `norm_name` ('bn' for BN/SyncBN, 'gn' for GN), `activate`; forward in `order`."""
+
+    def __init__(self, in_channels, out_channels, kernel_size=1, norm_cfg=None, act=None):
+        super().__init__()
+        self.order = ("conv", "norm", "act")
+        self.with_explicit_padding = False
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
+        self.norm_name, norm = _build_norm_layer(norm_cfg or dict(type="BN"), out_channels)
+        self.add_module(self.norm_name, norm)
+        self.activate = act if act is not None else nn.ReLU(inplace=True)
+
+    @property
+    def norm(self):
+        return getattr(self, self.norm_name)
+
+    def forward(self, x):
+        for layer in self.order:
+            if layer == "conv":
+                x = self.conv(x)
+            elif layer == "norm":
+                x = self.norm(x)
+            elif layer == "act":
+                x = self.activate(x)
+        return x
+
+
+class _BaseDecodeHead(nn.Module):
+    """mmseg BaseDecodeHead: in_index, input_transform, align_corners, conv_seg, dropout (None for
+    dropout_ratio <= 0); `_transform_inputs` resizes every selected input (x0 too) to inputs[0]'s size and concats;
+    `cls_seg` = dropout then conv_seg."""
+
+    def __init__(self, in_channels, channels, num_classes=3, dropout_ratio=0.1, norm_cfg=None, in_index=-1,
+                 input_transform=None, align_corners=False):
+        super().__init__()
+        self.in_channels = sum(in_channels) if input_transform == "resize_concat" else in_channels
+        self.channels = channels
+        self.num_classes = num_classes
+        self.norm_cfg = norm_cfg
+        self.in_index = in_index
+        self.input_transform = input_transform
+        self.align_corners = align_corners
+        self.conv_seg = nn.Conv2d(channels, num_classes, kernel_size=1)
+        self.dropout = nn.Dropout2d(dropout_ratio) if dropout_ratio > 0 else None
+
+    def _transform_inputs(self, inputs):
+        if self.input_transform == "resize_concat":
+            inputs = [inputs[i] for i in self.in_index]
+            upsampled_inputs = [resize(input=x, size=inputs[0].shape[2:], mode="bilinear",
+                                       align_corners=self.align_corners) for x in inputs]
+            inputs = torch.cat(upsampled_inputs, dim=1)
+        elif self.input_transform == "multiple_select":
+            inputs = [inputs[i] for i in self.in_index]
+        else:
+            inputs = inputs[self.in_index]
+        return inputs
+
+    def cls_seg(self, feat):
+        if self.dropout is not None:
+            feat = self.dropout(feat)
+        return self.conv_seg(feat)
+
+
+class _FCNHead(_BaseDecodeHead):
+    """mmseg FCNHead(num_convs, kernel_size, concat_input): `convs` of ConvModules, `conv_cat` with concat_input."""
+
+    def __init__(self, num_convs=2, kernel_size=3, concat_input=True, act=None, **kwargs):
+        super().__init__(**kwargs)
+        self.num_convs, self.concat_input, self.kernel_size = num_convs, concat_input, kernel_size
+        convs = [_ConvModule(self.in_channels if k == 0 else self.channels, self.channels, kernel_size,
+                             self.norm_cfg, act) for k in range(num_convs)]
+        self.convs = nn.Sequential(*convs)
+        if concat_input:
+            self.conv_cat = _ConvModule(self.in_channels + self.channels, self.channels, kernel_size, self.norm_cfg)
+
+    def _forward_feature(self, inputs):
+        x = self._transform_inputs(inputs)
+        feats = self.convs(x)
+        if self.concat_input:
+            feats = self.conv_cat(torch.cat([x, feats], dim=1))
+        return feats
+
+    def forward(self, inputs):
+        output = self._forward_feature(inputs)
+        output = self.cls_seg(output)
+        return output
+
+
+class _OCRHead(_BaseDecodeHead):
+    """mmseg OCRHead (a cascade head: forward(inputs, prev_output)); a simplified body, never patched."""
+
+    def __init__(self, ocr_channels=8, **kwargs):
+        super().__init__(**kwargs)
+        self.bottleneck = _ConvModule(self.in_channels, self.channels, 3, self.norm_cfg)
+
+    def forward(self, inputs, prev_output):
+        x = self._transform_inputs(inputs)
+        feats = self.bottleneck(x)
+        return self.cls_seg(feats) * torch.sigmoid(prev_output)
+
+
+class _EncoderDecoder(nn.Module):
+    """mmseg EncoderDecoder (the tensor path): backbone (HRNet, a list of 4 branches), decode_head."""
+
+    def __init__(self, width=4, num_classes=3, dropout_ratio=-1, align_corners=False, norm="BN", act=None,
+                 in_index=(0, 1, 2, 3), family="mmseg"):
+        super().__init__()
+        channels = [width * 2 ** k for k in range(4)]
+        self.backbone = TinyHRNet(FAMILIES[family][0], width, True)
+        self.decode_head = _FCNHead(in_channels=channels, in_index=in_index, channels=sum(channels) + 2,
+                                    input_transform="resize_concat", kernel_size=1, num_convs=1, concat_input=False,
+                                    dropout_ratio=dropout_ratio, num_classes=num_classes,
+                                    norm_cfg=dict(type=norm, num_groups=2), align_corners=align_corners, act=act)
+
+    def forward(self, inputs):
+        return self.decode_head(self.backbone(inputs))
+
+
+class _CascadeEncoderDecoder(nn.Module):
+    """mmseg OCRNet-HR (ocrnet_hr18.py): decode_head = [FCNHead (aux, resize_concat), OCRHead (resize_concat)]."""
+
+    def __init__(self, width=4, num_classes=3):
+        super().__init__()
+        channels = [width * 2 ** k for k in range(4)]
+        self.backbone = TinyHRNet(FAMILIES["mmseg"][0], width, True)
+        common = dict(in_channels=channels, in_index=(0, 1, 2, 3), input_transform="resize_concat",
+                      num_classes=num_classes, dropout_ratio=-1, align_corners=False)
+        self.decode_head = nn.ModuleList([
+            _FCNHead(channels=sum(channels), kernel_size=1, num_convs=1, concat_input=False, **common),
+            _OCRHead(channels=16, ocr_channels=8, **common)])
+
+    def forward(self, inputs):
+        x = self.backbone(inputs)
+        out = self.decode_head[0](x)
+        return [out, self.decode_head[1](x, out)]
+
+
+class _FeatureMapProcessor(nn.Module):
+    """mmpose FeatureMapProcessor(concat=True): every input resized (bilinear, align_corners False) to inputs[0]'s
+    size and concatenated; returns a one-element list."""
+
+    def __init__(self, select_index=None, concat=False, scale_factor=1.0, apply_relu=False, align_corners=False):
+        super().__init__()
+        self.select_index = select_index
+        self.concat = concat
+        self.scale_factor = scale_factor
+        self.apply_relu = apply_relu
+        self.align_corners = align_corners
+
+    def forward(self, inputs):
+        if not isinstance(inputs, (tuple, list)):
+            sequential_input = False
+            inputs = [inputs]
+        else:
+            sequential_input = True
+            if self.select_index is not None:
+                inputs = [inputs[i] for i in self.select_index]
+            if self.concat:
+                inputs = self._concat(inputs)
+        if not sequential_input:
+            inputs = inputs[0]
+        return inputs
+
+    def _concat(self, inputs):
+        size = inputs[0].shape[-2:]
+        resized_inputs = [resize(x, size=size, mode="bilinear", align_corners=self.align_corners) for x in inputs]
+        return [torch.cat(resized_inputs, dim=1)]
+
+
+class _HeatmapHead(nn.Module):
+    """mmpose 1.x HeatmapHead(conv_out_channels=(C,), conv_kernel_sizes=(1,), deconv_out_channels=None)."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.deconv_layers = nn.Identity()
+        self.conv_layers = nn.Sequential(nn.Conv2d(in_channels, in_channels, 1), nn.BatchNorm2d(in_channels),
+                                         nn.ReLU(inplace=True))
+        self.final_layer = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, feats):
+        x = feats[-1]
+        x = self.deconv_layers(x)
+        x = self.conv_layers(x)
+        x = self.final_layer(x)
+        return x
+
+
+class _TopdownPoseEstimator(nn.Module):
+    """mmpose 1.x TopdownPoseEstimator (the tensor path `_forward`): extract_feat (backbone, neck), head.forward."""
+
+    def __init__(self, width=4, num_keypoints=3):
+        super().__init__()
+        self.backbone = TinyHRNet(FAMILIES["mmpose_bilinear"][0], width, True)
+        self.neck = _FeatureMapProcessor(concat=True)
+        self.head = _HeatmapHead(15 * width, num_keypoints)
+
+    def extract_feat(self, inputs):
+        return self.neck(self.backbone(inputs))
+
+    def forward(self, inputs):
+        return self.head.forward(self.extract_feat(inputs))
+
+
+_place(_ConvModule, "hrnet_layouts_mmcv.conv_module", "ConvModule")
+_place(_BaseDecodeHead, "hrnet_layouts_mmseg.decode_head", "BaseDecodeHead")
+_place(_FCNHead, "hrnet_layouts_mmseg.fcn_head", "FCNHead")
+_place(_OCRHead, "hrnet_layouts_mmseg.ocr_head", "OCRHead")
+_place(_EncoderDecoder, "hrnet_layouts_mmseg.encoder_decoder", "EncoderDecoder")
+_place(_CascadeEncoderDecoder, "hrnet_layouts_mmseg.cascade_encoder_decoder", "CascadeEncoderDecoder")
+_place(_FeatureMapProcessor, "hrnet_layouts_mmpose.feature_map_processor", "FeatureMapProcessor")
+_place(_HeatmapHead, "hrnet_layouts_mmpose.heatmap_head", "HeatmapHead")
+_place(_TopdownPoseEstimator, "hrnet_layouts_mmpose.topdown", "TopdownPoseEstimator")
+
+# whole models with a head: name -> class (constructor kwargs vary the head, see each class)
+NETS: Dict[str, type] = {
+    "seg_ocr": HighResolutionNet,
+    "seg_master": _SegMasterNet,
+    "face": _FaceNet,
+    "seg_hrnet_ocr": _SegOcrNet,
+    "openseg": _OpensegHRNet,
+    "mmseg": _EncoderDecoder,
+    "mmseg_ocr": _CascadeEncoderDecoder,
+    "mmpose": _TopdownPoseEstimator,
+}
+
+
+def build_net(name: str, seed: int = 0, **kwargs) -> nn.Module:
+    """A whole toy model with its head (see NETS), norms randomized; `kwargs` go to its constructor."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = NETS[name](**kwargs)
+    randomize_norms(model, seed)
+    return model
+
+
+def fcn_head(channels=(2, 4, 8, 16), num_classes=3, seed=0, **kwargs) -> nn.Module:
+    """A standalone mmseg FCNHead as fcn_hr18.py configures it (resize_concat of 4 inputs, one 1x1 ConvModule)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        options = dict(in_channels=list(channels), in_index=tuple(range(len(channels))), channels=sum(channels),
+                       input_transform="resize_concat", kernel_size=1, num_convs=1, concat_input=False,
+                       dropout_ratio=-1, num_classes=num_classes, align_corners=False)
+        head = _FCNHead(**{**options, **kwargs})
+    randomize_norms(head, seed)
+    return head

@@ -191,10 +191,10 @@ def test_timm_report_names_and_table():
     assert all(r.cls == "HighResolutionModule" and r.kind == "fusion" for r in report.patched)
     assert "channels 18/36/72/144" in report.patched[-1].detail and "BatchNorm2d (folded)" in report.patched[-1].detail
     head = [r for r in report.rows if r.kind == "head"]
-    assert len(head) == 1 and head[0].status == "skipped" and "not yet supported" in head[0].detail
+    assert len(head) == 1 and head[0].status == "skipped" and "no HRNetV2 concat head found" in head[0].detail
     table = str(report)
     assert table.splitlines()[0] == "hrfast.patch: 6 patched, 1 skipped"
-    assert "stage3.1" in table and "not yet supported" in table
+    assert "stage3.1" in table and "no HRNetV2 concat head found" in table
     assert repr(report) == "<PatchReport hrfast.patch: 6 patched, 1 skipped>"
     assert len(report) == 7 and report.count("patched") == 6 and report.count("skipped", "head") == 1
     assert not any(r.kind == "head" for r in hrfast.patch(model, head=False))
@@ -469,10 +469,12 @@ def test_hrfast_reference_models(name, kwargs, count, hw, fused_calls):
         assert len(fused_calls) == count * (1 if train else 2)
     if name.endswith("_c"):
         assert all("nearest x2^k by Upsample in fuse_layers" in r.detail for r in report.patched)
+        assert report.count("patched", "head") == 0
     else:
         value = kwargs.get("align_corners", False)
         text = f"align_corners from the module's align_corners attribute (now {value}"
-        assert all(text in r.detail for r in report.patched), report
+        assert all(text in r.detail for r in report.patched if r.kind == "fusion"), report
+        assert report.count("patched", "head") == 1  # the V2 head too (tests/test_patch_head.py)
 
 
 def test_align_corners_global_is_read_at_every_call(monkeypatch):

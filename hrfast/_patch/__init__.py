@@ -5,14 +5,17 @@ The public API is `patch`, `unpatch` and `PatchReport` (also exported as `hrfast
 package is reached as ``from hrfast.patch import ...`` (or ``sys.modules["hrfast.patch"]``).
 
 Layout: `core` holds the generic machinery (the walk, the report, the instance-level forward, the adapter
-registry); `fusion` holds the structural matcher and adapter of the multi-resolution fusion step. Head
-adapters (the HRNetV2 concat head) register themselves with `register_adapter` under kind "head".
+registry); `fusion` holds the structural matcher and adapter of the multi-resolution fusion step; `head` those of the
+HRNetV2 concat head (kind "head").
 """
 from .core import (Adapter, Match, Options, PatchedForward, PatchReport, PatchRow, adapters, patch,
                    register_adapter, unpatch)
 from .fusion import FusionAdapter, FusionConfig, HRLayout, inspect_hr_module
+from .head import HeadAdapter, HeadConfig, HeadSite, inspect_head
 
 register_adapter(FusionAdapter())
+register_adapter(HeadAdapter())
 
 __all__ = ["patch", "unpatch", "PatchReport", "PatchRow", "Adapter", "Match", "Options", "PatchedForward",
-           "register_adapter", "adapters", "FusionAdapter", "FusionConfig", "HRLayout", "inspect_hr_module"]
+           "register_adapter", "adapters", "FusionAdapter", "FusionConfig", "HRLayout", "inspect_hr_module",
+           "HeadAdapter", "HeadConfig", "HeadSite", "inspect_head"]

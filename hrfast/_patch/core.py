@@ -10,7 +10,7 @@ does not survive pickling (`torch.save(model)`): pickle reduces it to ``getattr(
 module does not have. `PatchedForward` pickles and deep-copies to the copy of its module (the module is memoised
 before its attributes are, so the reference is rebuilt to the new instance).
 
-Adapters: one per kind of patch target (`"fusion"`, later `"head"`), registered with `register_adapter`. Each
+Adapters: one per kind of patch target (`"fusion"`, `"head"`), registered with `register_adapter`. Each
 answers `match(module, options)` with None (not its kind of module: no report row) or a `Match` (patch it with this
 config, or skip it for this reason, or this module needs an argument `patch` was not given), and runs the patched
 forward in `forward(module, config, *args, **kwargs)`.
@@ -230,7 +230,8 @@ def _options(upsample, align_corners, backend) -> Options:
 
 def patch(model: nn.Module, *, upsample: Optional[str] = None, align_corners: Optional[bool] = None,
           backend: str = "auto", head: bool = True) -> PatchReport:
-    """Patches the HRNet modules of `model` in place so their fusion step runs as hrfast's fused op.
+    """Patches the HRNet modules of `model` in place so their fusion step (and, with `head`, the HRNetV2 concat
+    head) runs as hrfast's fused ops.
 
     Every submodule (and `model` itself) is matched by structure: a `branches` nn.ModuleList plus a
     `fuse_layers` nn.ModuleList of nn.ModuleList (timm and official `HighResolutionModule`, mm* `HRModule`),
@@ -254,6 +255,21 @@ def patch(model: nn.Module, *, upsample: Optional[str] = None, align_corners: Op
       of an earlier `patch` of the same module). Without any of these, `patch` raises ValueError before
       patching anything.
 
+    The HRNetV2 head (``head=True``): the concat, conv1x1, BN, ReLU and classifier run as
+    `hrfast.nn.HRNetV2Head` (built per call over the model's own layers, never registered as a submodule):
+
+    - official segmentation / facial-landmark `HighResolutionNet` (and `hrfast.models`), whose forward
+      concatenates inline before ``last_layer`` / ``head``: the model's forward is patched; the trunk runs as
+      the original does (`forward_backbone` for `hrfast.models`, else the official stem, layer1, transitions
+      and stages, after checking that the model has exactly the official attributes and forward). The
+      concat's align_corners: the model's ``align_corners`` attribute, else its module's ``ALIGN_CORNERS``
+      global (both read at every call), else ``align_corners=`` (with ``upsample='bilinear'``), else
+      ValueError; facial models: False, as their forward says;
+    - mmseg ``FCNHead`` with ``input_transform='resize_concat'``: its forward is patched;
+    - reported and left alone: mmpose ``HeatmapHead`` (its concat is the neck's output), other mmseg heads,
+      OCR models, openseg's ``cls_head``, heads with a non-batch-norm norm (InPlaceABN), a non-ReLU
+      activation, a 3x3 conv, dropout, or hooks on their layers.
+
     Left alone and reported: single-branch modules, subclasses that change the fusion (mmpose
     `HRFomerModule`, `LiteHRModule`, any subclass overriding `forward` or `_make_fuse_layers`), layouts other
     than conv1x1-norm[-upsample] / chains of conv3x3-s2-norm[-ReLU], norms other than batch norm and group
@@ -267,7 +283,9 @@ def patch(model: nn.Module, *, upsample: Optional[str] = None, align_corners: Op
         align_corners: with ``upsample='bilinear'``: True/False as in their `F.interpolate` (None means
             False, PyTorch's default).
         backend: "auto", "triton" or "reference", passed to `hrfast.ops.fuse` at every call.
-        head: also patch the HRNetV2 concat head. Not supported yet: the report says so.
+        head: also patch the HRNetV2 concat head (above). With False no head is patched or reported; a head
+            patched by an earlier call is restored (an "unpatched" row), as patching again re-applies the
+            arguments.
 
     Returns:
         A `PatchReport` of every candidate module: patched, or skipped and why.
@@ -327,12 +345,18 @@ def patch(model: nn.Module, *, upsample: Optional[str] = None, align_corners: Op
     for module, adapter, match, _ in plans:
         module.__dict__["forward"] = PatchedForward(module, adapter, match.config)
 
-    if head and not _REGISTRY["head"]:
+    if not head:  # re-applying the arguments: heads an earlier patch(head=True) fused run their own forward again
+        for name, module in model.named_modules():
+            fwd = _installed(module)
+            if fwd is not None and fwd.adapter.kind == "head":
+                del module.__dict__["forward"]
+                rows.append(PatchRow(name, type(module).__name__, "head", UNPATCHED,
+                                     "head=False: original forward restored"))
+
+    if head and not any(r.kind == "head" for r in rows):
         rows.append(PatchRow("", type(model).__name__, "head", SKIPPED,
-                             "not yet supported: no head adapter is registered (the HRNetV2 concat head comes "
-                             "with hrfast's head op); pass head=False to silence this row"))
-    elif head and not any(r.kind == "head" for r in rows):
-        rows.append(PatchRow("", type(model).__name__, "head", SKIPPED, "no supported head found"))
+                             "no HRNetV2 concat head found (timm, classification and pose models have none); "
+                             "pass head=False to silence this row"))
     return PatchReport(rows, "patch")
 
 

@@ -1,7 +1,9 @@
-"""Which implementation runs an op: `backend="auto" | "triton" | "reference"`.
+"""Which implementation runs an op: `backend="auto" | "triton" | "cuda" | "reference"`.
 
-An explicit request that cannot run raises and says why; "auto" picks Triton for CUDA tensors when Triton
-is importable and the reference otherwise, warning once when a CUDA tensor falls back. No CUDA query or
+An explicit request that cannot run raises and says why. "auto" picks Triton for CUDA tensors when Triton
+is importable and the reference otherwise, warning once when a CUDA tensor falls back. "auto" never picks
+the CUDA C++ backend: it is chosen only on request until a GPU benchmark shows it faster than Triton on
+the shapes of benchmarks/ (none has been run yet; see benchmarks/results/). No CUDA query, compilation or
 Triton import happens at import time.
 """
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Tuple
 
 import torch
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "cuda", "reference")
 
 
 @functools.lru_cache(maxsize=None)
@@ -40,12 +42,28 @@ def _warn_fallback_once(reason: str) -> None:
                   stacklevel=4)
 
 
+def _resolve_cuda(device: torch.device) -> str:
+    from hrfast._cuda import cuda_status, host_path_enabled
+
+    if device.type == "cpu" and host_path_enabled():
+        return "cuda"  # the kernels' element code in host loops: a test vehicle, see hrfast._cuda.build
+    if device.type != "cuda":
+        raise RuntimeError(f"backend='cuda' needs CUDA tensors, got tensors on {device} (HRFAST_CSRC_ON_CPU=1 "
+                           "runs the kernels' element code on CPU tensors, for testing)")
+    ok, reason = cuda_status()
+    if not ok:
+        raise RuntimeError(f"backend='cuda' is unavailable: {reason}")
+    return "cuda"
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend ('triton' or 'reference') for tensors on `device`."""
+    """The concrete backend ('triton', 'cuda' or 'reference') for tensors on `device`."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
         return "reference"
+    if backend == "cuda":
+        return _resolve_cuda(device)
     ok, reason = triton_status()
     runs_here = device.type == "cuda" or (device.type == "cpu" and triton_interpreter_enabled())
     if backend == "triton":

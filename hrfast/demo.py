@@ -16,6 +16,8 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn as nn
 
+from ._backend import BACKENDS
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -99,7 +101,7 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     p.add_argument("--upsample", choices=("nearest", "bilinear"), default="nearest")
-    p.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto")
+    p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--train", action="store_true", help="training mode: batch-statistics BN, forward+backward")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 50 on a GPU, 3 on CPU)")

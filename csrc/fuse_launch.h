@@ -1,0 +1,114 @@
+// Host-side interface between the binding (bindings.cpp: validation, allocation, per-channel reductions) and
+// the two implementations of the fusion kernels: the host loops (fuse_cpu.cpp, CPU tensors, a test vehicle
+// for the kernels' element code) and the CUDA kernels (fuse_cuda.cu, CUDA tensors). Same signatures.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "fuse.h"
+
+namespace hrfast {
+
+// One term as the launchers take it. `scale`/`shift` are undefined (none) or dense [C] tensors in the
+// accumulation dtype (float32, float64 for float64 inputs), converted by the binding.
+struct TermSpec {
+  at::Tensor x;
+  at::Tensor scale;
+  at::Tensor shift;
+  int64_t mode = SAME;
+  bool align = false;
+  int64_t rh_num = 1, rh_den = 1, rw_num = 1, rw_den = 1;
+};
+
+// (K, step, offset) of the adjoint's gather along one axis (a port of kernels/fuse.py `window`): source s
+// visits outputs [s * step - offset, + K) when the ratio is exactly 1/step with step a power of two (the
+// forward's float index math is then exact: HRNet's usual 2^k); else step = 0 and K over-estimates the
+// fan-out (1/r nearest, 2/r bilinear) with room for `first_reader`'s slack.
+inline void window(int64_t num, int64_t den, int64_t mode, bool align, int64_t n_out, int32_t& K, int32_t& step,
+                   int32_t& offset) {
+  if (num == 1 && (den & (den - 1)) == 0 && !(mode == BILINEAR && align)) {
+    step = static_cast<int32_t>(den);
+    if (mode == NEAREST) {
+      K = static_cast<int32_t>(den);
+      offset = 0;
+    } else {
+      K = static_cast<int32_t>(2 * den);
+      offset = static_cast<int32_t>((den + 1) / 2);  // d reads s iff (d + 0.5) / m - 0.5 lies in [s - 1, s + 1)
+    }
+    return;
+  }
+  step = 0;
+  offset = 0;
+  const double r = static_cast<double>(num) / static_cast<double>(den);
+  if (r <= 0) {
+    K = static_cast<int32_t>(n_out);
+    return;
+  }
+  const double fan_out = mode == NEAREST ? 1.0 / r : 2.0 / r;
+  K = static_cast<int32_t>(std::min<double>(static_cast<double>(n_out + 2), std::ceil(fan_out) + 5));
+}
+
+// The kernels' view of a term: pointers, sizes, strides, ratios and adjoint windows. `H`, `W`: output size.
+template <typename scalar_t, typename acc_t>
+TermView<scalar_t, acc_t> make_view(const TermSpec& t, int64_t H, int64_t W) {
+  TermView<scalar_t, acc_t> v;
+  v.x = t.x.data_ptr<scalar_t>();
+  v.scale = t.scale.defined() ? t.scale.data_ptr<acc_t>() : nullptr;
+  v.shift = t.shift.defined() ? t.shift.data_ptr<acc_t>() : nullptr;
+  v.h = t.x.size(2);
+  v.w = t.x.size(3);
+  v.sn = t.x.stride(0);
+  v.sc = t.x.stride(1);
+  v.sh = t.x.stride(2);
+  v.sw = t.x.stride(3);
+  v.mode = static_cast<int32_t>(t.mode);
+  v.align = t.align ? 1 : 0;
+  // as the Triton launcher passes it: the double quotient rounded to float32
+  const double qh = static_cast<double>(t.rh_num) / static_cast<double>(t.rh_den);
+  const double qw = static_cast<double>(t.rw_num) / static_cast<double>(t.rw_den);
+  v.r32_h = static_cast<float>(qh);
+  v.r32_w = static_cast<float>(qw);
+  // bilinear computes its ratio in the accumulation type (ATen's opmath): float32, or float64 for float64
+  v.r_h = static_cast<acc_t>(std::is_same<acc_t, double>::value ? qh : static_cast<double>(v.r32_h));
+  v.r_w = static_cast<acc_t>(std::is_same<acc_t, double>::value ? qw : static_cast<double>(v.r32_w));
+  v.k_h = v.k_w = 1;
+  v.step_h = v.step_w = 1;
+  v.off_h = v.off_w = 0;
+  if (t.mode != SAME) {
+    window(t.rh_num, t.rh_den, t.mode, t.align, H, v.k_h, v.step_h, v.off_h);
+    window(t.rw_num, t.rw_den, t.mode, t.align, W, v.k_w, v.step_w, v.off_w);
+  }
+  return v;
+}
+
+// y = ReLU(sum_k Up_k(x_k) * scale_k + shift_k), written into `out` ([N, C, H, W], any strides).
+void forward_cpu(const at::Tensor& out, const std::vector<TermSpec>& terms, bool relu);
+
+// Output-size terms: dx[k] = g * scale_k (dx[k] undefined: not needed), g = grad_y * (y > 0).
+// Returns per-channel partial sums `parts` [K + 1, R, C] in the accumulation dtype: slot k < K holds
+// sum(g * x_k) where need_dscale[k] (else unwritten), slot K sum(g) when need_sum_g. The caller sums over R
+// (a fixed-order reduction). `y` is undefined when relu is false.
+at::Tensor backward_same_cpu(const at::Tensor& grad_y, const at::Tensor& y, bool relu,
+                             const std::vector<TermSpec>& terms, const std::vector<at::Tensor>& dx,
+                             const std::vector<bool>& need_dscale, bool need_sum_g);
+
+// An upsampled term: u = Up^T(g) (a gather), dz = u * scale (dz undefined: not needed). Returns partial sums
+// `parts` [2, R, C]: slot 0 sum(u * z) when need_dscale, slot 1 sum(u) when need_dshift.
+at::Tensor backward_adjoint_cpu(const at::Tensor& grad_y, const at::Tensor& y, bool relu, const TermSpec& term,
+                                const at::Tensor& dz, bool need_dscale, bool need_dshift);
+
+#ifdef HRFAST_WITH_CUDA
+void forward_cuda(const at::Tensor& out, const std::vector<TermSpec>& terms, bool relu);
+at::Tensor backward_same_cuda(const at::Tensor& grad_y, const at::Tensor& y, bool relu,
+                              const std::vector<TermSpec>& terms, const std::vector<at::Tensor>& dx,
+                              const std::vector<bool>& need_dscale, bool need_sum_g);
+at::Tensor backward_adjoint_cuda(const at::Tensor& grad_y, const at::Tensor& y, bool relu, const TermSpec& term,
+                                 const at::Tensor& dz, bool need_dscale, bool need_dshift);
+#endif
+
+}  // namespace hrfast

@@ -1,0 +1,332 @@
+"""backend="cuda": the CUDA C++ kernels of csrc/ (their element code is csrc/fuse.h), beyond the shared grid.
+
+tests/test_fuse_op.py runs its whole grid (every mode, layout, dtype, shape case, gradcheck, determinism,
+NaN/inf, partial gradients) for backend="cuda" as well as "triton". This file adds what is specific to the
+C++ kernels or cheap only for them:
+- more ratios: non-integer (5 -> 13, 3x, 1.5x), 2^k up to 16x, prime sizes, more terms than one CUDA launch
+  takes (8), more channels/pixels than one block;
+- a scan of many (in, out) size pairs per mode, forward and backward in float64 at FP64_RTOL (the adjoint's
+  windows are the part most likely to be off by one);
+- bitwise determinism across thread counts (host build) and repeated runs;
+- the binding's argument checks;
+- `adjoint_window` against the Triton launcher's `window`, and backend "cuda" against "triton" on random
+  inputs (`cross_check`; bitwise on CPU, where both run the same float operations in the same order).
+
+Without a GPU everything here runs the host build (HRFAST_CSRC_ON_CPU=1): plain C++ loops over the very same
+`__host__ __device__` functions the CUDA kernels call, on CPU tensors. With a GPU it runs the CUDA kernels.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import test_fuse_op as base
+from conftest import HAS_CUDA, TRITON_DEVICE
+from hrfast.ops import fuse, fuse_ref
+from hrfast.testing import FP32_RTOL, FP64_RTOL, assert_low_precision_close, assert_rel_close
+from test_fuse_op import BF16, F16, F32, F64, Case, bil, near
+
+DEVICE = TRITON_DEVICE  # "cuda" with a GPU, else CPU tensors through the host build
+
+
+@pytest.fixture(autouse=True)
+def csrc_on_cpu(monkeypatch):
+    """The host path for CPU tensors, and launch buffers that start as NaN (an unwritten element fails)."""
+    from hrfast._cuda import fuse as csrc_fuse
+
+    monkeypatch.setenv("HRFAST_CSRC_ON_CPU", "1")
+    monkeypatch.setattr(csrc_fuse, "POISON_OUTPUTS", True)
+
+
+def _ext():
+    from hrfast._cuda.build import load
+
+    return load(with_cuda=DEVICE == "cuda")
+
+
+# ------------------------------------------------------------------------------------ more shapes and ratios
+
+TERMS_5_TO_13 = [((13, 13), None), ((5, 5), bil()), ((5, 5), near()), ((5, 5), bil(align_corners=True))]
+TERMS_PRIME = [((11, 17), None), ((6, 9), bil()), ((3, 5), near()), ((4, 7), bil(align_corners=True))]
+EXTRA_CASES = [
+    pytest.param(Case((13, 13), TERMS_5_TO_13, N=2, C=3), F64, "nchw", None, id="5_to_13_fp64"),
+    pytest.param(Case((13, 13), TERMS_5_TO_13, N=1, C=4, affine="mixed"), F32, "channels_last", None,
+                 id="5_to_13_fp32_cl"),
+    pytest.param(Case((16, 32), [((16, 32), None), ((1, 2), near(16)), ((1, 2), bil(16)), ((2, 4), bil(8)),
+                                 ((4, 8), near(4))], N=1, C=2), F64, "channels_last", None, id="pow2_up_to_16x_fp64"),
+    pytest.param(Case((9, 12), [((9, 12), None), ((3, 4), near(3)), ((3, 4), bil(3)), ((6, 8), bil(1.5))], N=2, C=2),
+                 F64, "nchw", None, id="sf_3_and_1.5_fp64"),
+    pytest.param(Case((11, 17), TERMS_PRIME, N=2, C=5, affine="mixed"), F32, "nchw", None, id="prime_sizes_fp32"),
+    pytest.param(Case((11, 17), TERMS_PRIME, N=2, C=5), BF16, "channels_last", F32, id="prime_sizes_bf16_cl"),
+    pytest.param(Case((7, 9), [((7, 9), None), ((4, 5), bil()), ((2, 3), near()), ((3, 3), bil(align_corners=True))],
+                      N=1, C=3), F16, "nchw", F32, id="odd_fp16"),
+    # more than one CUDA launch (8 terms each): chained forward, chunked same-size backward
+    pytest.param(Case((5, 4), [((5, 4), None)] * 9 + [((3, 2), bil()), ((2, 2), near()), ((1, 1), bil())], N=1,
+                      C=2, affine="mixed"), F64, "nchw", None, id="12_terms_9_same_fp64"),
+    pytest.param(Case((5, 4), [((5, 4), None), ((3, 2), bil())] * 5, N=2, C=3), F32, "channels_last", None,
+                 id="10_terms_fp32_cl"),
+    # several CUDA blocks along channels (32 per block in channels_last, 8 in NCHW) and pixels
+    pytest.param(Case((9, 40), [((9, 40), None), ((5, 20), bil()), ((3, 10), near())], N=2, C=37), F32,
+                 "channels_last", None, id="blocks_c37_cl"),
+    pytest.param(Case((9, 40), [((9, 40), None), ((5, 20), bil()), ((3, 10), near())], N=2, C=11), F32, "nchw",
+                 None, id="blocks_c11_nchw"),
+    pytest.param(Case((6, 10), [((6, 10), None), ((3, 5), bil()), ((6, 10), None), ((2, 4), near())], N=2, C=3,
+                      affine="mixed"), F64, "strided", None, id="strided_fp64"),
+]
+
+
+@pytest.mark.parametrize("case, dtype, layout, param_dtype", EXTRA_CASES)
+def test_extra_shapes(case, dtype, layout, param_dtype):
+    base.check_fuse(case, dtype, layout, param_dtype, backend="cuda")
+
+
+# --------------------------------------------------------------------------------- index and window scans
+
+SCAN_PAIRS = [(n_in, n_out) for n_in in range(1, 7) for n_out in range(n_in, 3 * n_in + 3)]
+SCAN_PAIRS += [(n_in, m * n_in) for n_in in (1, 3, 5) for m in (4, 8, 16)]
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear", "bilinear_corners"])
+def test_size_pair_scan_forward_backward(mode):
+    """Many (in, out) size pairs on both axes at once (H: in -> out, W: out-1 or so), float64, no ReLU (a
+    pure adjoint): y and dx at FP64_RTOL. A wrong tap, weight or adjoint window is an O(1) error."""
+    r = near() if mode == "nearest" else bil(align_corners=mode == "bilinear_corners")
+    for n_in, n_out in SCAN_PAIRS:
+        w_in, w_out = max(1, n_in - 1 + n_out % 2), n_out + 1
+        x = torch.randn(1, 2, n_in, w_in, dtype=F64, device=DEVICE, requires_grad=True)
+        scale = base._nonzero_scale(2, F64)
+        size = (n_out, w_out)
+        y = fuse([x], scales=[scale], resample=[r], size=size, relu=False, backend="cuda")
+        grad_y = torch.randn_like(y)
+        dx, ds = torch.autograd.grad(y, [x, scale], grad_y)
+        x64 = x.detach().clone().requires_grad_()
+        s64 = scale.detach().clone().requires_grad_()
+        y64 = fuse_ref([x64], [s64], [None], [r], size, relu=False)
+        dx64, ds64 = torch.autograd.grad(y64, [x64, s64], grad_y)
+        where = f"{mode} {n_in}x{w_in} -> {n_out}x{w_out}"
+        assert_rel_close(y, y64, FP64_RTOL, f"y ({where})")
+        assert_rel_close(dx, dx64, FP64_RTOL, f"dx ({where})")
+        assert_rel_close(ds, ds64, FP64_RTOL, f"dscale ({where})")
+
+
+def test_nearest_forward_is_a_pure_gather():
+    """Nearest in fp32 and bf16 is a copy of source values: bitwise equal to F.interpolate, odd ratios too."""
+    for dtype in (F32, BF16):
+        for n_in, n_out in SCAN_PAIRS:
+            x = torch.randn(2, 3, n_in, n_in + 1, dtype=dtype, device=DEVICE)
+            size = (n_out, n_out + 2)
+            y = fuse([x], resample=[near()], size=size, relu=False, backend="cuda")
+            assert torch.equal(y, fuse_ref([x], [None], [None], [near()], size, relu=False)), (dtype, n_in, n_out)
+
+
+@pytest.mark.parametrize("name, case", [
+    ("mixed_5_to_13_cl", Case((5, 13), [((5, 13), None), ((2, 5), bil()), ((3, 5), near()),
+                                        ((2, 5), bil(align_corners=True))], N=1, C=2, affine="mixed")),
+    ("pow2_8x", Case((8, 8), [((8, 8), None), ((1, 1), near(8)), ((2, 1), bil((4.0, 8.0)))], N=2, C=1)),
+    ("9_terms", Case((3, 2), [((3, 2), None)] * 8 + [((2, 1), bil())], N=1, C=1)),
+])
+def test_gradcheck_extra(name, case):
+    layout = "channels_last" if name.endswith("_cl") else "nchw"
+    base._gradcheck(case, layout, seed=1, fast_mode=False, backend="cuda")
+
+
+# ------------------------------------------------------------------------------------------------ determinism
+
+
+def _run(case, xs, scales, shifts, resamples, size_arg, grad_y=None):
+    leaves = [t for _, t in base._leaves(xs, scales, shifts)]
+    y = fuse(xs, scales=scales, shifts=shifts, resample=resamples, size=size_arg, relu=case.relu, backend="cuda")
+    grad_y = torch.randn_like(y) if grad_y is None else grad_y
+    return y, torch.autograd.grad(y, leaves, grad_y), grad_y
+
+
+@pytest.mark.parametrize("dtype, layout", [(F32, "nchw"), (F16, "channels_last"), (F64, "strided")])
+def test_bitwise_deterministic(dtype, layout):
+    """Same inputs, same bits: on a GPU over repeated runs, on CPU also with 1 and 2 threads (the host loops
+    sum each (image, channel) plane in a fixed order, whatever the split)."""
+    case = Case((9, 7), [((9, 7), None), ((5, 4), bil()), ((3, 2), near()), ((4, 3), bil(align_corners=True)),
+                         ((9, 7), None), ((1, 1), bil())], N=2, C=5, affine="mixed")
+    xs, scales, shifts, resamples, size_arg = base._build(case, dtype, layout)
+    threads = torch.get_num_threads()
+    runs = []
+    grad_y = None
+    try:
+        for n_threads in ([1, 2, 1] if DEVICE == "cpu" else [threads] * 3):
+            torch.set_num_threads(n_threads)
+            y, grads, grad_y = _run(case, xs, scales, shifts, resamples, size_arg, grad_y)
+            runs.append((y, grads))
+    finally:
+        torch.set_num_threads(threads)
+    (y0, g0) = runs[0]
+    for y, grads in runs[1:]:
+        assert torch.equal(y, y0)
+        for a, b in zip(grads, g0):
+            assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------- the binding's checks
+
+def _args(**over):
+    """Valid fuse_forward arguments (two terms: same size and bilinear 2x), with overrides."""
+    x0 = torch.randn(2, 3, 4, 4, device=DEVICE)
+    x1 = torch.randn(2, 3, 2, 2, device=DEVICE)
+    args = dict(xs=[x0, x1], scales=[None, torch.ones(3, device=DEVICE)], shifts=[None, None], modes=[0, 2],
+                align_corners=[False, False], ratios=[1, 1, 1, 1, 1, 2, 1, 2], size=[4, 4], relu=True,
+                channels_last=False, poison=True)
+    args.update(over)
+    return args
+
+
+def _bwd_args(**over):
+    fwd = _args()
+    y = _ext().fuse_forward(**fwd)
+    args = dict(grad_y=torch.randn_like(y), y=y, xs=fwd["xs"], scales=fwd["scales"], shifts=fwd["shifts"],
+                modes=fwd["modes"], align_corners=fwd["align_corners"], ratios=fwd["ratios"], needs=[True] * 6,
+                relu=True, poison=True)
+    args.update(over)
+    return args
+
+
+def _x(*shape, **kw):
+    return torch.randn(*shape, device=DEVICE, **kw)
+
+
+FORWARD_ERRORS = [
+    (lambda: dict(xs=[]), r"at least one tensor"),
+    (lambda: dict(scales=[None]), r"scales has 1 entries but there are 2 terms"),
+    (lambda: dict(shifts=[None, None, None]), r"shifts has 3 entries"),
+    (lambda: dict(modes=[0]), r"modes has 1 entries"),
+    (lambda: dict(align_corners=[False]), r"align_corners has 1 entries"),
+    (lambda: dict(ratios=[1, 1, 1, 1, 1, 2]), r"ratios must hold 4 ints per term"),
+    (lambda: dict(size=[4]), r"size must be \[H, W\]"),
+    (lambda: dict(size=[0, 4]), r"output size must be positive"),
+    (lambda: dict(size=[2**16, 2**15]), r"2\*\*31 or more pixels"),
+    (lambda: dict(xs=[_x(2, 3, 4), _x(2, 3, 2, 2)]), r"xs\[0\] must be 4-D"),
+    (lambda: dict(xs=[_x(2, 3, 4, 4), torch.ones(2, 3, 2, 2, dtype=torch.int32, device=DEVICE)]),
+     r"xs\[1\] has dtype Int"),
+    (lambda: dict(xs=[_x(2, 3, 4, 4), _x(2, 3, 2, 2, dtype=F64)]), r"xs\[1\] has dtype Double but xs\[0\] has Float"),
+    (lambda: dict(xs=[_x(2, 3, 4, 4), _x(1, 3, 2, 2)]), r"batch and channels must match"),
+    (lambda: dict(xs=[_x(2, 3, 4, 4), _x(2, 4, 2, 2)]), r"batch and channels must match"),
+    (lambda: dict(modes=[0, 3]), r"modes\[1\] is 3"),
+    (lambda: dict(modes=[0, 0]), r"xs\[1\] has mode 0 \(same size\) but is 2x2"),
+    (lambda: dict(xs=[_x(2, 3, 4, 4), _x(2, 3, 5, 2)]), r"at most the output 4x4"),
+    (lambda: dict(ratios=[1, 1, 1, 1, 1, 0, 1, 2]), r"fractions num/den in \[0, 1\]"),
+    (lambda: dict(ratios=[1, 1, 1, 1, 3, 2, 1, 2]), r"fractions num/den in \[0, 1\]"),
+    (lambda: dict(ratios=[1, 1, 1, 1, -1, 2, 1, 2]), r"non-negative integers"),
+    (lambda: dict(modes=[0, 1], align_corners=[False, True]), r"align_corners\[1\] is set for a nearest term"),
+    (lambda: dict(scales=[None, torch.ones(4, device=DEVICE)]), r"scales\[1\] must have shape \[3\]"),
+    (lambda: dict(scales=[None, torch.ones(1, 3, device=DEVICE)]), r"scales\[1\] must have shape \[3\]"),
+    (lambda: dict(shifts=[torch.ones(3, dtype=torch.int64, device=DEVICE), None]), r"shifts\[0\] has dtype Long"),
+    (lambda: dict(shifts=[torch.ones(3, device="meta"), None]), r"shifts\[0\] is on meta"),
+    (lambda: dict(xs=[torch.empty(2, 3, 4, 4, device="meta"), torch.empty(2, 3, 2, 2, device="meta")]),
+     r"tensors must be on CPU or CUDA"),
+]
+
+
+@pytest.mark.parametrize("over, match", FORWARD_ERRORS, ids=[m[:40] for _, m in FORWARD_ERRORS])
+def test_binding_forward_errors(over, match):
+    args = _args(**over())  # built here: no tensors at import time
+    with pytest.raises(RuntimeError, match=match):
+        _ext().fuse_forward(**args)
+
+
+BACKWARD_ERRORS = [
+    (lambda a: dict(needs=[True] * 5), r"needs must hold 3 bools per term"),
+    (lambda a: dict(y=None), r"y \(the forward output\) is required when relu is true"),
+    (lambda a: dict(y=a["y"][:, :, :3]), r"y has shape \[2, 3, 3, 4\] but grad_y has \[2, 3, 4, 4\]"),
+    (lambda a: dict(y=a["y"].double()), r"y has dtype Double but grad_y has Float"),
+    (lambda a: dict(grad_y=a["grad_y"][0]), r"grad_y must be a 4-D tensor"),
+    (lambda a: dict(grad_y=a["grad_y"][:1]), r"grad_y has shape \[1, 3, 4, 4\] but the terms have batch 2"),
+    (lambda a: dict(grad_y=a["grad_y"].double()), r"grad_y has dtype Double but xs have Float"),
+    (lambda a: dict(grad_y=a["grad_y"][:, :, :3]), r"xs\[0\] has mode 0 \(same size\) but is 4x4, the output is 3x4"),
+]
+
+
+@pytest.mark.parametrize("over, match", BACKWARD_ERRORS, ids=[m[:40] for _, m in BACKWARD_ERRORS])
+def test_binding_backward_errors(over, match):
+    args = _bwd_args()
+    args.update(over(args))
+    with pytest.raises(RuntimeError, match=match):
+        _ext().fuse_backward(**args)
+
+
+def test_binding_backward_without_relu_needs_no_y():
+    args = _bwd_args(relu=False, y=None, needs=[True, False, False, False, True, False])
+    dx0, ds0, db0, dx1, ds1, db1 = _ext().fuse_backward(**args)
+    assert ds0 is None and db0 is None and dx1 is None and db1 is None  # not asked, or no such parameter
+    assert torch.equal(dx0, args["grad_y"])
+    assert ds1.shape == (3,) and torch.isfinite(ds1).all()
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the host build's message; the CUDA build runs CUDA tensors")
+def test_host_build_reports_no_cuda():
+    assert _ext().with_cuda is False
+
+
+# --------------------------------------------------------------------------- against the Triton launchers
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear", "bilinear_corners"])
+def test_adjoint_window_matches_triton(mode):
+    from hrfast.kernels import fuse as triton_fuse
+
+    kmode = triton_fuse.NEAREST if mode == "nearest" else triton_fuse.BILINEAR
+    align = mode == "bilinear_corners"
+    for num in range(0, 9):
+        for den in range(max(num, 1), 20):
+            for n_out in (1, 2, 7, 40):
+                expected = triton_fuse.window((num, den), kmode, align, n_out)
+                assert tuple(_ext().adjoint_window(num, den, kmode, align, n_out)) == expected, (num, den, n_out)
+
+
+CROSS_CASES = {
+    "modes": Case((7, 5), [((7, 5), None), ((4, 3), bil()), ((2, 2), near()), ((3, 2), bil(align_corners=True)),
+                           ((7, 5), None), ((1, 1), bil())], N=2, C=3, affine="mixed"),
+    "pow2": Case((8, 8), [((8, 8), None), ((4, 4), near(2)), ((2, 2), bil(4)), ((1, 1), near(8))], N=1, C=2),
+    "5_to_13": Case((13, 6), [((5, 3), bil()), ((5, 3), near()), ((13, 6), None)], N=1, C=2, relu=False),
+}
+
+
+def cross_check(case: Case, dtype, layout: str, exact: bool) -> None:
+    """backend "cuda" vs "triton" on the same random inputs: y and every gradient. `exact`: y and the
+    input gradients bit for bit (CPU: the host loops and the Triton interpreter do the same float operations
+    in the same order; not on a GPU, where either compiler may contract a * b + c into an FMA); per-channel
+    gradients are reduced in other orders, so those at the dtype's tolerance."""
+    xs, scales, shifts, resamples, size_arg = base._build(case, dtype, layout, F32 if dtype in (F16, BF16) else dtype)
+    named = base._leaves(xs, scales, shifts)
+    leaves = [t for _, t in named]
+    out, grad_y = {}, None
+    for backend in ("cuda", "triton"):
+        y = fuse(xs, scales=scales, shifts=shifts, resample=resamples, size=size_arg, relu=case.relu,
+                 backend=backend)
+        grad_y = torch.randn_like(y) if grad_y is None else grad_y
+        out[backend] = (y, torch.autograd.grad(y, leaves, grad_y))
+    (y_c, g_c), (y_t, g_t) = out["cuda"], out["triton"]
+    assert y_c.stride() == y_t.stride()
+    if dtype in (F16, BF16):
+        y_pt, g_pt = base._reference(xs, scales, shifts, resamples, tuple(case.size), case.relu, grad_y)
+        y64, g64 = base._reference(xs, scales, shifts, resamples, tuple(case.size), case.relu, grad_y, F64)
+
+    def close(a, b, name, k=None):
+        if dtype in (F16, BF16):  # both within budget of each other's float64 truth: compare each to it
+            ref64, pt = (y64, y_pt) if k is None else (g64[k], g_pt[k])
+            assert_low_precision_close(a, ref64, pt, f"{name} (cuda)", dtype)
+            assert_low_precision_close(b, ref64, pt, f"{name} (triton)", dtype)
+        else:
+            assert_rel_close(a, b, FP64_RTOL if dtype == F64 else FP32_RTOL, name)
+
+    if exact:
+        assert torch.equal(y_c, y_t)
+    close(y_c, y_t, "y")
+    for k, ((name, t), a, b) in enumerate(zip(named, g_c, g_t)):
+        assert a.shape == b.shape == t.shape and a.dtype == b.dtype == t.dtype, name
+        if exact and name.startswith("inputs"):
+            assert torch.equal(a, b), f"d {name}"
+        close(a, b, f"d {name}", k)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("name", list(CROSS_CASES))
+def test_cuda_matches_triton(name, layout, dtype):
+    cross_check(CROSS_CASES[name], dtype, layout, exact=not HAS_CUDA and dtype != BF16)

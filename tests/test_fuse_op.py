@@ -2,9 +2,10 @@
 
     y = ReLU( sum_k Up_k(inputs[k] * scales[k] + shifts[k]) )
 
-Every check compares the Triton backend (on CPU through the Triton interpreter when there is no GPU, see
-conftest.py) with `fuse_ref` evaluated in float64 on the same values: the output and every gradient (each
-input, scale and shift) for a random upstream gradient. fp32 must be within FP32_RTOL, fp64 within
+Every kernel check runs for both fused backends, "triton" and "cuda" (on CPU through their emulations when
+there is no GPU: the Triton interpreter and the host build of csrc/, see conftest.py), and compares them
+with `fuse_ref` evaluated in float64 on the same values: the output and every gradient (each input, scale
+and shift) for a random upstream gradient. fp32 must be within FP32_RTOL, fp64 within
 FP64_RTOL, fp16/bf16 within twice the error plain PyTorch itself makes in that dtype (`fuse_ref` on the
 low-precision tensors, gradients by autograd through it). Launch buffers start as NaN (conftest), so an
 element a kernel forgets to write fails. Shapes stay tiny because the interpreter is slow.
@@ -74,6 +75,21 @@ def test_interpreter_bf16_store_rounds_to_nearest():
 
 
 # ------------------------------------------------------------------------------------------------- helpers
+
+# The fused backends every kernel test below runs against: the Triton kernels (kernels/) and the CUDA C++
+# kernels (csrc/). Without a GPU each runs on CPU tensors through its emulation: the Triton interpreter, and
+# the host build of csrc/ (the kernels' element code in plain C++ loops, HRFAST_CSRC_ON_CPU=1).
+FUSED_BACKENDS = ("triton", "cuda")
+
+
+@pytest.fixture(params=FUSED_BACKENDS)
+def backend(request, monkeypatch):
+    if request.param == "cuda":
+        from hrfast._cuda import fuse as csrc_fuse
+
+        monkeypatch.setattr(csrc_fuse, "POISON_OUTPUTS", True)  # buffers start as NaN, as conftest does for Triton
+    return request.param
+
 
 
 def _is_same_size(term, size) -> bool:
@@ -162,6 +178,25 @@ def _reference(xs, scales, shifts, resamples, size, relu, grad_y, dtype=None):
     return y, grads
 
 
+def _summand_magnitudes(xs, scales, shifts, resamples, size, relu, grad_y, y64):
+    """Per gradient, the same sums taken over absolute values: for d scale_k = sum_pixels x_k * Up_k^T(g) and
+    d shift_k = sum_pixels Up_k^T(g) (g = grad_y masked by the ReLU), sum |x_k| * Up_k^T(|g|) and
+    sum Up_k^T(|g|) (Up^T's weights are >= 0). A float sum of many terms is accurate relative to this, not to
+    its own value, which cancellation can make arbitrarily small (seen: one channel of 576 pixels summing to
+    1e-4 while its terms are O(1)). Elementwise gradients (d inputs) get their own magnitudes likewise."""
+    g = grad_y.double().abs()
+    if relu:
+        g = g * (y64 > 0)
+    ax, as_, ab = ([None if t is None else t.detach().double().abs() for t in ts] for ts in (xs, scales, shifts))
+    _, mags = _reference(ax, as_, ab, resamples, size, False, g, F64)
+    return mags
+
+
+def _assert_sum_close(g, g64, magnitude, rtol, name):
+    err, scale = (g.double() - g64).norm().item(), magnitude.norm().item()
+    assert err <= rtol * scale, f"{name}: error {err:.3e} exceeds {rtol:.0e} x the summands' magnitude {scale:.3e}"
+
+
 def _expected_memory_format(case: Case, layout) -> torch.memory_format:
     layouts = _layouts(layout, len(case.terms))
     same = [k for k, t in enumerate(case.terms) if _is_same_size(t, case.size)]
@@ -178,11 +213,11 @@ def assert_rounded_once(y: torch.Tensor, y64: torch.Tensor, max_fraction: float 
     assert mismatch <= max_fraction, f"y: {mismatch:.1%} of the elements are not the exact result rounded once"
 
 
-def check_fuse(case: Case, dtype, layout, param_dtype=None, grad_layout="like_y"):
-    """Triton backend vs the float64 reference: output, its layout, and every gradient."""
+def check_fuse(case: Case, dtype, layout, param_dtype=None, grad_layout="like_y", backend="triton"):
+    """A fused backend vs the float64 reference: output, its layout, and every gradient."""
     xs, scales, shifts, resamples, size_arg = _build(case, dtype, layout, param_dtype)
     y = fuse(xs, scales=scales, shifts=shifts, resample=resamples, size=size_arg, relu=case.relu,
-             backend="triton")
+             backend=backend)
     size = tuple(case.size)
     assert y.shape == (case.N, case.C, *size) and y.dtype == dtype and y.device == xs[0].device
     fmt = _expected_memory_format(case, layout)
@@ -208,9 +243,13 @@ def check_fuse(case: Case, dtype, layout, param_dtype=None, grad_layout="like_y"
     else:
         rtol = FP64_RTOL if dtype == F64 else FP32_RTOL
         assert_rel_close(y, y64, rtol, "y")
-        for (name, t), g, g64 in zip(named, grads, grads64):
+        mags = _summand_magnitudes(xs, scales, shifts, resamples, size, case.relu, grad_y, y64)
+        for (name, t), g, g64, mag in zip(named, grads, grads64, mags):
             assert g.shape == t.shape and g.dtype == t.dtype, name
-            assert_rel_close(g, g64, rtol, f"d {name}")
+            if name.startswith("inputs"):
+                assert_rel_close(g, g64, rtol, f"d {name}")
+            else:  # per-channel sums over every pixel: judged against their summands (see _summand_magnitudes)
+                _assert_sum_close(g, g64, mag, rtol, f"d {name}")
 
 
 # ----------------------------------------------------------------- every mode x layout x dtype (the matrix)
@@ -231,12 +270,12 @@ DTYPES = [F32, F64, F16, BF16]
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("mode", list(MODE_CASES))
-def test_fuse_modes(mode, layout, dtype):
+def test_fuse_modes(mode, layout, dtype, backend):
     case = MODE_CASES[mode]
     # relu on for NCHW, off for channels_last: each mode x dtype sees both; BN-style fp32 parameters
     # next to fp16/bf16 activations
     case = case._replace(relu=layout == "nchw")
-    check_fuse(case, dtype, layout, param_dtype=F32 if dtype in LOW_PRECISION else dtype)
+    check_fuse(case, dtype, layout, param_dtype=F32 if dtype in LOW_PRECISION else dtype, backend=backend)
 
 
 # ---------------------------------------------------------------------- shapes, term counts, layouts, dtypes
@@ -310,20 +349,20 @@ SHAPE_CASES = [
 
 
 @pytest.mark.parametrize("case, dtype, layout, param_dtype", SHAPE_CASES)
-def test_fuse_shapes(case, dtype, layout, param_dtype):
-    check_fuse(case, dtype, layout, param_dtype)
+def test_fuse_shapes(case, dtype, layout, param_dtype, backend):
+    check_fuse(case, dtype, layout, param_dtype, backend=backend)
 
 
 @pytest.mark.parametrize("grad_layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_fuse_upstream_grad_layout(layout, grad_layout):
+def test_fuse_upstream_grad_layout(layout, grad_layout, backend):
     """The upstream gradient may come in either layout, whatever the output's."""
     case = Case((5, 4), [((5, 4), None), ((3, 2), bil()), ((5, 4), None), ((2, 2), near())], N=2, C=3,
                 affine="mixed")
-    check_fuse(case, F32, layout, grad_layout=grad_layout)
+    check_fuse(case, F32, layout, grad_layout=grad_layout, backend=backend)
 
 
-def test_nearest_index_scan():
+def test_nearest_index_scan(backend):
     """Forward only, many (in, out) pairs along W: nearest is a pure gather, so the kernel equals
     F.interpolate bit for bit (the float32 index math, ATen's 2x shortcut, clamping)."""
     for n_in in range(1, 8):
@@ -331,20 +370,20 @@ def test_nearest_index_scan():
             x = torch.randn(1, 2, 2, n_in, device=TRITON_DEVICE)
             size = (2 * n_in if n_in <= 2 else n_in, n_out)  # H: 2x (shortcut) or same size
             r = near()
-            y = fuse([x], resample=[r], size=size, relu=False, backend="triton")
+            y = fuse([x], resample=[r], size=size, relu=False, backend=backend)
             expected = fuse_ref([x], [None], [None], [r], size, relu=False)
             assert torch.equal(y, expected), (n_in, n_out)
 
 
 @pytest.mark.parametrize("align_corners", [False, True])
-def test_bilinear_index_scan(align_corners):
+def test_bilinear_index_scan(align_corners, backend):
     """Forward only, many (in, out) pairs along W in float64: the kernel's bilinear taps and weights are
     ATen's (a wrong tap or ratio is an O(1) relative error, far above FP64_RTOL)."""
     for n_in in range(1, 7):
         for n_out in range(n_in, 3 * n_in + 2):
             x = torch.randn(1, 1, 3, n_in, dtype=F64, device=TRITON_DEVICE)
             r = bil(align_corners=align_corners)
-            y = fuse([x], resample=[r], size=(5, n_out), relu=False, backend="triton")
+            y = fuse([x], resample=[r], size=(5, n_out), relu=False, backend=backend)
             expected = fuse_ref([x], [None], [None], [r], (5, n_out), relu=False)
             assert_rel_close(y, expected, FP64_RTOL, f"y ({n_in} -> {n_out})")
 
@@ -352,7 +391,7 @@ def test_bilinear_index_scan(align_corners):
 # ------------------------------------------------------------------------------------------------ gradcheck
 
 
-def _gradcheck(case: Case, layout: str, seed: int, fast_mode: bool):
+def _gradcheck(case: Case, layout: str, seed: int, fast_mode: bool, backend: str = "triton"):
     torch.manual_seed(seed)
     xs, scales, shifts, resamples, size_arg = _build(case, F64, layout)
     n = len(xs)
@@ -364,7 +403,7 @@ def _gradcheck(case: Case, layout: str, seed: int, fast_mode: bool):
         xs_, rest = list(flat[:n]), list(flat[n:])
         sc = [rest.pop(0) if h else None for h in has_scale]
         sh = [rest.pop(0) if h else None for h in has_shift]
-        return fuse(xs_, scales=sc, shifts=sh, resample=resamples, size=size_arg, relu=case.relu, backend="triton")
+        return fuse(xs_, scales=sc, shifts=sh, resample=resamples, size=size_arg, relu=case.relu, backend=backend)
 
     assert torch.autograd.gradcheck(fn, tuple(args), fast_mode=fast_mode)
 
@@ -381,9 +420,9 @@ GRADCHECK_FULL = {
 
 
 @pytest.mark.parametrize("name", list(GRADCHECK_FULL))
-def test_gradcheck_full(name):
+def test_gradcheck_full(name, backend):
     layout = "channels_last" if name.endswith("C2") else "nchw"
-    _gradcheck(GRADCHECK_FULL[name], layout, seed=0, fast_mode=False)
+    _gradcheck(GRADCHECK_FULL[name], layout, seed=0, fast_mode=False, backend=backend)
 
 
 GRADCHECK_FAST = {
@@ -401,15 +440,15 @@ GRADCHECK_FAST_PARAMS = [
 
 
 @pytest.mark.parametrize("name, layout, seed", GRADCHECK_FAST_PARAMS)
-def test_gradcheck_fast(name, layout, seed):
-    _gradcheck(GRADCHECK_FAST[name], layout, seed, fast_mode=True)
+def test_gradcheck_fast(name, layout, seed, backend):
+    _gradcheck(GRADCHECK_FAST[name], layout, seed, fast_mode=True, backend=backend)
 
 
 # -------------------------------------------------------------------------------------------- determinism
 
 
 @pytest.mark.parametrize("dtype, layout", [(F32, "nchw"), (BF16, "channels_last")], ids=["fp32_nchw", "bf16_cl"])
-def test_deterministic(dtype, layout):
+def test_deterministic(dtype, layout, backend):
     case = Case((7, 5), [((7, 5), None), ((4, 3), bil()), ((2, 2), near()), ((3, 2), bil(align_corners=True)),
                          ((7, 5), None), ((1, 1), bil())], N=1, C=3)
     xs, scales, shifts, resamples, size_arg = _build(case, dtype, layout)
@@ -417,7 +456,7 @@ def test_deterministic(dtype, layout):
     runs = []
     grad_y = None
     for _ in range(2):
-        y = fuse(xs, scales=scales, shifts=shifts, resample=resamples, size=size_arg, backend="triton")
+        y = fuse(xs, scales=scales, shifts=shifts, resample=resamples, size=size_arg, backend=backend)
         grad_y = torch.randn_like(y) if grad_y is None else grad_y
         runs.append((y, torch.autograd.grad(y, leaves, grad_y)))
     (y1, g1), (y2, g2) = runs
@@ -537,7 +576,7 @@ def test_exact_adjoint_window_covers_readers(ratio, mode, align_corners):
 
 
 @pytest.mark.parametrize("wanted", ["inputs", "scales", "shifts", "one_upsampled_input", "params_only_upsampled"])
-def test_partial_requires_grad(wanted):
+def test_partial_requires_grad(wanted, backend):
     """Only some arguments need gradients: the others get none, the wanted ones are right."""
     case = Case((5, 4), [((5, 4), None), ((3, 2), bil()), ((5, 4), None), ((2, 2), near())], N=2, C=3)
     xs, scales, shifts, resamples, _ = _build(case, F32, "nchw")
@@ -550,7 +589,7 @@ def test_partial_requires_grad(wanted):
         t.requires_grad_(keep)
     named = [(name, t) for name, t in _leaves(xs, scales, shifts) if t.requires_grad]
     assert named
-    y = fuse(xs, scales=scales, shifts=shifts, resample=resamples, backend="triton")
+    y = fuse(xs, scales=scales, shifts=shifts, resample=resamples, backend=backend)
     grad_y = torch.randn_like(y)
     grads = torch.autograd.grad(y, [t for _, t in named], grad_y)
     rx, rs, rb = _clone_args(xs, scales, shifts, F64)
@@ -565,7 +604,7 @@ def test_partial_requires_grad(wanted):
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean_of_slice"])
-def test_expanded_upstream_grad(reduction):
+def test_expanded_upstream_grad(reduction, backend):
     """y.sum().backward() hands the op a stride-0 (expanded) gradient; a slice gives a zero-padded one."""
     case = Case((5, 4), [((5, 4), None), ((3, 2), bil()), ((2, 2), near())], N=2, C=3)
     xs, scales, shifts, resamples, _ = _build(case, F32, "channels_last")
@@ -574,7 +613,7 @@ def test_expanded_upstream_grad(reduction):
     def loss(y):
         return y.sum() if reduction == "sum" else y[:, 1:, 1:4].mean()
 
-    y = fuse(xs, scales=scales, shifts=shifts, resample=resamples, backend="triton")
+    y = fuse(xs, scales=scales, shifts=shifts, resample=resamples, backend=backend)
     grads = torch.autograd.grad(loss(y), [t for _, t in named])
     rx, rs, rb = _clone_args(xs, scales, shifts, F64)
     y64 = fuse_ref(rx, rs, rb, resamples, case.size, True)
@@ -583,14 +622,14 @@ def test_expanded_upstream_grad(reduction):
         assert_rel_close(g, g64, FP32_RTOL, f"d {name}")
 
 
-def test_broadcast_input():
+def test_broadcast_input(backend):
     """An expanded (stride-0) input, e.g. a per-image constant broadcast over the rows."""
     case = Case((5, 4), [((5, 4), None), ((3, 2), bil()), ((5, 4), None)], N=2, C=3)
     xs, scales, shifts, resamples, _ = _build(case, F32, "nchw")
     row = torch.randn(2, 3, 1, 4, device=TRITON_DEVICE, requires_grad=True)
     col = torch.randn(2, 3, 3, 1, device=TRITON_DEVICE, requires_grad=True)
     inputs = [xs[0], col.expand(2, 3, 3, 2), row.expand(2, 3, 5, 4)]
-    y = fuse(inputs, scales=scales, shifts=shifts, resample=resamples, backend="triton")
+    y = fuse(inputs, scales=scales, shifts=shifts, resample=resamples, backend=backend)
     grad_y = torch.randn_like(y)
     leaves = [xs[0], col, row] + scales + shifts
     grads = torch.autograd.grad(y, leaves, grad_y)
@@ -604,7 +643,7 @@ def test_broadcast_input():
 
 
 @pytest.mark.parametrize("param_layout", ["strided_view", "expanded_scalar"])
-def test_non_contiguous_scales_and_shifts(param_layout):
+def test_non_contiguous_scales_and_shifts(param_layout, backend):
     """scales/shifts are any [C] tensors (the docstring asks nothing more): a strided view such as
     `weight[::2]`, or one value broadcast with `.expand(C)` (stride 0), must be read through its stride."""
     case = Case((5, 4), [((5, 4), None), ((3, 2), bil()), ((2, 2), near())], N=2, C=3)
@@ -623,7 +662,7 @@ def test_non_contiguous_scales_and_shifts(param_layout):
 
     scales, shifts = views(bases)
     assert not scales[0].is_contiguous()
-    y = fuse(xs, scales=scales, shifts=shifts, resample=resamples, backend="triton")
+    y = fuse(xs, scales=scales, shifts=shifts, resample=resamples, backend=backend)
     grad_y = torch.randn_like(y)
     grads = torch.autograd.grad(y, xs + bases, grad_y)
     r_xs = [x.detach().double().requires_grad_() for x in xs]
@@ -769,7 +808,7 @@ def test_reference_and_triton_agree():
 # ----------------------------------------------------------------------------------------------- empty batch
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference", "auto"])
+@pytest.mark.parametrize("backend", ["triton", "cuda", "reference", "auto"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_empty_batch(backend, layout):
     case = Case((6, 4), [((6, 4), None), ((3, 2), bil()), ((3, 2), near(2))], N=0, C=3)
@@ -791,13 +830,13 @@ def test_empty_batch(backend, layout):
     (Resample("bilinear"), (2, 5)),  # H is not resized: ATen copies that axis and reads no second tap
     (Resample("nearest"), (4, 4)),
 ], ids=["bilinear-x2", "bilinear-corners", "bilinear-one-axis", "nearest"])
-def test_non_finite_values_propagate_like_interpolate(resample, size):
+def test_non_finite_values_propagate_like_interpolate(resample, size, backend):
     """inf/NaN in a term reach the same outputs as in F.interpolate (0 * inf taps included): NaN never hides."""
     low = torch.randn(1, 2, 2, 2, device=TRITON_DEVICE)
     low[0, 0, 1, 1] = float("inf")
     low[0, 1, 0, 1] = float("nan")
     base = torch.randn(1, 2, *size, device=TRITON_DEVICE)
-    y = fuse([base, low], resample=[None, resample], relu=False, backend="triton")
+    y = fuse([base, low], resample=[None, resample], relu=False, backend=backend)
     expected = fuse_ref([base, low], [None, None], [None, None], [None, resample], size, relu=False)
     assert torch.equal(torch.isnan(y), torch.isnan(expected))
     assert torch.equal(torch.isinf(y), torch.isinf(expected))

@@ -21,7 +21,7 @@ from hrfast.nn._norm import fold_batch_norm
 from hrfast.testing import FP32_RTOL, assert_low_precision_close, assert_rel_close
 
 DEVICE = TRITON_DEVICE
-BACKENDS = ("reference", "triton")
+BACKENDS = ("reference", "triton", "cuda")
 FP64_TOL = 1e-10
 SIZES = ((16, 16), (8, 8), (4, 4), (2, 2))  # timm branches: /1, /2, /4, /8 of the first one
 ODD_SIZES = ((7, 9), (4, 5), (2, 3))  # official seg: conv3x3 s2 p1 gives ceil(n / 2)

@@ -33,7 +33,7 @@ from hrfast.testing import FP32_RTOL, FP64_RTOL, assert_low_precision_close, ass
 from conftest import TRITON_DEVICE
 
 DEVICE = TRITON_DEVICE
-BACKENDS = ("reference", "triton")
+BACKENDS = ("reference", "triton", "cuda")
 CHANNELS = (4, 6, 8, 10)
 # official seg / face: each branch is a 3x3 stride-2 conv of the previous one, so ceil(n / 2) (odd sizes)
 ODD_SIZES = ((5, 4), (3, 2), (2, 1), (1, 1))

@@ -2,8 +2,9 @@
 
     logits = Cls( ReLU( BN( Conv1x1( cat[x0, Up(x1), Up(x2), Up(x3)] ) ) ) )
 
-Every check runs the Triton backend (on CPU through the Triton interpreter when there is no GPU, see
-conftest.py) and compares it with `head_ref` evaluated in float64 on the same values: the logits, every
+The main checks run each fused backend (`fused` fixture): Triton (on CPU through the Triton interpreter when
+there is no GPU, see conftest.py) and the CUDA C++ backend (cuBLAS projections + the CUDA fusion kernels; on
+CPU its kernels' element code in host loops, HRFAST_CSRC_ON_CPU=1), and compare it with `head_ref` evaluated in float64 on the same values: the logits, every
 gradient (each branch input, conv weight and bias, BN weight and bias, classifier weight and bias) for a random
 upstream gradient and, in training, the running statistics after the call. fp32 must be within FP32_RTOL,
 fp64 within FP64_RTOL, fp16/bf16 within twice the error plain PyTorch itself makes in that dtype (`head_ref`
@@ -29,6 +30,12 @@ from hrfast.ops.reference import resample_ref
 from hrfast.testing import FP32_RTOL, FP64_RTOL, assert_low_precision_close, assert_rel_close, low_precision_budget
 
 from conftest import TRITON_DEVICE
+
+
+@pytest.fixture(params=["triton", "cuda"])
+def fused(request):
+    """The fused backend under test."""
+    return request.param
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 LOW_PRECISION = (F16, BF16)
@@ -245,12 +252,12 @@ def _check_zero_bias_grad(g, g64, scale64, tol, name="d conv_bias"):
     assert err_abs <= tol * scale64, f"{name}: {err_abs:.3e} exceeds {tol:.1e} x {scale64:.3e}"
 
 
-def check_head(case: Case, dtype, layout: str, training: bool, bn_dtype=None):
-    """Triton backend vs the float64 reference: logits (value, dtype, layout), every gradient, running stats."""
+def check_head(case: Case, dtype, layout: str, training: bool, bn_dtype=None, backend: str = "triton"):
+    """A fused backend vs the float64 reference: logits (value, dtype, layout), every gradient, running stats."""
     args = _build(case, dtype, layout, bn_dtype)
     before = _copy(args)  # the reference runs on these values, running statistics before the update
     saved_stats = [before["running_mean"], before["running_var"]]
-    y = _call(args, case, training)
+    y = _call(args, case, training, backend)
     N, (H, W) = case.N, case.sizes[0]
     assert y.shape == (N, case.K, H, W) and y.dtype == dtype and y.device == args["xs"][0].device
     fmt = _expected_format(case, layout)
@@ -319,9 +326,9 @@ MODE_CASES = {
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("mode", list(MODE_CASES))
-def test_head_modes(mode, training):
+def test_head_modes(mode, training, fused):
     case, layout = MODE_CASES[mode]
-    check_head(case, F32, layout, training)
+    check_head(case, F32, layout, training, backend=fused)
 
 
 # (case, dtype, layout, training). With batch statistics and batch 1, a 1x1 low branch adds a per-channel
@@ -386,8 +393,8 @@ SHAPE_CASES = [
 
 
 @pytest.mark.parametrize("case, dtype, layout, training", SHAPE_CASES)
-def test_head_shapes(case, dtype, layout, training):
-    check_head(case, dtype, layout, training)
+def test_head_shapes(case, dtype, layout, training, fused):
+    check_head(case, dtype, layout, training, backend=fused)
 
 
 # ------------------------------------------------------------------------------------------ fp16 and bf16
@@ -407,16 +414,16 @@ LOW_CASES = [
 
 
 @pytest.mark.parametrize("case, dtype, layout, training, bn_dtype", LOW_CASES)
-def test_head_low_precision(case, dtype, layout, training, bn_dtype):
+def test_head_low_precision(case, dtype, layout, training, bn_dtype, fused):
     """fp16/bf16 activations and weights, BN parameters and running statistics in the same dtype (a
     `.half()` model) or in fp32 (BN kept fp32 as under autocast or HigherHRNet's network_to_half)."""
-    check_head(case, dtype, layout, training, bn_dtype)
+    check_head(case, dtype, layout, training, bn_dtype, backend=fused)
 
 
 # ------------------------------------------------------------------------------------------------ gradcheck
 
 
-def _gradcheck(case: Case, layout: str, training: bool, seed: int, fast_mode: bool):
+def _gradcheck(case: Case, layout: str, training: bool, seed: int, fast_mode: bool, backend: str = "triton"):
     torch.manual_seed(seed)
     args = _build(case, F64, layout)
     named = _leaves(args)
@@ -429,7 +436,7 @@ def _gradcheck(case: Case, layout: str, training: bool, seed: int, fast_mode: bo
         for name in PARAM_NAMES:
             if args[name] is not None:
                 a[name] = next(rest)
-        return _call(a, case, training)
+        return _call(a, case, training, backend)
 
     assert torch.autograd.gradcheck(fn, tuple(t for _, t in named), fast_mode=fast_mode)
 
@@ -444,8 +451,8 @@ GRADCHECK_FULL = [
 
 
 @pytest.mark.parametrize("case, layout, training", GRADCHECK_FULL)
-def test_gradcheck_full(case, layout, training):
-    _gradcheck(case, layout, training, seed=0, fast_mode=False)
+def test_gradcheck_full(case, layout, training, fused):
+    _gradcheck(case, layout, training, seed=0, fast_mode=False, backend=fused)
 
 
 GRADCHECK_FAST_CASE = Case((2, 3, 3), [(4, 2), (2, 1), (1, 1)], [bil(2), near()], N=2, M=6)
@@ -507,7 +514,7 @@ def test_int64_path_matches_int32(dtype, layout):
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
-def test_deterministic(training, dtype):
+def test_deterministic(training, dtype, fused):
     case = Case(C3, [(5, 4), (3, 2), (2, 2)], [bil(), near()], N=2)
     args = _build(case, dtype, "channels_last" if dtype == BF16 else "nchw")
     named = _leaves(args)
@@ -517,7 +524,7 @@ def test_deterministic(training, dtype):
     for _ in range(2):
         for k, s in zip(("running_mean", "running_var"), stats0):
             args[k].copy_(s)
-        y = _call(args, case, training)
+        y = _call(args, case, training, fused)
         grad_y = torch.randn_like(y) if grad_y is None else grad_y
         grads = torch.autograd.grad(y, [t for _, t in named], grad_y)
         runs.append((y, grads, [args[k].clone() for k in ("running_mean", "running_var")]))

@@ -282,7 +282,7 @@ def patch(model: nn.Module, *, upsample: Optional[str] = None, align_corners: Op
             'bilinear'; openseg: 'bilinear'). Ignored for modules that state it.
         align_corners: with ``upsample='bilinear'``: True/False as in their `F.interpolate` (None means
             False, PyTorch's default).
-        backend: "auto", "triton" or "reference", passed to `hrfast.ops.fuse` at every call.
+        backend: "auto", "triton", "cuda" or "reference", passed to `hrfast.ops.fuse` at every call.
         head: also patch the HRNetV2 concat head (above). With False no head is patched or reported; a head
             patched by an earlier call is restored (an "unpatched" row), as patching again re-applies the
             arguments.

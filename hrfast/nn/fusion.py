@@ -239,7 +239,7 @@ class HRFusion(nn.Module):
         upsample: None, 'nearest' or 'bilinear': the upsampling of the j > i entries that have no upsample
             module (it happens in the original forward). Ignored for entries that have one.
         align_corners: with ``upsample='bilinear'``, F.interpolate's align_corners (None means False).
-        backend: passed to `hrfast.ops.fuse`: "auto", "triton" or "reference".
+        backend: passed to `hrfast.ops.fuse`: "auto", "triton", "cuda" or "reference".
 
     Not scriptable with `torch.jit.script`.
     """

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .._backend import BACKENDS, resolve_backend
+from .._backend import BACKENDS
 from ..ops.head import hrnet_v2_head
 from ..ops.reference import resample_ref
 from ..ops.resample import Resample, as_resample
@@ -67,7 +67,7 @@ class HRNetV2Head(nn.Module):
         resample: how x1..x3 reach x0's size: a `Resample` or mode string (default bilinear,
             align_corners=False, to the exact size; the official segmentation code's `ALIGN_CORNERS` may
             be True).
-        backend: "auto", "triton" or "reference".
+        backend: "auto", "triton", "cuda" or "reference".
     """
 
     def __init__(self, source: nn.Module, layout: str = "sequential", *, resample=None, backend: str = "auto"):
@@ -143,14 +143,6 @@ class HRNetV2Head(nn.Module):
         conv, norm, classifier = self.conv, self.norm, self.classifier
         if not can_fold(norm):
             return self._eager(xs)
-        xs = list(xs)
-        device_type = xs[0].device.type if xs else "cpu"
-        autocast = torch.is_autocast_enabled(device_type)
-        if autocast and resolve_backend(self.backend, xs[0].device) == "triton":
-            # the kernels take one dtype: cast the branches as eager autocast casts the convs' inputs
-            dtype = torch.get_autocast_dtype(device_type)
-            xs = [x.to(dtype) for x in xs]
-            autocast = False  # the reference path below runs under the caller's autocast, as eager does
         bn = norm
         factor = 0.0 if bn.momentum is None else bn.momentum  # _BatchNorm.forward's bookkeeping
         if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
@@ -158,11 +150,11 @@ class HRNetV2Head(nn.Module):
             factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
         use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
         tracked = not bn.training or bn.track_running_stats
-        with torch.autocast(device_type, enabled=autocast):
-            return hrnet_v2_head(xs, conv.weight, conv.bias, bn.running_mean if tracked else None,
-                                 bn.running_var if tracked else None, bn.weight, bn.bias, classifier.weight,
-                                 classifier.bias, training=use_batch_stats, momentum=factor, eps=bn.eps,
-                                 resample=self.resample, backend=self.backend)
+        # under autocast hrnet_v2_head casts the branches as eager autocast casts the convs' inputs
+        return hrnet_v2_head(list(xs), conv.weight, conv.bias, bn.running_mean if tracked else None,
+                             bn.running_var if tracked else None, bn.weight, bn.bias, classifier.weight,
+                             classifier.bias, training=use_batch_stats, momentum=factor, eps=bn.eps,
+                             resample=self.resample, backend=self.backend)
 
     def _eager(self, xs: Sequence[Tensor]) -> Tensor:
         size = tuple(xs[0].shape[2:])

@@ -1,7 +1,7 @@
-"""`python -m hrfast <command>`: demo (the main job for now)."""
+"""`python -m hrfast <command>`: bench (the main job), info, demo."""
 import sys
 
-COMMANDS = {"demo": "hrfast.demo"}
+COMMANDS = {"info": "hrfast.info", "bench": "hrfast.bench", "demo": "hrfast.demo"}
 
 
 def main(argv=None) -> int:

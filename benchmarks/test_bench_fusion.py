@@ -27,7 +27,8 @@ from hrfast.ops.reference import fusion_module_ref
 WIDTH, IMAGE = (4, (32, 64)) if SMOKE else (48, (1024, 2048))
 BATCH = 1
 ROTATE = 1 if SMOKE else 3
-CONTENDERS = ["eager", "compile", "compile-max-autotune", "hrfast"]
+# hrfast: the Triton kernels; hrfast-cuda: the CUDA C++ kernels (csrc/); hrfast-compile: Triton under compile
+CONTENDERS = ["eager", "compile", "compile-max-autotune", "hrfast", "hrfast-cuda", "hrfast-compile"]
 if SMOKE or os.environ.get("HRFAST_BENCH_MAX_AUTOTUNE", "1") == "0":
     CONTENDERS.remove("compile-max-autotune")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -70,8 +71,12 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def _backend(contender: str) -> str:
+    return "cuda" if contender == "hrfast-cuda" else "triton"
+
+
 def _make_contender(name, fn):
-    if name == "eager" or name == "hrfast":
+    if name in ("eager", "hrfast", "hrfast-cuda"):
         return fn
     mode = "max-autotune-no-cudagraphs" if name == "compile-max-autotune" else None
     return torch.compile(fn, mode=mode, dynamic=False)
@@ -112,8 +117,9 @@ def test_fusion_op(benchmark, device, copy_gbps, contender, dtype, mode):
     resample = [None] + [Resample("nearest", scale_factor=2**k) for k in (1, 2, 3)]
     sets = [_op_inputs(device, DTYPES[dtype], train) for _ in range(ROTATE)]
     size = _sizes()[0]
-    if contender == "hrfast":
-        base = lambda xs, s, b: fuse(xs, scales=s, shifts=b, resample=resample, backend="triton")  # noqa: E731
+    if contender.startswith("hrfast"):
+        backend = _backend(contender)
+        base = lambda xs, s, b: fuse(xs, scales=s, shifts=b, resample=resample, backend=backend)  # noqa: E731
     else:
         base = lambda xs, s, b: fuse_ref(xs, s, b, resample, size)  # noqa: E731
     run = _make_contender(contender, base)
@@ -151,9 +157,8 @@ def test_fusion_module(benchmark, device, copy_gbps, contender, dtype, mode):
     layers = build_fuse_layers(_channels(), upsample="nearest")
     randomize_norms(layers)
     layers = layers.to(device=device, dtype=DTYPES[dtype]).train(train)
-    if contender == "hrfast":
-        module = HRFusion(copy.deepcopy(layers), backend="triton")
-        base = module
+    if contender.startswith("hrfast"):
+        base = HRFusion(copy.deepcopy(layers), backend=_backend(contender))
     else:
         base = lambda xs: fusion_module_ref(layers, xs)  # noqa: E731
     run = _make_contender(contender, base)

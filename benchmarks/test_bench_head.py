@@ -17,7 +17,11 @@ from hrfast.ops.reference import resample_ref
 WIDTH, CLASSES = (4, 3) if SMOKE else (48, 19)
 CASES = {"forward": ((16, 32), 1), "train": ((8, 16), 2)} if SMOKE else {"forward": ((256, 512), 1),
                                                                           "train": ((128, 256), 8)}
-CONTENDERS = ["eager", "compile", "hrfast"] if SMOKE else ["eager", "compile", "compile-max-autotune", "hrfast"]
+# hrfast: the Triton head kernels; hrfast-cuda: cuBLAS projections + the CUDA fusion kernels; hrfast-compile:
+# the Triton head under torch.compile
+CONTENDERS = ["eager", "compile", "hrfast", "hrfast-cuda", "hrfast-compile"]
+if not SMOKE:
+    CONTENDERS.insert(2, "compile-max-autotune")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 RESAMPLE = Resample("bilinear", align_corners=False)
 
@@ -42,10 +46,13 @@ def test_head(benchmark, device, contender, dtype, mode):
     train = mode == "train"
     (h, w), batch = CASES[mode]
     channels = [WIDTH * 2**k for k in range(4)]
-    head = HRNetV2Head.from_channels(channels, CLASSES, backend="triton").to(device=device, dtype=DTYPES[dtype])
+    backend = "cuda" if contender == "hrfast-cuda" else "triton"
+    head = HRNetV2Head.from_channels(channels, CLASSES, backend=backend).to(device=device, dtype=DTYPES[dtype])
     head.train(train)
-    if contender == "hrfast":
+    if contender in ("hrfast", "hrfast-cuda"):
         run = head
+    elif contender == "hrfast-compile":
+        run = torch.compile(head, dynamic=False)
     else:
         layers = copy.deepcopy(torch.nn.Sequential(*head.children()))
         base = _eager_head(layers)

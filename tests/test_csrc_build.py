@@ -25,3 +25,37 @@ def test_cuda_extension_compiles_links_and_imports():
 
 def test_host_build_is_not_the_cuda_build():
     assert not build(with_cuda=False).with_cuda
+
+
+def test_cuda_backend_on_cpu_tensors_says_why(monkeypatch):
+    import torch
+
+    from hrfast.ops import fuse
+
+    monkeypatch.setenv("HRFAST_CSRC_ON_CPU", "0")
+    x = torch.randn(1, 2, 3, 3)
+    with pytest.raises(RuntimeError, match=r"backend='cuda' needs CUDA tensors.*HRFAST_CSRC_ON_CPU=1"):
+        fuse([x], backend="cuda")
+
+
+def test_cuda_status_names_the_missing_piece(monkeypatch):
+    import torch
+
+    from hrfast._cuda import cuda_status
+
+    ok, reason = cuda_status()
+    if not torch.cuda.is_available():
+        assert not ok and ("no CUDA GPU" in reason or "CPU-only" in reason), reason
+    monkeypatch.setenv("CUDA_HOME", "/nonexistent")
+    expected = "CPU-only build" if torch.version.cuda is None else "no nvcc found (CUDA_HOME=/nonexistent)"
+    assert expected in toolkit_problem()
+
+
+def test_info_lists_every_backend(capsys):
+    from hrfast.info import main
+
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    for name in ("'triton'", "'cuda'", "'reference'"):
+        assert f"backend {name}" in out
+    assert "backend='auto' on" in out

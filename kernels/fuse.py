@@ -21,12 +21,14 @@ from __future__ import annotations
 import math
 import os
 from contextlib import nullcontext
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from hrfast.ops.fuse import Term  # noqa: F401  (the launchers' argument type)
 
 from .resample import (BILINEAR, NEAREST, SAME, adjoint_weight, bilinear_ratio, first_reader, load_term,  # noqa: F401
                        tile_offsets)
@@ -36,19 +38,6 @@ INT32_LIMIT = 2**31 - 1
 # Tests set this (or HRFAST_POISON=1): every buffer a launcher allocates starts as NaN, so an element a
 # kernel forgets to write fails the comparison instead of passing with stale memory.
 POISON_OUTPUTS = os.environ.get("HRFAST_POISON", "0") == "1"
-
-
-class Term(NamedTuple):
-    """One summand as the launchers take it. `ratio_h`/`ratio_w` are ATen's source-index ratios as exact
-    (num, den) pairs; `mode` is SAME, NEAREST or BILINEAR."""
-
-    x: Tensor
-    scale: Optional[Tensor] = None
-    shift: Optional[Tensor] = None
-    mode: int = SAME
-    align_corners: bool = False
-    ratio_h: Tuple[int, int] = (1, 1)
-    ratio_w: Tuple[int, int] = (1, 1)
 
 
 @triton.jit

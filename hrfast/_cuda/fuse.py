@@ -12,11 +12,12 @@ gradients (dscale, dshift) are per-tile partial sums written by the kernels and 
 from __future__ import annotations
 
 import os
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from ..ops.fuse import Term  # noqa: F401  (the launchers' argument type)
 from .build import load
 
 SAME, NEAREST, BILINEAR = 0, 1, 2  # = csrc/fuse.h Mode, = hrfast.kernels.fuse SAME / NEAREST / BILINEAR
@@ -24,19 +25,6 @@ SAME, NEAREST, BILINEAR = 0, 1, 2  # = csrc/fuse.h Mode, = hrfast.kernels.fuse S
 # Tests set this (or HRFAST_POISON=1): every buffer the extension allocates starts as NaN, so an element a
 # kernel forgets to write fails the comparison instead of passing with stale memory.
 POISON_OUTPUTS = os.environ.get("HRFAST_POISON", "0") == "1"
-
-
-class Term(NamedTuple):
-    """One summand as the launchers take it (the fields of `hrfast.kernels.fuse.Term`). `ratio_h`/`ratio_w`
-    are ATen's source-index ratios as exact (num, den) pairs; `mode` is SAME, NEAREST or BILINEAR."""
-
-    x: Tensor
-    scale: Optional[Tensor] = None
-    shift: Optional[Tensor] = None
-    mode: int = SAME
-    align_corners: bool = False
-    ratio_h: Tuple[int, int] = (1, 1)
-    ratio_w: Tuple[int, int] = (1, 1)
 
 
 def extension(t: Tensor):

@@ -23,6 +23,20 @@ from .resample import Resample, as_resample
 _SAME, _NEAREST, _BILINEAR = 0, 1, 2  # = hrfast.kernels.fuse.SAME / NEAREST / BILINEAR (not imported: lazy triton)
 
 
+class Term(NamedTuple):
+    """One summand as every backend's launchers take it (`hrfast.kernels.fuse`, `hrfast._cuda.fuse`).
+    `ratio_h`/`ratio_w` are ATen's source-index ratios as exact (num, den) pairs; `mode` is SAME (0),
+    NEAREST (1) or BILINEAR (2)."""
+
+    x: Tensor
+    scale: Optional[Tensor] = None
+    shift: Optional[Tensor] = None
+    mode: int = _SAME
+    align_corners: bool = False
+    ratio_h: Tuple[int, int] = (1, 1)
+    ratio_w: Tuple[int, int] = (1, 1)
+
+
 class TermPlan(NamedTuple):
     """What the kernels need to know about one term besides its tensors."""
 

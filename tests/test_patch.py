@@ -202,12 +202,14 @@ def test_timm_report_names_and_table():
         report.count("done")
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-def test_timm_triton_backend(train):
-    """The Triton kernels (through the interpreter without a GPU) on the smallest model and input."""
+def test_timm_fused_backend(train, backend):
+    """The fused kernels on the smallest model and input: Triton (through the interpreter without a GPU) and the
+    CUDA C++ kernels (their element code in host loops without a GPU)."""
     model = _timm("hrnet_w18_small").to(device=TRITON_DEVICE, dtype=torch.float64)
     x = torch.randn(1, 3, 64, 64, dtype=torch.float64, device=TRITON_DEVICE)
-    _check_same_model(model, x, train, dict(backend="triton"), 3, fp32_eval_output=not train)
+    _check_same_model(model, x, train, dict(backend=backend), 3, fp32_eval_output=not train)
 
 
 def test_training_steps():
@@ -434,16 +436,17 @@ def test_layout_matches_unpatched(family, fused_calls):
     assert len(out) == (1 if family in ("pose", "mmpose") else 4)  # multi_scale_output=False in stage 4
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("family, train", [("seg_ocr", False), ("seg_ocr", True), ("face", True), ("mmseg", True)],
                          ids=["seg_ocr-eval", "seg_ocr-train", "face-train", "mmseg-train"])
-def test_layout_triton_backend(family, train, fused_calls):
+def test_layout_fused_backend(family, train, backend, fused_calls):
     """The Triton kernels under the size-based layouts: bilinear with align_corners True (official seg global) and
     False (face) on odd sizes (the general per-pixel path), mmseg on exact sizes. Small inputs: the interpreter is
     slow on bilinear adjoints."""
     model = layouts.build(family).to(device=TRITON_DEVICE, dtype=torch.float64)
     hw = (32, 32) if family == "mmseg" else (21, 19)  # branches 16/8/4/2, or 11x10, 6x5, 3x3, 2x2
     x = torch.randn(1, 3, *hw, dtype=torch.float64, device=TRITON_DEVICE)  # train BN: 4 values per channel at 2x2
-    _check_same_model(model, x, train, dict(backend="triton", **FORWARD_ARGS.get(family, {})), 4,
+    _check_same_model(model, x, train, dict(backend=backend, **FORWARD_ARGS.get(family, {})), 4,
                       fp32_eval_output=not train)
     assert len(fused_calls) == (4 if train else 8)
 

@@ -6,9 +6,8 @@ align_corners=ALIGN_CORNERS)``, where ``ALIGN_CORNERS`` is a **module global** s
 ``config.MODEL.ALIGN_CORNERS`` whenever a model is built (default True; the Cityscapes / LIP / PASCAL-Context
 yamls set False; master and pytorch-v1.1 branches pass none, i.e. False), so building a second model can
 silently change the first. Here ``align_corners`` is a constructor argument kept on the model and on every
-`HighResolutionModule` (attribute ``align_corners``), default False. To patch such a model with
-`hrfast.patch`, pass ``upsample='bilinear', align_corners=model.align_corners`` (there is no
-``ALIGN_CORNERS`` global to read).
+`HighResolutionModule` (attribute ``align_corners``), default False; `hrfast.patch` reads that attribute
+(fusion modules and the head), so no ``upsample=``/``align_corners=`` arguments are needed.
 """
 from __future__ import annotations
 

@@ -136,6 +136,19 @@ def _timm(name: str) -> nn.Module:
     return model
 
 
+def _check_fp32_eval_output(model: nn.Module, state: dict, x: torch.Tensor, expected: dict) -> None:
+    """The (patched, eval) model from `state`, run in float32: every output within FP32_RTOL of the float64
+    `expected` outputs. Leaves `model` in float64."""
+    model.load_state_dict(state)
+    model.float()
+    with torch.no_grad():
+        outs = _as_list(model(x.float()))
+    for i, out in enumerate(outs):
+        assert out.dtype == torch.float32
+        assert_rel_close(out, expected[f"out[{i}]"], FP32_RTOL, f"fp32 out[{i}]")
+    model.double()
+
+
 def _check_same_model(model: nn.Module, x: torch.Tensor, train: bool, patch_kwargs: dict, expected_count: int,
                       grad_seed: int = 0, fp32_eval_output: bool = False) -> PatchReport:
     """`model` (float64) unpatched, then patched, from the same state: every output, parameter gradient and
@@ -155,14 +168,7 @@ def _check_same_model(model: nn.Module, x: torch.Tensor, train: bool, patch_kwar
         assert not torch.equal(actual[f"buffer {name}"], state[name])
     if fp32_eval_output:
         assert not train
-        model.load_state_dict(state)
-        model.float()
-        with torch.no_grad():
-            outs = _as_list(model(x.float()))
-        for i, out in enumerate(outs):
-            assert out.dtype == torch.float32
-            assert_rel_close(out, expected[f"out[{i}]"], FP32_RTOL, f"fp32 out[{i}]")
-        model.double()
+        _check_fp32_eval_output(model, state, x, expected)
     hrfast.unpatch(model)
     model.load_state_dict(state)
     return report

@@ -16,13 +16,14 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import TRITON_DEVICE
-from test_patch import FORWARD_ARGS, _as_list, _compare, _patched_modules, _run, _zero_grad_biases
+from test_patch import (FORWARD_ARGS, _as_list, _check_fp32_eval_output, _compare, _patched_modules, _run,
+                        _zero_grad_biases)
 
 import hrfast
 import hrfast.nn.head as head_module
 from hrfast._patch import HeadConfig
 from hrfast.nn import HRNetV2Head
-from hrfast.testing import FP32_RTOL, assert_rel_close, rel_error
+from hrfast.testing import assert_rel_close, rel_error
 
 FP64_TOL = 1e-10
 ODD = (61, 83)  # stem /4 gives 16x21, then 8x11, 4x6, 2x3: no branch is an exact 2^k multiple of x0
@@ -83,14 +84,7 @@ def _check(model, x, train, kwargs, heads, calls, fp32_eval_output=False, backen
     worst = max(rel_error(actual[k], expected[k]) for k in expected if k.startswith("out"))
     if fp32_eval_output:
         assert not train
-        model.load_state_dict(state)
-        model.float()
-        with torch.no_grad():
-            outs = _as_list(model(x.float()))
-        for i, out in enumerate(outs):
-            assert out.dtype == torch.float32
-            assert_rel_close(out, expected[f"out[{i}]"], FP32_RTOL, f"fp32 out[{i}]")
-        model.double()
+        _check_fp32_eval_output(model, state, x, expected)
     hrfast.unpatch(model)
     model.load_state_dict(state)
     return report, worst

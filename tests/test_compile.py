@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import TRITON_DEVICE
+from test_fusion_module import _timm_eager
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.backends.registry import lookup_backend
 from torch._functorch.aot_autograd import make_boxed_func
@@ -292,19 +293,6 @@ def test_compile_patched_timm_model(timm_model, train):
 # ------------------------------------------------------------------------------------------------- autocast
 
 
-def _timm_fusion(fuse_layers, act):
-    """timm HighResolutionModule.forward after the branches."""
-    def run(xs):
-        outs = []
-        for row in fuse_layers:
-            y = None
-            for j, f in enumerate(row):
-                y = f(xs[j]) if y is None else y + f(xs[j])
-            outs.append(act(y))
-        return outs
-    return run
-
-
 def _low_precision_check(actual: dict, expected: dict, pytorch_low: dict) -> None:
     assert actual.keys() == expected.keys() == pytorch_low.keys()
     for name, exp in expected.items():
@@ -334,15 +322,15 @@ def test_autocast_hrfusion(timm_model, compiled):
     xs = _branch_inputs(hr, FUSION_SIZES)
     ref, low = copy.deepcopy(base).double(), copy.deepcopy(base)
     with torch.no_grad():
-        pre64 = _timm_fusion(copy.deepcopy(ref), nn.Identity())([x.double() for x in xs])
+        pre64 = _timm_eager(copy.deepcopy(ref), nn.Identity())([x.double() for x in xs])
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            pre_low = _timm_fusion(copy.deepcopy(low), nn.Identity())(xs)
+            pre_low = _timm_eager(copy.deepcopy(low), nn.Identity())(xs)
     keep = [p.abs() > 4 * (q.double() - p).abs().max() for p, q in zip(pre64, pre_low)]
-    expected = _run(_masked(_timm_fusion(ref, nn.ReLU()), keep), ref, [x.double() for x in xs], seed=4)
+    expected = _run(_masked(_timm_eager(ref, nn.ReLU()), keep), ref, [x.double() for x in xs], seed=4)
     fast = HRFusion(copy.deepcopy(base), backend="triton")
     forward = _compiled(fast, "aot_eager")[0] if compiled else fast
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        pytorch_low = _run(_masked(_timm_fusion(low, nn.ReLU()), keep), low, xs, seed=4)
+        pytorch_low = _run(_masked(_timm_eager(low, nn.ReLU()), keep), low, xs, seed=4)
         actual = _run(_masked(forward, keep), fast.fuse_layers, xs, seed=4)
     assert all(actual[f"out[{i}]"].dtype == torch.float32 for i in range(3))
     _low_precision_check(actual, expected, pytorch_low)

@@ -318,14 +318,11 @@ def test_deepcopy_and_pickle_stay_patched():
         assert len(_patched_modules(model)) == 3
 
 
-def test_to_dtype_and_mode_switching():
-    """Patched before .to(float64) and train()/eval() switches; BN in train mode updates the same statistics."""
-    model = _timm("hrnet_w18_small")
-    hrfast.patch(model, backend="reference")
-    model = model.to(torch.float64)
+def check_mode_switching(model: nn.Module, x: torch.Tensor) -> None:
+    """A patched float64 `model` against an unpatched copy over train/eval switches: equal outputs, and
+    running statistics that evolve identically."""
     ref = copy.deepcopy(model)
     hrfast.unpatch(ref)
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     for train in (True, False, True, False):
         model.train(train), ref.train(train)
         with torch.no_grad():
@@ -335,6 +332,14 @@ def test_to_dtype_and_mode_switching():
     for (n, a), (_, b) in zip(model.named_buffers(), ref.named_buffers()):
         assert a.dtype == b.dtype and (torch.equal(a, b) if not a.is_floating_point()
                                        else rel_error(a, b) <= FP64_TOL), n
+
+
+def test_to_dtype_and_mode_switching():
+    """Patched before .to(float64) and train()/eval() switches; BN in train mode updates the same statistics."""
+    model = _timm("hrnet_w18_small")
+    hrfast.patch(model, backend="reference")
+    model = model.to(torch.float64)
+    check_mode_switching(model, torch.randn(2, 3, 64, 64, dtype=torch.float64))
 
 
 def test_autocast_bf16():

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from conftest import TRITON_DEVICE
 from test_patch import (FORWARD_ARGS, _as_list, _check_fp32_eval_output, _compare, _patched_modules, _run,
-                        _zero_grad_biases)
+                        _zero_grad_biases, check_mode_switching)
 
 import hrfast
 import hrfast.nn.head as head_module
@@ -263,18 +263,7 @@ def test_to_dtype_and_mode_switching(head_calls):
     model = layouts.build_net("seg_ocr")
     hrfast.patch(model, backend="reference")
     model = model.to(torch.float64)
-    ref = copy.deepcopy(model)
-    hrfast.unpatch(ref)
-    x = torch.randn(2, 3, *ODD, dtype=torch.float64)
-    for train in (True, False, True, False):
-        model.train(train), ref.train(train)
-        with torch.no_grad():
-            out, expected = model(x), ref(x)
-        assert out.dtype == torch.float64
-        assert_rel_close(out, expected, FP64_TOL, f"train={train}")
-    for (n, a), (_, b) in zip(model.named_buffers(), ref.named_buffers()):
-        assert a.dtype == b.dtype and (torch.equal(a, b) if not a.is_floating_point()
-                                       else rel_error(a, b) <= FP64_TOL), n
+    check_mode_switching(model, torch.randn(2, 3, *ODD, dtype=torch.float64))
     assert head_calls["op"] == 4
 
 

@@ -3,13 +3,15 @@
 Importing hrfast imports neither triton nor anything that queries CUDA; kernels load on first use.
 """
 from . import ops
+from ._autotune import choices as backend_choices
 from ._backend import BACKENDS
 from .ops import Resample
 from ._patch import PatchReport, patch, unpatch
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "nn", "Resample", "BACKENDS", "patch", "unpatch", "PatchReport", "__version__"]
+__all__ = ["ops", "nn", "Resample", "BACKENDS", "patch", "unpatch", "PatchReport", "backend_choices",
+           "__version__"]
 
 
 def __getattr__(name):

@@ -1,10 +1,11 @@
 """Which implementation runs an op: `backend="auto" | "triton" | "cuda" | "reference"`.
 
-An explicit request that cannot run raises and says why. "auto" picks Triton for CUDA tensors when Triton
-is importable and the reference otherwise, warning once when a CUDA tensor falls back. "auto" never picks
-the CUDA C++ backend: it is chosen only on request until a GPU benchmark shows it faster than Triton on
-the shapes of benchmarks/ (none has been run yet; see benchmarks/results/). No CUDA query, compilation or
-Triton import happens at import time.
+An explicit request that cannot run raises and says why. `resolve_backend` is the static rule: "auto" is
+Triton for CUDA tensors when Triton is importable and the reference otherwise (warning once when a CUDA
+tensor falls back). In eager mode the ops refine "auto" for CUDA tensors by measurement (`hrfast._autotune`):
+the fastest of Triton, the CUDA extension (only when already built: "auto" never compiles it) and the
+PyTorch reference, per call signature; the static rule applies under torch.compile and with
+HRFAST_AUTO_MEASURE=0. No CUDA query, compilation or Triton import happens at import time.
 """
 from __future__ import annotations
 

@@ -550,6 +550,12 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     env = _environment(device)
     resolved = resolve_backend(args.backend, device)
+    from . import _autotune
+
+    if args.backend == "auto" and _autotune.measuring_enabled(device):  # eager hrfast measures per call signature
+        described = f"the fastest measured per call signature (static rule {resolved!r}: under compile)"
+    else:
+        described = repr(resolved)
     if on_gpu:
         torch.backends.cudnn.benchmark = True  # as the official HRNet scripts set it; warm-up calls absorb the search
     env["cudnn_benchmark"] = bool(on_gpu)
@@ -598,7 +604,7 @@ def main(argv=None) -> int:
     report = hrfast.patch(probe, backend=args.backend)
     del probe
     log(f"  {params / 1e6:.2f}M parameters; {report.summary()} (fusion: {report.count('patched', 'fusion')}, "
-        f"head: {report.count('patched', 'head')}); hrfast backend {args.backend!r} -> {resolved!r}")
+        f"head: {report.count('patched', 'head')}); hrfast backend {args.backend!r} -> {described}")
     for row in report.skipped:
         log(f"    skipped {row.name or '(model)'} ({row.kind}): {row.detail}")
     log(f"  (setup {time.perf_counter() - t0:.1f} s)")
@@ -611,8 +617,11 @@ def main(argv=None) -> int:
         results += case.run(k, len(cases))
     wall = time.perf_counter() - wall0
 
+    auto_choices = _auto_choices()
     log()
     log(_table(results, on_gpu))
+    if auto_choices:
+        log("  backend='auto' measured " + _auto_summary(auto_choices))
     if not on_gpu:
         log("  peak MiB: n/a on CPU (CUDA's allocator statistics only)")
     else:
@@ -637,7 +646,7 @@ def main(argv=None) -> int:
               "backend": args.backend, "backend_resolved": resolved, "contenders": list(contenders),
               "shapes": {m: {"size": list(s), "batch": b} for m, (s, b) in shapes.items()}, "macs": macs,
               "patch_report": [r.__dict__ for r in report.rows], "notes": notes, "results": results,
-              "ok": ok, "wall_s": wall}
+              "auto_choices": auto_choices, "ok": ok, "wall_s": wall}
     with open(stem + ".json", "w") as f:
         json.dump(record, f, indent=1, default=_json_default)
     log(f"  wrote {stem}.json")
@@ -647,6 +656,25 @@ def main(argv=None) -> int:
     if failed:
         log(f"  {len(failed)} contender run(s) failed; see the table")
     return 0 if ok and not failed else 1
+
+
+def _auto_choices() -> List[dict]:
+    """What backend='auto' measured and chose during the run (hrfast._autotune), per op call signature."""
+    from . import _autotune
+
+    return [{"op": c.op, "backend": c.backend, "median_ms": c.median_ms, "signature": repr(c.signature)}
+            for c in _autotune.choices()]
+
+
+def _auto_summary(choices: List[dict]) -> str:
+    """e.g. "10 call signatures: fuse -> triton 7, reference 2; head -> triton 1"."""
+    per_op: Dict[str, Dict[str, int]] = {}
+    for c in choices:
+        counts = per_op.setdefault(c["op"], {})
+        counts[c["backend"]] = counts.get(c["backend"], 0) + 1
+    parts = [f"{op} -> " + ", ".join(f"{b} {n}" for b, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+             for op, counts in per_op.items()]
+    return f"{len(choices)} call signature(s): " + "; ".join(parts)
 
 
 def _json_default(obj):

@@ -55,6 +55,19 @@ def backend_rows() -> List[Tuple[str, bool, str]]:
     return rows
 
 
+def _auto_rule(device, static: str) -> str:
+    """What backend='auto' does for tensors on `device` (see hrfast._autotune)."""
+    from . import _autotune
+
+    if not _autotune.measuring_enabled(device):
+        return static
+    names = _autotune.candidates(device)
+    if len(names) == 1:
+        return names[0]
+    return (f"the fastest of {', '.join(names)}, measured on the first call with each signature "
+            f"({static} under torch.compile or with HRFAST_AUTO_MEASURE=0)")
+
+
 def _parse(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m hrfast info", description=__doc__.splitlines()[0])
     p.add_argument("--build", action="store_true",
@@ -74,7 +87,7 @@ def main(argv=None) -> int:
     for name, usable, reason in backend_rows():
         print(f"backend {name!r:<12} {'yes' if usable else 'no ':<4} {reason}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"\nbackend='auto' on {device.type} tensors runs: {resolve_backend('auto', device)}")
+    print(f"\nbackend='auto' on {device.type} tensors runs: {_auto_rule(device, resolve_backend('auto', device))}")
     if args.build:
         from ._cuda.build import BuildError, build, toolkit_problem
 

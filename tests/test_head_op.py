@@ -624,6 +624,7 @@ ERROR_CASES = [
     (lambda: _head(xs=[_x(), _x(C=6, H=2, W=2, device="meta")]), ValueError, r"xs\[1\] is on meta"),
     (lambda: _head(xs=[_x(), _x(C=6, H=5, W=2)]), ValueError, r"xs\[1\] is \(5, 2\), larger than xs\[0\] \(4, 4\)"),
     (lambda: _head(xs=[_x(), _x(C=6, H=2, W=5)]), ValueError, r"xs\[1\] is \(2, 5\), larger than xs\[0\]"),
+    (lambda: _head(xs=[_x(), _x(C=6, H=0, W=2)]), ValueError, r"xs\[1\] has an empty spatial size \(0, 2\)"),
     (lambda: _head(xs=[torch.empty(65536, 4, 1, 1, device="meta")], cw=_w(C=4, device="meta"), cb="none",
                    rm="none", rv="none", bw="none", bb="none", kw=_w(M=3, C=8, device="meta"), kb="none"),
      ValueError, r"batch 65536.*at most 65535"),

@@ -16,6 +16,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .. import _autotune
 from .._backend import resolve_backend
 from .reference import fuse_ref
 from .resample import Resample, as_resample
@@ -256,8 +257,10 @@ def fuse(
             `F.interpolate`'s exact semantics.
         size: the output (H, W); needed only when every term is resampled.
         relu: apply ReLU to the sum (HRNet always does).
-        backend: "auto" (Triton for CUDA tensors, else the PyTorch reference), "triton", "cuda" (the CUDA C++
-            extension, compiled on first use) or "reference".
+        backend: "auto" (for CUDA tensors the fastest of Triton, the CUDA extension if built and the PyTorch
+            reference, measured on the first call with each signature, see `hrfast._autotune`; for CPU
+            tensors the reference), "triton", "cuda" (the CUDA C++ extension, compiled on first use) or
+            "reference".
 
     Returns:
         y [N, C, H, W] in the inputs' dtype, channels_last when the first output-size input is.
@@ -272,9 +275,11 @@ def fuse(
     if not isinstance(relu, bool):
         raise TypeError(f"relu must be a bool, got {type(relu).__name__}")
     impl = _resolve_backend(backend, inputs[0].device)
+    plans = tuple(_term_plan(r, x.shape[2:], size) for x, r in zip(inputs, resamples))
+    if _autotune.applies(backend, inputs[0].device) and inputs[0].numel() > 0:
+        impl = _measured_backend(inputs, scales, shifts, resamples, plans, size, relu, impl)
     if impl == "reference" or inputs[0].numel() == 0:
         return fuse_ref(inputs, scales, shifts, resamples, size, relu)
-    plans = tuple(_term_plan(r, x.shape[2:], size) for x, r in zip(inputs, resamples))
     same_size = [x for x, p in zip(inputs, plans) if p.mode == _SAME]
     layout_ref = same_size[0] if same_size else inputs[0]
     channels_last = layout_ref.dim() == 4 and layout_ref.shape[1] > 1 and layout_ref.stride(1) == 1
@@ -284,6 +289,20 @@ def fuse(
         [b.contiguous() for b in shifts if b is not None], [s is not None for s in scales],
         [b is not None for b in shifts], [p.mode for p in plans], [p.align_corners for p in plans],
         [r for p in plans for r in (*p.ratio_h, *p.ratio_w)], [size[0], size[1]], relu, channels_last, impl)
+
+
+def _measured_backend(inputs, scales, shifts, resamples, plans, size, relu, static: str) -> str:
+    """backend='auto': the fastest backend for this call's signature (see hrfast._autotune)."""
+    sig = _autotune.tensor_signature
+    signature = (tuple(sig(x) for x in inputs), tuple(sig(s) for s in scales), tuple(sig(b) for b in shifts),
+                 plans, size, relu, torch.is_grad_enabled())
+
+    def run(name: str) -> None:
+        xs_, scales_, shifts_ = ([_autotune.detached_like(t) for t in ts] for ts in (inputs, scales, shifts))
+        y = fuse(xs_, scales=scales_, shifts=shifts_, resample=resamples, size=size, relu=relu, backend=name)
+        _autotune.forward_backward(y, xs_ + scales_ + shifts_)
+
+    return _autotune.choose("fuse", signature, inputs[0].device, static, run)
 
 
 # --------------------------------------------------------------------------------------------- validation

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import _autotune
 from ._head_composed import head_by_fusion
 from .fuse import _SAME, _no_grads, _resolve_backend, _term_plan, _unaliased
 from .reference import head_ref
@@ -217,7 +218,9 @@ def hrnet_v2_head(
         cls_weight, cls_bias: the 1x1 classifier [K, M, 1, 1] and [K] or None.
         resample: how xs[1:] are upsampled to xs[0]'s size: a `Resample` or mode string for all of them, or a
             list with one entry per low branch. Default: bilinear, align_corners=False, to the exact size.
-        backend: "auto", "triton", "cuda" or "reference".
+        backend: "auto" (for CUDA tensors the fastest of Triton, the CUDA extension if built and the PyTorch
+            reference, measured on the first call with each signature, see `hrfast._autotune`; for CPU
+            tensors the reference), "triton", "cuda" or "reference".
 
     Returns:
         logits [N, K, H_0, W_0] in the inputs' dtype (the autocast dtype under autocast, see below).
@@ -234,6 +237,10 @@ def hrnet_v2_head(
     _validate_bn(bn, conv_weight.shape[0], training, xs[0].device)
     impl = _resolve_backend(backend, xs[0].device)
     use_batch_stats = training or (running_mean is None and running_var is None)  # as F.batch_norm's callers do
+    count = xs[0].shape[0] * xs[0].shape[2] * xs[0].shape[3]
+    if _autotune.applies(backend, xs[0].device) and count > 1 and xs[0].shape[1] > 0:
+        impl = _measured_backend(xs, conv_weight, conv_bias, bn, cls_weight, cls_bias, training, momentum, eps,
+                                 resamples, impl)
     if impl == "reference" or xs[0].numel() == 0:
         return head_ref(xs, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, cls_weight,
                         cls_bias, [None] + resamples, use_batch_stats, momentum, eps)
@@ -243,7 +250,6 @@ def hrnet_v2_head(
             return hrnet_v2_head([x.to(cast) for x in xs], conv_weight, conv_bias, running_mean, running_var,
                                  bn_weight, bn_bias, cls_weight, cls_bias, training=training, momentum=momentum,
                                  eps=eps, resample=resamples, backend=impl)
-    count = xs[0].shape[0] * xs[0].shape[2] * xs[0].shape[3]
     if use_batch_stats and count <= 1:  # F.batch_norm's _verify_batch_size, before any kernel runs
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                          f"{[xs[0].shape[0], conv_weight.shape[0], *xs[0].shape[2:]]}")
@@ -285,6 +291,28 @@ def hrnet_v2_head(
     return logits
 
 
+def _measured_backend(xs, conv_weight, conv_bias, bn, cls_weight, cls_bias, training, momentum, eps, resamples,
+                      static: str) -> str:
+    """backend='auto': the fastest backend for this call's signature (see hrfast._autotune). The measurement
+    runs on clones of the running statistics, so the caller's buffers are updated once, by the real call."""
+    sig = _autotune.tensor_signature
+    device_type = xs[0].device.type
+    autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    params = (conv_weight, conv_bias, *bn, cls_weight, cls_bias)
+    signature = (tuple(sig(x) for x in xs), tuple(sig(p) for p in params), tuple(resamples), training, autocast,
+                 torch.is_grad_enabled())
+
+    def run(name: str) -> None:
+        xs_ = [_autotune.detached_like(x) for x in xs]
+        cw, cb, rm, rv, bw, bb, kw, kb = (_autotune.detached_like(p) for p in params)
+        rm, rv = (t.clone() if t is not None else None for t in (rm, rv))
+        out = hrnet_v2_head(xs_, cw, cb, rm, rv, bw, bb, kw, kb, training=training, momentum=momentum, eps=eps,
+                            resample=resamples, backend=name)
+        _autotune.forward_backward(out, xs_ + [cw, cb, bw, bb, kw, kb])
+
+    return _autotune.choose("head", signature, xs[0].device, static, run)
+
+
 def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     """The dtype autocast gives a conv of x here, or None when autocast is off for x's device (or x is fp64,
     which autocast leaves alone)."""
@@ -323,6 +351,9 @@ def _validate(xs, conv_weight, conv_bias, cls_weight, cls_bias, resample):
         if j and (x.shape[2] > xs[0].shape[2] or x.shape[3] > xs[0].shape[3]):
             raise ValueError(f"xs[{j}] is {tuple(x.shape[2:])}, larger than xs[0] {tuple(xs[0].shape[2:])}: "
                              "x0 must be the highest-resolution branch")
+        if j and min(x.shape[2:]) == 0 and min(xs[0].shape[2:]) > 0:
+            raise ValueError(f"xs[{j}] has an empty spatial size {tuple(x.shape[2:])}; it cannot be upsampled to "
+                             f"xs[0]'s {tuple(xs[0].shape[2:])}")
     if xs[0].shape[0] > 65535:
         raise ValueError(f"xs have batch {xs[0].shape[0]}; the fused head supports at most 65535 images per call")
     for name, w, expect_in in (("conv_weight", conv_weight, sum(x.shape[1] for x in xs)),

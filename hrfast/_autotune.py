@@ -1,0 +1,196 @@
+"""`backend="auto"` on CUDA tensors: the fastest implementation, measured once per call signature.
+
+The first call of an op with a new signature (shapes, strides, dtypes, resampling plan, which inputs need
+gradients, ...) runs every candidate that can run here without compiling anything new: the Triton kernels,
+the CUDA C++ extension when it is already built (ahead of time as `hrfast._C`, or by an earlier JIT build in
+the cache), and the PyTorch reference, i.e. the eager computation that the op replaces. Each is timed
+(forward, plus backward when a gradient is needed), interleaved and repeated, and the one with the smallest
+median wins; the choice is kept in a per-process table (`choices()`) and logged on the "hrfast" logger. So
+`auto` never keeps running something that measured slower than eager PyTorch on this GPU, for these shapes.
+
+No measurement happens (the static rule of `hrfast._backend.resolve_backend` applies: Triton when importable)
+- while torch.compile traces (the compiled graph fixes the backend),
+- while a CUDA graph is being captured (a choice measured earlier for the signature is used),
+- with HRFAST_AUTO_MEASURE=0 (for reproducible numerics from run to run, or to avoid the first-call cost).
+
+The measurement runs the op on detached copies of the inputs (running statistics are cloned: nothing the
+caller holds is modified, and no random numbers are drawn). A candidate that raises is skipped with a warning.
+Backends differ only in rounding, but the choice may differ between runs and machines; pass an explicit
+backend for bitwise reproducibility.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import threading
+import time
+import warnings
+from typing import Callable, Dict, Hashable, List, NamedTuple, Optional, Sequence
+
+import torch
+
+log = logging.getLogger("hrfast")
+
+# tests set this to measure on CPU tensors too, among the Triton interpreter, the csrc host path and the
+# reference (slow test vehicles: on CPU, `auto` otherwise always runs the reference)
+measure_on_cpu = False
+
+# repetitions per candidate: at least MIN_REPS, then more while under BUDGET_S of measuring in all
+MIN_REPS, MAX_REPS, BUDGET_S = 3, 15, 0.25
+
+
+class Choice(NamedTuple):
+    op: str
+    signature: Hashable
+    backend: str
+    median_ms: Dict[str, float]  # per candidate that ran; a skipped one is absent
+
+
+_TABLE: Dict[tuple, Choice] = {}
+_LOCK = threading.RLock()
+
+
+def choices() -> List[Choice]:
+    """The choices `backend="auto"` made in this process, in the order they were measured."""
+    with _LOCK:
+        return list(_TABLE.values())
+
+
+def clear() -> None:
+    """Forget every choice: the next call of each signature measures again."""
+    with _LOCK:
+        _TABLE.clear()
+
+
+def measuring_enabled(device: torch.device) -> bool:
+    """Whether `auto` measures for tensors on `device` now (see the module notes)."""
+    if os.environ.get("HRFAST_AUTO_MEASURE", "1") == "0":
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and measure_on_cpu
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def candidates(device: torch.device) -> List[str]:
+    """The concrete backends `auto` may run on `device` without compiling anything new, fastest-first by
+    expectation (ties go to the earlier one)."""
+    from ._backend import triton_interpreter_enabled, triton_status
+    from ._cuda import host_path_enabled
+
+    out = []
+    if triton_status()[0] and (device.type == "cuda" or triton_interpreter_enabled()):
+        out.append("triton")
+    if (device.type == "cuda" or host_path_enabled()) and cuda_extension_built(device.type == "cuda"):
+        out.append("cuda")
+    out.append("reference")
+    return out
+
+
+def cuda_extension_built(with_cuda: bool) -> bool:
+    """The extension can be loaded without compiling: hrfast._C, or a finished JIT build in the cache."""
+    from ._cuda import build, cuda_status
+
+    if with_cuda and not cuda_status()[0]:
+        return False
+    if build._precompiled() is not None:
+        return True
+    try:
+        folder = build.build_dir(with_cuda)
+    except OSError:
+        return False
+    return (folder / f"{build.extension_name(with_cuda)}.so").exists()
+
+
+def applies(backend: str, device: torch.device) -> bool:
+    """Whether a call with this `backend` argument goes through `choose`. The ops check this first: under
+    torch.compile it is False at trace time (so nothing below is traced)."""
+    return backend == "auto" and not torch.compiler.is_compiling() and measuring_enabled(device)
+
+
+def choose(op: str, signature: Hashable, device: torch.device, static: str,
+           run: Callable[[str], None]) -> str:
+    """The backend for one call of `op` with this `signature` on `device` (when `applies`): from the table,
+    else measured now by calling `run(backend)` (one forward, and backward when needed, on copies of the
+    inputs) for each candidate; `static` (the static rule's answer) during a CUDA graph capture."""
+    key = (op, device.type, device.index if device.type == "cuda" else None, signature)
+    with _LOCK:
+        known = _TABLE.get(key)
+        if known is not None:
+            return known.backend
+        if _capturing(device):
+            return static
+        names = candidates(device)
+        if len(names) == 1:
+            return names[0]
+        medians = _measure(names, run, device, op)
+        if not medians:  # every candidate raised: the real call will say why
+            return static
+        best = min(medians, key=lambda name: (medians[name], names.index(name)))
+        _TABLE[key] = Choice(op, signature, best, medians)
+    log.info("hrfast: backend='auto' chose %s for %s %s (median ms: %s)", best, op, _brief(signature),
+             ", ".join(f"{name} {ms:.3f}" for name, ms in medians.items()))
+    return best
+
+
+def _measure(names: Sequence[str], run: Callable[[str], None], device: torch.device, op: str) -> Dict[str, float]:
+    """Median wall time per candidate (synchronised), round-robin so that drift hits all alike."""
+    alive = []
+    for name in names:  # warm-up: compiles Triton kernels, loads the extension, fills the allocator's cache
+        try:
+            run(name)
+            _sync(device)
+            alive.append(name)
+        except Exception as exc:  # an OOM or a kernel that cannot take these shapes: not a reason to fail
+            warnings.warn(f"hrfast: backend='auto' skips {name} for {op}: {type(exc).__name__}: {exc}",
+                          RuntimeWarning, stacklevel=4)
+    times: Dict[str, List[float]] = {name: [] for name in alive}
+    spent, reps = 0.0, 0
+    while alive and reps < MAX_REPS and (reps < MIN_REPS or spent < BUDGET_S):
+        for name in alive:
+            start = time.perf_counter()
+            run(name)
+            _sync(device)
+            elapsed = time.perf_counter() - start
+            times[name].append(elapsed)
+            spent += elapsed
+        reps += 1
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _brief(signature) -> str:
+    text = repr(signature)
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def tensor_signature(t: Optional[torch.Tensor]) -> Hashable:
+    """What of a tensor can change an implementation's speed: shape, strides, dtype, whether it needs a grad."""
+    if t is None:
+        return None
+    return (tuple(t.shape), tuple(t.stride()), str(t.dtype).replace("torch.", ""), t.requires_grad)
+
+
+def detached_like(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A detached alias of `t` that needs a gradient iff `t` does (for a measurement's own graph)."""
+    if t is None:
+        return None
+    return t.detach().requires_grad_(t.requires_grad and t.is_floating_point())
+
+
+def forward_backward(out: torch.Tensor, leaves: Sequence[Optional[torch.Tensor]]) -> None:
+    """The backward of a measurement run, when grad mode is on and some leaf needs a gradient."""
+    wanted = [t for t in leaves if t is not None and t.requires_grad]
+    if wanted and torch.is_grad_enabled() and out.requires_grad:
+        torch.autograd.grad(out, wanted, torch.ones_like(out))

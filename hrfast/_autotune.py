@@ -9,7 +9,7 @@ median wins; the choice is kept in a per-process table (`choices()`) and logged 
 `auto` never keeps running something that measured slower than eager PyTorch on this GPU, for these shapes.
 
 No measurement happens (the static rule of `hrfast._backend.resolve_backend` applies: Triton when importable)
-- while torch.compile traces (the compiled graph fixes the backend),
+- while torch.compile, torch.export or torch.jit.trace traces (the traced graph fixes the backend),
 - while a CUDA graph is being captured (a choice measured earlier for the signature is used),
 - with HRFAST_AUTO_MEASURE=0 (for reproducible numerics from run to run, or to avoid the first-call cost).
 
@@ -109,7 +109,8 @@ def cuda_extension_built(with_cuda: bool) -> bool:
 def applies(backend: str, device: torch.device) -> bool:
     """Whether a call with this `backend` argument goes through `choose`. The ops check this first: under
     torch.compile it is False at trace time (so nothing below is traced)."""
-    return backend == "auto" and not torch.compiler.is_compiling() and measuring_enabled(device)
+    return (backend == "auto" and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and measuring_enabled(device))
 
 
 def choose(op: str, signature: Hashable, device: torch.device, static: str,

@@ -21,7 +21,10 @@ def _cuda_extension():
     here = os.path.dirname(os.path.abspath(__file__))
     sources = sorted(glob.glob(os.path.join(here, "csrc", "*.cpp")) + glob.glob(os.path.join(here, "csrc", "*.cu")))
     flags = ["-O3", "-DHRFAST_WITH_CUDA"]  # the JIT build's flags (hrfast/_cuda/build.py compile_flags)
+    # the headers as `depends`: setuptools skips an extension whose sources and depends are older than it
+    headers = sorted(glob.glob(os.path.join(here, "csrc", "*.h")))
     ext = CUDAExtension("hrfast._C", [os.path.relpath(s, here) for s in sources],
+                        depends=[os.path.relpath(h, here) for h in headers],
                         extra_compile_args={"cxx": flags, "nvcc": flags + ["--expt-relaxed-constexpr", "-lineinfo"]})
     return [ext], {"build_ext": BuildExtension}
 

@@ -14,7 +14,7 @@ HAS_CUDA = torch.cuda.is_available()
 SMOKE = not HAS_CUDA and os.environ.get("HRFAST_BENCH_SMOKE") == "1"
 if SMOKE:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    os.environ.setdefault("HRFAST_CSRC_ON_CPU", "1")  # backend="cuda": the kernels' element code on CPU
+    os.environ.setdefault("HRFAST_CSRC_ON_CPU", "1")  # backend="cuda": the kernels on CPU (emulated grid)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,6 +1,7 @@
 // pybind11 binding of hrfast's fusion kernels: argument checks, output allocation, the per-channel
-// reductions, and dispatch on the tensors' device (CPU: the host loops of fuse_cpu.cpp; CUDA: the kernels of
-// fuse_cuda.cu, present only in the build compiled with -DHRFAST_WITH_CUDA).
+// reductions, and dispatch on the tensors' device (CPU: the kernels through the host build's emulation of
+// the CUDA grid, fuse_cpu.cpp, a test vehicle; CUDA: the kernels on the GPU, fuse_cuda.cu, present only in
+// the build compiled with -DHRFAST_WITH_CUDA).
 //
 // Terms are given as parallel lists: xs, scales, shifts (None allowed), modes (0 same size, 1 nearest,
 // 2 bilinear), align_corners, and ratios = [h_num, h_den, w_num, w_den] per term (ATen's exact source-index
@@ -141,7 +142,7 @@ std::vector<TermSpec> check_terms(const std::vector<at::Tensor>& xs, const std::
 
 [[noreturn]] void no_cuda() {
   TORCH_CHECK(false, "hrfast fuse: CUDA tensors need the CUDA build of the extension; this one was built without "
-              "CUDA (host loops only)");
+              "CUDA (CPU tensors only, through its emulation of the CUDA grid)");
   throw;  // unreachable
 }
 

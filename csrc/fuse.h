@@ -1,5 +1,5 @@
-// Per-element math of hrfast's fusion op, shared by the CUDA kernels (fuse_cuda.cu) and the host loops
-// (fuse_cpu.cpp) that test the same code on CPU tensors.
+// Per-element math of hrfast's fusion op, used by the kernels of fuse_kernels.h, which run on a GPU
+// (fuse_cuda.cu) and in the host build's emulation of the grid on CPU tensors (fuse_cpu.cpp).
 //
 //     y = ReLU( sum_k Up_k(x_k) * scale_k + shift_k )
 //
@@ -32,6 +32,23 @@ enum Mode : int32_t { SAME = 0, NEAREST = 1, BILINEAR = 2 };
 
 template <typename T>
 HRFAST_INLINE T min_(T a, T b) { return b < a ? b : a; }
+
+// A load of data that no thread of the kernel writes (inputs, scales, shifts, grad_y, y): through the
+// read-only data cache on a GPU (ld.global.nc, what `const __restrict__` kernel parameters let the compiler
+// choose; the kernels take their arguments in one struct, whose members it cannot take as restrict), a plain
+// load on the host. Never for the forward's chained partial sum, which the same launch rewrites.
+template <typename T>
+HRFAST_INLINE T load_ro(const T* p) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(T) == 2) {  // c10::Half, c10::BFloat16: load the bits
+    return T(__ldg(reinterpret_cast<const unsigned short*>(p)), T::from_bits());
+  } else {
+    return __ldg(p);
+  }
+#else
+  return *p;
+#endif
+}
 template <typename T>
 HRFAST_INLINE T max_(T a, T b) { return a < b ? b : a; }
 
@@ -95,25 +112,25 @@ HRFAST_INLINE acc_t load_term(const TermView<scalar_t, acc_t>& t, int64_t n, int
   const int64_t base = n * t.sn + c * t.sc;
   acc_t v;
   if (t.mode == SAME) {
-    v = static_cast<acc_t>(t.x[base + oy * t.sh + ox * t.sw]);
+    v = static_cast<acc_t>(load_ro(t.x + base + oy * t.sh + ox * t.sw));
   } else if (t.mode == NEAREST) {
     const int64_t iy = nearest_source(oy, t.r32_h, t.h);
     const int64_t ix = nearest_source(ox, t.r32_w, t.w);
-    v = static_cast<acc_t>(t.x[base + iy * t.sh + ix * t.sw]);
+    v = static_cast<acc_t>(load_ro(t.x + base + iy * t.sh + ix * t.sw));
   } else {
     int64_t y0, y1, x0, x1;
     acc_t ly0, ly1, lx0, lx1;
     linear_source<acc_t>(oy, t.r_h, t.h, t.align != 0, y0, y1, ly0, ly1);
     linear_source<acc_t>(ox, t.r_w, t.w, t.align != 0, x0, x1, lx0, lx1);
-    const acc_t v00 = static_cast<acc_t>(t.x[base + y0 * t.sh + x0 * t.sw]);
-    const acc_t v01 = static_cast<acc_t>(t.x[base + y0 * t.sh + x1 * t.sw]);
-    const acc_t v10 = static_cast<acc_t>(t.x[base + y1 * t.sh + x0 * t.sw]);
-    const acc_t v11 = static_cast<acc_t>(t.x[base + y1 * t.sh + x1 * t.sw]);
+    const acc_t v00 = static_cast<acc_t>(load_ro(t.x + base + y0 * t.sh + x0 * t.sw));
+    const acc_t v01 = static_cast<acc_t>(load_ro(t.x + base + y0 * t.sh + x1 * t.sw));
+    const acc_t v10 = static_cast<acc_t>(load_ro(t.x + base + y1 * t.sh + x0 * t.sw));
+    const acc_t v11 = static_cast<acc_t>(load_ro(t.x + base + y1 * t.sh + x1 * t.sw));
     // ATen's order: h0l * (w0l * v00 + w1l * v01) + h1l * (w0l * v10 + w1l * v11)
     v = ly0 * (lx0 * v00 + lx1 * v01) + ly1 * (lx0 * v10 + lx1 * v11);
   }
-  if (t.scale != nullptr) v = v * t.scale[c];
-  if (t.shift != nullptr) v = v + t.shift[c];
+  if (t.scale != nullptr) v = v * load_ro(t.scale + c);
+  if (t.shift != nullptr) v = v + load_ro(t.shift + c);
   return v;
 }
 
@@ -145,8 +162,8 @@ HRFAST_INLINE acc_t forward_sum(const TermView<scalar_t, acc_t>* terms, int coun
 // The upstream gradient through the ReLU: grad_y where y > 0 (NaN y gives 0), in the accumulation type.
 template <typename scalar_t, typename acc_t>
 HRFAST_INLINE acc_t masked_grad(const scalar_t* gy, int64_t off_gy, const scalar_t* y, int64_t off_y, bool relu) {
-  const acc_t g = static_cast<acc_t>(gy[off_gy]);
-  if (relu && !(static_cast<acc_t>(y[off_y]) > static_cast<acc_t>(0))) return static_cast<acc_t>(0);
+  const acc_t g = static_cast<acc_t>(load_ro(gy + off_gy));
+  if (relu && !(static_cast<acc_t>(load_ro(y + off_y)) > static_cast<acc_t>(0))) return static_cast<acc_t>(0);
   return g;
 }
 

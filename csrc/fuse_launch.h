@@ -1,6 +1,7 @@
 // Host-side interface between the binding (bindings.cpp: validation, allocation, per-channel reductions) and
-// the two implementations of the fusion kernels: the host loops (fuse_cpu.cpp, CPU tensors, a test vehicle
-// for the kernels' element code) and the CUDA kernels (fuse_cuda.cu, CUDA tensors). Same signatures.
+// the two executors of the fusion kernels: the host build's emulation of the CUDA grid (fuse_cpu.cpp, CPU
+// tensors, a test vehicle for the CUDA code) and the GPU (fuse_cuda.cu, CUDA tensors). Both are the same
+// launchers (fuse_launchers.h) and kernels (fuse_kernels.h) with another executor. Same signatures.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -87,12 +88,14 @@ TermView<scalar_t, acc_t> make_view(const TermSpec& t, int64_t H, int64_t W) {
 }
 
 // y = ReLU(sum_k Up_k(x_k) * scale_k + shift_k), written into `out` ([N, C, H, W], any strides).
+// *_cpu: CPU tensors through the host build's grid emulation; *_cuda: CUDA tensors.
 void forward_cpu(const at::Tensor& out, const std::vector<TermSpec>& terms, bool relu);
 
 // Output-size terms: dx[k] = g * scale_k (dx[k] undefined: not needed), g = grad_y * (y > 0).
-// Returns per-channel partial sums `parts` [K + 1, R, C] in the accumulation dtype: slot k < K holds
-// sum(g * x_k) where need_dscale[k] (else unwritten), slot K sum(g) when need_sum_g. The caller sums over R
-// (a fixed-order reduction). `y` is undefined when relu is false.
+// Returns per-channel partial sums `parts` [K + 1, R, C] in the accumulation dtype (R: one row per image and
+// block along the grid's x, fuse_kernels.h partial_row): slot k < K holds sum(g * x_k) where need_dscale[k]
+// (else zero), slot K sum(g) when need_sum_g. The caller sums over R (a fixed-order reduction). `y` is
+// undefined when relu is false.
 at::Tensor backward_same_cpu(const at::Tensor& grad_y, const at::Tensor& y, bool relu,
                              const std::vector<TermSpec>& terms, const std::vector<at::Tensor>& dx,
                              const std::vector<bool>& need_dscale, bool need_sum_g);

@@ -47,10 +47,10 @@ def _resolve_cuda(device: torch.device) -> str:
     from hrfast._cuda import cuda_status, host_path_enabled
 
     if device.type == "cpu" and host_path_enabled():
-        return "cuda"  # the kernels' element code in host loops: a test vehicle, see hrfast._cuda.build
+        return "cuda"  # the kernels on an emulated grid: a test vehicle, see hrfast._cuda.build
     if device.type != "cuda":
         raise RuntimeError(f"backend='cuda' needs CUDA tensors, got tensors on {device} (HRFAST_CSRC_ON_CPU=1 "
-                           "runs the kernels' element code on CPU tensors, for testing)")
+                           "runs the kernels on CPU tensors through an emulated grid, for testing)")
     ok, reason = cuda_status()
     if not ok:
         raise RuntimeError(f"backend='cuda' is unavailable: {reason}")

@@ -12,7 +12,7 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    # backend="cuda" runs the CUDA kernels' per-element code in host loops (hrfast._cuda.build)
+    # backend="cuda" runs the CUDA kernels through the host build's grid emulation (hrfast._cuda.build)
     os.environ.setdefault("HRFAST_CSRC_ON_CPU", "1")
 
 # device on which the Triton kernels run in this session: the GPU, or the CPU through the interpreter

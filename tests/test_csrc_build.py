@@ -12,6 +12,26 @@ from hrfast._cuda.build import build, toolkit_problem
 REQUIRED = os.environ.get("HRFAST_REQUIRE_CUDA_BUILD") == "1"
 
 
+def _assert_headers_tracked(with_cuda: bool) -> None:
+    """cpp_extension is given the .cpp/.cu files only (its version hash covers those); the csrc headers (the
+    kernels, the launchers, the element math) must be in ninja's dependency log of the build, or editing one
+    would leave a stale build in the cache."""
+    import glob
+    import shutil
+    import subprocess
+
+    from hrfast._cuda.build import CSRC, build_dir
+
+    ninja = shutil.which("ninja")
+    if ninja is None:
+        pytest.skip("no ninja on PATH")
+    out = subprocess.run([ninja, "-C", str(build_dir(with_cuda)), "-t", "deps"], capture_output=True, text=True,
+                         check=True).stdout
+    listed = {os.path.realpath(line.strip()) for line in out.splitlines() if line.startswith(" ")}
+    headers = {os.path.realpath(h) for h in glob.glob(str(CSRC / "*.h"))}
+    assert headers and headers <= listed, f"not in ninja's deps: {sorted(headers - listed)}"
+
+
 def test_cuda_extension_compiles_links_and_imports():
     problem = toolkit_problem()
     if problem:
@@ -21,10 +41,16 @@ def test_cuda_extension_compiles_links_and_imports():
     module = build(with_cuda=True)
     assert module.with_cuda, "the CUDA build did not define HRFAST_WITH_CUDA"
     assert callable(module.fuse_forward)
+    _assert_headers_tracked(with_cuda=True)
 
 
 def test_host_build_is_not_the_cuda_build():
     assert not build(with_cuda=False).with_cuda
+
+
+def test_host_build_tracks_the_headers():
+    build(with_cuda=False)
+    _assert_headers_tracked(with_cuda=False)
 
 
 def test_cuda_backend_on_cpu_tensors_says_why(monkeypatch):

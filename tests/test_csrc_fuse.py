@@ -1,10 +1,12 @@
-"""backend="cuda": the CUDA C++ kernels of csrc/ (their element code is csrc/fuse.h), beyond the shared grid.
+"""backend="cuda": the CUDA C++ kernels of csrc/ (fuse_kernels.h, fuse_launchers.h), beyond the shared grid.
 
 tests/test_fuse_op.py runs its whole grid (every mode, layout, dtype, shape case, gradcheck, determinism,
 NaN/inf, partial gradients) for backend="cuda" as well as "triton". This file adds what is specific to the
 C++ kernels or cheap only for them:
-- more ratios: non-integer (5 -> 13, 3x, 1.5x), 2^k up to 16x, prime sizes, more terms than one CUDA launch
-  takes (8), more channels/pixels than one block;
+- more ratios: non-integer (5 -> 13, 3x, 1.5x), 2^k up to 16x, prime sizes;
+- the launch structure: more terms than one launch takes (8: chained forward through the partial buffer,
+  several same-size backward launches), channel and pixel counts that end inside a 32 x 8 tile in both
+  layouts (the thread mapping, the block reductions and their per-tile partial rows), the grid's limits;
 - a scan of many (in, out) size pairs per mode, forward and backward in float64 at FP64_RTOL (the adjoint's
   windows are the part most likely to be off by one);
 - bitwise determinism across thread counts (host build) and repeated runs;
@@ -12,8 +14,10 @@ C++ kernels or cheap only for them:
 - `adjoint_window` against the Triton launcher's `window`, and backend "cuda" against "triton" on random
   inputs (`cross_check`; bitwise on CPU, where both run the same float operations in the same order).
 
-Without a GPU everything here runs the host build (HRFAST_CSRC_ON_CPU=1): plain C++ loops over the very same
-`__host__ __device__` functions the CUDA kernels call, on CPU tensors. With a GPU it runs the CUDA kernels.
+Without a GPU everything here runs the host build (HRFAST_CSRC_ON_CPU=1): the CUDA kernels' and launchers'
+own code on CPU tensors, through an emulation of the grid (csrc/fuse_cpu.cpp: block by block, each phase of
+a block for all its 32 x 8 threads before the next, an array standing in for shared memory). With a GPU it
+runs the CUDA kernels.
 """
 from __future__ import annotations
 
@@ -80,6 +84,93 @@ def test_extra_shapes(case, dtype, layout, param_dtype):
     base.check_fuse(case, dtype, layout, param_dtype, backend="cuda")
 
 
+# ------------------------------------------------------------------------------------- the launch structure
+
+# More terms than one launch takes (kMaxTerms = 8). 11 terms, 5 of output size: a forward chain of 2 launches
+# (8 + 3) through the accumulation-type partial, one same-size backward launch. 17 terms, 10 of output size:
+# a forward chain of 3 (8 + 8 + 1; the middle one reads and rewrites the partial), two same-size backward
+# launches (8 + 2; the second writes the dscale slots 8 and 9, the first also sum(g)). affine="mixed": terms
+# k % 3 == 1 have no scale, k % 3 == 2 no shift.
+TERMS_11 = [((6, 7), None), ((3, 4), bil()), ((2, 2), near()), ((6, 7), None), ((3, 3), bil(align_corners=True)),
+            ((6, 7), None), ((1, 1), bil()), ((4, 5), near()), ((6, 7), None), ((2, 3), bil()), ((6, 7), None)]
+TERMS_17 = [((5, 9), None), ((3, 5), bil()), ((5, 9), None), ((2, 3), near()), ((5, 9), None),
+            ((4, 4), bil(align_corners=True)), ((5, 9), None), ((5, 9), None), ((1, 2), bil()), ((5, 9), None),
+            ((3, 6), near()), ((5, 9), None), ((5, 9), None), ((2, 7), bil()), ((5, 9), None), ((5, 9), None),
+            ((1, 1), near())]
+MANY_TERM_CASES = [
+    pytest.param(Case((6, 7), TERMS_11, N=3, C=5, affine="mixed"), "nchw", id="11_terms_nchw"),
+    pytest.param(Case((6, 7), TERMS_11, N=1, C=9, affine="mixed", relu=False), "channels_last",
+                 id="11_terms_cl_no_relu"),
+    pytest.param(Case((5, 9), TERMS_17, N=2, C=3, affine="mixed"), "channels_last", id="17_terms_cl"),
+    pytest.param(Case((5, 9), TERMS_17, N=1, C=10, affine="mixed"), "nchw", id="17_terms_nchw"),
+]
+
+
+@pytest.mark.parametrize("case, layout", MANY_TERM_CASES)
+def test_more_terms_than_one_launch(case, layout):
+    """float64, forward and every gradient (each input, scale and shift) against fuse_ref at FP64_RTOL."""
+    assert len(case.terms) > 8
+    base.check_fuse(case, F64, layout, backend="cuda")
+
+
+# Channel and pixel counts that end inside a tile, in both layouts. NCHW tiles are 32 pixels x 8 channels,
+# channels_last ones 32 channels x 8 pixels: 65 output pixels (5 x 13) are 2 tiles + 1 pixel, 21 and 10
+# source pixels (3 x 7, 2 x 5) and 36 (4 x 9) are not multiples of 8 or 32 either. C = 1 is never laid out
+# as channels_last (stride 1 of a single channel), so it runs the NCHW mapping in both.
+TILE_EDGE_TERMS = [((5, 13), None), ((3, 7), bil()), ((2, 5), near()), ((4, 9), bil(align_corners=True)),
+                   ((5, 13), None)]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("C, N", [(1, 3), (7, 1), (9, 3), (33, 1), (40, 3)])
+def test_tile_edges(C, N, layout):
+    case = Case((5, 13), TILE_EDGE_TERMS, N=N, C=C, affine="mixed")
+    base.check_fuse(case, F64, layout, backend="cuda")
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+def test_tile_edges_low_precision(dtype):
+    """The accumulation type's partials and the dtype conversions of dx/dz across tile edges."""
+    case = Case((5, 13), TILE_EDGE_TERMS, N=3, C=33, affine="mixed")
+    base.check_fuse(case, dtype, "channels_last", F32, backend="cuda")
+
+
+def _grid_limit_forward(C, N, channels_last):
+    # 1 x 2 pixels: a [N, C, 1, 1] tensor has channel stride 1 in either memory format (the kernels take it
+    # as channels_last), 1 x 2 tells the two apart
+    x = torch.randn(N, C, 1, 2, device=DEVICE)
+    return dict(xs=[x], scales=[None], shifts=[None], modes=[0], align_corners=[False], ratios=[1, 1, 1, 1],
+                size=[1, 2], relu=False, channels_last=channels_last, poison=True)
+
+
+def test_grid_limits():
+    """The launchers' grid has at most 65535 blocks along y (channels: 8 per block in NCHW, 32 in
+    channels_last) and z (images): one more raises their error, on CPU tensors too (the host build runs the
+    same launchers). The largest valid sizes run."""
+    ext = _ext()
+    for C, cl, layout in [(65535 * 8, False, "NCHW"), (65535 * 32, True, "channels_last")]:
+        y = ext.fuse_forward(**_grid_limit_forward(C, 1, cl))
+        assert y.shape == (1, C, 1, 2) and not torch.isnan(y).any()
+        with pytest.raises(RuntimeError, match=rf"{C + 1} channels exceed the CUDA kernels' grid \(at most {C} in "
+                                               rf"the {layout} layout\)"):
+            ext.fuse_forward(**_grid_limit_forward(C + 1, 1, cl))
+    with pytest.raises(RuntimeError, match=r"batch 65536 exceeds 65535 images per call"):
+        ext.fuse_forward(**_grid_limit_forward(1, 65536, False))
+
+
+@pytest.mark.parametrize("mode", [0, 2], ids=["same", "adjoint"])
+def test_grid_limits_backward(mode):
+    """The backward launchers (same-size terms; an upsampled term's adjoint) check the grid as well."""
+    C = 65535 * 8 + 1  # NCHW: 1 x 2 source and output pixels (see _grid_limit_forward)
+    x = torch.randn(1, C, 1, 2, device=DEVICE)
+    grad_y = torch.randn(1, C, 1 if mode == 0 else 2, 2, device=DEVICE)
+    ratios = [1, 1, 1, 1] if mode == 0 else [1, 2, 1, 1]
+    with pytest.raises(RuntimeError, match=rf"{C} channels exceed the CUDA kernels' grid"):
+        _ext().fuse_backward(grad_y=grad_y, y=None, xs=[x], scales=[None], shifts=[None], modes=[mode],
+                             align_corners=[False], ratios=ratios, needs=[True, False, False], relu=False,
+                             poison=True)
+
+
 # --------------------------------------------------------------------------------- index and window scans
 
 SCAN_PAIRS = [(n_in, n_out) for n_in in range(1, 7) for n_out in range(n_in, 3 * n_in + 3)]
@@ -140,12 +231,22 @@ def _run(case, xs, scales, shifts, resamples, size_arg, grad_y=None):
     return y, torch.autograd.grad(y, leaves, grad_y), grad_y
 
 
-@pytest.mark.parametrize("dtype, layout", [(F32, "nchw"), (F16, "channels_last"), (F64, "strided")])
-def test_bitwise_deterministic(dtype, layout):
-    """Same inputs, same bits: on a GPU over repeated runs, on CPU also with 1 and 2 threads (the host loops
-    sum each (image, channel) plane in a fixed order, whatever the split)."""
-    case = Case((9, 7), [((9, 7), None), ((5, 4), bil()), ((3, 2), near()), ((4, 3), bil(align_corners=True)),
-                         ((9, 7), None), ((1, 1), bil())], N=2, C=5, affine="mixed")
+DETERMINISM_CASES = {
+    "6_terms": Case((9, 7), [((9, 7), None), ((5, 4), bil()), ((3, 2), near()), ((4, 3), bil(align_corners=True)),
+                             ((9, 7), None), ((1, 1), bil())], N=2, C=5, affine="mixed"),
+    # many blocks along every grid axis, and chained / several launches
+    "11_terms_c40": Case((6, 7), TERMS_11, N=3, C=40, affine="mixed"),
+}
+
+
+@pytest.mark.parametrize("dtype, layout, name", [(F32, "nchw", "6_terms"), (F16, "channels_last", "6_terms"),
+                                                 (F64, "strided", "6_terms"), (F32, "channels_last", "11_terms_c40"),
+                                                 (F32, "nchw", "11_terms_c40")])
+def test_bitwise_deterministic(dtype, layout, name):
+    """Same inputs, same bits: on a GPU over repeated runs, on CPU also with 1 and 2 threads (the host build
+    runs the grid's blocks in parallel; each block writes its own outputs and partial rows, and the partials
+    are summed over the rows in a fixed order, whatever the split)."""
+    case = DETERMINISM_CASES[name]
     xs, scales, shifts, resamples, size_arg = base._build(case, dtype, layout)
     threads = torch.get_num_threads()
     runs = []
@@ -289,7 +390,7 @@ CROSS_CASES = {
 
 def cross_check(case: Case, dtype, layout: str, exact: bool) -> None:
     """backend "cuda" vs "triton" on the same random inputs: y and every gradient. `exact`: y and the
-    input gradients bit for bit (CPU: the host loops and the Triton interpreter do the same float operations
+    input gradients bit for bit (CPU: the host build and the Triton interpreter do the same float operations
     in the same order; not on a GPU, where either compiler may contract a * b + c into an FMA); per-channel
     gradients are reduced in other orders, so those at the dtype's tolerance."""
     xs, scales, shifts, resamples, size_arg = base._build(case, dtype, layout, F32 if dtype in (F16, BF16) else dtype)

@@ -79,7 +79,7 @@ def test_interpreter_bf16_store_rounds_to_nearest():
 
 # The fused backends every kernel test below runs against: the Triton kernels (kernels/) and the CUDA C++
 # kernels (csrc/). Without a GPU each runs on CPU tensors through its emulation: the Triton interpreter, and
-# the host build of csrc/ (the kernels' element code in plain C++ loops, HRFAST_CSRC_ON_CPU=1).
+# the host build of csrc/ (the CUDA kernels and launchers through an emulation of the grid, HRFAST_CSRC_ON_CPU=1).
 FUSED_BACKENDS = ("triton", "cuda")
 
 

@@ -4,9 +4,9 @@
 
 The main checks run each fused backend (`fused` fixture): Triton (on CPU through the Triton interpreter when
 there is no GPU, see conftest.py) and the CUDA C++ backend (cuBLAS projections + the CUDA fusion kernels; on
-CPU its kernels' element code in host loops, HRFAST_CSRC_ON_CPU=1), and compare it with `head_ref` evaluated in float64 on the same values: the logits, every
-gradient (each branch input, conv weight and bias, BN weight and bias, classifier weight and bias) for a random
-upstream gradient and, in training, the running statistics after the call. fp32 must be within FP32_RTOL,
+CPU its kernels on the host build's emulated CUDA grid, HRFAST_CSRC_ON_CPU=1), and compare it with
+`head_ref` evaluated in float64 on the same values: the logits, every gradient (each branch input, conv
+weight and bias, BN weight and bias, classifier weight and bias) for a random upstream gradient and, in training, the running statistics after the call. fp32 must be within FP32_RTOL,
 fp64 within FP64_RTOL, fp16/bf16 within twice the error plain PyTorch itself makes in that dtype (`head_ref`
 on the low-precision tensors, gradients by autograd through it). Launch buffers start as NaN (conftest), so an
 element a kernel forgets to write fails. Shapes stay tiny because the interpreter is slow; the cost of a case

@@ -212,7 +212,7 @@ def test_timm_report_names_and_table():
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_timm_fused_backend(train, backend):
     """The fused kernels on the smallest model and input: Triton (through the interpreter without a GPU) and the
-    CUDA C++ kernels (their element code in host loops without a GPU)."""
+    CUDA C++ kernels (through the host build's grid emulation without a GPU)."""
     model = _timm("hrnet_w18_small").to(device=TRITON_DEVICE, dtype=torch.float64)
     x = torch.randn(1, 3, 64, 64, dtype=torch.float64, device=TRITON_DEVICE)
     _check_same_model(model, x, train, dict(backend=backend), 3, fp32_eval_output=not train)

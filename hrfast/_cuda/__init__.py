@@ -15,7 +15,7 @@ __all__ = ["BuildError", "cuda_status", "host_path_enabled"]
 
 
 def host_path_enabled() -> bool:
-    """HRFAST_CSRC_ON_CPU=1 lets backend='cuda' run the kernels' element code on CPU tensors (tests only),
+    """HRFAST_CSRC_ON_CPU=1 lets backend='cuda' run the kernels on CPU tensors through an emulated grid (tests),
     as TRITON_INTERPRET=1 does for the Triton kernels."""
     return os.environ.get("HRFAST_CSRC_ON_CPU", "0") == "1"
 

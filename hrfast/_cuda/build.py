@@ -3,14 +3,18 @@
 Two builds of the same sources:
 - the CUDA build (`with_cuda=True`): csrc/*.cpp and csrc/*.cu, `-DHRFAST_WITH_CUDA`; nvcc must match the CUDA
   version torch was built with. Runs the kernels on CUDA tensors.
-- the host build (`with_cuda=False`): csrc/*.cpp only, g++; runs the kernels' per-element code (the same
-  `__host__ __device__` functions) in plain loops on CPU tensors. A test vehicle for the kernel logic on
+- the host build (`with_cuda=False`): csrc/*.cpp only, g++; runs the CUDA kernels and launchers themselves
+  (the same `__host__ __device__` kernel code, csrc/fuse_kernels.h, and launchers, csrc/fuse_launchers.h) on
+  CPU tensors through an emulation of the CUDA grid (csrc/fuse_cpu.cpp). A test vehicle for the CUDA code on
   machines without a GPU, not a CPU backend (it is not fast).
 
 Either is compiled on first use (JIT, `torch.utils.cpp_extension.load` with ninja) into a cache folder keyed by
 the torch and Python versions (`HRFAST_BUILD_DIR` overrides it), under a file lock so that several processes
-(DDP ranks, pytest workers) build once; a one-line message says so while it compiles. An ahead-of-time build
-(`HRFAST_BUILD_CUDA=1 pip install .`, see setup.py) installs `hrfast._C`, which is used instead when present.
+(DDP ranks, pytest workers) build once; a one-line message says so while it compiles. Only the .cpp/.cu
+files are passed to cpp_extension (its in-process version hash covers them alone); the csrc headers are
+tracked by ninja's depfiles, and ninja runs in every new process, so editing a header rebuilds what includes
+it (tests/test_csrc_build.py checks that ninja lists them). An ahead-of-time build (`HRFAST_BUILD_CUDA=1 pip
+install .`, see setup.py) installs `hrfast._C`, which is used instead when present.
 """
 from __future__ import annotations
 
@@ -221,7 +225,7 @@ def _precompiled() -> Optional[ModuleType]:
 @functools.lru_cache(maxsize=None)
 def load(with_cuda: bool) -> ModuleType:
     """The extension module for CUDA tensors (`with_cuda=True`) or for the host test path; cached.
-    The ahead-of-time build serves both (it holds the .cpp host loops too)."""
+    The ahead-of-time build serves both (it holds the host build's grid emulation too)."""
     module = _precompiled()
     if module is not None:
         return module

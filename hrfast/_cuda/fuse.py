@@ -1,9 +1,9 @@
-"""Launchers of the fusion op for backend "cuda": the CUDA C++ kernels in `csrc/` (fuse_cuda.cu, fuse.h).
+"""Launchers of the fusion op for backend "cuda": the CUDA C++ kernels in `csrc/` (fuse_kernels.h, fuse.h).
 
 Same contract as `hrfast.kernels.fuse` (the Triton launchers): `Term`, `fuse_forward`, `fuse_backward`.
-CUDA tensors run the CUDA kernels (the extension's CUDA build); CPU tensors run the host build, plain C++
-loops over the very same `__host__ __device__` element functions: a test vehicle for the kernels' logic on
-machines without a GPU (enabled for backend="cuda" by HRFAST_CSRC_ON_CPU=1), not a CPU backend.
+CUDA tensors run the CUDA kernels (the extension's CUDA build); CPU tensors run the host build, the very same
+`__host__ __device__` kernels and launchers through an emulation of the CUDA grid: a test vehicle for the
+CUDA code on machines without a GPU (enabled for backend="cuda" by HRFAST_CSRC_ON_CPU=1), not a CPU backend.
 
 Backward is deterministic: the adjoint of each upsample is a gather (no atomics), and the per-channel
 gradients (dscale, dshift) are per-tile partial sums written by the kernels and reduced over the tiles with

@@ -1,0 +1,194 @@
+// The fusion op's launchers, written once for both executors (host code, ATen): the grid and its limits,
+// the term packs (at most kMaxTerms per launch, more are chained), the dscale masks and the sum slot, and
+// the per-tile partial buffers [slots, R, C]. `Exec` runs one launch of a kernel of fuse_kernels.h:
+//
+//   struct Exec {
+//     using Guard = ...;                        // constructed from the tensors' device for the whole call
+//     template <class K> static void run(const Grid& grid, const typename K::Params& p);
+//   };
+//
+// CudaExec (fuse_cuda.cu) launches the __global__ wrappers on the current stream; HostExec (fuse_cpu.cpp)
+// emulates the grid on CPU tensors, block by block. forward_cpu / forward_cuda etc. are these templates
+// instantiated with one or the other, so the host build runs the CUDA launch logic as it is.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "fuse_kernels.h"
+#include "fuse_launch.h"
+
+namespace hrfast {
+
+constexpr int64_t kMaxGridX = 2147483647;  // 2^31 - 1
+constexpr int64_t kMaxGridYZ = 65535;
+
+struct Grid {
+  int64_t x, y, z;
+};
+
+inline Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+
+// The thread mapping's layout (fuse_kernels.h): channels contiguous, more than one of them.
+inline bool channels_last_like(const at::Tensor& t) { return t.stride(1) == 1 && t.size(1) > 1; }
+
+inline bool has_zero_stride(const at::Tensor& t) {
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.stride(d) == 0 && t.size(d) > 1) return true;
+  }
+  return false;
+}
+
+inline at::ScalarType acc_dtype_of(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The grid over a [C x P] plane per image (N images), within CUDA's limits (x < 2^31, y and z <= 65535).
+inline Grid grid_for(bool cl, int64_t C, int64_t P, int64_t N) {
+  const int64_t gx = cl ? (P + kBY - 1) / kBY : (P + kBX - 1) / kBX;
+  const int64_t gy = cl ? (C + kBX - 1) / kBX : (C + kBY - 1) / kBY;
+  TORCH_CHECK(gy <= kMaxGridYZ, "hrfast fuse: ", C, " channels exceed the CUDA kernels' grid (at most ",
+              kMaxGridYZ * (cl ? kBX : kBY), " in the ", cl ? "channels_last" : "NCHW", " layout)");
+  TORCH_CHECK(gx <= kMaxGridX, "hrfast fuse: ", P, " pixels per channel exceed the CUDA kernels' grid");
+  TORCH_CHECK(N <= kMaxGridYZ, "hrfast fuse: batch ", N, " exceeds ", kMaxGridYZ,
+              " images per call (CUDA grid z)");
+  return {gx, gy, N};
+}
+
+// y = ReLU(sum_k Up_k(x_k) * scale_k + shift_k) into `out`; more than kMaxTerms terms are chained through a
+// partial sum in the accumulation type, laid out like `out` (empty_like keeps its strides), read and
+// rewritten in place element by element.
+template <class Exec>
+void forward_launch(const at::Tensor& out, const std::vector<TermSpec>& terms, bool relu) {
+  if (out.numel() == 0) return;
+  const typename Exec::Guard guard(out.device());
+  const int64_t N = out.size(0), C = out.size(1), H = out.size(2), W = out.size(3);
+  const bool cl = channels_last_like(out);
+  const Grid grid = grid_for(cl, C, H * W, N);
+  const int64_t K = static_cast<int64_t>(terms.size());
+  at::Tensor partial;
+  if (K > kMaxTerms) partial = at::empty_like(out, out.options().dtype(acc_dtype_of(out)));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "hrfast_fuse_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using Kernel = ForwardKernel<scalar_t, acc_t>;
+    acc_t* part = partial.defined() ? partial.data_ptr<acc_t>() : nullptr;
+    for (int64_t start = 0; start < K; start += kMaxTerms) {
+      const int count = static_cast<int>(std::min<int64_t>(kMaxTerms, K - start));
+      const bool last = start + count >= K;
+      typename Kernel::Params p;
+      for (int i = 0; i < count; ++i) p.pack.t[i] = make_view<scalar_t, acc_t>(terms[start + i], H, W);
+      p.count = count;
+      p.init = start > 0 ? part : nullptr;
+      p.partial_out = last ? nullptr : part;
+      p.out = out.data_ptr<scalar_t>();
+      p.so = strides_of(out);
+      p.C = C;
+      p.H = static_cast<int32_t>(H);
+      p.W = static_cast<int32_t>(W);
+      p.cl = cl;
+      p.relu = relu;
+      Exec::template run<Kernel>(grid, p);
+    }
+  });
+}
+
+// Output-size terms (see fuse_launch.h backward_same_cpu): one launch per kMaxTerms terms; the first one
+// also sums g (zero terms: only that). Partials [K + 1, R, C], R = N * grid.x.
+template <class Exec>
+at::Tensor backward_same_launch(const at::Tensor& grad_y, const at::Tensor& y, bool relu,
+                                const std::vector<TermSpec>& terms, const std::vector<at::Tensor>& dx,
+                                const std::vector<bool>& need_dscale, bool need_sum_g) {
+  const typename Exec::Guard guard(grad_y.device());
+  const int64_t N = grad_y.size(0), C = grad_y.size(1), H = grad_y.size(2), W = grad_y.size(3);
+  const int64_t K = static_cast<int64_t>(terms.size());
+  const bool cl = channels_last_like(grad_y);
+  const Grid grid = grid_for(cl, C, H * W, N);
+  const int64_t R = N * grid.x;
+  at::Tensor parts = at::zeros({K + 1, R, C}, grad_y.options().dtype(acc_dtype_of(grad_y)));
+  if (grad_y.numel() == 0) return parts;
+  const at::Tensor& y_arg = relu ? y : grad_y;  // a valid pointer; not read without relu
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_y.scalar_type(), "hrfast_fuse_bwd_same", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using Kernel = BackwardSameKernel<scalar_t, acc_t>;
+    for (int64_t start = 0; start < std::max<int64_t>(K, 1); start += kMaxTerms) {
+      const int count = static_cast<int>(std::min<int64_t>(kMaxTerms, K - start));
+      typename Kernel::Params p;
+      uint32_t mask = 0;
+      bool busy = start == 0 && need_sum_g;
+      for (int i = 0; i < count; ++i) {
+        const int64_t k = start + i;
+        p.pack.t[i] = make_view<scalar_t, acc_t>(terms[k], H, W);
+        p.grads.dx[i] = dx[k].defined() ? dx[k].data_ptr<scalar_t>() : nullptr;
+        p.grads.s[i] = dx[k].defined() ? strides_of(dx[k]) : Strides{0, 0, 0, 0};
+        if (need_dscale[k]) mask |= 1u << i;
+        busy |= dx[k].defined() || need_dscale[k];
+      }
+      if (!busy) continue;
+      p.count = count;
+      p.dscale_mask = mask;
+      p.sum_slot = (start == 0 && need_sum_g) ? static_cast<int>(K) : -1;
+      p.slot0 = static_cast<int>(start);
+      p.gy = grad_y.data_ptr<scalar_t>();
+      p.sg = strides_of(grad_y);
+      p.y = y_arg.data_ptr<scalar_t>();
+      p.sy = strides_of(y_arg);
+      p.relu = relu;
+      p.parts = parts.data_ptr<acc_t>();
+      p.R = R;
+      p.C = C;
+      p.H = static_cast<int32_t>(H);
+      p.W = static_cast<int32_t>(W);
+      p.cl = cl;
+      Exec::template run<Kernel>(grid, p);
+    }
+  });
+  return parts;
+}
+
+// An upsampled term (see fuse_launch.h backward_adjoint_cpu): one launch over the source pixels. Partials
+// [2, R, C], R = N * grid.x. The thread mapping follows the layout of what it writes (dz), else of z; a
+// stride-0 stand-in z (its dscale not needed) has none: then grad_y's, the layout empty_grad gives dz.
+template <class Exec>
+at::Tensor backward_adjoint_launch(const at::Tensor& grad_y, const at::Tensor& y, bool relu, const TermSpec& term,
+                                   const at::Tensor& dz, bool need_dscale, bool need_dshift) {
+  const typename Exec::Guard guard(grad_y.device());
+  const at::Tensor& z = term.x;
+  const int64_t N = z.size(0), C = z.size(1), h = z.size(2), w = z.size(3);
+  const int64_t H = grad_y.size(2), W = grad_y.size(3);
+  const at::Tensor& layout = dz.defined() ? dz : (has_zero_stride(z) ? grad_y : z);
+  const bool cl = channels_last_like(layout);
+  const Grid grid = grid_for(cl, C, h * w, N);
+  const int64_t R = N * grid.x;
+  at::Tensor parts = at::zeros({2, R, C}, grad_y.options().dtype(acc_dtype_of(grad_y)));
+  if (z.numel() == 0 || grad_y.numel() == 0) return parts;
+  const at::Tensor& y_arg = relu ? y : grad_y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_y.scalar_type(), "hrfast_fuse_bwd_adjoint", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    using Kernel = AdjointKernel<scalar_t, acc_t>;
+    typename Kernel::Params p;
+    p.t = make_view<scalar_t, acc_t>(term, H, W);
+    p.dz = dz.defined() ? dz.data_ptr<scalar_t>() : nullptr;
+    p.sd = dz.defined() ? strides_of(dz) : Strides{0, 0, 0, 0};
+    p.gy = grad_y.data_ptr<scalar_t>();
+    p.sg = strides_of(grad_y);
+    p.y = y_arg.data_ptr<scalar_t>();
+    p.sy = strides_of(y_arg);
+    p.relu = relu;
+    p.H = H;
+    p.W = W;
+    p.parts = parts.data_ptr<acc_t>();
+    p.R = R;
+    p.C = C;
+    p.need_dscale = need_dscale;
+    p.need_dshift = need_dshift;
+    p.cl = cl;
+    Exec::template run<Kernel>(grid, p);
+  });
+  return parts;
+}
+
+}  // namespace hrfast

@@ -31,6 +31,7 @@ from hrfast.ops import Resample
 from hrfast.testing import FP32_RTOL, FP64_RTOL, assert_low_precision_close, assert_rel_close, low_precision_budget
 
 from conftest import TRITON_DEVICE
+from hrnet_layouts import _HeatmapHead as HeatmapHead  # mmpose 1.x, as in its source
 
 DEVICE = TRITON_DEVICE
 BACKENDS = ("reference", "triton", "cuda")
@@ -141,21 +142,6 @@ class FeatureMapProcessor(nn.Module):
     def forward(self, inputs):
         size = inputs[0].shape[-2:]
         return [torch.cat([F.interpolate(x, size=size, mode="bilinear", align_corners=False) for x in inputs], 1)]
-
-
-class HeatmapHead(nn.Module):
-    """mmpose 1.x HeatmapHead(conv_out_channels=(C,), conv_kernel_sizes=(1,), deconv_out_channels=None)."""
-
-    def __init__(self, in_channels, out_channels):
-        super().__init__()
-        self.deconv_layers = nn.Identity()
-        self.conv_layers = nn.Sequential(nn.Conv2d(in_channels, in_channels, 1), nn.BatchNorm2d(in_channels),
-                                         nn.ReLU(inplace=True))
-        self.final_layer = nn.Conv2d(in_channels, out_channels, 1)
-
-    def forward(self, feats):
-        x = self.deconv_layers(feats[-1])
-        return self.final_layer(self.conv_layers(x))
 
 
 class PoseModel(nn.Module):

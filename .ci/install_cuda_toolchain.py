@@ -1,8 +1,8 @@
 """Install, from PyPI, the CUDA compiler that matches torch.version.cuda, so that csrc/ compiles and links on a
 machine without a GPU (see ../shared/TOOLCHAIN.md). Prints the CUDA_HOME to use on stdout.
 
-The PyPI toolkit (nvidia-cuda-nvcc + nvidia-nvvm, pinned to torch's major.minor: a newer nvvm's PTX is
-rejected by the older ptxas) lands in site-packages/nvidia/cu<major>, next to the runtime torch already
+The PyPI toolkit (nvidia-cuda-nvcc, nvidia-nvvm, nvidia-cuda-crt and nvidia-cuda-cccl, pinned to torch's
+major.minor: a newer nvvm's PTX is rejected by the older ptxas, newer headers by the older nvcc) lands in site-packages/nvidia/cu<major>, next to the runtime torch already
 installed; torch's cpp_extension also wants lib64/libcudart.so, hence two links.
 """
 import os
@@ -23,7 +23,9 @@ def main() -> int:
     if int(major) < 13:
         print(f"torch.version.cuda={cuda}: this script knows the PyPI layout of CUDA 13+ only", file=sys.stderr)
         return 1
-    pins = [f"nvidia-cuda-nvcc=={major}.{minor}.*", f"nvidia-nvvm=={major}.{minor}.*"]
+    # nvcc's headers come in separate wheels too: crt (the compiler's runtime headers) and cccl (<nv/target>,
+    # included by cuda_fp16.h); unpinned they drift to a newer release than nvcc
+    pins = [f"nvidia-{name}=={major}.{minor}.*" for name in ("cuda-nvcc", "nvvm", "cuda-crt", "cuda-cccl")]
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *pins], check=True, stdout=sys.stderr)
     home = os.path.join(sysconfig.get_paths()["platlib"], "nvidia", f"cu{major}")
     lib = os.path.join(home, "lib")

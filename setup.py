@@ -38,7 +38,7 @@ setup(
     python_requires=">=3.9",
     packages=["hrfast", *(f"hrfast.{p}" for p in find_packages("hrfast")), "hrfast.kernels"],
     package_dir={"hrfast": "hrfast", "hrfast.kernels": "kernels"},
-    install_requires=["torch>=2.4", "triton>=3.0", "ninja", "pybind11"],
+    install_requires=["torch>=2.4", "triton>=3.5", "ninja", "pybind11"],
     extras_require={"test": ["pytest", "pytest-benchmark", "timm>=0.9", "numpy", "matplotlib"],
                     "bench": ["matplotlib"]},
     ext_modules=ext_modules,

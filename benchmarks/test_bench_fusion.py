@@ -13,13 +13,12 @@ contender cycles through 3 input sets so the 50 MB L2 cannot hold the working se
 """
 import copy
 import os
-import statistics
-import time
 
 import pytest
 import torch
 
 from conftest import SMOKE, environment_info
+from hrfast import timing
 from hrfast.demo import build_fuse_layers, randomize_norms
 from hrfast.ops import Resample, fuse, fuse_ref
 from hrfast.ops.reference import fusion_module_ref
@@ -43,17 +42,11 @@ def _sizes():
 
 
 def median_ms(fn) -> float:
-    """Median time of fn in ms: CUDA events through triton's do_bench on a GPU, a wall clock on CPU."""
+    """Median time of fn in ms, by `hrfast.timing`: on a GPU CUDA events with the L2 flushed before each call and
+    about 200 ms of calls (as triton's do_bench(rep=200) measured before), on CPU three calls."""
     if torch.cuda.is_available():
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        return timing.median_ms(fn, "cuda", warmup=5, reps=1000, min_reps=5, budget_ms=200, flush_l2=True)
+    return timing.median_ms(fn, "cpu", reps=3)
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +57,6 @@ def copy_gbps(device):
     dst = torch.empty_like(src)
     ms = median_ms(lambda: dst.copy_(src))
     return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _backend(contender: str) -> str:
@@ -91,12 +79,7 @@ def _record(benchmark, device, copy_gbps, fn, *, level, mode, dtype, contender, 
         info.update(bytes_moved=bytes_moved, achieved_gbps=gbps, fraction_of_copy=gbps / copy_gbps)
     benchmark.extra_info.update(info)
     benchmark.group = f"fusion-{level}-{mode}-{dtype}"
-
-    def timed():
-        fn()
-        _sync(device)
-
-    benchmark.pedantic(timed, rounds=3 if SMOKE else 30, warmup_rounds=1 if SMOKE else 5)
+    benchmark.pedantic(timing.synced(fn, device), rounds=3 if SMOKE else 30, warmup_rounds=1 if SMOKE else 5)
 
 
 def _op_inputs(device, dtype, train):

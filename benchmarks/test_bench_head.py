@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import SMOKE, environment_info
+from hrfast import timing
 from hrfast.nn import HRNetV2Head
 from hrfast.ops import Resample
 from hrfast.ops.reference import resample_ref
@@ -87,10 +88,4 @@ def test_head(benchmark, device, contender, dtype, mode):
         del y
     benchmark.extra_info.update(info)
     benchmark.group = f"head-{mode}-{dtype}"
-
-    def timed():
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    benchmark.pedantic(timed, rounds=3 if SMOKE else 30, warmup_rounds=1 if SMOKE else 5)
+    benchmark.pedantic(timing.synced(fn, device), rounds=3 if SMOKE else 30, warmup_rounds=1 if SMOKE else 5)

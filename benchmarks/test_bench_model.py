@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from conftest import SMOKE, environment_info
+from hrfast import timing
 from test_bench_fusion import median_ms
 from hrfast.bench import _calibrate, _loss_fn, _peak_bytes, _targets
 from hrfast.models import build_model
@@ -83,11 +84,7 @@ def test_model(benchmark, device, base_model, case, contender):
         loss.backward()
         return loss
 
-    def timed():
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
+    timed = timing.synced(step, device)
     t0 = time.perf_counter()
     timed()  # compile / warm up
     first_s = time.perf_counter() - t0

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import SMOKE, environment_info
+from hrfast import timing
 from hrfast.ops import Resample, fuse
 from test_bench_fusion import median_ms
 
@@ -54,10 +55,4 @@ def test_upsample_backward(benchmark, device, contender, dtype, mode, branch):
                 bytes_moved=(y.numel() + x.numel()) * y.element_size())
     benchmark.extra_info.update(info)
     benchmark.group = f"upsample-backward-{mode}-{dtype}-branch{branch}"
-
-    def timed():
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    benchmark.pedantic(timed, rounds=3 if SMOKE else 30, warmup_rounds=1 if SMOKE else 5)
+    benchmark.pedantic(timing.synced(fn, device), rounds=3 if SMOKE else 30, warmup_rounds=1 if SMOKE else 5)

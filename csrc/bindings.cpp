@@ -3,16 +3,16 @@
 // the CUDA grid, fuse_cpu.cpp, a test vehicle; CUDA: the kernels on the GPU, fuse_cuda.cu, present only in
 // the build compiled with -DHRFAST_WITH_CUDA).
 //
-// Terms are given as parallel lists: xs, scales, shifts (None allowed), modes (0 same size, 1 nearest,
-// 2 bilinear), align_corners, and ratios = [h_num, h_den, w_num, w_den] per term (ATen's exact source-index
-// ratios, see hrfast/ops/resample.py). Per-channel scales/shifts may have another floating dtype than x
-// (fp32 BN parameters with bf16 activations); the math runs in float32 (float64 for float64 inputs).
+// Terms are the plan's descriptors (hrfast/plan.py `TermPlan` tuples, one per term) beside xs, scales and
+// shifts (None where the descriptor has none). Per-channel scales/shifts may have another floating dtype
+// than x (fp32 BN parameters with bf16 activations); the math runs in float32 (float64 for float64 inputs).
 #include <torch/extension.h>
 
-#include <cmath>
+#include <array>
 #include <limits>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "fuse_launch.h"
@@ -53,21 +53,55 @@ std::string shape_str(const at::Tensor& t) {
   return s + "]";
 }
 
-// Checks every argument and returns the terms with scale/shift converted to dense accumulation-dtype vectors.
-// `H`, `W`: the output size (forward: `size`; backward: grad_y's).
-std::vector<TermSpec> check_terms(const std::vector<at::Tensor>& xs, const std::vector<OptTensor>& scales,
-                                  const std::vector<OptTensor>& shifts, const std::vector<int64_t>& modes,
-                                  const std::vector<bool>& align_corners, const std::vector<int64_t>& ratios,
+// A TermPlan as pybind11's own casters convert it (a NamedTuple is a tuple): mode, align_corners,
+// (h num, den), (w num, den), has_scale, has_shift. Stock casters rather than a bound TermDesc class: the
+// launcher passes plan.terms as they are, no Python object is built per term, and no custom caster code.
+using TermPlanTuple =
+    std::tuple<int64_t, bool, std::pair<int64_t, int64_t>, std::pair<int64_t, int64_t>, bool, bool>;
+
+// The one place a term's descriptor is decoded and checked (against its input x and the output size H x W).
+// A SAME term keeps the default ratios and align_corners (not read).
+TermDesc decode_term(size_t k, const TermPlanTuple& plan, const at::Tensor& x, int64_t H, int64_t W) {
+  const auto& [mode, align, rh, rw, has_scale, has_shift] = plan;
+  TORCH_CHECK(mode == SAME || mode == NEAREST || mode == BILINEAR, "hrfast fuse: terms[", k, "] has mode ", mode,
+              "; expected 0 (same size), 1 (nearest) or 2 (bilinear)");
+  TermDesc d;
+  d.mode = mode;
+  d.has_scale = has_scale;
+  d.has_shift = has_shift;
+  if (mode == SAME) {
+    TORCH_CHECK(x.size(2) == H && x.size(3) == W, "hrfast fuse: xs[", k, "] has mode 0 (same size) but is ",
+                x.size(2), "x", x.size(3), ", the output is ", H, "x", W);
+    return d;
+  }
+  TORCH_CHECK(x.size(2) >= 1 && x.size(3) >= 1 && x.size(2) <= H && x.size(3) <= W, "hrfast fuse: xs[", k, "] is ",
+              x.size(2), "x", x.size(3), "; an upsampled term must be non-empty and at most the output ", H, "x", W);
+  const auto [hn, hd] = rh;
+  const auto [wn, wd] = rw;
+  for (int64_t v : {hn, hd, wn, wd}) {
+    TORCH_CHECK(v >= 0 && v < (int64_t(1) << 53), "hrfast fuse: ratios of term ", k, " must be non-negative "
+                "integers below 2**53, got ", hn, "/", hd, ", ", wn, "/", wd);
+  }
+  TORCH_CHECK(hd >= 1 && wd >= 1 && hn <= hd && wn <= wd, "hrfast fuse: ratios of term ", k,
+              " must be fractions num/den in [0, 1] (the op only upsamples), got ", hn, "/", hd, ", ", wn, "/", wd);
+  TORCH_CHECK(mode == BILINEAR || !align, "hrfast fuse: terms[", k, "] sets align_corners for a nearest term");
+  d.align_corners = align;
+  d.ratio_h = {hn, hd};
+  d.ratio_w = {wn, wd};
+  return d;
+}
+
+// Checks every argument and returns the terms: descriptors decoded, scale/shift converted to dense
+// accumulation-dtype vectors. `H`, `W`: the output size (forward: `size`; backward: grad_y's).
+std::vector<TermSpec> check_terms(const std::vector<TermPlanTuple>& term_plans, const std::vector<at::Tensor>& xs,
+                                  const std::vector<OptTensor>& scales, const std::vector<OptTensor>& shifts,
                                   int64_t H, int64_t W) {
   const size_t K = xs.size();
   TORCH_CHECK(K >= 1, "hrfast fuse: xs must hold at least one tensor");
+  TORCH_CHECK(term_plans.size() == K, "hrfast fuse: terms has ", term_plans.size(), " entries but there are ", K,
+              " terms");
   TORCH_CHECK(scales.size() == K, "hrfast fuse: scales has ", scales.size(), " entries but there are ", K, " terms");
   TORCH_CHECK(shifts.size() == K, "hrfast fuse: shifts has ", shifts.size(), " entries but there are ", K, " terms");
-  TORCH_CHECK(modes.size() == K, "hrfast fuse: modes has ", modes.size(), " entries but there are ", K, " terms");
-  TORCH_CHECK(align_corners.size() == K, "hrfast fuse: align_corners has ", align_corners.size(),
-              " entries but there are ", K, " terms");
-  TORCH_CHECK(ratios.size() == 4 * K, "hrfast fuse: ratios must hold 4 ints per term (h_num, h_den, w_num, w_den): "
-              "expected ", 4 * K, ", got ", ratios.size());
   TORCH_CHECK(H >= 1 && W >= 1, "hrfast fuse: the output size must be positive, got ", H, "x", W);
   TORCH_CHECK(H * W < (int64_t(1) << 31), "hrfast fuse: output size ", H, "x", W,
               " has 2**31 or more pixels per channel; not supported");
@@ -88,47 +122,28 @@ std::vector<TermSpec> check_terms(const std::vector<at::Tensor>& xs, const std::
                 x0.device());
     TORCH_CHECK(x.size(0) == x0.size(0) && x.size(1) == x0.size(1), "hrfast fuse: xs[", k, "] has shape ",
                 shape_str(x), " but xs[0] has ", shape_str(x0), "; batch and channels must match");
-    const int64_t mode = modes[k];
-    TORCH_CHECK(mode == SAME || mode == NEAREST || mode == BILINEAR, "hrfast fuse: modes[", k, "] is ", mode,
-                "; expected 0 (same size), 1 (nearest) or 2 (bilinear)");
-    const int64_t hn = ratios[4 * k], hd = ratios[4 * k + 1], wn = ratios[4 * k + 2], wd = ratios[4 * k + 3];
-    if (mode == SAME) {
-      TORCH_CHECK(x.size(2) == H && x.size(3) == W, "hrfast fuse: xs[", k, "] has mode 0 (same size) but is ",
-                  x.size(2), "x", x.size(3), ", the output is ", H, "x", W);
-    } else {
-      TORCH_CHECK(x.size(2) >= 1 && x.size(3) >= 1 && x.size(2) <= H && x.size(3) <= W, "hrfast fuse: xs[", k,
-                  "] is ", x.size(2), "x", x.size(3), "; an upsampled term must be non-empty and at most the output ",
-                  H, "x", W);
-      for (int64_t v : {hn, hd, wn, wd}) {
-        TORCH_CHECK(v >= 0 && v < (int64_t(1) << 53), "hrfast fuse: ratios of term ", k, " must be non-negative "
-                    "integers below 2**53, got ", hn, "/", hd, ", ", wn, "/", wd);
-      }
-      TORCH_CHECK(hd >= 1 && wd >= 1 && hn <= hd && wn <= wd, "hrfast fuse: ratios of term ", k,
-                  " must be fractions num/den in [0, 1] (the op only upsamples), got ", hn, "/", hd, ", ", wn, "/", wd);
-      TORCH_CHECK(mode == BILINEAR || !align_corners[k], "hrfast fuse: align_corners[", k,
-                  "] is set for a nearest term");
-    }
     TermSpec& t = terms[k];
+    t.desc = decode_term(k, term_plans[k], x, H, W);
     t.x = x;
-    t.mode = mode;
-    t.align = mode == BILINEAR && align_corners[k];
-    if (mode != SAME) {
-      t.rh_num = hn;
-      t.rh_den = hd;
-      t.rw_num = wn;
-      t.rw_den = wd;
-    }
     const char* names[2] = {"scales", "shifts"};
+    const char* flags[2] = {"has_scale", "has_shift"};
+    const bool declared[2] = {t.desc.has_scale, t.desc.has_shift};
     const OptTensor* params[2] = {&scales[k], &shifts[k]};
     for (int i = 0; i < 2; ++i) {
       const OptTensor& p = *params[i];
-      if (!p.has_value() || !p->defined()) continue;
+      if (!p.has_value() || !p->defined()) {
+        TORCH_CHECK(!declared[i], "hrfast fuse: ", names[i], "[", k, "] is None but terms[", k, "].", flags[i],
+                    " is true");
+        continue;
+      }
       TORCH_CHECK(p->is_floating_point(), "hrfast fuse: ", names[i], "[", k, "] has dtype ", p->scalar_type(),
                   "; expected a floating dtype");
       TORCH_CHECK(p->dim() == 1 && p->size(0) == x0.size(1), "hrfast fuse: ", names[i], "[", k,
                   "] must have shape [", x0.size(1), "] (one value per channel), got ", shape_str(*p));
       TORCH_CHECK(p->device() == x0.device(), "hrfast fuse: ", names[i], "[", k, "] is on ", p->device(),
                   " but the inputs are on ", x0.device());
+      TORCH_CHECK(declared[i], "hrfast fuse: ", names[i], "[", k, "] is a tensor but terms[", k, "].", flags[i],
+                  " is false");
       at::Tensor v = p->to(acc_type(x0.scalar_type())).contiguous();
       (i == 0 ? t.scale : t.shift) = v;
     }
@@ -140,39 +155,14 @@ std::vector<TermSpec> check_terms(const std::vector<at::Tensor>& xs, const std::
   return terms;
 }
 
-[[noreturn]] void no_cuda() {
+// The launchers of the tensors' device (checked by check_terms: CPU or CUDA).
+const Launchers& launchers_for(const at::Device& device) {
+  if (device.is_cpu()) return host_launchers();
+#ifdef HRFAST_WITH_CUDA
+  return cuda_launchers();
+#else
   TORCH_CHECK(false, "hrfast fuse: CUDA tensors need the CUDA build of the extension; this one was built without "
               "CUDA (CPU tensors only, through its emulation of the CUDA grid)");
-  throw;  // unreachable
-}
-
-void run_forward(const at::Tensor& out, const std::vector<TermSpec>& terms, bool relu) {
-  if (out.device().is_cpu()) return forward_cpu(out, terms, relu);
-#ifdef HRFAST_WITH_CUDA
-  return forward_cuda(out, terms, relu);
-#else
-  no_cuda();
-#endif
-}
-
-at::Tensor run_backward_same(const at::Tensor& grad_y, const at::Tensor& y, bool relu,
-                             const std::vector<TermSpec>& terms, const std::vector<at::Tensor>& dx,
-                             const std::vector<bool>& need_dscale, bool need_sum_g) {
-  if (grad_y.device().is_cpu()) return backward_same_cpu(grad_y, y, relu, terms, dx, need_dscale, need_sum_g);
-#ifdef HRFAST_WITH_CUDA
-  return backward_same_cuda(grad_y, y, relu, terms, dx, need_dscale, need_sum_g);
-#else
-  no_cuda();
-#endif
-}
-
-at::Tensor run_backward_adjoint(const at::Tensor& grad_y, const at::Tensor& y, bool relu, const TermSpec& term,
-                                const at::Tensor& dz, bool need_dscale, bool need_dshift) {
-  if (grad_y.device().is_cpu()) return backward_adjoint_cpu(grad_y, y, relu, term, dz, need_dscale, need_dshift);
-#ifdef HRFAST_WITH_CUDA
-  return backward_adjoint_cuda(grad_y, y, relu, term, dz, need_dscale, need_dshift);
-#else
-  no_cuda();
 #endif
 }
 
@@ -180,34 +170,34 @@ at::Tensor run_backward_adjoint(const at::Tensor& grad_y, const at::Tensor& y, b
 
 // y = ReLU(sum_k Up_k(xs[k]) * scales[k] + shifts[k]) of shape [N, C, size[0], size[1]] in xs' dtype,
 // channels_last when asked. `poison`: the output starts as NaN (tests: an unwritten element fails).
-at::Tensor fuse_forward(const std::vector<at::Tensor>& xs, const std::vector<OptTensor>& scales,
-                        const std::vector<OptTensor>& shifts, const std::vector<int64_t>& modes,
-                        const std::vector<bool>& align_corners, const std::vector<int64_t>& ratios,
+at::Tensor fuse_forward(const std::vector<TermPlanTuple>& term_plans, const std::vector<at::Tensor>& xs,
+                        const std::vector<OptTensor>& scales, const std::vector<OptTensor>& shifts,
                         const std::vector<int64_t>& size, bool relu, bool channels_last, bool poison) {
   TORCH_CHECK(size.size() == 2, "hrfast fuse: size must be [H, W], got ", size.size(), " values");
-  const auto terms = check_terms(xs, scales, shifts, modes, align_corners, ratios, size[0], size[1]);
+  const auto terms = check_terms(term_plans, xs, scales, shifts, size[0], size[1]);
   const at::Tensor& x0 = xs[0];
   const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor out = poisoned(at::empty({x0.size(0), x0.size(1), size[0], size[1]}, x0.options().memory_format(fmt)),
                             poison);
-  if (out.numel() > 0) run_forward(out, terms, relu);
+  if (out.numel() > 0) launchers_for(out.device()).forward(out, terms, relu);
   return out;
 }
 
-// Gradients [dx_0, dscale_0, dshift_0, dx_1, ...] (None where needs[3k + i] is false or the term has no
-// scale/shift). `y` (the forward output, its sign is the ReLU mask) is required when relu is true. xs may
-// be stride-0 stand-ins of the right shape when their dscale is not needed.
-std::vector<OptTensor> fuse_backward(const at::Tensor& grad_y, const OptTensor& y, const std::vector<at::Tensor>& xs,
+using TermGrads = std::tuple<OptTensor, OptTensor, OptTensor>;  // (dx, dscale, dshift)
+
+// Per term (dx, dscale, dshift), each None where needs[k] does not ask for it or the term has no such
+// parameter. `y` (the forward output, its sign is the ReLU mask) is required when relu is true. xs may be
+// stride-0 stand-ins of the right shape when their dscale is not needed.
+std::vector<TermGrads> fuse_backward(const std::vector<TermPlanTuple>& term_plans, const at::Tensor& grad_y,
+                                     const OptTensor& y, const std::vector<at::Tensor>& xs,
                                      const std::vector<OptTensor>& scales, const std::vector<OptTensor>& shifts,
-                                     const std::vector<int64_t>& modes, const std::vector<bool>& align_corners,
-                                     const std::vector<int64_t>& ratios, const std::vector<bool>& needs, bool relu,
-                                     bool poison) {
+                                     const std::vector<std::array<bool, 3>>& needs, bool relu, bool poison) {
   TORCH_CHECK(grad_y.defined() && grad_y.dim() == 4, "hrfast fuse: grad_y must be a 4-D tensor");
-  const auto terms = check_terms(xs, scales, shifts, modes, align_corners, ratios, grad_y.size(2), grad_y.size(3));
+  const auto terms = check_terms(term_plans, xs, scales, shifts, grad_y.size(2), grad_y.size(3));
   const size_t K = terms.size();
   const at::Tensor& x0 = xs[0];
-  TORCH_CHECK(needs.size() == 3 * K, "hrfast fuse: needs must hold 3 bools per term (dx, dscale, dshift): expected ",
-              3 * K, ", got ", needs.size());
+  TORCH_CHECK(needs.size() == K, "hrfast fuse: needs has ", needs.size(), " entries (dx, dscale, dshift) but there "
+              "are ", K, " terms");
   TORCH_CHECK(grad_y.size(0) == x0.size(0) && grad_y.size(1) == x0.size(1), "hrfast fuse: grad_y has shape ",
               shape_str(grad_y), " but the terms have batch ", x0.size(0), " and ", x0.size(1), " channels");
   TORCH_CHECK(grad_y.scalar_type() == x0.scalar_type(), "hrfast fuse: grad_y has dtype ", grad_y.scalar_type(),
@@ -226,51 +216,48 @@ std::vector<OptTensor> fuse_backward(const at::Tensor& grad_y, const OptTensor& 
                 grad_y.device());
   }
 
-  std::vector<OptTensor> result(3 * K);
+  const Launchers& launch = launchers_for(grad_y.device());
+  std::vector<TermGrads> result(K);
+  // output-size terms share launches (gathered here, run after the loop); each upsampled term has its own
   std::vector<TermSpec> same_terms;
   std::vector<at::Tensor> same_dx;
   std::vector<bool> same_dscale;
   std::vector<size_t> same_index;
-  bool need_sum_g = false;
+  bool need_sum_g = false, same_busy = false;
   for (size_t k = 0; k < K; ++k) {
-    if (terms[k].mode != SAME) continue;
-    const bool need_dx = needs[3 * k];
-    const bool need_dscale = needs[3 * k + 1] && terms[k].scale.defined();
-    need_sum_g |= needs[3 * k + 2] && terms[k].shift.defined();
-    at::Tensor dx = need_dx ? empty_grad(xs[k], grad_y, poison) : at::Tensor();
-    if (need_dx) result[3 * k] = dx;
-    same_terms.push_back(terms[k]);
-    same_dx.push_back(dx);
-    same_dscale.push_back(need_dscale);
-    same_index.push_back(k);
-  }
-  bool busy = need_sum_g;
-  for (size_t i = 0; i < same_terms.size(); ++i) busy |= same_dx[i].defined() || same_dscale[i];
-  if (busy) {
-    // per-tile partial sums, reduced over tiles here: a fixed-order reduction (deterministic)
-    const at::Tensor parts = run_backward_same(grad_y, y_t, relu, same_terms, same_dx, same_dscale, need_sum_g);
+    const TermSpec& t = terms[k];
+    auto& [dx_k, dscale_k, dshift_k] = result[k];
+    const bool need_dx = needs[k][0];
+    const bool need_dscale = needs[k][1] && t.desc.has_scale;
+    const bool need_dshift = needs[k][2] && t.desc.has_shift;
+    at::Tensor dx = need_dx ? empty_grad(t.x, grad_y, poison) : at::Tensor();
+    if (need_dx) dx_k = dx;
+    if (t.desc.mode == SAME) {
+      need_sum_g |= need_dshift;
+      same_busy |= need_dx || need_dscale || need_dshift;
+      same_terms.push_back(t);
+      same_dx.push_back(dx);
+      same_dscale.push_back(need_dscale);
+      same_index.push_back(k);
+      continue;
+    }
+    if (!(need_dx || need_dscale || need_dshift)) continue;
+    const at::Tensor parts = launch.backward_adjoint(grad_y, y_t, relu, t, dx, need_dscale, need_dshift);
+    if (!(need_dscale || need_dshift)) continue;
+    // per-tile partial sums, reduced over the tiles here: a fixed-order reduction (deterministic)
     const at::Tensor totals = parts.sum(1);
+    if (need_dscale) dscale_k = totals[0].to(scales[k]->scalar_type());
+    if (need_dshift) dshift_k = totals[1].to(shifts[k]->scalar_type());
+  }
+  if (same_busy) {
+    const at::Tensor totals =
+        launch.backward_same(grad_y, y_t, relu, same_terms, same_dx, same_dscale, need_sum_g).sum(1);
     const int64_t S = static_cast<int64_t>(same_terms.size());
     for (int64_t i = 0; i < S; ++i) {
       const size_t k = same_index[i];
-      if (same_dscale[i]) result[3 * k + 1] = totals[i].to(scales[k]->scalar_type());
-      if (needs[3 * k + 2] && terms[k].shift.defined()) result[3 * k + 2] = totals[S].to(shifts[k]->scalar_type());
-    }
-  }
-  for (size_t k = 0; k < K; ++k) {
-    const TermSpec& t = terms[k];
-    if (t.mode == SAME) continue;
-    const bool need_dx = needs[3 * k];
-    const bool need_dscale = needs[3 * k + 1] && t.scale.defined();
-    const bool need_dshift = needs[3 * k + 2] && t.shift.defined();
-    if (!(need_dx || need_dscale || need_dshift)) continue;
-    at::Tensor dz = need_dx ? empty_grad(t.x, grad_y, poison) : at::Tensor();
-    const at::Tensor parts = run_backward_adjoint(grad_y, y_t, relu, t, dz, need_dscale, need_dshift);
-    if (need_dx) result[3 * k] = dz;
-    if (need_dscale || need_dshift) {
-      const at::Tensor totals = parts.sum(1);
-      if (need_dscale) result[3 * k + 1] = totals[0].to(scales[k]->scalar_type());
-      if (need_dshift) result[3 * k + 2] = totals[1].to(shifts[k]->scalar_type());
+      auto& [dx_k, dscale_k, dshift_k] = result[k];
+      if (same_dscale[i]) dscale_k = totals[i].to(scales[k]->scalar_type());
+      if (needs[k][2] && terms[k].desc.has_shift) dshift_k = totals[S].to(shifts[k]->scalar_type());
     }
   }
   return result;
@@ -281,7 +268,7 @@ std::tuple<int64_t, int64_t, int64_t> adjoint_window(int64_t num, int64_t den, i
                                                      int64_t n_out) {
   TORCH_CHECK(den >= 1 && num >= 0, "hrfast fuse: adjoint_window needs num >= 0, den >= 1");
   int32_t K, step, offset;
-  window(num, den, mode, align_corners, n_out, K, step, offset);
+  window({num, den}, mode, align_corners, n_out, K, step, offset);
   return {K, step, offset};
 }
 
@@ -290,13 +277,13 @@ std::tuple<int64_t, int64_t, int64_t> adjoint_window(int64_t num, int64_t den, i
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.doc() = "hrfast's fusion kernels: y = ReLU(sum_k Up_k(x_k) * scale_k + shift_k), forward and backward";
-  m.def("fuse_forward", &hrfast::fuse_forward, "Fused forward of the HRNet fusion step", py::arg("xs"),
-        py::arg("scales"), py::arg("shifts"), py::arg("modes"), py::arg("align_corners"), py::arg("ratios"),
-        py::arg("size"), py::arg("relu"), py::arg("channels_last"), py::arg("poison") = false);
+  m.def("fuse_forward", &hrfast::fuse_forward, "Fused forward of the HRNet fusion step", py::arg("terms"),
+        py::arg("xs"), py::arg("scales"), py::arg("shifts"), py::arg("size"), py::arg("relu"),
+        py::arg("channels_last"), py::arg("poison") = false);
   m.def("fuse_backward", &hrfast::fuse_backward,
-        "Gradients [dx_0, dscale_0, dshift_0, dx_1, ...] of the fused fusion step (deterministic, no atomics)",
-        py::arg("grad_y"), py::arg("y"), py::arg("xs"), py::arg("scales"), py::arg("shifts"), py::arg("modes"),
-        py::arg("align_corners"), py::arg("ratios"), py::arg("needs"), py::arg("relu"), py::arg("poison") = false);
+        "Per term (dx, dscale, dshift) of the fused fusion step (deterministic, no atomics)", py::arg("terms"),
+        py::arg("grad_y"), py::arg("y"), py::arg("xs"), py::arg("scales"), py::arg("shifts"), py::arg("needs"),
+        py::arg("relu"), py::arg("poison") = false);
   m.def("adjoint_window", &hrfast::adjoint_window, "(K, step, offset) of the adjoint gather along one axis",
         py::arg("num"), py::arg("den"), py::arg("mode"), py::arg("align_corners"), py::arg("n_out"));
 #ifdef HRFAST_WITH_CUDA

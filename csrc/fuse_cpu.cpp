@@ -70,19 +70,6 @@ struct HostExec {
 
 }  // namespace
 
-void forward_cpu(const at::Tensor& out, const std::vector<TermSpec>& terms, bool relu) {
-  forward_launch<HostExec>(out, terms, relu);
-}
-
-at::Tensor backward_same_cpu(const at::Tensor& grad_y, const at::Tensor& y, bool relu,
-                             const std::vector<TermSpec>& terms, const std::vector<at::Tensor>& dx,
-                             const std::vector<bool>& need_dscale, bool need_sum_g) {
-  return backward_same_launch<HostExec>(grad_y, y, relu, terms, dx, need_dscale, need_sum_g);
-}
-
-at::Tensor backward_adjoint_cpu(const at::Tensor& grad_y, const at::Tensor& y, bool relu, const TermSpec& term,
-                                const at::Tensor& dz, bool need_dscale, bool need_dshift) {
-  return backward_adjoint_launch<HostExec>(grad_y, y, relu, term, dz, need_dscale, need_dshift);
-}
+const Launchers& host_launchers() { return launchers_of<HostExec>(); }
 
 }  // namespace hrfast

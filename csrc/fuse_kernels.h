@@ -50,6 +50,16 @@ struct TermPack {
   TermView<scalar_t, acc_t> t[kMaxTerms];
 };
 
+// The upstream gradient of a backward kernel and the ReLU mask's source (y, read only when relu).
+template <typename scalar_t>
+struct GradIn {
+  const scalar_t* gy;
+  Strides sg;
+  const scalar_t* y;
+  Strides sy;
+  bool relu;
+};
+
 template <typename scalar_t>
 struct GradPack {
   scalar_t* dx[kMaxTerms];  // null: not needed
@@ -67,6 +77,17 @@ HRFAST_INLINE bool tile_coords(const ThreadIdx& ti, bool cl, int64_t C, int64_t 
     c = static_cast<int64_t>(ti.by) * kBY + ti.ty;
   }
   return c < C && p < P;
+}
+
+// tile_coords in a [C x h * w] plane, the pixel as (row y, column x) (those of pixel 0 when outside).
+HRFAST_INLINE bool tile_element(const ThreadIdx& ti, bool cl, int64_t C, int64_t h, int32_t w, int64_t& c, int64_t& y,
+                                int64_t& x) {
+  int64_t q;
+  const bool active = tile_coords(ti, cl, C, h * w, c, q);
+  const int32_t q32 = static_cast<int32_t>(active ? q : 0);  // < h * w < 2^31
+  y = q32 / w;
+  x = q32 - static_cast<int32_t>(y) * w;
+  return active;
 }
 
 // This block's row of the per-tile partials: blocks (x, z) of one grid row write row z * gridDim.x + x; the
@@ -150,11 +171,9 @@ struct ForwardKernel {
   static constexpr int kSlots = 0;
 
   static HRFAST_INLINE void start(const Params& p, const ThreadIdx& ti, State& s) {
-    int64_t q;
-    if (!tile_coords(ti, p.cl, p.C, static_cast<int64_t>(p.H) * p.W, s.c, q)) return;
+    int64_t oy, ox;
+    if (!tile_element(ti, p.cl, p.C, p.H, p.W, s.c, oy, ox)) return;
     const int64_t n = ti.bz, c = s.c;
-    const int32_t q32 = static_cast<int32_t>(q);  // < H * W < 2^31
-    const int64_t oy = q32 / p.W, ox = q32 - static_cast<int32_t>(oy) * p.W;
     const int64_t off = offset4(n, c, oy, ox, p.so);
     acc_t v = forward_sum<scalar_t, acc_t>(p.pack.t, p.count, p.init != nullptr ? p.init + off : nullptr, n, c, oy,
                                            ox);
@@ -183,11 +202,7 @@ struct BackwardSameKernel {
     uint32_t dscale_mask;
     int sum_slot;
     int slot0;
-    const scalar_t* gy;
-    Strides sg;
-    const scalar_t* y;  // read only when relu
-    Strides sy;
-    bool relu;
+    GradIn<scalar_t> g;
     acc_t* parts;  // [slots, R, C]
     int64_t R, C;
     int32_t H, W;
@@ -201,17 +216,14 @@ struct BackwardSameKernel {
   static constexpr int kSlots = 1 + kMaxTerms;
 
   static HRFAST_INLINE void start(const Params& p, const ThreadIdx& ti, State& s) {
-    int64_t q;
-    s.active = tile_coords(ti, p.cl, p.C, static_cast<int64_t>(p.H) * p.W, s.c, q);
-    const int32_t q32 = static_cast<int32_t>(s.active ? q : 0);
-    s.oy = q32 / p.W;
-    s.ox = q32 - static_cast<int32_t>(s.oy) * p.W;
+    s.active = tile_element(ti, p.cl, p.C, p.H, p.W, s.c, s.oy, s.ox);
     s.n = ti.bz;
     s.g = acc_t(0);
     if (!s.active) return;
     const int64_t n = s.n, c = s.c;
-    s.g = masked_grad<scalar_t, acc_t>(p.gy, offset4(n, c, s.oy, s.ox, p.sg), p.y, offset4(n, c, s.oy, s.ox, p.sy),
-                                       p.relu);
+    const GradIn<scalar_t>& g = p.g;
+    s.g = masked_grad<scalar_t, acc_t>(g.gy, offset4(n, c, s.oy, s.ox, g.sg), g.y, offset4(n, c, s.oy, s.ox, g.sy),
+                                       g.relu);
     for (int k = 0; k < p.count; ++k) {
       scalar_t* dx = p.grads.dx[k];
       if (dx == nullptr) continue;
@@ -246,11 +258,7 @@ struct AdjointKernel {
     TermView<scalar_t, acc_t> t;
     scalar_t* dz;  // null: not needed
     Strides sd;
-    const scalar_t* gy;
-    Strides sg;
-    const scalar_t* y;  // read only when relu
-    Strides sy;
-    bool relu;
+    GradIn<scalar_t> g;
     int64_t H, W;  // output size
     acc_t* parts;  // [2, R, C]
     int64_t R, C;
@@ -265,18 +273,14 @@ struct AdjointKernel {
 
   static HRFAST_INLINE void start(const Params& p, const ThreadIdx& ti, State& s) {
     const TermView<scalar_t, acc_t>& t = p.t;
-    int64_t q;
-    s.active = tile_coords(ti, p.cl, p.C, t.h * t.w, s.c, q);
-    const int32_t w = static_cast<int32_t>(t.w);
-    const int32_t q32 = static_cast<int32_t>(s.active ? q : 0);  // < h * w <= H * W < 2^31
-    s.sy = q32 / w;
-    s.sx = q32 - static_cast<int32_t>(s.sy) * w;
+    s.active = tile_element(ti, p.cl, p.C, t.h, static_cast<int32_t>(t.w), s.c, s.sy, s.sx);  // h * w <= H * W
     s.n = ti.bz;
     s.u = acc_t(0);
     if (!s.active) return;
     const int64_t n = s.n, c = s.c;
-    s.u = adjoint_element<scalar_t, acc_t>(t, p.gy, p.sg.n, p.sg.c, p.sg.h, p.sg.w, p.y, p.sy.n, p.sy.c, p.sy.h,
-                                           p.sy.w, p.relu, p.H, p.W, n, c, s.sy, s.sx);
+    const GradIn<scalar_t>& g = p.g;
+    s.u = adjoint_element<scalar_t, acc_t>(t, g.gy, g.sg.n, g.sg.c, g.sg.h, g.sg.w, g.y, g.sy.n, g.sy.c, g.sy.h,
+                                           g.sy.w, g.relu, p.H, p.W, n, c, s.sy, s.sx);
     if (p.dz != nullptr) {
       const acc_t v = t.scale != nullptr ? s.u * load_ro(t.scale + c) : s.u;
       p.dz[offset4(n, c, s.sy, s.sx, p.sd)] = static_cast<scalar_t>(v);

@@ -8,8 +8,8 @@
 //   };
 //
 // CudaExec (fuse_cuda.cu) launches the __global__ wrappers on the current stream; HostExec (fuse_cpu.cpp)
-// emulates the grid on CPU tensors, block by block. forward_cpu / forward_cuda etc. are these templates
-// instantiated with one or the other, so the host build runs the CUDA launch logic as it is.
+// emulates the grid on CPU tensors, block by block. host_launchers() / cuda_launchers() are these templates
+// instantiated with one or the other (`launchers_of`), so the host build runs the CUDA launch logic as it is.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -45,6 +45,14 @@ inline bool has_zero_stride(const at::Tensor& t) {
 
 inline at::ScalarType acc_dtype_of(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// A backward kernel's grad_y and ReLU mask source; without relu y is undefined and grad_y stands in for it
+// (a valid pointer, never read).
+template <typename scalar_t>
+GradIn<scalar_t> grad_in(const at::Tensor& grad_y, const at::Tensor& y, bool relu) {
+  const at::Tensor& y_arg = relu ? y : grad_y;
+  return {grad_y.data_ptr<scalar_t>(), strides_of(grad_y), y_arg.data_ptr<scalar_t>(), strides_of(y_arg), relu};
 }
 
 // The grid over a [C x P] plane per image (N images), within CUDA's limits (x < 2^31, y and z <= 65535).
@@ -96,7 +104,7 @@ void forward_launch(const at::Tensor& out, const std::vector<TermSpec>& terms, b
   });
 }
 
-// Output-size terms (see fuse_launch.h backward_same_cpu): one launch per kMaxTerms terms; the first one
+// Output-size terms (see fuse_launch.h Launchers::backward_same): one launch per kMaxTerms terms; the first one
 // also sums g (zero terms: only that). Partials [K + 1, R, C], R = N * grid.x.
 template <class Exec>
 at::Tensor backward_same_launch(const at::Tensor& grad_y, const at::Tensor& y, bool relu,
@@ -110,7 +118,6 @@ at::Tensor backward_same_launch(const at::Tensor& grad_y, const at::Tensor& y, b
   const int64_t R = N * grid.x;
   at::Tensor parts = at::zeros({K + 1, R, C}, grad_y.options().dtype(acc_dtype_of(grad_y)));
   if (grad_y.numel() == 0) return parts;
-  const at::Tensor& y_arg = relu ? y : grad_y;  // a valid pointer; not read without relu
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_y.scalar_type(), "hrfast_fuse_bwd_same", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     using Kernel = BackwardSameKernel<scalar_t, acc_t>;
@@ -132,11 +139,7 @@ at::Tensor backward_same_launch(const at::Tensor& grad_y, const at::Tensor& y, b
       p.dscale_mask = mask;
       p.sum_slot = (start == 0 && need_sum_g) ? static_cast<int>(K) : -1;
       p.slot0 = static_cast<int>(start);
-      p.gy = grad_y.data_ptr<scalar_t>();
-      p.sg = strides_of(grad_y);
-      p.y = y_arg.data_ptr<scalar_t>();
-      p.sy = strides_of(y_arg);
-      p.relu = relu;
+      p.g = grad_in<scalar_t>(grad_y, y, relu);
       p.parts = parts.data_ptr<acc_t>();
       p.R = R;
       p.C = C;
@@ -149,7 +152,7 @@ at::Tensor backward_same_launch(const at::Tensor& grad_y, const at::Tensor& y, b
   return parts;
 }
 
-// An upsampled term (see fuse_launch.h backward_adjoint_cpu): one launch over the source pixels. Partials
+// An upsampled term (see fuse_launch.h Launchers::backward_adjoint): one launch over the source pixels. Partials
 // [2, R, C], R = N * grid.x. The thread mapping follows the layout of what it writes (dz), else of z; a
 // stride-0 stand-in z (its dscale not needed) has none: then grad_y's, the layout empty_grad gives dz.
 template <class Exec>
@@ -165,7 +168,6 @@ at::Tensor backward_adjoint_launch(const at::Tensor& grad_y, const at::Tensor& y
   const int64_t R = N * grid.x;
   at::Tensor parts = at::zeros({2, R, C}, grad_y.options().dtype(acc_dtype_of(grad_y)));
   if (z.numel() == 0 || grad_y.numel() == 0) return parts;
-  const at::Tensor& y_arg = relu ? y : grad_y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_y.scalar_type(), "hrfast_fuse_bwd_adjoint", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     using Kernel = AdjointKernel<scalar_t, acc_t>;
@@ -173,11 +175,7 @@ at::Tensor backward_adjoint_launch(const at::Tensor& grad_y, const at::Tensor& y
     p.t = make_view<scalar_t, acc_t>(term, H, W);
     p.dz = dz.defined() ? dz.data_ptr<scalar_t>() : nullptr;
     p.sd = dz.defined() ? strides_of(dz) : Strides{0, 0, 0, 0};
-    p.gy = grad_y.data_ptr<scalar_t>();
-    p.sg = strides_of(grad_y);
-    p.y = y_arg.data_ptr<scalar_t>();
-    p.sy = strides_of(y_arg);
-    p.relu = relu;
+    p.g = grad_in<scalar_t>(grad_y, y, relu);
     p.H = H;
     p.W = W;
     p.parts = parts.data_ptr<acc_t>();
@@ -189,6 +187,13 @@ at::Tensor backward_adjoint_launch(const at::Tensor& grad_y, const at::Tensor& y
     Exec::template run<Kernel>(grid, p);
   });
   return parts;
+}
+
+// The launchers above with one executor (fuse_launch.h host_launchers / cuda_launchers).
+template <class Exec>
+const Launchers& launchers_of() {
+  static const Launchers table{&forward_launch<Exec>, &backward_same_launch<Exec>, &backward_adjoint_launch<Exec>};
+  return table;
 }
 
 }  // namespace hrfast

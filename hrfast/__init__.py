@@ -4,8 +4,8 @@ Importing hrfast imports neither triton nor anything that queries CUDA; kernels 
 """
 from . import ops
 from ._autotune import choices as backend_choices
-from ._backend import BACKENDS
-from .ops import Resample
+from .backends import BACKENDS
+from .plan import Resample
 from ._patch import PatchReport, patch, unpatch
 
 __version__ = "0.1.0"

@@ -1,17 +1,22 @@
 """`backend="auto"` on CUDA tensors: the fastest implementation, measured once per call signature.
 
 The first call of an op with a new signature (shapes, strides, dtypes, resampling plan, which inputs need
-gradients, ...) runs every candidate that can run here without compiling anything new: the Triton kernels,
-the CUDA C++ extension when it is already built (ahead of time as `hrfast._C`, or by an earlier JIT build in
-the cache), and the PyTorch reference, i.e. the eager computation that the op replaces. Each is timed
-(forward, plus backward when a gradient is needed), interleaved and repeated, and the one with the smallest
-median wins; the choice is kept in a per-process table (`choices()`) and logged on the "hrfast" logger. So
+gradients, ...) runs every candidate that `hrfast.backends.candidates` lists: what can run here without
+compiling anything new (the Triton kernels, the CUDA C++ extension when it is already built, ahead of time as
+`hrfast._C` or by an earlier JIT build in the cache) and the PyTorch reference, i.e. the eager computation
+that the op replaces. Each is timed
+(forward, plus backward when a gradient is needed) with `hrfast.timing`: CUDA events, the L2 flushed before
+every timed call, interleaved round-robin after one warm-up round, at least MIN_REPS and at most MAX_REPS
+rounds (more while under BUDGET_S in all); the smallest median wins (ties go to the earlier candidate). The
+choice is kept in a per-process table (`choices()`, least recently used entries dropped beyond 1,024
+signatures) and logged on the "hrfast" logger. So
 `auto` never keeps running something that measured slower than eager PyTorch on this GPU, for these shapes.
 
-No measurement happens (the static rule of `hrfast._backend.resolve_backend` applies: Triton when importable)
+No measurement happens (the static rule of `hrfast.backends.resolve` applies: Triton when importable)
 - while torch.compile, torch.export or torch.jit.trace traces (the traced graph fixes the backend),
 - while a CUDA graph is being captured (a choice measured earlier for the signature is used),
-- with HRFAST_AUTO_MEASURE=0 (for reproducible numerics from run to run, or to avoid the first-call cost).
+- with HRFAST_AUTO_MEASURE=0 (for reproducible numerics from run to run, or to avoid the first-call cost),
+  or HRFAST_BACKEND=<name>, which makes "auto" mean that backend.
 
 The measurement runs the op on detached copies of the inputs (running statistics are cloned: nothing the
 caller holds is modified, and no random numbers are drawn). A candidate that raises is skipped with a warning.
@@ -20,15 +25,18 @@ backend for bitwise reproducibility.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import statistics
 import threading
-import time
 import warnings
+from collections import OrderedDict
 from typing import Callable, Dict, Hashable, List, NamedTuple, Optional, Sequence
 
 import torch
+
+from . import timing
 
 log = logging.getLogger("hrfast")
 
@@ -47,7 +55,8 @@ class Choice(NamedTuple):
     median_ms: Dict[str, float]  # per candidate that ran; a skipped one is absent
 
 
-_TABLE: Dict[tuple, Choice] = {}
+_TABLE: "OrderedDict[tuple, Choice]" = OrderedDict()  # least recently used first
+_MAX_CHOICES = 1024  # a process that sees ever new shapes forgets the oldest (they are measured again if seen)
 _LOCK = threading.RLock()
 
 
@@ -76,56 +85,26 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def candidates(device: torch.device) -> List[str]:
-    """The concrete backends `auto` may run on `device` without compiling anything new, fastest-first by
-    expectation (ties go to the earlier one)."""
-    from ._backend import triton_interpreter_enabled, triton_status
-    from ._cuda import host_path_enabled
-
-    out = []
-    if triton_status()[0] and (device.type == "cuda" or triton_interpreter_enabled()):
-        out.append("triton")
-    if (device.type == "cuda" or host_path_enabled()) and cuda_extension_built(device.type == "cuda"):
-        out.append("cuda")
-    out.append("reference")
-    return out
+def applies(device: torch.device) -> bool:
+    """Whether a backend="auto" call on `device` is measured now: never while torch.compile, export or
+    jit.trace traces (checked first, so nothing below is traced)."""
+    return not torch.compiler.is_compiling() and not torch.jit.is_tracing() and measuring_enabled(device)
 
 
-def cuda_extension_built(with_cuda: bool) -> bool:
-    """The extension can be loaded without compiling: hrfast._C, or a finished JIT build in the cache."""
-    from ._cuda import build, cuda_status
-
-    if with_cuda and not cuda_status()[0]:
-        return False
-    if build._precompiled() is not None:
-        return True
-    try:
-        folder = build.build_dir(with_cuda)
-    except OSError:
-        return False
-    return (folder / f"{build.extension_name(with_cuda)}.so").exists()
-
-
-def applies(backend: str, device: torch.device) -> bool:
-    """Whether a call with this `backend` argument goes through `choose`. The ops check this first: under
-    torch.compile it is False at trace time (so nothing below is traced)."""
-    return (backend == "auto" and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and measuring_enabled(device))
-
-
-def choose(op: str, signature: Hashable, device: torch.device, static: str,
+def choose(op: str, signature: Hashable, device: torch.device, static: str, names: Sequence[str],
            run: Callable[[str], None]) -> str:
     """The backend for one call of `op` with this `signature` on `device` (when `applies`): from the table,
     else measured now by calling `run(backend)` (one forward, and backward when needed, on copies of the
-    inputs) for each candidate; `static` (the static rule's answer) during a CUDA graph capture."""
+    inputs) for each of the candidate backends `names`; `static` (the static rule's answer) during a CUDA
+    graph capture."""
     key = (op, device.type, device.index if device.type == "cuda" else None, signature)
     with _LOCK:
         known = _TABLE.get(key)
         if known is not None:
+            _TABLE.move_to_end(key)
             return known.backend
         if _capturing(device):
             return static
-        names = candidates(device)
         if len(names) == 1:
             return names[0]
         medians = _measure(names, run, device, op)
@@ -133,39 +112,25 @@ def choose(op: str, signature: Hashable, device: torch.device, static: str,
             return static
         best = min(medians, key=lambda name: (medians[name], names.index(name)))
         _TABLE[key] = Choice(op, signature, best, medians)
+        if len(_TABLE) > _MAX_CHOICES:
+            _TABLE.popitem(last=False)
     log.info("hrfast: backend='auto' chose %s for %s %s (median ms: %s)", best, op, _brief(signature),
              ", ".join(f"{name} {ms:.3f}" for name, ms in medians.items()))
     return best
 
 
 def _measure(names: Sequence[str], run: Callable[[str], None], device: torch.device, op: str) -> Dict[str, float]:
-    """Median wall time per candidate (synchronised), round-robin so that drift hits all alike."""
-    alive = []
-    for name in names:  # warm-up: compiles Triton kernels, loads the extension, fills the allocator's cache
-        try:
-            run(name)
-            _sync(device)
-            alive.append(name)
-        except Exception as exc:  # an OOM or a kernel that cannot take these shapes: not a reason to fail
-            warnings.warn(f"hrfast: backend='auto' skips {name} for {op}: {type(exc).__name__}: {exc}",
-                          RuntimeWarning, stacklevel=4)
-    times: Dict[str, List[float]] = {name: [] for name in alive}
-    spent, reps = 0.0, 0
-    while alive and reps < MAX_REPS and (reps < MIN_REPS or spent < BUDGET_S):
-        for name in alive:
-            start = time.perf_counter()
-            run(name)
-            _sync(device)
-            elapsed = time.perf_counter() - start
-            times[name].append(elapsed)
-            spent += elapsed
-        reps += 1
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    """Median milliseconds per candidate (`hrfast.timing`: CUDA events on a cold L2 on a GPU), round-robin so
+    that drift hits all alike, after one warm-up round (Triton compiles, the extension loads, the allocator
+    fills its cache)."""
+    def skip(name: str, exc: BaseException) -> None:  # an OOM or a kernel that cannot take these shapes
+        warnings.warn(f"hrfast: backend='auto' skips {name} for {op}: {type(exc).__name__}: {exc}",
+                      RuntimeWarning, stacklevel=5)
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    times = timing.time_interleaved({name: functools.partial(run, name) for name in names}, device, warmup=1,
+                                    reps=MAX_REPS, min_reps=MIN_REPS, budget_ms=BUDGET_S * 1e3, flush_l2=True,
+                                    on_error=skip)
+    return {name: statistics.median(t) for name, t in times.items() if t}
 
 
 def _brief(signature) -> str:

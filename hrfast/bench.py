@@ -31,6 +31,7 @@ import argparse
 import copy
 import datetime
 import gc
+import itertools
 import json
 import math
 import os
@@ -44,7 +45,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._backend import BACKENDS
+from .backends import ALIASES, BACKENDS
+from .timing import synchronize, time_interleaved
 
 CONTENDERS = ("eager", "compile", "hrfast", "hrfast-compile", "compile-max-autotune")
 DEFAULT_CONTENDERS = ("eager", "compile", "hrfast", "hrfast-compile")
@@ -73,7 +75,7 @@ def _parse(argv=None) -> argparse.Namespace:
                    help="batch size (default on a GPU: 1 inference, 8 training; CPU: 1)")
     p.add_argument("--dtype", choices=("fp32", "bf16", "both"), default="both")
     p.add_argument("--mode", choices=("inference", "train", "both"), default="both")
-    p.add_argument("--backend", choices=BACKENDS, default="auto",
+    p.add_argument("--backend", choices=(*BACKENDS, *ALIASES), default="auto",
                    help="hrfast's backend (auto: Triton on CUDA, the PyTorch reference on CPU)")
     p.add_argument("--channels-last", action="store_true", help="model and input in channels_last")
     p.add_argument("--contenders", default=None,
@@ -119,23 +121,10 @@ def _contenders(spec: Optional[str], no_compile: bool, on_gpu: bool) -> Tuple[st
 # ------------------------------------------------------------------------------------------ measurement
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time_once(fn: Callable[[], object], device: torch.device) -> float:
-    """Milliseconds of one call: CUDA events on a GPU, the host clock on CPU."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize(device)
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
+def _numbered(step: Callable[[int], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """step(0), step(1), ... on successive calls: the timed rounds rotate the input buffers."""
+    counter = itertools.count()
+    return lambda: step(next(counter))
 
 
 def _peak_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
@@ -339,7 +328,7 @@ class _Case:
                 self.log(f"    {name}: first call" + (" (torch.compile warm-up)" if compiles else "") + " ...")
                 t0 = time.perf_counter()
                 out = step(0)
-                _sync(self.device)
+                synchronize(self.device)
                 first_s = time.perf_counter() - t0
                 rec["first_call_s"] = first_s
                 errors = {"output": rel_error(out.detach().double().cpu(), ref_out)}
@@ -348,7 +337,7 @@ class _Case:
                 del out
                 for k in range(warmup):
                     step(k + 1)
-                _sync(self.device)
+                synchronize(self.device)
                 if compiles:
                     rec["compile_s"] = first_s
                     rec["graph_breaks"] = int(sum(counters["graph_break"].values()))
@@ -365,15 +354,13 @@ class _Case:
         live = [n for n in self.contenders if n in steps]
         repeats = self.args.repeats
         self.log(f"    timing {repeats} interleaved round(s) of {', '.join(live)} ...")
-        times: Dict[str, List[float]] = {n: [] for n in live}
-        for r in range(repeats):
-            for name in list(live):
-                try:
-                    times[name].append(_time_once(lambda fn=steps[name], i=r: fn(i), self.device))
-                except Exception as exc:  # noqa: BLE001
-                    results[name]["failed"] = f"{type(exc).__name__} while timing: {exc}"
-                    self.log(f"    {name}: FAILED while timing: {results[name]['failed'].splitlines()[0][:300]}")
-                    live.remove(name)
+
+        def failed(name: str, exc: BaseException) -> None:
+            results[name]["failed"] = f"{type(exc).__name__} while timing: {exc}"
+            self.log(f"    {name}: FAILED while timing: {results[name]['failed'].splitlines()[0][:300]}")
+
+        times = time_interleaved({n: _numbered(steps[n]) for n in live}, self.device, reps=repeats, on_error=failed)
+        live = list(times)
         for name in live:
             rec = results[name]
             rec["times_ms"] = times[name]
@@ -523,12 +510,12 @@ def main(argv=None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
     import hrfast
 
-    from ._backend import resolve_backend
+    from .backends import resolve as resolve_backend
     from .models import build_model
-    from .models.registry import _TASK_OF
+    from .models.registry import task_of
 
     name = args.model or (GPU_MODEL if on_gpu else CPU_MODEL)
-    task = _TASK_OF[name]
+    task = task_of(name)
     contenders = _contenders(args.contenders, args.no_compile, on_gpu)
     modes = MODES if args.mode == "both" else (args.mode,)
     dtypes = tuple(DTYPES) if args.dtype == "both" else (args.dtype,)

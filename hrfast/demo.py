@@ -10,13 +10,13 @@ import argparse
 import copy
 import os
 import statistics
-import time
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
 
-from ._backend import BACKENDS
+from .backends import ALIASES, BACKENDS
+from .timing import time_interleaved
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -63,25 +63,6 @@ def randomize_norms(module: nn.Module, generator: Optional[torch.Generator] = No
                 m.running_var.uniform_(0.5, 1.5, generator=generator)
 
 
-def _timer(device: torch.device) -> Callable[[Callable[[], object], int], float]:
-    def median_ms(fn, reps):
-        times = []
-        for _ in range(reps):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-    return median_ms
-
-
 def _budget(dtype: torch.dtype, eager_error: float) -> float:
     from hrfast.testing import LOW_PRECISION_FACTOR, tolerance
 
@@ -101,7 +82,7 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     p.add_argument("--upsample", choices=("nearest", "bilinear"), default="nearest")
-    p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument("--backend", choices=(*BACKENDS, *ALIASES), default="auto")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--train", action="store_true", help="training mode: batch-statistics BN, forward+backward")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 50 on a GPU, 3 on CPU)")
@@ -164,7 +145,6 @@ def main(argv=None) -> int:
                      rel_error(pflat(fused.fuse_layers), pflat(ref_layers))))
 
     print(f"  timing {reps} repetitions each ...", flush=True)
-    median_ms = _timer(device)
     grads_dev = [torch.randn_like(o) for o in out_eager]
 
     def run(fn):
@@ -177,10 +157,9 @@ def main(argv=None) -> int:
 
     eager_step = run(lambda v: fusion_module_ref(eager_layers, v))
     fused_step = run(fused)
-    for _ in range(2):  # warm-up: Triton compiles, oneDNN/cuDNN pick kernels
-        eager_step(), fused_step()
-    t_eager = median_ms(eager_step, reps)
-    t_fused = median_ms(fused_step, reps)
+    # two warm-up rounds (Triton compiles, oneDNN/cuDNN pick kernels), then interleaved timed rounds
+    times = time_interleaved({"eager": eager_step, "hrfast": fused_step}, device, reps=reps, warmup=2)
+    t_eager, t_fused = statistics.median(times["eager"]), statistics.median(times["hrfast"])
 
     print()
     print(f"  {'check':<14}{'eager rel. err':>16}{'hrfast rel. err':>17}   (vs float64 reference)")

@@ -371,7 +371,7 @@ def hrnet_v2_head_macs(module: nn.Module, inputs: Tuple, output: object) -> int:
     branch 0's resolution (``N * H_0 * W_0 * C_out * K``). When the norm cannot be folded the head runs the eager
     concat form, and the rule counts that (``N * H_0 * W_0 * C_in * C_out`` plus the classifier).
     """
-    from .nn._norm import can_fold
+    from .batchnorm import can_fold
 
     xs = inputs[0] if inputs else ()
     if isinstance(xs, Tensor) or not xs:

@@ -31,43 +31,6 @@ def _versions() -> List[Tuple[str, str]]:
     return rows
 
 
-def backend_rows() -> List[Tuple[str, bool, str]]:
-    """(backend, usable for CUDA tensors, reason) for every concrete backend."""
-    import torch
-
-    from ._backend import triton_interpreter_enabled, triton_status
-    from ._cuda import cuda_status, host_path_enabled
-    from ._cuda.build import cuda_home, nvcc_version, toolkit_problem
-
-    gpu = torch.cuda.is_available()
-    ok, reason = triton_status()
-    if ok and not gpu:
-        reason = ("importable, but no GPU: runs only through the interpreter (TRITON_INTERPRET=1, "
-                  f"{'set' if triton_interpreter_enabled() else 'not set'})")
-    rows = [("triton", ok and gpu, reason)]
-    ok, reason = cuda_status()
-    problem = toolkit_problem()
-    home = cuda_home()
-    toolkit = (f"toolkit: nvcc {nvcc_version(home)} at {home}" if problem is None else f"toolkit: {problem}")
-    note = "; HRFAST_CSRC_ON_CPU=1: host path on CPU tensors" if host_path_enabled() else ""
-    rows.append(("cuda", ok, f"{reason}; {toolkit}{note}"))
-    rows.append(("reference", True, "plain PyTorch, any device"))
-    return rows
-
-
-def _auto_rule(device, static: str) -> str:
-    """What backend='auto' does for tensors on `device` (see hrfast._autotune)."""
-    from . import _autotune
-
-    if not _autotune.measuring_enabled(device):
-        return static
-    names = _autotune.candidates(device)
-    if len(names) == 1:
-        return names[0]
-    return (f"the fastest of {', '.join(names)}, measured on the first call with each signature "
-            f"({static} under torch.compile or with HRFAST_AUTO_MEASURE=0)")
-
-
 def _parse(argv) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m hrfast info", description=__doc__.splitlines()[0])
     p.add_argument("--build", action="store_true",
@@ -79,15 +42,15 @@ def main(argv=None) -> int:
     args = _parse(argv)
     import torch
 
-    from ._backend import resolve_backend
+    from . import backends
 
     for name, value in _versions():
         print(f"{name:<20} {value}")
     print()
-    for name, usable, reason in backend_rows():
+    for name, usable, reason in backends.status_rows():
         print(f"backend {name!r:<12} {'yes' if usable else 'no ':<4} {reason}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"\nbackend='auto' on {device.type} tensors runs: {_auto_rule(device, resolve_backend('auto', device))}")
+    print(f"\nbackend='auto' on {device.type} tensors runs: {backends.auto_rule(device)}")
     if args.build:
         from ._cuda.build import BuildError, build, toolkit_problem
 

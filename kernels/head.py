@@ -18,57 +18,41 @@ Per-split and per-tile partial sums are reduced on the host in a fixed order: de
 """
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .fuse import Term, _device_context, _empty, _upsample_adjoint, needs_int64
-from .resample import SAME, load_term, tile_offsets
+from hrfast.plan import HeadPlan
 
-MAX_LOW = 3  # HRNetV2: x0 plus three lower-resolution branches
-
-
-class HeadPlan(NamedTuple):
-    """Static description of one head call: per low branch (mode, align_corners, ratio_h, ratio_w)."""
-
-    lows: Tuple[Tuple[int, bool, Tuple[int, int], Tuple[int, int]], ...]
+from .fuse import _device_context, _empty, needs_int64, upsample_term_backward
+from .resample import SAME, cdiv, next_power_of_2, source_args, tile_offsets, upsampled_tile
 
 
 @triton.jit
-def _pre_bn_chunk(w0, x0, n, m, m_mask, oy, ox, p_mask,
-                  p1, h1, w1, sn1, sc1, sh1, sw1, ry1, rx1, ryn1, ryd1, rxn1, rxd1,
-                  p2, h2, w2, sn2, sc2, sh2, sw2, ry2, rx2, ryn2, ryd2, rxn2, rxd2,
-                  p3, h3, w3, sn3, sc3, sh3, sw3, ry3, rx3, ryn3, ryd3, rxn3, rxd3,
-                  NUM_LOW: tl.constexpr, MODE1: tl.constexpr, ALIGN1: tl.constexpr, MODE2: tl.constexpr,
-                  ALIGN2: tl.constexpr, MODE3: tl.constexpr, ALIGN3: tl.constexpr,
+def _pre_bn_chunk(w0, x0, n, m, m_mask, oy, ox, p_mask, lows, MODES: tl.constexpr, ALIGNS: tl.constexpr,
                   F64: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr):
-    """s[m, p] = W0[m, :] . x0[:, p] + sum_j Up(P_j)[m, p] for a [BLOCK_M, BLOCK_P] chunk, in fp32 (fp64)."""
+    """s[m, p] = W0[m, :] . x0[:, p] + sum_j Up(P_j)[m, p] for a [BLOCK_M, BLOCK_P] chunk, in fp32 (fp64);
+    `lows`: the sources of the P_j (`resample.source_args`), MODES / ALIGNS: their resampling."""
     acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
     s = tl.dot(w0, x0, out_dtype=acc_t, input_precision=PRECISION)
-    if NUM_LOW > 0:
-        s += load_term(n, m, m_mask, oy, ox, p_mask, p1, p1, p1, h1, w1, sn1, sc1, sh1, sw1,
-                       ry1, rx1, ryn1, ryd1, rxn1, rxd1, MODE1, ALIGN1, False, False, F64, INT64)
-    if NUM_LOW > 1:
-        s += load_term(n, m, m_mask, oy, ox, p_mask, p2, p2, p2, h2, w2, sn2, sc2, sh2, sw2,
-                       ry2, rx2, ryn2, ryd2, rxn2, rxd2, MODE2, ALIGN2, False, False, F64, INT64)
-    if NUM_LOW > 2:
-        s += load_term(n, m, m_mask, oy, ox, p_mask, p3, p3, p3, h3, w3, sn3, sc3, sh3, sw3,
-                       ry3, rx3, ryn3, ryd3, rxn3, rxd3, MODE3, ALIGN3, False, False, F64, INT64)
+    for j in tl.static_range(len(lows)):
+        s += upsampled_tile(n, m, m_mask, oy, ox, p_mask, lows[j], MODES[j], ALIGNS[j], F64, INT64)
     return s
 
 
 @triton.jit
-def _load_x0(x0_ptr, n, oy, ox, p_mask, C0, s_n, s_c, s_h, s_w, C0P: tl.constexpr, INT64: tl.constexpr):
+def _load_x0(x0_ptr, n, oy, ox, p_mask, C0, strides, C0P: tl.constexpr, INT64: tl.constexpr):
     c = tl.arange(0, C0P)
     mask = (c < C0)[:, None] & p_mask[None, :]
-    return tl.load(x0_ptr + tile_offsets(n, c, oy, ox, s_n, s_c, s_h, s_w, INT64), mask=mask, other=0.0)
+    return tl.load(x0_ptr + tile_offsets(n, c, oy, ox, strides, INT64), mask=mask, other=0.0)
 
 
 @triton.jit
-def _load_matrix(ptr, rows, cols, n_rows, n_cols, s_r, s_c):
+def _load_matrix(ptr, rows, cols, n_rows, n_cols, strides):
+    s_r, s_c = strides
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
     return tl.load(ptr + rows[:, None] * s_r + cols[None, :] * s_c, mask=mask, other=0.0)
 
@@ -81,13 +65,9 @@ def _pixels(pid_p, H, W, BLOCK_P: tl.constexpr):
 
 @triton.jit
 def _head_stats_kernel(
-    x0_ptr, sx_n, sx_c, sx_h, sx_w, C0, H, W,
-    w0_ptr, sw0_m, sw0_c, M, part_ptr, R,
-    p1, h1, w1, sn1, sc1, sh1, sw1, ry1, rx1, ryn1, ryd1, rxn1, rxd1,
-    p2, h2, w2, sn2, sc2, sh2, sw2, ry2, rx2, ryn2, ryd2, rxn2, rxd2,
-    p3, h3, w3, sn3, sc3, sh3, sw3, ry3, rx3, ryn3, ryd3, rxn3, rxd3,
-    NUM_LOW: tl.constexpr, MODE1: tl.constexpr, ALIGN1: tl.constexpr, MODE2: tl.constexpr,
-    ALIGN2: tl.constexpr, MODE3: tl.constexpr, ALIGN3: tl.constexpr,
+    x0_ptr, x0_strides, C0, H, W,
+    w0_ptr, w0_strides, M, part_ptr, R,
+    lows, MODES: tl.constexpr, ALIGNS: tl.constexpr,
     F64: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr,
     C0P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -96,17 +76,13 @@ def _head_stats_kernel(
     n = tl.program_id(1)
     p_mask, oy, ox = _pixels(pid_p, H, W, BLOCK_P)
     count = tl.sum(p_mask.to(tl.float32), axis=0)
-    x0 = _load_x0(x0_ptr, n, oy, ox, p_mask, C0, sx_n, sx_c, sx_h, sx_w, C0P, INT64)
+    x0 = _load_x0(x0_ptr, n, oy, ox, p_mask, C0, x0_strides, C0P, INT64)
     row = n * tl.num_programs(0) + pid_p
     for m0 in range(0, M, BLOCK_M):
         m = m0 + tl.arange(0, BLOCK_M)
         m_mask = m < M
-        w0 = _load_matrix(w0_ptr, m, tl.arange(0, C0P), M, C0, sw0_m, sw0_c)
-        s = _pre_bn_chunk(w0, x0, n, m, m_mask, oy, ox, p_mask,
-                          p1, h1, w1, sn1, sc1, sh1, sw1, ry1, rx1, ryn1, ryd1, rxn1, rxd1,
-                          p2, h2, w2, sn2, sc2, sh2, sw2, ry2, rx2, ryn2, ryd2, rxn2, rxd2,
-                          p3, h3, w3, sn3, sc3, sh3, sw3, ry3, rx3, ryn3, ryd3, rxn3, rxd3,
-                          NUM_LOW, MODE1, ALIGN1, MODE2, ALIGN2, MODE3, ALIGN3, F64, INT64, PRECISION)
+        w0 = _load_matrix(w0_ptr, m, tl.arange(0, C0P), M, C0, w0_strides)
+        s = _pre_bn_chunk(w0, x0, n, m, m_mask, oy, ox, p_mask, lows, MODES, ALIGNS, F64, INT64, PRECISION)
         s = tl.where(p_mask[None, :], s, 0.0)
         total = tl.sum(s, axis=1)
         centred = tl.where(p_mask[None, :], s - (total / count)[:, None], 0.0)
@@ -116,14 +92,10 @@ def _head_stats_kernel(
 
 @triton.jit
 def _head_forward_kernel(
-    x0_ptr, sx_n, sx_c, sx_h, sx_w, C0, H, W,
-    w0_ptr, sw0_m, sw0_c, M, scale_ptr, shift_ptr,
-    wc_ptr, swc_k, swc_m, K, bc_ptr, out_ptr, so_n, so_c, so_h, so_w,
-    p1, h1, w1, sn1, sc1, sh1, sw1, ry1, rx1, ryn1, ryd1, rxn1, rxd1,
-    p2, h2, w2, sn2, sc2, sh2, sw2, ry2, rx2, ryn2, ryd2, rxn2, rxd2,
-    p3, h3, w3, sn3, sc3, sh3, sw3, ry3, rx3, ryn3, ryd3, rxn3, rxd3,
-    NUM_LOW: tl.constexpr, MODE1: tl.constexpr, ALIGN1: tl.constexpr, MODE2: tl.constexpr,
-    ALIGN2: tl.constexpr, MODE3: tl.constexpr, ALIGN3: tl.constexpr, HAS_BC: tl.constexpr,
+    x0_ptr, x0_strides, C0, H, W,
+    w0_ptr, w0_strides, M, scale_ptr, shift_ptr,
+    wc_ptr, wc_strides, K, bc_ptr, out_ptr, out_strides,
+    lows, MODES: tl.constexpr, ALIGNS: tl.constexpr, HAS_BC: tl.constexpr,
     F64: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr,
     C0P: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -131,42 +103,34 @@ def _head_forward_kernel(
     pid_p = tl.program_id(0)
     n = tl.program_id(1)
     p_mask, oy, ox = _pixels(pid_p, H, W, BLOCK_P)
-    x0 = _load_x0(x0_ptr, n, oy, ox, p_mask, C0, sx_n, sx_c, sx_h, sx_w, C0P, INT64)
+    x0 = _load_x0(x0_ptr, n, oy, ox, p_mask, C0, x0_strides, C0P, INT64)
     k = tl.arange(0, KP)
     logits = tl.zeros([KP, BLOCK_P], dtype=acc_t)
     for m0 in range(0, M, BLOCK_M):
         m = m0 + tl.arange(0, BLOCK_M)
         m_mask = m < M
-        w0 = _load_matrix(w0_ptr, m, tl.arange(0, C0P), M, C0, sw0_m, sw0_c)
-        s = _pre_bn_chunk(w0, x0, n, m, m_mask, oy, ox, p_mask,
-                          p1, h1, w1, sn1, sc1, sh1, sw1, ry1, rx1, ryn1, ryd1, rxn1, rxd1,
-                          p2, h2, w2, sn2, sc2, sh2, sw2, ry2, rx2, ryn2, ryd2, rxn2, rxd2,
-                          p3, h3, w3, sn3, sc3, sh3, sw3, ry3, rx3, ryn3, ryd3, rxn3, rxd3,
-                          NUM_LOW, MODE1, ALIGN1, MODE2, ALIGN2, MODE3, ALIGN3, F64, INT64, PRECISION)
+        w0 = _load_matrix(w0_ptr, m, tl.arange(0, C0P), M, C0, w0_strides)
+        s = _pre_bn_chunk(w0, x0, n, m, m_mask, oy, ox, p_mask, lows, MODES, ALIGNS, F64, INT64, PRECISION)
         scale = tl.load(scale_ptr + m, mask=m_mask, other=0.0).to(acc_t)
         shift = tl.load(shift_ptr + m, mask=m_mask, other=0.0).to(acc_t)
         a = tl.maximum(s * scale[:, None] + shift[:, None], 0.0)
-        wc = _load_matrix(wc_ptr, k, m, K, M, swc_k, swc_m)
+        wc = _load_matrix(wc_ptr, k, m, K, M, wc_strides)
         # like eager, the classifier multiplies the activation in the input dtype (fp32 accumulate)
         logits += tl.dot(wc, a.to(wc.dtype), out_dtype=acc_t, input_precision=PRECISION)
     if HAS_BC:
         logits += tl.load(bc_ptr + k, mask=k < K, other=0.0).to(acc_t)[:, None]
     mask = (k < K)[:, None] & p_mask[None, :]
-    tl.store(out_ptr + tile_offsets(n, k, oy, ox, so_n, so_c, so_h, so_w, INT64),
+    tl.store(out_ptr + tile_offsets(n, k, oy, ox, out_strides, INT64),
              logits.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _head_backward_reduce_kernel(
-    x0_ptr, sx_n, sx_c, sx_h, sx_w, C0, H, W,
-    w0_ptr, sw0_m, sw0_c, M, scale_ptr, shift_ptr,
-    wc_ptr, swc_k, swc_m, K, g_ptr, sg_n, sg_c, sg_h, sg_w,
+    x0_ptr, x0_strides, C0, H, W,
+    w0_ptr, w0_strides, M, scale_ptr, shift_ptr,
+    wc_ptr, wc_strides, K, g_ptr, g_strides,
     dwc_ptr, part_ptr, SPLITS, TILES,
-    p1, h1, w1, sn1, sc1, sh1, sw1, ry1, rx1, ryn1, ryd1, rxn1, rxd1,
-    p2, h2, w2, sn2, sc2, sh2, sw2, ry2, rx2, ryn2, ryd2, rxn2, rxd2,
-    p3, h3, w3, sn3, sc3, sh3, sw3, ry3, rx3, ryn3, ryd3, rxn3, rxd3,
-    NUM_LOW: tl.constexpr, MODE1: tl.constexpr, ALIGN1: tl.constexpr, MODE2: tl.constexpr,
-    ALIGN2: tl.constexpr, MODE3: tl.constexpr, ALIGN3: tl.constexpr,
+    lows, MODES: tl.constexpr, ALIGNS: tl.constexpr,
     F64: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr,
     C0P: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -176,8 +140,8 @@ def _head_backward_reduce_kernel(
     split = tl.program_id(1)
     m_mask = m < M
     k = tl.arange(0, KP)
-    w0 = _load_matrix(w0_ptr, m, tl.arange(0, C0P), M, C0, sw0_m, sw0_c)
-    wc = _load_matrix(wc_ptr, k, m, K, M, swc_k, swc_m)
+    w0 = _load_matrix(w0_ptr, m, tl.arange(0, C0P), M, C0, w0_strides)
+    wc = _load_matrix(wc_ptr, k, m, K, M, wc_strides)
     wc_t = tl.trans(wc)
     scale = tl.load(scale_ptr + m, mask=m_mask, other=0.0).to(acc_t)
     shift = tl.load(shift_ptr + m, mask=m_mask, other=0.0).to(acc_t)
@@ -188,16 +152,12 @@ def _head_backward_reduce_kernel(
     for t in range(split, TILES, SPLITS):
         n = t // tiles_per_image
         p_mask, oy, ox = _pixels(t % tiles_per_image, H, W, BLOCK_P)
-        x0 = _load_x0(x0_ptr, n, oy, ox, p_mask, C0, sx_n, sx_c, sx_h, sx_w, C0P, INT64)
-        s = _pre_bn_chunk(w0, x0, n, m, m_mask, oy, ox, p_mask,
-                          p1, h1, w1, sn1, sc1, sh1, sw1, ry1, rx1, ryn1, ryd1, rxn1, rxd1,
-                          p2, h2, w2, sn2, sc2, sh2, sw2, ry2, rx2, ryn2, ryd2, rxn2, rxd2,
-                          p3, h3, w3, sn3, sc3, sh3, sw3, ry3, rx3, ryn3, ryd3, rxn3, rxd3,
-                          NUM_LOW, MODE1, ALIGN1, MODE2, ALIGN2, MODE3, ALIGN3, F64, INT64, PRECISION)
+        x0 = _load_x0(x0_ptr, n, oy, ox, p_mask, C0, x0_strides, C0P, INT64)
+        s = _pre_bn_chunk(w0, x0, n, m, m_mask, oy, ox, p_mask, lows, MODES, ALIGNS, F64, INT64, PRECISION)
         a_pre = s * scale[:, None] + shift[:, None]
         a = tl.maximum(a_pre, 0.0)
         g_mask = (k < K)[:, None] & p_mask[None, :]
-        g = tl.load(g_ptr + tile_offsets(n, k, oy, ox, sg_n, sg_c, sg_h, sg_w, INT64), mask=g_mask, other=0.0)
+        g = tl.load(g_ptr + tile_offsets(n, k, oy, ox, g_strides, INT64), mask=g_mask, other=0.0)
         g = g.to(wc.dtype)
         da = tl.dot(wc_t, g, out_dtype=acc_t, input_precision=PRECISION)
         da = tl.where((a_pre > 0.0) & p_mask[None, :], da, 0.0)
@@ -211,14 +171,10 @@ def _head_backward_reduce_kernel(
 
 @triton.jit
 def _head_backward_ds_kernel(
-    x0_ptr, sx_n, sx_c, sx_h, sx_w, C0, H, W,
-    w0_ptr, sw0_m, sw0_c, M, scale_ptr, shift_ptr, alpha_ptr, beta_ptr,
-    wc_ptr, swc_k, swc_m, K, g_ptr, sg_n, sg_c, sg_h, sg_w, ds_ptr, sd_n, sd_c, sd_h, sd_w,
-    p1, h1, w1, sn1, sc1, sh1, sw1, ry1, rx1, ryn1, ryd1, rxn1, rxd1,
-    p2, h2, w2, sn2, sc2, sh2, sw2, ry2, rx2, ryn2, ryd2, rxn2, rxd2,
-    p3, h3, w3, sn3, sc3, sh3, sw3, ry3, rx3, ryn3, ryd3, rxn3, rxd3,
-    NUM_LOW: tl.constexpr, MODE1: tl.constexpr, ALIGN1: tl.constexpr, MODE2: tl.constexpr,
-    ALIGN2: tl.constexpr, MODE3: tl.constexpr, ALIGN3: tl.constexpr, BATCH_STATS: tl.constexpr,
+    x0_ptr, x0_strides, C0, H, W,
+    w0_ptr, w0_strides, M, scale_ptr, shift_ptr, alpha_ptr, beta_ptr,
+    wc_ptr, wc_strides, K, g_ptr, g_strides, ds_ptr, ds_strides,
+    lows, MODES: tl.constexpr, ALIGNS: tl.constexpr, BATCH_STATS: tl.constexpr,
     F64: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr,
     C0P: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -230,19 +186,15 @@ def _head_backward_ds_kernel(
     m_mask = m < M
     k = tl.arange(0, KP)
     p_mask, oy, ox = _pixels(pid_p, H, W, BLOCK_P)
-    x0 = _load_x0(x0_ptr, n, oy, ox, p_mask, C0, sx_n, sx_c, sx_h, sx_w, C0P, INT64)
-    w0 = _load_matrix(w0_ptr, m, tl.arange(0, C0P), M, C0, sw0_m, sw0_c)
-    s = _pre_bn_chunk(w0, x0, n, m, m_mask, oy, ox, p_mask,
-                      p1, h1, w1, sn1, sc1, sh1, sw1, ry1, rx1, ryn1, ryd1, rxn1, rxd1,
-                      p2, h2, w2, sn2, sc2, sh2, sw2, ry2, rx2, ryn2, ryd2, rxn2, rxd2,
-                      p3, h3, w3, sn3, sc3, sh3, sw3, ry3, rx3, ryn3, ryd3, rxn3, rxd3,
-                      NUM_LOW, MODE1, ALIGN1, MODE2, ALIGN2, MODE3, ALIGN3, F64, INT64, PRECISION)
+    x0 = _load_x0(x0_ptr, n, oy, ox, p_mask, C0, x0_strides, C0P, INT64)
+    w0 = _load_matrix(w0_ptr, m, tl.arange(0, C0P), M, C0, w0_strides)
+    s = _pre_bn_chunk(w0, x0, n, m, m_mask, oy, ox, p_mask, lows, MODES, ALIGNS, F64, INT64, PRECISION)
     scale = tl.load(scale_ptr + m, mask=m_mask, other=0.0).to(acc_t)
     shift = tl.load(shift_ptr + m, mask=m_mask, other=0.0).to(acc_t)
     a_pre = s * scale[:, None] + shift[:, None]
-    wc = _load_matrix(wc_ptr, k, m, K, M, swc_k, swc_m)
+    wc = _load_matrix(wc_ptr, k, m, K, M, wc_strides)
     g_mask = (k < K)[:, None] & p_mask[None, :]
-    g = tl.load(g_ptr + tile_offsets(n, k, oy, ox, sg_n, sg_c, sg_h, sg_w, INT64), mask=g_mask, other=0.0)
+    g = tl.load(g_ptr + tile_offsets(n, k, oy, ox, g_strides, INT64), mask=g_mask, other=0.0)
     da = tl.dot(tl.trans(wc), g.to(wc.dtype), out_dtype=acc_t, input_precision=PRECISION)
     ds = tl.where(a_pre > 0.0, da, 0.0) * scale[:, None]
     if BATCH_STATS:
@@ -250,7 +202,7 @@ def _head_backward_ds_kernel(
         beta = tl.load(beta_ptr + m, mask=m_mask, other=0.0).to(acc_t)
         ds += alpha[:, None] + beta[:, None] * s
     mask = m_mask[:, None] & p_mask[None, :]
-    tl.store(ds_ptr + tile_offsets(n, m, oy, ox, sd_n, sd_c, sd_h, sd_w, INT64), ds.to(ds_ptr.dtype.element_ty),
+    tl.store(ds_ptr + tile_offsets(n, m, oy, ox, ds_strides, INT64), ds.to(ds_ptr.dtype.element_ty),
              mask=mask)
 
 
@@ -274,29 +226,20 @@ def _precision(dtype: torch.dtype) -> str:
 
 def _blocks(t: HeadTensors) -> dict:
     C0, M, K = t.x0.shape[1], t.w0.shape[0], t.wc.shape[0]
-    return dict(C0P=max(16, triton.next_power_of_2(C0)), KP=max(16, triton.next_power_of_2(K)),
-                BLOCK_M=min(64, max(16, triton.next_power_of_2(M))), BLOCK_P=64)
+    return dict(C0P=max(16, next_power_of_2(C0)), KP=max(16, next_power_of_2(K)),
+                BLOCK_M=min(64, max(16, next_power_of_2(M))), BLOCK_P=64)
 
 
-def _low_args(plan: HeadPlan, t: HeadTensors) -> Tuple[list, dict]:
-    args, consts = [], {"NUM_LOW": len(t.lows)}
-    for slot in range(MAX_LOW):
-        if slot < len(t.lows):
-            p = t.lows[slot]
-            mode, align, ratio_h, ratio_w = plan.lows[slot]
-            args += [p, p.shape[2], p.shape[3], *p.stride(), ratio_h[0] / ratio_h[1], ratio_w[0] / ratio_w[1],
-                     *ratio_h, *ratio_w]
-        else:
-            mode, align = SAME, False
-            args += [t.x0, 1, 1, *t.x0.stride(), 1.0, 1.0, 1, 1, 1, 1]
-        consts[f"MODE{slot + 1}"] = mode
-        consts[f"ALIGN{slot + 1}"] = bool(align)
-    return args, consts
+def _lows(plan: HeadPlan, t: HeadTensors) -> Tuple[tuple, Dict[str, tuple]]:
+    """The low branches as the kernels take them: a tuple of sources and the constexpr tuples MODES, ALIGNS."""
+    sources = tuple(source_args(p, low) for p, low in zip(t.lows, plan.lows))
+    return sources, dict(MODES=tuple(low.mode for low in plan.lows),
+                         ALIGNS=tuple(bool(low.align_corners) for low in plan.lows))
 
 
 def _common(t: HeadTensors, force_int64: bool) -> Tuple[list, dict]:
     x0 = t.x0
-    args = [x0, *x0.stride(), x0.shape[1], x0.shape[2], x0.shape[3], t.w0, *t.w0.stride(), t.w0.shape[0]]
+    args = [x0, tuple(x0.stride()), x0.shape[1], x0.shape[2], x0.shape[3], t.w0, tuple(t.w0.stride()), t.w0.shape[0]]
     consts = dict(F64=x0.dtype == torch.float64, INT64=force_int64 or needs_int64(x0, *t.lows),
                   PRECISION=_precision(x0.dtype), **_blocks(t))
     return args, consts
@@ -312,14 +255,14 @@ def head_batch_stats(plan: HeadPlan, t: HeadTensors, force_int64: bool = False) 
     N, _, H, W = t.x0.shape
     M = t.w0.shape[0]
     common, consts = _common(t, force_int64)
-    low, low_consts = _low_args(plan, t)
+    lows, low_consts = _lows(plan, t)
     block_p = consts["BLOCK_P"]
-    tiles = triton.cdiv(H * W, block_p)
+    tiles = cdiv(H * W, block_p)
     R = tiles * N
     parts = _empty((2, R, M), _acc_dtype(t), t.x0.device)
     consts.pop("KP")
     with _device_context(t.x0):
-        _head_stats_kernel[(tiles, N)](*common, parts, R, *low, **consts, **low_consts, num_warps=4)
+        _head_stats_kernel[(tiles, N)](*common, parts, R, lows, **consts, **low_consts, num_warps=4)
     counts = torch.full((tiles,), float(block_p), dtype=torch.float64, device=t.x0.device)
     counts[-1] = H * W - (tiles - 1) * block_p
     counts = counts.repeat(N)[:, None]
@@ -338,11 +281,11 @@ def head_forward(plan: HeadPlan, t: HeadTensors, scale: Tensor, shift: Tensor, f
     fmt = torch.channels_last if t.x0.stride(1) == 1 and t.x0.shape[1] > 1 else torch.contiguous_format
     out = _empty((N, K, H, W), t.x0.dtype, t.x0.device, fmt)
     common, consts = _common(t, force_int64)
-    low, low_consts = _low_args(plan, t)
-    grid = (triton.cdiv(H * W, consts["BLOCK_P"]), N)
+    lows, low_consts = _lows(plan, t)
+    grid = (cdiv(H * W, consts["BLOCK_P"]), N)
     with _device_context(t.x0):
-        _head_forward_kernel[grid](*common, scale, shift, t.wc, *t.wc.stride(), K,
-                                   t.bc if t.bc is not None else scale, out, *out.stride(), *low,
+        _head_forward_kernel[grid](*common, scale, shift, t.wc, tuple(t.wc.stride()), K,
+                                   t.bc if t.bc is not None else scale, out, tuple(out.stride()), lows,
                                    HAS_BC=t.bc is not None, **consts, **low_consts, num_warps=4)
     return out
 
@@ -354,17 +297,17 @@ def head_backward_reduce(plan: HeadPlan, t: HeadTensors, scale: Tensor, shift: T
     N, C0, H, W = t.x0.shape
     M, K = t.w0.shape[0], t.wc.shape[0]
     common, consts = _common(t, force_int64)
-    low, low_consts = _low_args(plan, t)
+    lows, low_consts = _lows(plan, t)
     acc = _acc_dtype(t)
     block_m, block_p = consts["BLOCK_M"], consts["BLOCK_P"]
-    tiles = triton.cdiv(H * W, block_p) * N
+    tiles = cdiv(H * W, block_p) * N
     splits = max(1, min(tiles, 64))
     dwc_parts = _empty((splits, consts["KP"], M), acc, t.x0.device)
     sums = _empty((2, splits, M), acc, t.x0.device)
     with _device_context(t.x0):
-        _head_backward_reduce_kernel[(triton.cdiv(M, block_m), splits)](
-            *common, scale, shift, t.wc, *t.wc.stride(), K, grad, *grad.stride(), dwc_parts, sums, splits, tiles,
-            *low, **consts, **low_consts, num_warps=4)
+        _head_backward_reduce_kernel[(cdiv(M, block_m), splits)](
+            *common, scale, shift, t.wc, tuple(t.wc.stride()), K, grad, tuple(grad.stride()), dwc_parts, sums, splits,
+            tiles, lows, **consts, **low_consts, num_warps=4)
     dwc = dwc_parts.sum(0)[:K]
     sum_da, sum_da_s = sums[0].sum(0), sums[1].sum(0)
     return dwc, sum_da, sum_da_s
@@ -377,30 +320,23 @@ def head_backward_ds(plan: HeadPlan, t: HeadTensors, scale: Tensor, shift: Tenso
     N, C0, H, W = t.x0.shape
     M, K = t.w0.shape[0], t.wc.shape[0]
     common, consts = _common(t, force_int64)
-    low, low_consts = _low_args(plan, t)
+    lows, low_consts = _lows(plan, t)
     fmt = torch.channels_last if t.x0.stride(1) == 1 and C0 > 1 else torch.contiguous_format
     ds = _empty((N, M, H, W), t.x0.dtype, t.x0.device, fmt)
     if needs_int64(ds):
         consts["INT64"] = True
-    grid = (triton.cdiv(H * W, consts["BLOCK_P"]), triton.cdiv(M, consts["BLOCK_M"]), N)
+    grid = (cdiv(H * W, consts["BLOCK_P"]), cdiv(M, consts["BLOCK_M"]), N)
     with _device_context(t.x0):
         _head_backward_ds_kernel[grid](
             *common, scale, shift, alpha if alpha is not None else scale, beta if beta is not None else scale,
-            t.wc, *t.wc.stride(), K, grad, *grad.stride(), ds, *ds.stride(), *low,
+            t.wc, tuple(t.wc.stride()), K, grad, tuple(grad.stride()), ds, tuple(ds.stride()), lows,
             BATCH_STATS=alpha is not None, **consts, **low_consts, num_warps=4)
     return ds
 
 
 def upsample_adjoint(plan: HeadPlan, ds: Tensor, lows: Sequence[Tensor]) -> List[Tensor]:
-    """dP_j = Up_j^T(ds) with the fusion op's deterministic gather."""
-    acc = torch.float64 if ds.dtype == torch.float64 else torch.float32
+    """dP_j = Up_j^T(ds) with the fusion op's deterministic gather (a same-size branch: a copy of ds)."""
     int64 = needs_int64(ds)
-    out = []
-    for (mode, align, ratio_h, ratio_w), p in zip(plan.lows, lows):
-        if mode == SAME:
-            out.append(ds.clone())
-            continue
-        term = Term(p, None, None, mode, align, ratio_h, ratio_w)
-        dz, _, _ = _upsample_adjoint(ds, term, (True, False, False), acc, int64)
-        out.append(dz)
-    return out
+    dz_only = (True, False, False)
+    return [ds.clone() if low.mode == SAME else upsample_term_backward(low, ds, p, None, None, dz_only, int64)[0]
+            for low, p in zip(plan.lows, lows)]

@@ -3,17 +3,73 @@ gather of one (optionally affine) term on an output tile, and the adjoint's sour
 
 Index math follows ATen's UpSample.h: nearest `min(floorf(dst * scale), in - 1)` in float32; bilinear
 `area_pixel_compute_source_index` in the accumulation type (float32, float64 for float64) with the ratio
-given as an exact fraction; mode codes SAME (no resampling), NEAREST, BILINEAR.
+given as an exact fraction; mode codes SAME (no resampling), NEAREST, BILINEAR (`hrfast.plan`).
+
+A tensor a term reads (its *source*) reaches the kernels as one tuple, built by `source_args`, so a kernel
+takes any number of terms as a tuple of sources and one helper unpacks them:
+
+    (x_ptr, h, w, strides, ratio_h, ratio_w)    strides = (s_n, s_c, s_h, s_w),  ratio = (float32 value, num, den)
 """
+import functools
+from typing import Tuple
+
+import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
-SAME, NEAREST, BILINEAR = 0, 1, 2
+from hrfast.plan import BILINEAR, NEAREST, SAME, TermPlan
+
+_CL = torch.channels_last
+
+__all__ = ["SAME", "NEAREST", "BILINEAR", "source_args", "tile_offsets", "load_term", "upsampled_tile",
+           "bilinear_ratio", "first_reader", "adjoint_weight", "cdiv", "next_power_of_2", "needs_int64"]
+
+INT32_LIMIT = 2**31 - 1
+
+
+# Host helpers of the launchers, in plain Python: triton.cdiv / next_power_of_2 are constexpr functions whose
+# call costs microseconds, and the launchers run on every op call.
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def needs_int64(*tensors) -> bool:
+    """True when some tensor's reachable element offset does not fit in int32. A dense tensor's offsets stay
+    below its numel (one C call); only other layouts (expanded, strided views) sum (size - 1) * |stride|."""
+    for t in tensors:
+        if t is None:
+            continue
+        if t.numel() <= INT32_LIMIT and (t.is_contiguous() or t.is_contiguous(memory_format=_CL)):
+            continue
+        if sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0) > INT32_LIMIT:
+            return True
+    return False
+
+
+def source_args(x: Tensor, term: TermPlan) -> tuple:
+    """The source tuple of `x` read as `term` says (layout in the module docstring). The ratio goes both as a
+    float (rounded to float32 at launch: nearest, and bilinear below fp64, use it as ATen does) and as the exact
+    fraction (bilinear in fp64 divides it in fp64)."""
+    _, _, h, w = x.shape
+    return (x, h, w, x.stride(), *_axis_ratios(term))
+
+
+@functools.lru_cache(maxsize=4096)
+def _axis_ratios(term: TermPlan) -> Tuple[Tuple[float, int, int], Tuple[float, int, int]]:
+    return tuple((num / den, num, den) for num, den in (term.ratio_h, term.ratio_w))
 
 
 @triton.jit
-def tile_offsets(n, c, y, x, s_n, s_c, s_h, s_w, INT64: tl.constexpr):
+def tile_offsets(n, c, y, x, strides, INT64: tl.constexpr):
     """Element offsets of a [BLOCK_C, BLOCK_P] tile: channel part [:, None] + pixel part [None, :]."""
+    s_n, s_c, s_h, s_w = strides
     if INT64:  # one return below: the compiler wants one return type whatever the branch
         n = n.to(tl.int64)
         c = c.to(tl.int64)
@@ -49,40 +105,48 @@ def linear_source(d, r, n_in, ALIGN: tl.constexpr, F64: tl.constexpr):
 
 
 @triton.jit
-def bilinear_ratio(r32, num, den, F64: tl.constexpr):
+def bilinear_ratio(axis_ratio, F64: tl.constexpr):
     # bilinear computes its ratio in the accumulation type (ATen's opmath); the f64 one from exact integers
-    r = r32
+    r, num, den = axis_ratio
     if F64:
         r = tl.cast(num, tl.float64) / tl.cast(den, tl.float64)
     return r
 
 
 @triton.jit
-def load_term(n, c, c_mask, oy, ox, p_mask,
-               x_ptr, scale_ptr, shift_ptr, h, w, s_n, s_c, s_h, s_w,
-               ry, rx, ry_num, ry_den, rx_num, rx_den,
-               MODE: tl.constexpr, ALIGN: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-               F64: tl.constexpr, INT64: tl.constexpr):
-    """One term of the sum on an output tile, in the accumulation dtype."""
+def upsampled_tile(n, c, c_mask, oy, ox, p_mask, src, MODE: tl.constexpr, ALIGN: tl.constexpr, F64: tl.constexpr,
+                   INT64: tl.constexpr):
+    """Up(x) on an output tile (channels c, output pixels (oy, ox)), in the accumulation dtype."""
     acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
+    x_ptr, h, w, strides, ratio_h, ratio_w = src
     mask = c_mask[:, None] & p_mask[None, :]
     if MODE == 0:
-        v = tl.load(x_ptr + tile_offsets(n, c, oy, ox, s_n, s_c, s_h, s_w, INT64), mask=mask, other=0.0).to(acc_t)
+        v = tl.load(x_ptr + tile_offsets(n, c, oy, ox, strides, INT64), mask=mask, other=0.0).to(acc_t)
     elif MODE == 1:
-        iy = nearest_source(oy, ry, h)
-        ix = nearest_source(ox, rx, w)
-        v = tl.load(x_ptr + tile_offsets(n, c, iy, ix, s_n, s_c, s_h, s_w, INT64), mask=mask, other=0.0).to(acc_t)
+        iy = nearest_source(oy, ratio_h[0], h)
+        ix = nearest_source(ox, ratio_w[0], w)
+        v = tl.load(x_ptr + tile_offsets(n, c, iy, ix, strides, INT64), mask=mask, other=0.0).to(acc_t)
     else:
-        y0, y1, ly0, ly1 = linear_source(oy, bilinear_ratio(ry, ry_num, ry_den, F64), h, ALIGN, F64)
-        x0, x1, lx0, lx1 = linear_source(ox, bilinear_ratio(rx, rx_num, rx_den, F64), w, ALIGN, F64)
-        v00 = tl.load(x_ptr + tile_offsets(n, c, y0, x0, s_n, s_c, s_h, s_w, INT64), mask=mask, other=0.0).to(acc_t)
-        v01 = tl.load(x_ptr + tile_offsets(n, c, y0, x1, s_n, s_c, s_h, s_w, INT64), mask=mask, other=0.0).to(acc_t)
-        v10 = tl.load(x_ptr + tile_offsets(n, c, y1, x0, s_n, s_c, s_h, s_w, INT64), mask=mask, other=0.0).to(acc_t)
-        v11 = tl.load(x_ptr + tile_offsets(n, c, y1, x1, s_n, s_c, s_h, s_w, INT64), mask=mask, other=0.0).to(acc_t)
+        y0, y1, ly0, ly1 = linear_source(oy, bilinear_ratio(ratio_h, F64), h, ALIGN, F64)
+        x0, x1, lx0, lx1 = linear_source(ox, bilinear_ratio(ratio_w, F64), w, ALIGN, F64)
+        v00 = tl.load(x_ptr + tile_offsets(n, c, y0, x0, strides, INT64), mask=mask, other=0.0).to(acc_t)
+        v01 = tl.load(x_ptr + tile_offsets(n, c, y0, x1, strides, INT64), mask=mask, other=0.0).to(acc_t)
+        v10 = tl.load(x_ptr + tile_offsets(n, c, y1, x0, strides, INT64), mask=mask, other=0.0).to(acc_t)
+        v11 = tl.load(x_ptr + tile_offsets(n, c, y1, x1, strides, INT64), mask=mask, other=0.0).to(acc_t)
         lx0 = lx0[None, :]
         lx1 = lx1[None, :]
         # ATen's order: h0l * (w0l * v00 + w1l * v01) + h1l * (w0l * v10 + w1l * v11)
         v = ly0[None, :] * (lx0 * v00 + lx1 * v01) + ly1[None, :] * (lx0 * v10 + lx1 * v11)
+    return v
+
+
+@triton.jit
+def load_term(n, c, c_mask, oy, ox, p_mask, src, scale_ptr, shift_ptr,
+              MODE: tl.constexpr, ALIGN: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+              F64: tl.constexpr, INT64: tl.constexpr):
+    """One term of the sum on an output tile, Up(x) * scale + shift, in the accumulation dtype."""
+    acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
+    v = upsampled_tile(n, c, c_mask, oy, ox, p_mask, src, MODE, ALIGN, F64, INT64)
     if HAS_SCALE:
         v = v * tl.load(scale_ptr + c, mask=c_mask, other=0.0).to(acc_t)[:, None]
     if HAS_SHIFT:

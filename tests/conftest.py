@@ -34,6 +34,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="slow under the Triton interpreter; HRFAST_SLOW_TESTS=1 runs it"))
 
 
+# The fused backends every kernel test runs against: the Triton kernels (kernels/) and the CUDA C++ kernels
+# (csrc/), by the names users write. Without a GPU each runs on CPU tensors through its emulation: the Triton
+# interpreter, and the host build of csrc/ (HRFAST_CSRC_ON_CPU=1).
+FUSED_BACKENDS = ("triton", "cuda")
+
+
+@pytest.fixture(params=FUSED_BACKENDS)
+def fused_backend(request, monkeypatch):
+    """A fused backend under test; every buffer its launchers allocate starts as NaN (see poison_kernel_outputs)."""
+    if request.param == "cuda":
+        from hrfast._cuda import fuse as csrc_fuse
+
+        monkeypatch.setattr(csrc_fuse, "POISON_OUTPUTS", True)
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def fresh_seed(request):
     """Each test gets its own reproducible seed (from its id), and leaves the global RNG as it found it."""

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import hrfast
-from hrfast import _autotune
+from hrfast import _autotune, backends, timing
 from hrfast.ops import Resample, fuse, hrnet_v2_head
 from hrfast.testing import FP32_RTOL, assert_rel_close
 
@@ -26,7 +26,7 @@ DEVICE = TRITON_DEVICE
 ON_GPU = DEVICE == "cuda"
 STATIC = "triton" if ON_GPU else "reference"  # auto without measuring
 
-CANDIDATES = ("triton", "cuda", "reference")
+CANDIDATES = ("triton", "cuda_cpp", "reference")
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +52,7 @@ class Stopwatch:
     def __init__(self, monkeypatch, cost, fail=()):
         self.now, self.cost, self.fail, self.runs = 0.0, dict(cost), set(fail), []
         monkeypatch.setattr(_autotune, "MIN_REPS", 2)  # the interpreter is slow; the loop is the same
-        monkeypatch.setattr(_autotune, "time", types.SimpleNamespace(perf_counter=lambda: self.now))
+        monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter_ns=lambda: round(self.now * 1e9)))
         real_measure = _autotune._measure
 
         def measure(names, run, device, op):
@@ -119,7 +119,7 @@ def test_fuse_runs_the_fastest_candidate(monkeypatch, winner):
 
 
 def test_fuse_measures_once_per_signature(monkeypatch):
-    clock = Stopwatch(monkeypatch, {"triton": 2.0, "cuda": 1.0, "reference": 3.0})
+    clock = Stopwatch(monkeypatch, {"triton": 2.0, "cuda_cpp": 1.0, "reference": 3.0})
     problem = _fuse_problem()
     _fuse_with_grads(problem, "auto")
     measured = len(clock.runs)
@@ -131,7 +131,7 @@ def test_fuse_measures_once_per_signature(monkeypatch):
     _fuse_with_grads(_fuse_problem(H=6), "auto")  # another shape
     fuse(problem["inputs"], resample=problem["resample"], backend="triton")  # an explicit backend: never
     assert len(clock.runs) == 3 * measured and len(_autotune.choices()) == 3
-    assert [c.backend for c in _autotune.choices()] == ["cuda"] * 3
+    assert [c.backend for c in _autotune.choices()] == ["cuda_cpp"] * 3
     _autotune.clear()
     _fuse_with_grads(problem, "auto")
     assert len(clock.runs) == 4 * measured
@@ -150,11 +150,11 @@ def test_fuse_real_clock_choice_is_what_runs():
 
 
 def test_a_failing_candidate_is_skipped_with_a_warning(monkeypatch):
-    clock = Stopwatch(monkeypatch, {"triton": 1.0, "cuda": 2.0, "reference": 3.0}, fail={"triton"})
+    clock = Stopwatch(monkeypatch, {"triton": 1.0, "cuda_cpp": 2.0, "reference": 3.0}, fail={"triton"})
     with pytest.warns(RuntimeWarning, match="skips triton for fuse: RuntimeError: triton cannot run this"):
         _fuse_with_grads(_fuse_problem(), "auto")
     [choice] = _autotune.choices()
-    assert choice.backend == "cuda" and set(choice.median_ms) == {"cuda", "reference"}
+    assert choice.backend == "cuda_cpp" and set(choice.median_ms) == {"cuda_cpp", "reference"}
     assert clock.runs.count("triton") == 1  # only the warm-up
 
 
@@ -185,9 +185,9 @@ def test_cpu_tensors_are_not_measured_by_default(monkeypatch):
 
 def test_an_unbuilt_extension_is_no_candidate(monkeypatch):
     """auto never triggers the minutes-long JIT build: the extension competes only once it is built."""
-    clock = Stopwatch(monkeypatch, {"triton": 2.0, "cuda": 1.0, "reference": 3.0})
-    monkeypatch.setattr(_autotune, "cuda_extension_built", lambda with_cuda: False)
-    assert _autotune.candidates(torch.device(DEVICE)) == ["triton", "reference"]
+    clock = Stopwatch(monkeypatch, {"triton": 2.0, "cuda_cpp": 1.0, "reference": 3.0})
+    monkeypatch.setattr(backends, "cuda_cpp_built", lambda device: False)
+    assert backends.candidates(torch.device(DEVICE)) == ["triton", "reference"]
     _fuse_with_grads(_fuse_problem(), "auto")
     assert set(clock.runs) == {"triton", "reference"}
     assert _autotune.choices()[0].backend == "triton"
@@ -238,10 +238,10 @@ def _head(xs, params, training, backend):
     return out, grads, p["running_mean"], p["running_var"]
 
 
-@pytest.mark.parametrize("winner, training", [("triton", True), ("cuda", True), ("cuda", False)])
+@pytest.mark.parametrize("winner, training", [("triton", True), ("cuda_cpp", True), ("cuda_cpp", False)])
 def test_head_runs_the_fastest_and_updates_running_stats_once(monkeypatch, winner, training):
     Stopwatch(monkeypatch, {winner: 1.0, "reference": 2.0})
-    monkeypatch.setattr(_autotune, "candidates", lambda device: [winner, "reference"])  # the interpreter is slow
+    monkeypatch.setattr(backends, "candidates", lambda device: [winner, "reference"])  # the interpreter is slow
     xs, params = _head_problem()
     auto = _head(xs, params, training, "auto")
     [choice] = _autotune.choices()
@@ -271,17 +271,15 @@ def test_choices_are_public():
 def test_bench_reports_the_choices(monkeypatch):
     from hrfast.bench import _auto_choices, _auto_summary
 
-    Stopwatch(monkeypatch, {"triton": 2.0, "cuda": 1.0, "reference": 3.0})
+    Stopwatch(monkeypatch, {"triton": 2.0, "cuda_cpp": 1.0, "reference": 3.0})
     _fuse_with_grads(_fuse_problem(), "auto")
     with torch.no_grad():
         fuse(**_fuse_problem(requires_grad=False))
     rows = _auto_choices()
-    assert [(r["op"], r["backend"]) for r in rows] == [("fuse", "cuda")] * 2
+    assert [(r["op"], r["backend"]) for r in rows] == [("fuse", "cuda_cpp")] * 2
     assert set(rows[0]["median_ms"]) == set(CANDIDATES) and "(2, 3, 5, 4)" in rows[0]["signature"]
-    assert _auto_summary(rows) == "2 call signature(s): fuse -> cuda 2"
+    assert _auto_summary(rows) == "2 call signature(s): fuse -> cuda_cpp 2"
 
 
 def test_info_describes_auto():
-    from hrfast.info import _auto_rule
-
-    assert _auto_rule(torch.device(DEVICE), STATIC).startswith("the fastest of triton, cuda, reference")
+    assert backends.auto_rule(torch.device(DEVICE)).startswith("the fastest of triton, cuda_cpp, reference")

@@ -27,7 +27,7 @@ from torch._functorch.aot_autograd import make_boxed_func
 import hrfast
 from hrfast.nn import HRFusion, HRNetV2Head
 from hrfast.ops import Resample
-from hrfast.ops.fuse import _term_plan
+from hrfast.plan import FusePlan, HeadPlan, term_plan
 from hrfast.testing import FP32_RTOL, assert_low_precision_close, assert_rel_close
 
 DEVICE = TRITON_DEVICE
@@ -47,9 +47,8 @@ def fresh_dynamo():
 # ------------------------------------------------------------------------------------------------ opcheck
 
 
-def _ratios(r, in_hw, size):
-    p = _term_plan(Resample(r) if isinstance(r, str) else r, in_hw, size)
-    return p.mode, p.align_corners, [*p.ratio_h, *p.ratio_w]
+def _term(r, in_hw, size, has_scale=False, has_shift=False):
+    return term_plan(Resample(r) if isinstance(r, str) else r, in_hw, size, has_scale, has_shift)
 
 
 def _fuse_case(dtype, channels_last, requires_grad=True, backend="triton"):
@@ -65,33 +64,29 @@ def _fuse_case(dtype, channels_last, requires_grad=True, backend="triton"):
     shifts = [torch.randn(C, dtype=dtype, device=DEVICE) for _ in range(sum(has_shift))]
     for t in (*xs, *scales, *shifts):
         t.requires_grad_(requires_grad)
-    plans = [_ratios(r, hw, size) for r, hw in zip(resamples, hws)]
-    modes, aligns = [p[0] for p in plans], [p[1] for p in plans]
-    ratios = [r for p in plans for r in p[2]]
-    return (xs, scales, shifts, has_scale, has_shift, modes, aligns, ratios, list(size), True, channels_last, backend)
+    terms = tuple(_term(r, hw, size, s, b) for r, hw, s, b in zip(resamples, hws, has_scale, has_shift))
+    return (FusePlan(terms, size, True, channels_last).encode(), xs, scales, shifts, backend)
 
 
 @pytest.mark.parametrize("dtype, channels_last, utils", [
     (torch.float64, False, ALL_UTILS),
     (torch.float32, True, QUICK_UTILS),
 ], ids=["fp64-nchw-all", "fp32-channels_last"])
-@pytest.mark.parametrize("fused", ["triton", "cuda"])
+@pytest.mark.parametrize("fused", ["triton", "cuda_cpp"])
 def test_opcheck_fuse(dtype, channels_last, utils, fused):
     """Also for the CUDA launchers (host path on CPU): the fake implementations encode how the launchers
     allocate outputs and gradients, and both backends must follow them."""
     args = _fuse_case(dtype, channels_last, backend=fused)
     torch.library.opcheck(OPS.fuse_forward.default, args, test_utils=utils)
-    xs, scales, shifts, has_scale, has_shift, modes, aligns, ratios, size, relu, cl, backend = _fuse_case(
-        dtype, channels_last, requires_grad=False, backend=fused)
-    y = OPS.fuse_forward(xs, scales, shifts, has_scale, has_shift, modes, aligns, ratios, size, relu, cl, backend)
+    plan, xs, scales, shifts, backend = _fuse_case(dtype, channels_last, requires_grad=False, backend=fused)
+    y = OPS.fuse_forward(plan, xs, scales, shifts, backend)
     assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     grad_y = torch.randn_like(y)
     # x kept for the terms whose scale needs a gradient (1, 2), the others known by shape; some grads not needed
     x_kept = [False, True, True, False]
     shapes = [d for x in xs for d in x.shape]
     needs = [True, False, False, True, True, False, False, True, True, True, False, True]
-    bwd = (grad_y, y, [xs[1], xs[2]], x_kept, shapes, scales, shifts, has_scale, has_shift, modes, aligns, ratios,
-           relu, needs, backend)
+    bwd = (plan, grad_y, y, [xs[1], xs[2]], x_kept, shapes, scales, shifts, needs, backend)
     torch.library.opcheck(OPS.fuse_backward.default, bwd, test_utils=utils)
     assert len(OPS.fuse_backward(*bwd)) == sum(needs)
 
@@ -102,7 +97,7 @@ def _head_case(dtype, batch_stats, requires_grad=True):
     x0 = torch.randn(2, 3, *size, dtype=dtype, device=DEVICE)
     w0 = torch.randn(M, 3, dtype=dtype, device=DEVICE)
     lows = [torch.randn(2, M, 3, 3, dtype=dtype, device=DEVICE), torch.randn(2, M, 3, 5, dtype=dtype, device=DEVICE)]
-    plans = [_ratios("bilinear", (3, 3), size), _ratios("nearest", (3, 5), size)]
+    lows_plan = (_term("bilinear", (3, 3), size), _term("nearest", (3, 5), size))
     wc = torch.randn(K, M, dtype=dtype, device=DEVICE)
     bc = torch.randn(K, dtype=dtype, device=DEVICE)
     a = torch.rand(M, dtype=dtype, device=DEVICE) + 0.5
@@ -111,24 +106,21 @@ def _head_case(dtype, batch_stats, requires_grad=True):
     for t in (x0, w0, *lows, wc, bc, a, b, conv_bias):
         if t is not None:
             t.requires_grad_(requires_grad)
-    return (x0, w0, a, b, wc, bc, conv_bias, lows, [p[0] for p in plans], [p[1] for p in plans],
-            [r for p in plans for r in p[2]], batch_stats, 1e-5, "triton")
+    return (HeadPlan(lows_plan, batch_stats).encode(), x0, w0, a, b, wc, bc, conv_bias, lows, 1e-5, "triton")
 
 
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["batch_stats", "folded"])
 def test_opcheck_head(batch_stats):
     utils = ALL_UTILS if batch_stats else QUICK_UTILS
     torch.library.opcheck(OPS.head_forward.default, _head_case(torch.float64, batch_stats), test_utils=utils)
-    x0, w0, a, b, wc, bc, conv_bias, lows, modes, aligns, ratios, bs, eps, backend = _head_case(
+    plan, x0, w0, a, b, wc, bc, conv_bias, lows, eps, backend = _head_case(
         torch.float32, batch_stats, requires_grad=False)
     x0 = x0.contiguous(memory_format=torch.channels_last)  # logits and ds follow x0's layout
-    logits, mean, var = OPS.head_forward(x0, w0, a, b, wc, bc, conv_bias, lows, modes, aligns, ratios, bs, eps,
-                                         backend)
+    logits, mean, var = OPS.head_forward(plan, x0, w0, a, b, wc, bc, conv_bias, lows, eps, backend)
     assert logits.is_contiguous(memory_format=torch.channels_last)
     assert mean.shape == var.shape == ((w0.shape[0],) if batch_stats else (0,))
     for needs in ([True] * 8, [False, True, True, False, True, False, True, False]):
-        bwd = (torch.randn_like(logits), x0, w0, a, b, wc, bc, lows, mean, var, modes, aligns, ratios, bs, eps,
-               needs, backend)
+        bwd = (plan, torch.randn_like(logits), x0, w0, a, b, wc, bc, lows, mean, var, eps, needs, backend)
         torch.library.opcheck(OPS.head_backward.default, bwd, test_utils=QUICK_UTILS)
         assert len(OPS.head_backward(*bwd)) == sum(needs)
 

@@ -67,9 +67,9 @@ def test_cuda_backend_on_cpu_tensors_says_why(monkeypatch):
 def test_cuda_status_names_the_missing_piece(monkeypatch):
     import torch
 
-    from hrfast._cuda import cuda_status
+    from hrfast.backends import cuda_cpp_status
 
-    ok, reason = cuda_status()
+    ok, reason = cuda_cpp_status()
     if not torch.cuda.is_available():
         assert not ok and ("no CUDA GPU" in reason or "CPU-only" in reason), reason
     monkeypatch.setenv("CUDA_HOME", "/nonexistent")
@@ -82,6 +82,6 @@ def test_info_lists_every_backend(capsys):
 
     assert main([]) == 0
     out = capsys.readouterr().out
-    for name in ("'triton'", "'cuda'", "'reference'"):
+    for name in ("'triton'", "'cuda_cpp'", "'reference'"):
         assert f"backend {name}" in out
     assert "backend='auto' on" in out

@@ -27,6 +27,7 @@ import torch
 import test_fuse_op as base
 from conftest import HAS_CUDA, TRITON_DEVICE
 from hrfast.ops import fuse, fuse_ref
+from hrfast.plan import BILINEAR, NEAREST, SAME, TermPlan
 from hrfast.testing import FP32_RTOL, FP64_RTOL, assert_low_precision_close, assert_rel_close
 from test_fuse_op import BF16, F16, F32, F64, Case, bil, near
 
@@ -139,8 +140,8 @@ def _grid_limit_forward(C, N, channels_last):
     # 1 x 2 pixels: a [N, C, 1, 1] tensor has channel stride 1 in either memory format (the kernels take it
     # as channels_last), 1 x 2 tells the two apart
     x = torch.randn(N, C, 1, 2, device=DEVICE)
-    return dict(xs=[x], scales=[None], shifts=[None], modes=[0], align_corners=[False], ratios=[1, 1, 1, 1],
-                size=[1, 2], relu=False, channels_last=channels_last, poison=True)
+    return dict(terms=[TermPlan()], xs=[x], scales=[None], shifts=[None], size=[1, 2], relu=False,
+                channels_last=channels_last, poison=True)
 
 
 def test_grid_limits():
@@ -158,17 +159,16 @@ def test_grid_limits():
         ext.fuse_forward(**_grid_limit_forward(1, 65536, False))
 
 
-@pytest.mark.parametrize("mode", [0, 2], ids=["same", "adjoint"])
+@pytest.mark.parametrize("mode", [SAME, BILINEAR], ids=["same", "adjoint"])
 def test_grid_limits_backward(mode):
     """The backward launchers (same-size terms; an upsampled term's adjoint) check the grid as well."""
     C = 65535 * 8 + 1  # NCHW: 1 x 2 source and output pixels (see _grid_limit_forward)
     x = torch.randn(1, C, 1, 2, device=DEVICE)
-    grad_y = torch.randn(1, C, 1 if mode == 0 else 2, 2, device=DEVICE)
-    ratios = [1, 1, 1, 1] if mode == 0 else [1, 2, 1, 1]
+    grad_y = torch.randn(1, C, 1 if mode == SAME else 2, 2, device=DEVICE)
+    term = TermPlan() if mode == SAME else TermPlan(mode, False, (1, 2), (1, 1))
     with pytest.raises(RuntimeError, match=rf"{C} channels exceed the CUDA kernels' grid"):
-        _ext().fuse_backward(grad_y=grad_y, y=None, xs=[x], scales=[None], shifts=[None], modes=[mode],
-                             align_corners=[False], ratios=ratios, needs=[True, False, False], relu=False,
-                             poison=True)
+        _ext().fuse_backward(terms=[term], grad_y=grad_y, y=None, xs=[x], scales=[None], shifts=[None],
+                             needs=[(True, False, False)], relu=False, poison=True)
 
 
 # --------------------------------------------------------------------------------- index and window scans
@@ -267,13 +267,17 @@ def test_bitwise_deterministic(dtype, layout, name):
 
 # ------------------------------------------------------------------------------------- the binding's checks
 
+def _terms(**second):
+    """_args' term descriptors (same size; bilinear 2x with a scale), fields of the second one replaced."""
+    return [TermPlan(), TermPlan(BILINEAR, False, (1, 2), (1, 2), has_scale=True)._replace(**second)]
+
+
 def _args(**over):
     """Valid fuse_forward arguments (two terms: same size and bilinear 2x), with overrides."""
     x0 = torch.randn(2, 3, 4, 4, device=DEVICE)
     x1 = torch.randn(2, 3, 2, 2, device=DEVICE)
-    args = dict(xs=[x0, x1], scales=[None, torch.ones(3, device=DEVICE)], shifts=[None, None], modes=[0, 2],
-                align_corners=[False, False], ratios=[1, 1, 1, 1, 1, 2, 1, 2], size=[4, 4], relu=True,
-                channels_last=False, poison=True)
+    args = dict(terms=_terms(), xs=[x0, x1], scales=[None, torch.ones(3, device=DEVICE)], shifts=[None, None],
+                size=[4, 4], relu=True, channels_last=False, poison=True)
     args.update(over)
     return args
 
@@ -281,9 +285,8 @@ def _args(**over):
 def _bwd_args(**over):
     fwd = _args()
     y = _ext().fuse_forward(**fwd)
-    args = dict(grad_y=torch.randn_like(y), y=y, xs=fwd["xs"], scales=fwd["scales"], shifts=fwd["shifts"],
-                modes=fwd["modes"], align_corners=fwd["align_corners"], ratios=fwd["ratios"], needs=[True] * 6,
-                relu=True, poison=True)
+    args = dict(terms=fwd["terms"], grad_y=torch.randn_like(y), y=y, xs=fwd["xs"], scales=fwd["scales"],
+                shifts=fwd["shifts"], needs=[(True, True, True)] * 2, relu=True, poison=True)
     args.update(over)
     return args
 
@@ -296,9 +299,7 @@ FORWARD_ERRORS = [
     (lambda: dict(xs=[]), r"at least one tensor"),
     (lambda: dict(scales=[None]), r"scales has 1 entries but there are 2 terms"),
     (lambda: dict(shifts=[None, None, None]), r"shifts has 3 entries"),
-    (lambda: dict(modes=[0]), r"modes has 1 entries"),
-    (lambda: dict(align_corners=[False]), r"align_corners has 1 entries"),
-    (lambda: dict(ratios=[1, 1, 1, 1, 1, 2]), r"ratios must hold 4 ints per term"),
+    (lambda: dict(terms=[TermPlan()]), r"terms has 1 entries but there are 2 terms"),
     (lambda: dict(size=[4]), r"size must be \[H, W\]"),
     (lambda: dict(size=[0, 4]), r"output size must be positive"),
     (lambda: dict(size=[2**16, 2**15]), r"2\*\*31 or more pixels"),
@@ -308,13 +309,17 @@ FORWARD_ERRORS = [
     (lambda: dict(xs=[_x(2, 3, 4, 4), _x(2, 3, 2, 2, dtype=F64)]), r"xs\[1\] has dtype Double but xs\[0\] has Float"),
     (lambda: dict(xs=[_x(2, 3, 4, 4), _x(1, 3, 2, 2)]), r"batch and channels must match"),
     (lambda: dict(xs=[_x(2, 3, 4, 4), _x(2, 4, 2, 2)]), r"batch and channels must match"),
-    (lambda: dict(modes=[0, 3]), r"modes\[1\] is 3"),
-    (lambda: dict(modes=[0, 0]), r"xs\[1\] has mode 0 \(same size\) but is 2x2"),
+    (lambda: dict(terms=_terms(mode=3)), r"terms\[1\] has mode 3"),
+    (lambda: dict(terms=_terms(mode=SAME)), r"xs\[1\] has mode 0 \(same size\) but is 2x2"),
     (lambda: dict(xs=[_x(2, 3, 4, 4), _x(2, 3, 5, 2)]), r"at most the output 4x4"),
-    (lambda: dict(ratios=[1, 1, 1, 1, 1, 0, 1, 2]), r"fractions num/den in \[0, 1\]"),
-    (lambda: dict(ratios=[1, 1, 1, 1, 3, 2, 1, 2]), r"fractions num/den in \[0, 1\]"),
-    (lambda: dict(ratios=[1, 1, 1, 1, -1, 2, 1, 2]), r"non-negative integers"),
-    (lambda: dict(modes=[0, 1], align_corners=[False, True]), r"align_corners\[1\] is set for a nearest term"),
+    (lambda: dict(terms=_terms(ratio_h=(1, 0))), r"ratios of term 1 must be fractions num/den in \[0, 1\]"),
+    (lambda: dict(terms=_terms(ratio_h=(3, 2))), r"ratios of term 1 must be fractions num/den in \[0, 1\]"),
+    (lambda: dict(terms=_terms(ratio_h=(-1, 2))), r"ratios of term 1 must be non-negative integers"),
+    (lambda: dict(terms=_terms(mode=NEAREST, align_corners=True)), r"terms\[1\] sets align_corners for a nearest "
+                                                                   r"term"),
+    (lambda: dict(scales=[None, None]), r"scales\[1\] is None but terms\[1\]\.has_scale is true"),
+    (lambda: dict(shifts=[None, torch.ones(3, device=DEVICE)]), r"shifts\[1\] is a tensor but "
+                                                                r"terms\[1\]\.has_shift is false"),
     (lambda: dict(scales=[None, torch.ones(4, device=DEVICE)]), r"scales\[1\] must have shape \[3\]"),
     (lambda: dict(scales=[None, torch.ones(1, 3, device=DEVICE)]), r"scales\[1\] must have shape \[3\]"),
     (lambda: dict(shifts=[torch.ones(3, dtype=torch.int64, device=DEVICE), None]), r"shifts\[0\] has dtype Long"),
@@ -331,8 +336,27 @@ def test_binding_forward_errors(over, match):
         _ext().fuse_forward(**args)
 
 
+# Descriptors pybind11 cannot convert (not a TermPlan-shaped tuple), and needs that are not (dx, dscale,
+# dshift) triples: rejected before any check runs, as every argument of the wrong type is.
+MALFORMED = [
+    ("fuse_forward", lambda a: dict(terms=[TermPlan(), (BILINEAR, False, (1, 2), (1, 2), True)])),
+    ("fuse_forward", lambda a: dict(terms=[TermPlan(), _terms()[1]._replace(ratio_h=(1, 2, 1))])),
+    ("fuse_forward", lambda a: dict(terms=[TermPlan(), _terms()[1]._replace(ratio_w=(0.5, 1))])),
+    ("fuse_backward", lambda a: dict(needs=[(True, True, True), (True, True)])),
+]
+
+
+@pytest.mark.parametrize("fn, over", MALFORMED, ids=["short_term", "ratio_of_3", "float_ratio", "short_needs"])
+def test_binding_rejects_malformed_arguments(fn, over):
+    args = _args() if fn == "fuse_forward" else _bwd_args()
+    args.update(over(args))
+    with pytest.raises(TypeError, match="incompatible function arguments"):
+        getattr(_ext(), fn)(**args)
+
+
 BACKWARD_ERRORS = [
-    (lambda a: dict(needs=[True] * 5), r"needs must hold 3 bools per term"),
+    (lambda a: dict(needs=[(True, True, True)]), r"needs has 1 entries \(dx, dscale, dshift\) but there are 2 "
+                                                 r"terms"),
     (lambda a: dict(y=None), r"y \(the forward output\) is required when relu is true"),
     (lambda a: dict(y=a["y"][:, :, :3]), r"y has shape \[2, 3, 3, 4\] but grad_y has \[2, 3, 4, 4\]"),
     (lambda a: dict(y=a["y"].double()), r"y has dtype Double but grad_y has Float"),
@@ -352,8 +376,8 @@ def test_binding_backward_errors(over, match):
 
 
 def test_binding_backward_without_relu_needs_no_y():
-    args = _bwd_args(relu=False, y=None, needs=[True, False, False, False, True, False])
-    dx0, ds0, db0, dx1, ds1, db1 = _ext().fuse_backward(**args)
+    args = _bwd_args(relu=False, y=None, needs=[(True, False, False), (False, True, False)])
+    (dx0, ds0, db0), (dx1, ds1, db1) = _ext().fuse_backward(**args)
     assert ds0 is None and db0 is None and dx1 is None and db1 is None  # not asked, or no such parameter
     assert torch.equal(dx0, args["grad_y"])
     assert ds1.shape == (3,) and torch.isfinite(ds1).all()

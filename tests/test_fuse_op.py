@@ -22,9 +22,9 @@ from hrfast.ops import Resample, fuse, fuse_ref
 from hrfast.testing import FP32_RTOL, FP64_RTOL, assert_low_precision_close, assert_rel_close
 
 from conftest import TRITON_DEVICE
+from optest import LOW_PRECISION, assert_matches, gradcheck_named, gradients, leaf_copy, tolerance
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
-LOW_PRECISION = (F16, BF16)
 CL = torch.channels_last
 
 
@@ -77,19 +77,10 @@ def test_interpreter_bf16_store_rounds_to_nearest():
 
 # ------------------------------------------------------------------------------------------------- helpers
 
-# The fused backends every kernel test below runs against: the Triton kernels (kernels/) and the CUDA C++
-# kernels (csrc/). Without a GPU each runs on CPU tensors through its emulation: the Triton interpreter, and
-# the host build of csrc/ (the CUDA kernels and launchers through an emulation of the grid, HRFAST_CSRC_ON_CPU=1).
-FUSED_BACKENDS = ("triton", "cuda")
-
-
-@pytest.fixture(params=FUSED_BACKENDS)
-def backend(request, monkeypatch):
-    if request.param == "cuda":
-        from hrfast._cuda import fuse as csrc_fuse
-
-        monkeypatch.setattr(csrc_fuse, "POISON_OUTPUTS", True)  # buffers start as NaN, as conftest does for Triton
-    return request.param
+@pytest.fixture
+def backend(fused_backend):
+    """The fused backend under test (conftest's `fused_backend`)."""
+    return fused_backend
 
 
 
@@ -161,22 +152,14 @@ def _leaves(xs, scales, shifts):
 
 def _clone_args(xs, scales, shifts, dtype=None):
     """Detached copies (optionally cast) that are leaves of their own graph."""
-    def cp(t):
-        if t is None:
-            return None
-        t = t.detach()
-        t = t.to(dtype) if dtype is not None else t.clone()
-        return t.requires_grad_()
-    return [cp(x) for x in xs], [cp(s) for s in scales], [cp(b) for b in shifts]
+    return tuple([leaf_copy(t, dtype) for t in ts] for ts in (xs, scales, shifts))
 
 
 def _reference(xs, scales, shifts, resamples, size, relu, grad_y, dtype=None):
     """fuse_ref on copies of the arguments (cast to `dtype` if given): (y, grads in `_leaves` order)."""
     rx, rs, rb = _clone_args(xs, scales, shifts, dtype)
     y = fuse_ref(rx, rs, rb, resamples, size, relu)
-    gy = grad_y.to(y.dtype)
-    grads = torch.autograd.grad(y, [t for _, t in _leaves(rx, rs, rb)], gy)
-    return y, grads
+    return y, gradients(y, _leaves(rx, rs, rb), grad_y)
 
 
 def _summand_magnitudes(xs, scales, shifts, resamples, size, relu, grad_y, y64):
@@ -230,27 +213,26 @@ def check_fuse(case: Case, dtype, layout, param_dtype=None, grad_layout="like_y"
     elif grad_layout == "channels_last":
         grad_y = grad_y.contiguous(memory_format=CL)
     named = _leaves(xs, scales, shifts)
-    grads = torch.autograd.grad(y, [t for _, t in named], grad_y)
+    grads = gradients(y, named, grad_y)
 
     y64, grads64 = _reference(xs, scales, shifts, resamples, size, case.relu, grad_y, F64)
     if dtype in LOW_PRECISION:
         y_pt, grads_pt = _reference(xs, scales, shifts, resamples, size, case.relu, grad_y)
-        assert_low_precision_close(y, y64, y_pt, "y", dtype)
+        assert_matches("y", y, y64, y_pt, dtype)
         assert_rounded_once(y, y64)
         for (name, t), g, g64, g_pt in zip(named, grads, grads64, grads_pt):
             assert g.shape == t.shape and g.dtype == t.dtype, name
             # parameters may be fp32 next to low-precision activations: the budget is the activations'
-            assert_low_precision_close(g, g64, g_pt, f"d {name}", dtype)
+            assert_matches(f"d {name}", g, g64, g_pt, dtype)
     else:
-        rtol = FP64_RTOL if dtype == F64 else FP32_RTOL
-        assert_rel_close(y, y64, rtol, "y")
+        assert_matches("y", y, y64, None, dtype)
         mags = _summand_magnitudes(xs, scales, shifts, resamples, size, case.relu, grad_y, y64)
         for (name, t), g, g64, mag in zip(named, grads, grads64, mags):
             assert g.shape == t.shape and g.dtype == t.dtype, name
             if name.startswith("inputs"):
-                assert_rel_close(g, g64, rtol, f"d {name}")
+                assert_matches(f"d {name}", g, g64, None, dtype)
             else:  # per-channel sums over every pixel: judged against their summands (see _summand_magnitudes)
-                _assert_sum_close(g, g64, mag, rtol, f"d {name}")
+                _assert_sum_close(g, g64, mag, tolerance(dtype), f"d {name}")
 
 
 # ----------------------------------------------------------------- every mode x layout x dtype (the matrix)
@@ -317,7 +299,7 @@ SHAPE_CASES = [
                  BF16, "channels_last", BF16, id="hrnet_4_terms_bf16_params"),
     pytest.param(Case((9, 7), [((9, 7), None), ((5, 4), bil()), ((3, 2), bil()), ((2, 1), bil())], N=1, C=2),
                  F32, "nchw", None, id="hrnet_odd_input_bilinear_size"),
-    # term counts beyond one launch (MAX_TERMS = 4): chained forward, several same-size groups in backward
+    # term counts beyond one forward launch (MAX_TERMS = 4): chained forward; backward takes them in one launch
     pytest.param(Case((5, 5), [((5, 5), None)] * 3 + [((3, 3), bil()), ((2, 2), near())], N=1),
                  F32, "channels_last", None, id="5_terms"),
     pytest.param(Case((5, 3), [((5, 3), None)] * 5 + [((2, 2), bil())], affine="mixed", relu=False),
@@ -396,7 +378,6 @@ def _gradcheck(case: Case, layout: str, seed: int, fast_mode: bool, backend: str
     torch.manual_seed(seed)
     xs, scales, shifts, resamples, size_arg = _build(case, F64, layout)
     n = len(xs)
-    args = [t for _, t in _leaves(xs, scales, shifts)]
     has_scale = [s is not None for s in scales]
     has_shift = [b is not None for b in shifts]
 
@@ -406,7 +387,7 @@ def _gradcheck(case: Case, layout: str, seed: int, fast_mode: bool, backend: str
         sh = [rest.pop(0) if h else None for h in has_shift]
         return fuse(xs_, scales=sc, shifts=sh, resample=resamples, size=size_arg, relu=case.relu, backend=backend)
 
-    assert torch.autograd.gradcheck(fn, tuple(args), fast_mode=fast_mode)
+    gradcheck_named(fn, _leaves(xs, scales, shifts), fast_mode)
 
 
 GRADCHECK_FULL = {
@@ -493,16 +474,14 @@ def test_needs_int64(size, stride, expected):
     assert needs_int64(None, small) is False
 
 
-def _kernel_terms(xs, scales, shifts, resamples, size):
-    from hrfast.kernels.fuse import Term
-    from hrfast.ops.fuse import _term_plan
+def _kernel_args(xs, scales, shifts, resamples, size, relu, channels_last):
+    """(plan, xs, scales, shifts) as the launchers take them."""
+    from hrfast.plan import fuse_plan
 
-    terms = []
-    for x, s, b, r in zip(xs, scales, shifts, resamples):
-        p = _term_plan(r, tuple(x.shape[2:]), size)
-        terms.append(Term(x.detach(), None if s is None else s.detach(), None if b is None else b.detach(),
-                          p.mode, p.align_corners, p.ratio_h, p.ratio_w))
-    return terms
+    plan = fuse_plan(tuple(tuple(x.shape[2:]) for x in xs), tuple(resamples), size, relu, channels_last,
+                     tuple(s is not None for s in scales), tuple(b is not None for b in shifts))
+    detach = [[None if t is None else t.detach() for t in ts] for ts in (xs, scales, shifts)]
+    return (plan, *detach)
 
 
 @pytest.mark.parametrize("dtype, layout, relu", [(F32, "nchw", True), (BF16, "channels_last", False),
@@ -515,10 +494,9 @@ def test_int64_path_matches_int32(dtype, layout, relu):
                          ((5, 4), None)], N=2, C=3, affine="mixed", relu=relu)
     xs, scales, shifts, resamples, _ = _build(case, dtype, layout)
     size = tuple(case.size)
-    terms = _kernel_terms(xs, scales, shifts, resamples, size)
-    fmt = CL if layout == "channels_last" else torch.contiguous_format
-    y32 = fuse_forward(terms, size, relu=relu, memory_format=fmt)
-    y64 = fuse_forward(terms, size, relu=relu, memory_format=fmt, force_int64=True)
+    plan, kxs, kscales, kshifts = _kernel_args(xs, scales, shifts, resamples, size, relu, layout == "channels_last")
+    y32 = fuse_forward(plan, kxs, kscales, kshifts)
+    y64 = fuse_forward(plan, kxs, kscales, kshifts, force_int64=True)
     assert torch.equal(y32, y64)
     # and both are right (an all-NaN pair would be "equal" in no case, but check the values too)
     ref = fuse_ref([x.detach().double() for x in xs], [None if s is None else s.detach().double() for s in scales],
@@ -529,16 +507,16 @@ def test_int64_path_matches_int32(dtype, layout, relu):
         assert_rel_close(y32, ref, FP64_RTOL if dtype == F64 else FP32_RTOL, "y")
 
     grad_y = torch.randn_like(y32)
-    needs = [(True, True, True)] * len(terms)
-    g32 = fuse_backward(grad_y, y32 if relu else None, terms, needs, relu=relu)
-    g64 = fuse_backward(grad_y, y64 if relu else None, terms, needs, relu=relu, force_int64=True)
+    needs = [(True, True, True)] * len(kxs)
+    g32 = fuse_backward(plan, grad_y, y32 if relu else None, kxs, kscales, kshifts, needs)
+    g64 = fuse_backward(plan, grad_y, y64 if relu else None, kxs, kscales, kshifts, needs, force_int64=True)
     for k, (a, b) in enumerate(zip(g32, g64)):
         for name, ga, gb in zip(("dx", "dscale", "dshift"), a, b):
             assert (ga is None) == (gb is None), (k, name)
             if ga is not None:
                 assert torch.isfinite(ga).all(), (k, name)
                 assert torch.equal(ga, gb), (k, name)
-    for k in range(len(terms)):
+    for k in range(len(kxs)):
         assert (g32[k][1] is None) == (scales[k] is None) and (g32[k][2] is None) == (shifts[k] is None)
 
 

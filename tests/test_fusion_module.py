@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from conftest import TRITON_DEVICE
 
 from hrfast.nn import HRFusion
-from hrfast.nn._norm import fold_batch_norm
+from hrfast.batchnorm import fold_batch_norm
 from hrfast.testing import FP32_RTOL, assert_low_precision_close, assert_rel_close
 
 DEVICE = TRITON_DEVICE

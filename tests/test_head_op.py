@@ -27,18 +27,18 @@ import torch.nn.functional as F
 
 from hrfast.ops import Resample, head_ref, hrnet_v2_head
 from hrfast.ops.reference import resample_ref
-from hrfast.testing import FP32_RTOL, FP64_RTOL, assert_low_precision_close, assert_rel_close, low_precision_budget
+from hrfast.testing import FP32_RTOL, assert_rel_close, low_precision_budget
 
 from conftest import TRITON_DEVICE
+from optest import LOW_PRECISION, assert_matches, gradcheck_named, gradients, leaf_copy, tolerance
 
 
-@pytest.fixture(params=["triton", "cuda"])
-def fused(request):
-    """The fused backend under test."""
-    return request.param
+@pytest.fixture
+def fused(fused_backend):
+    """The fused backend under test (conftest's `fused_backend`)."""
+    return fused_backend
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
-LOW_PRECISION = (F16, BF16)
 CL = torch.channels_last
 DEV = TRITON_DEVICE
 
@@ -174,16 +174,11 @@ def _leaves(args: dict) -> list:
 def _copy(args: dict, dtype=None) -> dict:
     """Detached copies (cast to `dtype` if given) that are leaves of their own graph; running statistics
     are copied too (they are updated in place)."""
-    def cp(t, grad=True):
-        if t is None:
-            return None
-        t = t.detach().to(dtype or t.dtype, copy=True)  # never an alias (running stats are updated in place)
-        return t.requires_grad_() if grad else t
-    out = {"xs": [cp(x) for x in args["xs"]]}
+    out = {"xs": [leaf_copy(x, dtype) for x in args["xs"]]}
     for name in PARAM_NAMES:
-        out[name] = cp(args[name])
+        out[name] = leaf_copy(args[name], dtype)
     for name in ("running_mean", "running_var"):
-        out[name] = cp(args[name], grad=False)
+        out[name] = leaf_copy(args[name], dtype, grad=False)
     return out
 
 
@@ -204,8 +199,7 @@ def _reference(args: dict, case: Case, training: bool, grad_y: torch.Tensor, dty
     y = head_ref(r["xs"], r["conv_weight"], r["conv_bias"], r["running_mean"], r["running_var"], r["bn_weight"],
                  r["bn_bias"], r["cls_weight"], r["cls_bias"], [None] + _resamples(case), batch_stats,
                  case.momentum, case.eps)
-    grads = torch.autograd.grad(y, [t for _, t in _leaves(r)], grad_y.to(y.dtype))
-    return y, grads, r
+    return y, gradients(y, _leaves(r), grad_y), r
 
 
 def _pre_activation(args: dict, case: Case, training: bool, dtype=None) -> torch.Tensor:
@@ -268,30 +262,23 @@ def check_head(case: Case, dtype, layout: str, training: bool, bn_dtype=None, ba
     if low:
         grad_y = grad_y * _away_from_kink(before, case, training).to(dtype)
     named = _leaves(args)
-    grads = torch.autograd.grad(y, [t for _, t in named], grad_y)
+    grads = gradients(y, named, grad_y)
     y64, grads64, r64 = _reference(before, case, training, grad_y, F64)
     batch_stats = training or not case.running
-    if low:
-        y_pt, grads_pt, r_pt = _reference(before, case, training, grad_y)
-        assert_low_precision_close(y, y64, y_pt, "logits", dtype)
-    else:
-        rtol = FP64_RTOL if dtype == F64 else FP32_RTOL
-        assert_rel_close(y, y64, rtol, "logits")
+    y_pt, grads_pt, r_pt = _reference(before, case, training, grad_y) if low else (None, None, None)
+    assert_matches("logits", y, y64, y_pt, dtype)
+    rtol = tolerance(dtype)
     names = [name for name, _ in named]
     dw64 = grads64[names.index("conv_weight")].norm().item()
     for k, (name, t) in enumerate(named):
         g, g64 = grads[k], grads64[k]
         assert g.shape == t.shape and g.dtype == t.dtype, name
-        tol = low_precision_budget(grads_pt[k], g64, dtype) if low else rtol
         if name == "conv_bias" and batch_stats:
-            if low:  # the budget of the conv weight's gradient (PyTorch's own bias gradient is round-off)
-                tol = low_precision_budget(grads_pt[names.index("conv_weight")], grads64[names.index("conv_weight")],
-                                           dtype)
-            _check_zero_bias_grad(g, g64, dw64, tol)
-        elif low:
-            assert_low_precision_close(g, g64, grads_pt[k], f"d {name}", dtype)
+            w = names.index("conv_weight")
+            # low precision: the conv weight gradient's budget (PyTorch's own bias gradient is round-off)
+            _check_zero_bias_grad(g, g64, dw64, low_precision_budget(grads_pt[w], grads64[w], dtype) if low else rtol)
         else:
-            assert_rel_close(g, g64, tol, f"d {name}")
+            assert_matches(f"d {name}", g, g64, grads_pt[k] if low else None, dtype)
 
     # running statistics: updated like F.batch_norm in training, untouched in eval
     for name, initial in zip(("running_mean", "running_var"), saved_stats):
@@ -300,10 +287,7 @@ def check_head(case: Case, dtype, layout: str, training: bool, bn_dtype=None, ba
             continue
         if training:
             assert not torch.equal(t, initial), f"{name} was not updated"
-            if low:
-                assert_low_precision_close(t, r64[name], r_pt[name], name, dtype)
-            else:
-                assert_rel_close(t, r64[name], rtol, name)
+            assert_matches(name, t, r64[name], r_pt[name] if low else None, dtype)
         else:
             assert torch.equal(t, initial), f"{name} changed in eval mode"
 
@@ -426,7 +410,6 @@ def test_head_low_precision(case, dtype, layout, training, bn_dtype, fused):
 def _gradcheck(case: Case, layout: str, training: bool, seed: int, fast_mode: bool, backend: str = "triton"):
     torch.manual_seed(seed)
     args = _build(case, F64, layout)
-    named = _leaves(args)
     n = len(args["xs"])
 
     def fn(*flat):
@@ -438,7 +421,7 @@ def _gradcheck(case: Case, layout: str, training: bool, seed: int, fast_mode: bo
                 a[name] = next(rest)
         return _call(a, case, training, backend)
 
-    assert torch.autograd.gradcheck(fn, tuple(t for _, t in named), fast_mode=fast_mode)
+    gradcheck_named(fn, _leaves(args), fast_mode)
 
 
 # full mode: one backward per logit (twice) and two forwards per input element, so the tiniest problems
@@ -476,9 +459,9 @@ def test_gradcheck_fast_four_branches_train():
 def test_int64_path_matches_int32(dtype, layout):
     """The launchers with force_int64=True (64-bit offsets everywhere) give the int32 path's bits: the index
     arithmetic of int32-overflowing tensors, tested on a tiny one."""
-    from hrfast.kernels.head import (HeadPlan, HeadTensors, head_backward_ds, head_backward_reduce,
-                                     head_batch_stats, head_forward)
-    from hrfast.ops.fuse import _term_plan
+    from hrfast.kernels.head import (HeadTensors, head_backward_ds, head_backward_reduce, head_batch_stats,
+                                     head_forward)
+    from hrfast.plan import head_plan
 
     case = Case(C4, [(5, 4), (3, 2), (2, 2), (1, 1)], [bil(), near(), bil(align_corners=True)], N=2, M=20)
     args = _build(case, dtype, layout)
@@ -489,7 +472,7 @@ def test_int64_path_matches_int32(dtype, layout):
         bounds.append(bounds[-1] + c)
     lows = [F.conv2d(x, weight[:, bounds[j]:bounds[j + 1], None, None]) for j, x in enumerate(xs) if j]
     size = tuple(xs[0].shape[2:])
-    plan = HeadPlan(tuple(tuple(_term_plan(r, p.shape[2:], size)) for r, p in zip(_resamples(case), lows)))
+    plan = head_plan(tuple(tuple(p.shape[2:]) for p in lows), tuple(_resamples(case)), size, False)
     t = HeadTensors(xs[0], lows, weight[:, :bounds[1]], args["cls_weight"].detach().reshape(case.K, -1),
                     args["cls_bias"].detach())
     acc = F64 if dtype == F64 else F32

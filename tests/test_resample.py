@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from hrfast.ops import Resample
 from hrfast.ops.reference import resample_ref
-from hrfast.ops.resample import AxisRatio, as_resample
+from hrfast.plan import AxisRatio, as_resample
 
 # 2.2 and 1.2 hit the CPU kernels' exact shortcuts (out == 2 * in, out == in) with a scale factor that is not 2 or 1
 SCALE_FACTORS = (2.0, 4.0, 1.5, 3.0, 2.5, 2.2, 1.2)

@@ -214,7 +214,7 @@ def _environ(values):
                 os.environ[k] = v
 
 
-def _precompiled() -> Optional[ModuleType]:
+def precompiled() -> Optional[ModuleType]:
     try:
         from hrfast import _C  # built ahead of time by setup.py with HRFAST_BUILD_CUDA=1
     except ImportError:
@@ -226,7 +226,7 @@ def _precompiled() -> Optional[ModuleType]:
 def load(with_cuda: bool) -> ModuleType:
     """The extension module for CUDA tensors (`with_cuda=True`) or for the host test path; cached.
     The ahead-of-time build serves both (it holds the host build's grid emulation too)."""
-    module = _precompiled()
+    module = precompiled()
     if module is not None:
         return module
     return build(with_cuda)

@@ -10,12 +10,12 @@ HRNetV2 concat head (kind "head").
 """
 from .core import (Adapter, Match, Options, PatchedForward, PatchReport, PatchRow, adapters, patch,
                    register_adapter, unpatch)
-from .fusion import FusionAdapter, FusionConfig, HRLayout, inspect_hr_module
+from .fusion import FusionAdapter, FusionConfig
 from .head import HeadAdapter, HeadConfig, HeadSite, inspect_head
 
 register_adapter(FusionAdapter())
 register_adapter(HeadAdapter())
 
 __all__ = ["patch", "unpatch", "PatchReport", "PatchRow", "Adapter", "Match", "Options", "PatchedForward",
-           "register_adapter", "adapters", "FusionAdapter", "FusionConfig", "HRLayout", "inspect_hr_module",
+           "register_adapter", "adapters", "FusionAdapter", "FusionConfig",
            "HeadAdapter", "HeadConfig", "HeadSite", "inspect_head"]

@@ -22,8 +22,9 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tu
 
 import torch.nn as nn
 
-from .._backend import BACKENDS
-from ..ops.resample import Resample
+from .. import backends
+from ..hrnet.fusion import resample_from_args
+from ..plan import Resample
 
 __all__ = ["PatchReport", "PatchRow", "Options", "Match", "Adapter", "PatchedForward", "register_adapter",
            "adapters", "patch", "unpatch", "KINDS"]
@@ -218,13 +219,10 @@ def _installed(module: nn.Module) -> Optional[PatchedForward]:
 
 
 def _options(upsample, align_corners, backend) -> Options:
-    from ..nn.fusion import _default_resample
-
     if upsample is not None and not isinstance(upsample, str):
         raise TypeError(f"upsample must be None, 'nearest' or 'bilinear', got {type(upsample).__name__}")
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    default = _default_resample(upsample, align_corners)  # ValueError/TypeError naming upsample/align_corners
+    backends.canonical(backend)
+    default = resample_from_args(upsample, align_corners)  # ValueError/TypeError naming upsample/align_corners
     return Options(upsample, align_corners, default, backend)
 
 
@@ -282,7 +280,8 @@ def patch(model: nn.Module, *, upsample: Optional[str] = None, align_corners: Op
             'bilinear'; openseg: 'bilinear'). Ignored for modules that state it.
         align_corners: with ``upsample='bilinear'``: True/False as in their `F.interpolate` (None means
             False, PyTorch's default).
-        backend: "auto", "triton", "cuda" or "reference", passed to `hrfast.ops.fuse` at every call.
+        backend: "auto", "triton", "cuda_cpp" or "reference" (`hrfast.backends`), passed to the fused ops at
+            every call.
         head: also patch the HRNetV2 concat head (above). With False no head is patched or reported; a head
             patched by an earlier call is restored (an "unpatched" row), as patching again re-applies the
             arguments.

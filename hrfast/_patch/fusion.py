@@ -11,222 +11,21 @@ how the upsampling happens) is read from the module, see `FusionAdapter.match`.
 """
 from __future__ import annotations
 
-import inspect
-import re
 import sys
 from dataclasses import dataclass
-from typing import List, Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import torch.nn as nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..nn._norm import can_fold
-from ..nn.fusion import _describe, _is_upsample, _parse, fusion_forward
-from ..ops.resample import Resample
+from ..batchnorm import can_fold
+from ..hrnet.fusion import ALIGN_GLOBAL, describe_fuse_layers, describe_hr_module, resizes_in_forward
+from ..nn.fusion import fusion_forward
+from ..plan import Resample
 from .core import Adapter, Match, Options, PatchedForward
 
-__all__ = ["FusionAdapter", "FusionConfig", "inspect_hr_module", "HRLayout"]
+__all__ = ["FusionAdapter", "FusionConfig"]
 
-# classes whose fusion is the HRNet one (matched by name: the packages are not imported)
-_KNOWN_BASES = ("HighResolutionModule", "HRModule")
-# classes that look like HRNet modules but fuse differently
-_REJECTED = {
-    "HRFomerModule": "mmpose HRFormer module: its fuse_layers downsample with depthwise+pointwise convs and its "
-                     "branches are transformer blocks, a different fusion",
-    "LiteHRModule": "mmpose Lite-HRNet module: a different fusion",
-}
-# methods a subclass overrides when it changes the fusion
-_FUSION_METHODS = ("forward", "_make_fuse_layers")
-_ALIGN_GLOBAL = "ALIGN_CORNERS"
-_RESIZE_CALL = re.compile(r"\b(interpolate|resize|upsample)\s*\(")
 _MISSING = object()
-
-
-# ------------------------------------------------------------------------------------------------- matcher
-
-
-@dataclass(frozen=True)
-class HRLayout:
-    """What the structural matcher read from an HRNet module."""
-
-    num_branches: int
-    num_outputs: int  # rows of fuse_layers: num_branches, or 1 with multi_scale_output=False
-    channels: Tuple[int, ...]  # per branch, from the conv weights
-    activation: str  # attribute holding the fuse ReLU: "fuse_act" (timm) or "relu"
-    upsamplers: Tuple[Tuple[int, int, nn.Module], ...]  # (i, j, module) for the j > i entries that have one
-    norms: Tuple[str, ...]  # class names of the norms in fuse_layers
-    family: str
-
-
-def _class_problem(cls: type) -> Optional[str]:
-    for klass in cls.__mro__:
-        if klass.__name__ in _REJECTED:
-            prefix = "" if klass is cls else f"subclass of {klass.__name__}, "
-            return f"{prefix}{_REJECTED[klass.__name__]}; left alone"
-    base = next((k for k in cls.__mro__ if k.__name__ in _KNOWN_BASES), None)
-    if base is not None:
-        for klass in cls.__mro__[:cls.__mro__.index(base)]:
-            overridden = [m for m in _FUSION_METHODS if m in vars(klass)]
-            if overridden:
-                return (f"{klass.__name__} subclasses {base.__name__} and overrides {', '.join(overridden)}, so its "
-                        "fusion may differ; left alone")
-    if getattr(cls, "forward", None) is nn.Module.forward:
-        return "its class defines no forward"
-    return None
-
-
-def _norm_name(m: nn.Module) -> Optional[str]:
-    """The class name of a norm the fused step handles (batch norms folded or run, group norm run), else None."""
-    if isinstance(m, (_BatchNorm, nn.GroupNorm)) or type(m).__name__ == "FrozenBatchNorm2d":
-        return type(m).__name__
-    return None
-
-
-def _conv_problem(m, where: str, k: int, s: int) -> Optional[str]:
-    if not isinstance(m, nn.Conv2d):
-        return f"{where} is {type(m).__name__}, not an nn.Conv2d"
-    if isinstance(m.weight, nn.parameter.UninitializedParameter):
-        return f"{where} is a lazy conv that has not run yet"
-    if m.kernel_size != (k, k) or m.stride != (s, s) or m.dilation != (1, 1) or m.groups != 1:
-        return (f"{where} is a conv with kernel {m.kernel_size}, stride {m.stride}, dilation {m.dilation}, groups "
-                f"{m.groups}; the HRNet fusion has a {k}x{k} stride-{s} dense conv there")
-    return None
-
-
-def _in_ch(conv: nn.Conv2d) -> int:
-    return int(conv.weight.shape[1])  # groups == 1 (checked)
-
-
-def _out_ch(conv: nn.Conv2d) -> int:
-    return int(conv.weight.shape[0])
-
-
-def inspect_hr_module(module: nn.Module) -> Union[HRLayout, str, None]:
-    """The layout of an HRNet fusion module; a string saying why `module` is not one the fused step can take over;
-    or None when `module` is no HRNet candidate at all (no `fuse_layers`, not an HRNet class)."""
-    cls = type(module)
-    fuse_layers = getattr(module, "fuse_layers", _MISSING)
-    names = {k.__name__ for k in cls.__mro__}
-    if fuse_layers is _MISSING and not names & (set(_KNOWN_BASES) | set(_REJECTED)):
-        return None
-    problem = _class_problem(cls)
-    if problem:
-        return problem
-    branches = getattr(module, "branches", None)
-    if not isinstance(branches, nn.ModuleList) or len(branches) == 0:
-        return "has no non-empty `branches` nn.ModuleList: not an HRNet multi-branch module"
-    n = len(branches)
-    if fuse_layers is None or isinstance(fuse_layers, nn.Identity):
-        if n == 1:
-            return "single branch (fuse_layers is " + type(fuse_layers).__name__ + "): no fusion step"
-        return f"{n} branches but fuse_layers is {type(fuse_layers).__name__}"
-    if fuse_layers is _MISSING or not isinstance(fuse_layers, nn.ModuleList):
-        return f"fuse_layers is {type(fuse_layers).__name__ if fuse_layers is not _MISSING else 'missing'}, " \
-               "not an nn.ModuleList of nn.ModuleList"
-    rows = len(fuse_layers)
-    if not 1 <= rows <= n:
-        return f"fuse_layers has {rows} rows for {n} branches"
-    num_branches = getattr(module, "num_branches", None)
-    if isinstance(num_branches, int) and num_branches != n:
-        return f"num_branches is {num_branches} but there are {n} branches"
-    for flag in ("multi_scale_output", "multiscale_output"):
-        value = getattr(module, flag, None)
-        if isinstance(value, bool) and rows != (n if value else 1):
-            return f"{flag}={value} but fuse_layers has {rows} rows for {n} branches"
-
-    activation = next((a for a in ("fuse_act", "relu") if getattr(module, a, None) is not None), None)
-    if activation is None:
-        return "has no fuse activation (`relu` or `fuse_act`)"
-    if not isinstance(getattr(module, activation), nn.ReLU):
-        return f"its fuse activation `{activation}` is {type(getattr(module, activation)).__name__}, not nn.ReLU"
-
-    channels: List[Optional[int]] = [None] * n
-    norms, upsamplers = [], []
-
-    def note_channels(idx: int, c: int, where: str) -> Optional[str]:
-        if channels[idx] is None:
-            channels[idx] = c
-        elif channels[idx] != c:
-            return f"{where} implies {c} channels for branch {idx}, elsewhere {channels[idx]}"
-        return None
-
-    def check_norm(m, where: str, c: int) -> Optional[str]:
-        name = _norm_name(m)
-        if name is None:
-            return f"{where} is {type(m).__name__}, a norm hrfast does not know; left alone"
-        features = getattr(m, "num_features", getattr(m, "num_channels", c))
-        if features != c:
-            return f"{where} normalises {features} channels, its conv gives {c}"
-        norms.append(name)
-        return None
-
-    for i, row in enumerate(fuse_layers):
-        if not isinstance(row, nn.ModuleList) or len(row) != n:
-            return (f"fuse_layers[{i}] is {type(row).__name__}"
-                    + (f" of {len(row)} entries" if isinstance(row, nn.ModuleList) else "")
-                    + f", expected an nn.ModuleList of {n} entries")
-        for j, entry in enumerate(row):
-            where = f"fuse_layers[{i}][{j}]"
-            if j == i:
-                if entry is not None and not isinstance(entry, nn.Identity):
-                    return f"{where} (j == i) is {type(entry).__name__}, expected None or nn.Identity"
-                continue
-            if not isinstance(entry, nn.Sequential):
-                return f"{where} is {type(entry).__name__}, expected an nn.Sequential"
-            mods = list(entry)
-            if j > i:
-                if len(mods) == 3 and _is_upsample(mods[2]):
-                    upsamplers.append((i, j, mods[2]))
-                elif len(mods) != 2:
-                    return f"{where} holds {len(mods)} modules, expected (conv1x1, norm[, upsample])"
-                problem = (_conv_problem(mods[0], f"{where}[0]", 1, 1)
-                           or note_channels(j, _in_ch(mods[0]), f"{where}[0]")
-                           or note_channels(i, _out_ch(mods[0]), f"{where}[0]")
-                           or check_norm(mods[1], f"{where}[1]", _out_ch(mods[0])))
-            else:
-                if len(mods) != i - j:
-                    return f"{where} chains {len(mods)} blocks, expected {i - j} (conv3x3 s2, norm[, ReLU])"
-                problem = None
-                for k, block in enumerate(mods):
-                    last = k == i - j - 1
-                    bw = f"{where}[{k}]"
-                    if not isinstance(block, nn.Sequential) or len(block) != (2 if last else 3):
-                        size = f" of {len(block)}" if isinstance(block, nn.Sequential) else ""
-                        return (f"{bw} is {type(block).__name__}{size}, expected Sequential(conv3x3 s2, norm"
-                                + (")" if last else ", ReLU)"))
-                    conv = block[0]
-                    problem = _conv_problem(conv, f"{bw}[0]", 3, 2)
-                    if problem is None:
-                        c_in, c_out = _in_ch(conv), _out_ch(conv)
-                        problem = (note_channels(j, c_in, f"{bw}[0]")
-                                   or (note_channels(i, c_out, f"{bw}[0]") if last else
-                                       None if c_out == c_in else f"{bw}[0] changes the channels before the last block")
-                                   or check_norm(block[1], f"{bw}[1]", c_out))
-                    if problem:
-                        break
-                    if not last and not isinstance(block[2], nn.ReLU):
-                        return f"{bw}[2] is {type(block[2]).__name__}, expected nn.ReLU"
-            if problem:
-                return problem
-    if any(c is None for c in channels):
-        return "could not read every branch's channels from fuse_layers"
-    family = ("timm" if hasattr(module, "num_in_chs") else "official MSRA" if hasattr(module, "num_inchannels")
-              else "mm*" if hasattr(module, "in_channels") and hasattr(module, "multiscale_output") else "HRNet-like")
-    return HRLayout(n, rows, tuple(channels), activation, tuple(upsamplers), tuple(dict.fromkeys(norms)), family)
-
-
-def _resizes_in_forward(cls: type) -> Optional[str]:
-    """Why the class's forward is believed to resize the j > i terms again (mmseg), or None."""
-    if cls.__module__.split(".")[0] == "mmseg":
-        return "mmseg's HRModule resizes in forward too"
-    try:
-        source = inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return None
-    source = "\n".join(line.split("#", 1)[0] for line in source.splitlines())
-    if _RESIZE_CALL.search(source):
-        return f"{cls.__name__}.forward calls a resize"
-    return None
 
 
 # --------------------------------------------------------------------------------------------------- adapter
@@ -259,10 +58,10 @@ class FusionConfig:
             value = module.align_corners
         elif self.align_global is not None:
             namespace = sys.modules.get(self.align_global)
-            if namespace is None or not hasattr(namespace, _ALIGN_GLOBAL):
-                raise RuntimeError(f"hrfast: the patched module reads {self.align_global}.{_ALIGN_GLOBAL}, which no "
+            if namespace is None or not hasattr(namespace, ALIGN_GLOBAL):
+                raise RuntimeError(f"hrfast: the patched module reads {self.align_global}.{ALIGN_GLOBAL}, which no "
                                    "longer exists; re-run hrfast.patch or hrfast.unpatch")
-            value = getattr(namespace, _ALIGN_GLOBAL)
+            value = getattr(namespace, ALIGN_GLOBAL)
         else:
             return self.resample
         return Resample(mode="bilinear", align_corners=None if value is None else bool(value))
@@ -289,7 +88,7 @@ class FusionAdapter(Adapter):
     kind = "fusion"
 
     def match(self, module: nn.Module, options: Options) -> Optional[Match]:
-        layout = inspect_hr_module(module)
+        layout = describe_hr_module(module)
         if layout is None:
             return None
         if isinstance(layout, str):
@@ -310,12 +109,12 @@ class FusionAdapter(Adapter):
                 factor = 2 ** (j - i)
                 if r.scale_factor not in (factor, (factor, factor)):
                     return Match(skip=f"fuse_layers[{i}][{j}][2] scales by {r.scale_factor}, expected {factor}")
-                modes.append(_describe(r))
+                modes.append(r.describe())
             mode = "/".join(dict.fromkeys(modes)) + " x2^k"
             kinds = "/".join(dict.fromkeys(type(up).__name__ for _, _, up in ups))
             wrapped = [type(up).__name__ for _, _, up in ups if not isinstance(up, nn.Upsample)]
             double = (f"{wrapped[0]} is no nn.Upsample (mmseg's wrapper; its forward resizes again)" if wrapped
-                      else _resizes_in_forward(cls))
+                      else resizes_in_forward(cls))
             if double:
                 config = FusionConfig(options.backend, "double",
                                       exact_scales=tuple((i, j, 2 ** (j - i)) for i, j, _ in ups))
@@ -332,29 +131,29 @@ class FusionAdapter(Adapter):
                 config = FusionConfig(options.backend, "forward", align_attr=True)
                 how = (f"bilinear in forward, align_corners from the module's align_corners attribute (now {own}, "
                        "read at every call)")
-            elif namespace is not None and hasattr(namespace, _ALIGN_GLOBAL):
-                value = getattr(namespace, _ALIGN_GLOBAL)
+            elif namespace is not None and hasattr(namespace, ALIGN_GLOBAL):
+                value = getattr(namespace, ALIGN_GLOBAL)
                 if value is not None and not isinstance(value, bool):
-                    return Match(skip=f"{cls.__module__}.{_ALIGN_GLOBAL} is {value!r}, not a bool")
+                    return Match(skip=f"{cls.__module__}.{ALIGN_GLOBAL} is {value!r}, not a bool")
                 config = FusionConfig(options.backend, "forward", align_global=cls.__module__)
-                how = (f"bilinear in forward, align_corners from {cls.__module__}.{_ALIGN_GLOBAL} (now {value}, "
+                how = (f"bilinear in forward, align_corners from {cls.__module__}.{ALIGN_GLOBAL} (now {value}, "
                        "read at every call)")
             elif options.default is not None:
                 config = FusionConfig(options.backend, "forward", resample=options.default)
-                how = f"{_describe(options.default)} in forward (from the upsample=/align_corners= arguments)"
+                how = f"{options.default.describe()} in forward (from the upsample=/align_corners= arguments)"
             elif _previous_resample(module) is not None:  # patched before with the arguments: keep their mode
                 config = FusionConfig(options.backend, "forward", resample=_previous_resample(module))
-                how = f"{_describe(config.resample)} in forward (from the arguments of an earlier hrfast.patch)"
+                how = f"{config.resample.describe()} in forward (from the arguments of an earlier hrfast.patch)"
             else:
                 return Match(needs=(
                     "fuse_layers[0][1] holds no upsample module, so forward upsamples (official segmentation / "
                     f"facial-landmark layout), and neither the module (an `align_corners` attribute) nor its Python "
-                    f"module {cls.__module__} (an {_ALIGN_GLOBAL} global) says how; pass "
+                    f"module {cls.__module__} (an {ALIGN_GLOBAL} global) says how; pass "
                     "upsample='bilinear' and align_corners=True/False as in its F.interpolate call (no "
                     "align_corners there means False) to hrfast.patch"))
             default = config.default_resample(module)
         try:
-            _parse(module.fuse_layers, default)
+            describe_fuse_layers(module.fuse_layers, default)
         except (TypeError, ValueError) as exc:
             return Match(skip=f"the fused step cannot run it: {exc}")
         folded = [m for m in module.fuse_layers.modules() if can_fold(m)]

@@ -31,11 +31,12 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch.nn as nn
 from torch import Tensor
 
-from ..nn._norm import is_foldable_batchnorm
+from ..hrnet.fusion import ALIGN_GLOBAL, RESIZE_CALL
+from ..hrnet.head import HeadLayers, layer_problems, mmseg_problems
 from ..nn.head import HRNetV2Head
-from ..ops.resample import Resample
+from ..plan import Resample
 from .core import Adapter, Match, Options, PatchedForward
-from .fusion import _ALIGN_GLOBAL, _MISSING, _RESIZE_CALL, FusionConfig
+from .fusion import _MISSING, FusionConfig
 
 __all__ = ["HeadAdapter", "HeadConfig", "HeadSite", "inspect_head"]
 
@@ -84,42 +85,13 @@ def _hooked(modules: Sequence[nn.Module]) -> Optional[str]:
     return None
 
 
-def _pointwise_problem(conv: nn.Module, where: str) -> Optional[str]:
-    if not isinstance(conv, nn.Conv2d) or type(conv).forward is not nn.Conv2d.forward:
-        return f"{where} is {type(conv).__name__}, not an nn.Conv2d"
-    if isinstance(conv.weight, nn.parameter.UninitializedParameter):
-        return f"{where} is a lazy conv that has not run yet"
-    if (conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1
-            or conv.padding not in ((0, 0), "valid")):
-        return (f"{where} is a {conv.kernel_size[0]}x{conv.kernel_size[1]} conv (stride {conv.stride}, padding "
-                f"{conv.padding}, groups {conv.groups}); the fused head takes a plain 1x1 conv there")
-    return None
-
-
-def _layer_problems(conv, norm, act, classifier, names: Sequence[str], dropout=None) -> List[str]:
-    """Why (conv, norm, act, classifier) is not the HRNetV2 head the fused op computes; [] when it is."""
-    problems = [p for p in (_pointwise_problem(conv, names[0]), _pointwise_problem(classifier, names[3])) if p]
-    if not is_foldable_batchnorm(norm):
-        problems.append(f"{names[1]} is {type(norm).__name__}, a norm the fused head does not take (PyTorch batch "
-                        "norm only)")
-    if not isinstance(act, nn.ReLU) or type(act).forward is not nn.ReLU.forward:
-        problems.append(f"{names[2]} is {type(act).__name__}, not nn.ReLU")
-    if dropout is not None and not (isinstance(dropout, nn.modules.dropout._DropoutNd) and dropout.p == 0):
-        problems.append(f"it applies {type(dropout).__name__} before the classifier")
-    if not problems:
-        hidden = int(conv.weight.shape[0])
-        if getattr(norm, "num_features", hidden) != hidden or int(classifier.weight.shape[1]) != hidden:
-            problems.append(f"{names[1]} / {names[3]} do not take the {hidden} channels of {names[0]}")
-    return problems
-
-
 def _sequential_problems(seq: nn.Sequential, attr: str) -> List[str]:
     mods = list(seq)
     drops = [f"{attr}[{k}] is {type(m).__name__}" for k, m in enumerate(mods)
              if isinstance(m, nn.modules.dropout._DropoutNd)]
     if len(mods) != 4:
         return [f"{attr} holds {len(mods)} modules, expected (conv1x1, BN, ReLU, conv1x1)"] + drops
-    problems = _layer_problems(*mods, [f"{attr}[{k}]" for k in range(4)])
+    problems = layer_problems(HeadLayers(*mods), [f"{attr}[{k}]" for k in range(4)], batchnorm_only=True)
     return problems + [f"{d} (dropout)" for d in drops]
 
 
@@ -177,7 +149,7 @@ def _official_trunk(module: nn.Module, attr: str) -> Union[str, Tuple[str, str]]
     absent = [n for n in needed if n not in source]
     if absent:
         return f"its forward does not call {', '.join(absent)} as the official one does"
-    if _RESIZE_CALL.search(source.rsplit(f"self.{attr}(", 1)[1]):
+    if RESIZE_CALL.search(source.rsplit(f"self.{attr}(", 1)[1]):
         return f"its forward resizes after {attr}, unlike the official one"
     if attr == "head":
         values = set(_ALIGN_KWARG.findall(source))
@@ -233,37 +205,11 @@ def _inspect_mmseg(module: nn.Module, names: List[str]) -> Union[HeadSite, str]:
         overridden = [m for m in _FCN_METHODS if m in vars(klass)]
         if overridden:
             return f"{klass.__name__} subclasses FCNHead and overrides {', '.join(overridden)}; left alone"
-    transform = getattr(module, "input_transform", None)
-    if transform != "resize_concat":
-        return f"input_transform={transform!r}: no concat of the branches (the V2 head uses 'resize_concat')"
-    in_index = getattr(module, "in_index", None)
-    if (not isinstance(in_index, (list, tuple)) or not 1 <= len(in_index) <= 4
-            or not all(isinstance(i, int) for i in in_index)):
-        return f"in_index={in_index!r}: the fused head takes 1 to 4 branches"
-    if not isinstance(getattr(module, "align_corners", None), bool):
-        return f"align_corners={getattr(module, 'align_corners', None)!r} is not a bool"
-    if getattr(module, "concat_input", False):
-        return "concat_input=True (conv_cat over the concat and the features): not the V2 head"
-    convs = getattr(module, "convs", None)
-    if not isinstance(convs, nn.Sequential) or len(convs) != 1:
-        size = f" of {len(convs)}" if isinstance(convs, nn.Sequential) else ""
-        return f"convs is {type(convs).__name__}{size}; the V2 head has one ConvModule (num_convs=1)"
-    unit = convs[0]
-    order = getattr(unit, "order", ("conv", "norm", "act"))
-    if tuple(order) != ("conv", "norm", "act") or getattr(unit, "with_explicit_padding", False):
-        return f"convs[0] runs {tuple(order)}" + (" with explicit padding" if getattr(unit, "with_explicit_padding",
-                                                                                      False) else "")
-    norm_name = getattr(unit, "norm_name", "bn")
-    if norm_name != "bn" or not hasattr(unit, "bn"):
-        norm = getattr(unit, norm_name, None) if isinstance(norm_name, str) else None
-        return (f"convs[0].{norm_name} is {type(norm).__name__}, a norm the fused head does not take (PyTorch "
-                "batch norm only)")
-    conv, norm, act = (getattr(unit, a, None) for a in ("conv", "bn", "activate"))
-    problems = _layer_problems(conv, norm, act, module.conv_seg,
-                               ("convs[0].conv", "convs[0].bn", "convs[0].activate", "conv_seg"),
-                               dropout=getattr(module, "dropout", None))
+    problems = mmseg_problems(module, batchnorm_only=True)
     if problems:
         return "; ".join(problems)
+    unit = module.convs[0]
+    conv, norm, act = unit.conv, unit.bn, unit.activate
     problem = _hooked([module.convs, unit, conv, norm, act, module.conv_seg])
     if problem:
         return problem
@@ -317,11 +263,11 @@ def _official_align(module: nn.Module, site: HeadSite, options: Options) -> Unio
     if isinstance(own, bool):
         return dict(align_attr=True, how=f"align_corners from the model's align_corners attribute (now {own}, read "
                                          "at every call)")
-    if namespace is not None and hasattr(namespace, _ALIGN_GLOBAL):
-        value = getattr(namespace, _ALIGN_GLOBAL)
+    if namespace is not None and hasattr(namespace, ALIGN_GLOBAL):
+        value = getattr(namespace, ALIGN_GLOBAL)
         if value is not None and not isinstance(value, bool):
-            return Match(skip=f"{cls.__module__}.{_ALIGN_GLOBAL} is {value!r}, not a bool")
-        return dict(align_global=cls.__module__, how=f"align_corners from {cls.__module__}.{_ALIGN_GLOBAL} (now "
+            return Match(skip=f"{cls.__module__}.{ALIGN_GLOBAL} is {value!r}, not a bool")
+        return dict(align_global=cls.__module__, how=f"align_corners from {cls.__module__}.{ALIGN_GLOBAL} (now "
                                                      f"{value}, read at every call)")
     if options.default is not None and options.default.mode == "bilinear":
         return dict(resample=options.default, how=f"align_corners={options.default.corners_aligned} (from the "
@@ -333,7 +279,7 @@ def _official_align(module: nn.Module, site: HeadSite, options: Options) -> Unio
     return Match(needs=(
         f"its forward resizes the branches for the concat before {site.attr} with a bilinear F.interpolate whose "
         f"align_corners neither the model (an `align_corners` attribute) nor its Python module {cls.__module__} "
-        f"(an {_ALIGN_GLOBAL} global) states; pass upsample='bilinear' and align_corners=True/False as in that call "
+        f"(an {ALIGN_GLOBAL} global) states; pass upsample='bilinear' and align_corners=True/False as in that call "
         "(no align_corners there means False) to hrfast.patch, or head=False"))
 
 

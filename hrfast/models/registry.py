@@ -71,6 +71,13 @@ def list_models(task: Optional[str] = None) -> List[str]:
     return [n for n in _REGISTRY if task is None or _TASK_OF[n] == task]
 
 
+def task_of(name: str) -> str:
+    """The task ("seg", "cls" or "face") of the registered model `name`."""
+    if name not in _TASK_OF:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(_REGISTRY)}")
+    return _TASK_OF[name]
+
+
 def build_model(name: str, **kwargs) -> nn.Module:
     """Build the reference model `name` (see `list_models`) with randomly initialised weights, on the CPU.
 

@@ -14,146 +14,19 @@ upsampled or normalised tensors.
 from __future__ import annotations
 
 import functools
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .._backend import BACKENDS
+from .. import backends
+from ..batchnorm import can_fold, fold_batch_norm
+from ..hrnet.fusion import IDENTITY, FusionTerm, describe_fuse_layers, resample_from_args
 from ..ops.fuse import fuse
-from ..ops.resample import MODES, Resample
-from ._norm import can_fold, fold_batch_norm
+from ..plan import Resample
 
 __all__ = ["HRFusion", "fusion_forward"]
-
-_IDENTITY, _UP, _DOWN = "identity", "up", "down"
-
-
-class _Entry(NamedTuple):
-    """How term (i, j) is computed: `pre` modules run in PyTorch in order, then `last` is either folded
-    into the op's (scale, shift) (a foldable batch norm) or run too; `resample` upsamples in the op."""
-
-    kind: str
-    pre: Tuple[nn.Module, ...]
-    last: Optional[nn.Module]
-    resample: Optional[Resample]
-
-
-def _is_upsample(module: nn.Module) -> bool:
-    """nn.Upsample (and its UpsamplingNearest2d/UpsamplingBilinear2d subclasses) or an Upsample-like
-    wrapper without parameters that names its `mode` and `scale_factor` (mmcv/mmseg `Upsample`)."""
-    if isinstance(module, nn.Upsample):
-        return True
-    return (hasattr(module, "mode") and hasattr(module, "scale_factor")
-            and next(module.parameters(recurse=True), None) is None)
-
-
-def _parse_up(entry, where: str, default: Optional[Resample]) -> _Entry:
-    if not isinstance(entry, nn.Sequential):
-        raise ValueError(f"{where} (an upsample path, j > i) must be an nn.Sequential such as "
-                         f"(conv1x1, norm[, upsample]), got {type(entry).__name__}")
-    mods = list(entry)
-    resample = None
-    if mods and _is_upsample(mods[-1]):
-        up = mods.pop()
-        try:
-            resample = Resample.from_module(up)
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"{where}: cannot fuse its upsample module: {exc}") from exc
-    for k, m in enumerate(mods):
-        if _is_upsample(m):
-            raise ValueError(f"{where}[{k}] is an upsample module that is not the last element; hrfast only "
-                             "fuses (..., norm, upsample) paths")
-    if not mods:
-        raise ValueError(f"{where} holds no conv/norm before its upsample; expected (conv1x1, norm[, upsample])")
-    if resample is None:
-        if default is None:
-            raise ValueError(
-                f"{where} has no upsample module (the original code upsamples in forward, e.g. "
-                "F.interpolate(size=..., mode='bilinear')), so HRFusion cannot see the mode: pass "
-                "upsample='bilinear' (or 'nearest') and align_corners=True/False to HRFusion")
-        resample = default
-    return _Entry(_UP, tuple(mods[:-1]), mods[-1], resample)
-
-
-def _parse_down(entry, where: str) -> _Entry:
-    if not isinstance(entry, nn.Sequential) or len(entry) == 0:
-        raise ValueError(f"{where} (a downsample chain, j < i) must be a non-empty nn.Sequential of "
-                         f"(conv3x3 s2, norm[, relu]) blocks, got {type(entry).__name__}"
-                         + (" of length 0" if isinstance(entry, nn.Sequential) else ""))
-    links = list(entry)
-    for k, m in enumerate(links):
-        if m is None:
-            raise ValueError(f"{where}[{k}] is None")
-    pre = links[:-1]
-    last_link = links[-1]
-    if isinstance(last_link, nn.Sequential):
-        if len(last_link) == 0:
-            raise ValueError(f"{where}[{len(links) - 1}] is an empty nn.Sequential")
-        inner = list(last_link)
-        return _Entry(_DOWN, tuple(pre + inner[:-1]), inner[-1], None)
-    return _Entry(_DOWN, tuple(pre), last_link, None)
-
-
-def _parse(fuse_layers, default: Optional[Resample]) -> Tuple[List[List[_Entry]], int]:
-    """The per-term plan of `fuse_layers`, validated; and the number of input branches."""
-    if not isinstance(fuse_layers, nn.ModuleList):
-        raise TypeError(f"fuse_layers must be an nn.ModuleList of nn.ModuleList (indexed [i_out][j_in]), got "
-                        f"{type(fuse_layers).__name__}; a single-branch module (fuse_layers None or "
-                        "nn.Identity) has no fusion step to replace")
-    if len(fuse_layers) == 0:
-        raise ValueError("fuse_layers is empty")
-    num_inputs = None
-    plan = []
-    for i, row in enumerate(fuse_layers):
-        if not isinstance(row, nn.ModuleList):
-            raise TypeError(f"fuse_layers[{i}] must be an nn.ModuleList (one entry per input branch), got "
-                            f"{type(row).__name__}")
-        if num_inputs is None:
-            num_inputs = len(row)
-        elif len(row) != num_inputs:
-            raise ValueError(f"fuse_layers[{i}] has {len(row)} entries but fuse_layers[0] has {num_inputs}; "
-                             "every row needs one entry per input branch")
-        entries = []
-        for j, entry in enumerate(row):
-            where = f"fuse_layers[{i}][{j}]"
-            if j == i:
-                if entry is not None and not isinstance(entry, nn.Identity):
-                    raise ValueError(f"{where} (j == i) must be None or nn.Identity, got {type(entry).__name__}")
-                entries.append(_Entry(_IDENTITY, (), None, None))
-            elif j > i:
-                entries.append(_parse_up(entry, where, default))
-            else:
-                entries.append(_parse_down(entry, where))
-        plan.append(entries)
-    if len(fuse_layers) > num_inputs:
-        raise ValueError(f"fuse_layers has {len(fuse_layers)} rows (outputs) but only {num_inputs} inputs; "
-                         "output i needs the identity entry fuse_layers[i][i]")
-    return plan, num_inputs
-
-
-def _default_resample(upsample: Optional[str], align_corners: Optional[bool]) -> Optional[Resample]:
-    if upsample is None:
-        if align_corners is not None:
-            raise ValueError("align_corners is only meaningful with upsample='bilinear'; pass upsample= too")
-        return None
-    if not isinstance(upsample, str) or upsample not in MODES:
-        raise ValueError(f"upsample must be None or one of {MODES}, got {upsample!r}")
-    if align_corners is not None and not isinstance(align_corners, bool):
-        raise TypeError(f"align_corners must be a bool or None, got {type(align_corners).__name__}")
-    if upsample == "nearest":
-        if align_corners is not None:
-            raise ValueError("align_corners can only be given with upsample='bilinear' (as in F.interpolate)")
-        return Resample(mode="nearest")
-    # F.interpolate's default for bilinear is align_corners=False (with a warning); keep it explicit
-    return Resample(mode="bilinear", align_corners=bool(align_corners))
-
-
-def _describe(r: Resample) -> str:
-    if r.mode == "bilinear":
-        return f"bilinear(align_corners={r.corners_aligned})"
-    return "nearest"
 
 
 def fusion_forward(fuse_layers: nn.ModuleList, xs: Sequence[Tensor], *, default: Optional[Resample] = None,
@@ -163,9 +36,9 @@ def fusion_forward(fuse_layers: nn.ModuleList, xs: Sequence[Tensor], *, default:
     `default` is the Resample of the j > i entries without an upsample module (None: such entries raise).
     Used by `HRFusion` and by `hrfast.patch`, which must not add a module to the model it patches.
     """
-    # parsed on every call: cheap, and it follows module swaps made after construction
+    # read on every call: cheap, and it follows module swaps made after construction
     # (e.g. nn.SyncBatchNorm.convert_sync_batchnorm replacing the norms)
-    plan, num_inputs = _parse(fuse_layers, default)
+    rows, num_inputs = describe_fuse_layers(fuse_layers, default)
     if isinstance(xs, Tensor) or not isinstance(xs, (list, tuple)):
         raise TypeError(f"xs must be a list or tuple of tensors (one per branch), got {type(xs).__name__}")
     if len(xs) != num_inputs:
@@ -175,23 +48,27 @@ def fusion_forward(fuse_layers: nn.ModuleList, xs: Sequence[Tensor], *, default:
             raise TypeError(f"xs[{j}] must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4:
             raise ValueError(f"xs[{j}] must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
-    return [_fuse_row(row, xs, tuple(xs[i].shape[2:]), backend) for i, row in enumerate(plan)]
+    return [_fuse_row(row, xs, tuple(xs[i].shape[2:]), backend) for i, row in enumerate(rows)]
 
 
-def _fuse_row(row: Sequence[_Entry], xs: Sequence[Tensor], size: Tuple[int, int], backend: str) -> Tensor:
-    # first every term up to its foldable norm, then the common dtype (eager `+` promotes), then the fold
+def _fuse_row(row: Sequence[FusionTerm], xs: Sequence[Tensor], size: Tuple[int, int], backend: str) -> Tensor:
+    # first every term up to its foldable norm, then the common dtype (eager `+` promotes), then the fold; on the
+    # reference backend the norms run as modules: the eager computation, op for op
+    fold = backends.resolve(backend, xs[0].device) != "reference"
     terms, to_fold = [], []
     for j, entry in enumerate(row):
         h = xs[j]
-        if entry.kind != _IDENTITY:
+        if entry.kind != IDENTITY:
             for m in entry.pre:
                 h = m(h)
-            if can_fold(entry.last):
+            if fold and can_fold(entry.last):
                 to_fold.append(j)
             else:
                 h = entry.last(h)
         terms.append(h)
-    dtype = functools.reduce(torch.promote_types, [t.dtype for t in terms])
+    dtype = terms[0].dtype
+    if any(t.dtype != dtype for t in terms):  # promote_types is an ATen call: only when there is mixing
+        dtype = functools.reduce(torch.promote_types, [t.dtype for t in terms])
     scales: List[Optional[Tensor]] = [None] * len(row)
     shifts: List[Optional[Tensor]] = [None] * len(row)
     for j in range(len(row)):
@@ -239,7 +116,7 @@ class HRFusion(nn.Module):
         upsample: None, 'nearest' or 'bilinear': the upsampling of the j > i entries that have no upsample
             module (it happens in the original forward). Ignored for entries that have one.
         align_corners: with ``upsample='bilinear'``, F.interpolate's align_corners (None means False).
-        backend: passed to `hrfast.ops.fuse`: "auto", "triton", "cuda" or "reference".
+        backend: passed to `hrfast.ops.fuse`: "auto", "triton", "cuda_cpp" or "reference" (`hrfast.backends`).
 
     Not scriptable with `torch.jit.script`.
     """
@@ -247,10 +124,9 @@ class HRFusion(nn.Module):
     def __init__(self, fuse_layers: nn.ModuleList, *, upsample: Optional[str] = None,
                  align_corners: Optional[bool] = None, backend: str = "auto"):
         super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        default = _default_resample(upsample, align_corners)
-        _parse(fuse_layers, default)  # validate now: a layout HRFusion cannot run fails at construction
+        backends.canonical(backend)
+        default = resample_from_args(upsample, align_corners)
+        describe_fuse_layers(fuse_layers, default)  # validate now: a layout HRFusion cannot run fails at construction
         self.fuse_layers = fuse_layers
         self.upsample = upsample
         self.align_corners = align_corners
@@ -297,8 +173,8 @@ class HRFusion(nn.Module):
 
     def extra_repr(self) -> str:
         try:
-            plan, _ = _parse(self.fuse_layers, self._default)
-            modes = sorted({_describe(e.resample) for row in plan for e in row if e.resample is not None})
+            rows, _ = describe_fuse_layers(self.fuse_layers, self._default)
+            modes = sorted({e.resample.describe() for row in rows for e in row if e.resample is not None})
         except (TypeError, ValueError):
             modes = []
         upsample = "/".join(modes) if modes else "none"

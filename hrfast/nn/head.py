@@ -20,42 +20,14 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .._backend import BACKENDS
+from .. import backends
+from ..batchnorm import bn_step, can_fold
+from ..hrnet.head import LAYOUTS, detect_layout, head_layers, layer_problems, mmseg_problems
 from ..ops.head import hrnet_v2_head
 from ..ops.reference import resample_ref
-from ..ops.resample import Resample, as_resample
-from ._norm import can_fold
+from ..plan import Resample, as_resample
 
 __all__ = ["HRNetV2Head"]
-
-# layout name -> dotted paths of (conv, norm, act, classifier) in the source module
-LAYOUTS = {
-    "sequential": ("0", "1", "2", "3"),
-    "mmseg": ("convs.0.conv", "convs.0.bn", "convs.0.activate", "conv_seg"),
-    "mmpose": ("conv_layers.0", "conv_layers.1", "conv_layers.2", "final_layer"),
-}
-
-
-def _detect_layout(module: nn.Module) -> str:
-    if isinstance(module, nn.Sequential) and len(module) == 4:
-        return "sequential"
-    if hasattr(module, "convs") and hasattr(module, "conv_seg"):
-        return "mmseg"
-    if hasattr(module, "conv_layers") and hasattr(module, "final_layer"):
-        return "mmpose"
-    raise ValueError(f"cannot recognise {type(module).__name__} as an HRNetV2 head: expected Sequential(conv1x1, "
-                     "BN, ReLU, conv1x1) (official seg last_layer, facial head), an mmseg FCNHead (convs, conv_seg) "
-                     "or an mmpose HeatmapHead (conv_layers, final_layer)")
-
-
-def _check_pointwise(conv: nn.Module, where: str) -> None:
-    if not isinstance(conv, nn.Conv2d):
-        raise ValueError(f"{where} must be an nn.Conv2d, got {type(conv).__name__}")
-    if (conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1
-            or conv.padding not in ((0, 0), "valid")):
-        raise ValueError(f"{where} must be a plain 1x1 conv (stride 1, no padding, groups 1); got kernel "
-                         f"{conv.kernel_size}, stride {conv.stride}, padding {conv.padding}, groups {conv.groups}: "
-                         "the fused head cannot reorder it")
 
 
 class HRNetV2Head(nn.Module):
@@ -67,15 +39,14 @@ class HRNetV2Head(nn.Module):
         resample: how x1..x3 reach x0's size: a `Resample` or mode string (default bilinear,
             align_corners=False, to the exact size; the official segmentation code's `ALIGN_CORNERS` may
             be True).
-        backend: "auto", "triton", "cuda" or "reference".
+        backend: "auto", "triton", "cuda_cpp" or "reference" (`hrfast.backends`).
     """
 
     def __init__(self, source: nn.Module, layout: str = "sequential", *, resample=None, backend: str = "auto"):
         super().__init__()
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {tuple(LAYOUTS)}, got {layout!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        backends.canonical(backend)
         for name, child in source.named_children():
             self.add_module(name, child)
         for name, param in source.named_parameters(recurse=False):
@@ -85,24 +56,17 @@ class HRNetV2Head(nn.Module):
         self.layout = layout
         self.backend = backend
         self.resample = as_resample(resample, "resample") or Resample("bilinear", align_corners=False)
-        conv_path, norm_path, act_path, cls_path = LAYOUTS[layout]
-        try:
-            conv, act, classifier = (self.get_submodule(p) for p in (conv_path, act_path, cls_path))
-            self.get_submodule(norm_path)
-        except AttributeError as exc:
-            raise ValueError(f"{type(source).__name__} does not have the {layout} head layout: {exc}") from exc
-        _check_pointwise(conv, conv_path)
-        _check_pointwise(classifier, cls_path)
-        if not isinstance(act, nn.ReLU):
-            raise ValueError(f"{act_path} must be nn.ReLU, got {type(act).__name__}: the fused head applies ReLU")
-        if layout == "mmseg":
-            _check_mmseg(source)
+        layers = head_layers(self, layout)
+        problems = mmseg_problems(source) if layout == "mmseg" else layer_problems(layers, LAYOUTS[layout])
+        if problems:
+            raise ValueError(f"{type(source).__name__} is not an HRNetV2 head the fused op computes: "
+                             + "; ".join(problems))
 
     @classmethod
     def from_module(cls, head: nn.Module, *, resample=None, backend: str = "auto") -> "HRNetV2Head":
         """Recognises the layout of `head` (see the module docstring). For mmseg heads the resampling is read
         from the head (bilinear, its `align_corners`) unless given."""
-        layout = _detect_layout(head)
+        layout = detect_layout(head)
         if layout == "mmseg" and resample is None:
             resample = Resample("bilinear", align_corners=bool(getattr(head, "align_corners", False)))
         return cls(head, layout, resample=resample, backend=backend)
@@ -143,18 +107,11 @@ class HRNetV2Head(nn.Module):
         conv, norm, classifier = self.conv, self.norm, self.classifier
         if not can_fold(norm):
             return self._eager(xs)
-        bn = norm
-        factor = 0.0 if bn.momentum is None else bn.momentum  # _BatchNorm.forward's bookkeeping
-        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-        tracked = not bn.training or bn.track_running_stats
+        step = bn_step(norm)
         # under autocast hrnet_v2_head casts the branches as eager autocast casts the convs' inputs
-        return hrnet_v2_head(list(xs), conv.weight, conv.bias, bn.running_mean if tracked else None,
-                             bn.running_var if tracked else None, bn.weight, bn.bias, classifier.weight,
-                             classifier.bias, training=use_batch_stats, momentum=factor, eps=bn.eps,
-                             resample=self.resample, backend=self.backend)
+        return hrnet_v2_head(list(xs), conv.weight, conv.bias, step.running_mean, step.running_var, norm.weight,
+                             norm.bias, classifier.weight, classifier.bias, training=step.batch_stats,
+                             momentum=step.factor, eps=norm.eps, resample=self.resample, backend=self.backend)
 
     def _eager(self, xs: Sequence[Tensor]) -> Tensor:
         size = tuple(xs[0].shape[2:])
@@ -163,21 +120,4 @@ class HRNetV2Head(nn.Module):
         return self.classifier(self._role(2)(self.norm(hidden)))
 
     def extra_repr(self) -> str:
-        r = self.resample
-        mode = r.mode + (f"(align_corners={r.corners_aligned})" if r.is_bilinear else "")
-        return f"layout={self.layout!r}, resample={mode}, backend={self.backend!r}"
-
-
-def _check_mmseg(head: nn.Module) -> None:
-    """mmseg FCNHead: only the HRNetV2 configuration (one 1x1 ConvModule, no concat_input, no dropout)."""
-    convs = getattr(head, "convs", None)
-    if not isinstance(convs, nn.Sequential) or len(convs) != 1:
-        raise ValueError("mmseg head: expected exactly one ConvModule in `convs` (num_convs=1)")
-    if getattr(head, "concat_input", False):
-        raise ValueError("mmseg head: concat_input=True is not the HRNetV2 head; not supported")
-    dropout = getattr(head, "dropout", None)
-    if dropout is not None and getattr(dropout, "p", 0) > 0:
-        raise ValueError("mmseg head: dropout before conv_seg is not supported by the fused head")
-    transform = getattr(head, "input_transform", "resize_concat")
-    if transform != "resize_concat":
-        raise ValueError(f"mmseg head: input_transform={transform!r}; the fused head is the resize_concat head")
+        return f"layout={self.layout!r}, resample={self.resample.describe()}, backend={self.backend!r}"

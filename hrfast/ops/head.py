@@ -5,187 +5,23 @@ Conv1x1(cat[...]) = W0 x0 + sum_j Up(W_j x_j) + b, with W_j x_j computed at bran
 (PyTorch GEMMs, ~6.8x fewer FLOPs for W48). The Triton kernels then produce the logits tile by tile; the
 15C-channel full-resolution tensor is never written, and backward recomputes it instead of storing it.
 
-Layers: `hrnet_v2_head` (functional API, `F.batch_norm`-like BN arguments) -> the custom ops `hrfast::head_forward`
-and `hrfast::head_backward` (`torch.library.custom_op` with fake implementations and autograd, so
-`torch.compile(fullgraph=True)` traces through them) -> launchers in `hrfast.kernels.head`. Reference:
-`hrfast.ops.reference.head_ref` (the eager concat form).
+`hrnet_v2_head` validates its arguments, builds the call's `hrfast.plan.HeadPlan`, lets the backend registry
+pick the implementation and runs it: the eager concat form (`hrfast.ops.reference.head_ref`), the custom op
+`hrfast::head_forward` (`hrfast.ops.custom_ops`) over the Triton launchers, or, for "cuda_cpp", the
+projections through torch plus the fusion op (`_head_by_fusion`).
 """
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _autotune
-from ._head_composed import head_by_fusion
-from .fuse import _SAME, _no_grads, _resolve_backend, _term_plan, _unaliased
+from .. import _autotune, backends
+from ..batchnorm import accumulation_dtype, affine, check_batch_size, update_running_stats
+from ..plan import Resample, as_resample, head_plan
+from . import custom_ops
+from .fuse import check_branches, fuse
 from .reference import head_ref
-from .resample import Resample, as_resample
-
-
-def _launchers(backend: str):
-    """The module with `HeadPlan`, `HeadTensors` and the head launchers for a concrete backend (lazy import)."""
-    if backend == "triton":
-        from hrfast.kernels import head as launchers
-    else:
-        raise ValueError(f"no fused head launchers for backend {backend!r}")
-    return launchers
-
-
-# --------------------------------------------------------------------------------------------- custom ops
-#
-# hrfast::head_forward(x0, w0, a, b, wc, bc, conv_bias, lows, modes, align_corners, ratios, batch_stats, eps,
-#                      backend) -> (logits, mean, var)
-# hrfast::head_backward(grad, x0, w0, a, b, wc, bc, lows, mean, var, modes, align_corners, ratios, batch_stats,
-#                       eps, needs, backend) -> the gradients `needs` asks for
-#
-# With `batch_stats`, (a, b) are BN's (weight, bias) (None allowed) and BN normalises with the batch statistics
-# of s = W0 x0 + sum_j Up(P_j), computed by the op in a first pass and returned as float64 mean and biased var;
-# otherwise (a, b) are the folded per-channel (scale, shift), differentiable expressions made by the caller,
-# and mean/var are empty. `conv_bias` enters only for its gradient (exactly zero under batch statistics, where
-# it only shifts BN's mean). The low-branch plan is flattened: `modes`, `align_corners` and `ratios` (4 ints per
-# low branch: ratio_h num/den, ratio_w num/den).
-
-
-def _plan(launchers, modes: Sequence[int], align_corners: Sequence[bool], ratios: Sequence[int]):
-    return launchers.HeadPlan(tuple((modes[j], align_corners[j], (ratios[4 * j], ratios[4 * j + 1]),
-                                     (ratios[4 * j + 2], ratios[4 * j + 3])) for j in range(len(modes))))
-
-
-def _acc_dtype(x0: Tensor) -> torch.dtype:
-    return torch.float64 if x0.dtype == torch.float64 else torch.float32
-
-
-def _bn_affine(a: Optional[Tensor], b: Optional[Tensor], mean: Tensor, var: Tensor, batch_stats: bool,
-               eps: float, acc: torch.dtype) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
-    """(scale, shift) the kernels apply, in `acc`, and with batch statistics also (rstd, scale) in float64.
-    Forward and backward both call this: the backward recomputes bitwise the forward's scale and shift."""
-    if not batch_stats:
-        return a.to(acc).contiguous(), b.to(acc).contiguous(), None, None
-    rstd = torch.rsqrt(var + eps)
-    gamma = a.double() if a is not None else torch.ones_like(mean)
-    beta = b.double() if b is not None else torch.zeros_like(mean)
-    scale64 = gamma * rstd
-    return scale64.to(acc), (beta - mean * scale64).to(acc), rstd, scale64
-
-
-def _logits_format(x0: Tensor) -> torch.memory_format:
-    return torch.channels_last if x0.stride(1) == 1 and x0.shape[1] > 1 else torch.contiguous_format
-
-
-@torch.library.custom_op("hrfast::head_forward", mutates_args=())
-def head_forward_op(x0: Tensor, w0: Tensor, a: Optional[Tensor], b: Optional[Tensor], wc: Tensor,
-                    bc: Optional[Tensor], conv_bias: Optional[Tensor], lows: List[Tensor], modes: List[int],
-                    align_corners: List[bool], ratios: List[int], batch_stats: bool, eps: float,
-                    backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    """(logits [N, K, H, W] in x0's dtype, mean, var): see the schema notes above."""
-    launchers = _launchers(backend)
-    plan = _plan(launchers, modes, align_corners, ratios)
-    t = launchers.HeadTensors(x0, lows, w0, wc, bc)
-    if batch_stats:
-        mean, var = launchers.head_batch_stats(plan, t)
-    else:
-        mean, var = (x0.new_empty((0,), dtype=torch.float64) for _ in range(2))
-    scale, shift, _, _ = _bn_affine(a, b, mean, var, batch_stats, eps, _acc_dtype(x0))
-    return launchers.head_forward(plan, t, scale, shift), mean, var
-
-
-@head_forward_op.register_fake
-def _(x0, w0, a, b, wc, bc, conv_bias, lows, modes, align_corners, ratios, batch_stats, eps, backend):
-    N, _, H, W = x0.shape
-    logits = torch.empty((N, wc.shape[0], H, W), dtype=x0.dtype, device=x0.device, memory_format=_logits_format(x0))
-    stats = (w0.shape[0] if batch_stats else 0,)
-    return logits, x0.new_empty(stats, dtype=torch.float64), x0.new_empty(stats, dtype=torch.float64)
-
-
-@torch.library.custom_op("hrfast::head_backward", mutates_args=())
-def head_backward_op(grad: Tensor, x0: Tensor, w0: Tensor, a: Optional[Tensor], b: Optional[Tensor], wc: Tensor,
-                     bc: Optional[Tensor], lows: List[Tensor], mean: Tensor, var: Tensor, modes: List[int],
-                     align_corners: List[bool], ratios: List[int], batch_stats: bool, eps: float, needs: List[bool],
-                     backend: str) -> List[Tensor]:
-    """The gradients `needs` asks for, in this order and each in its input's dtype: x0, w0, a, b, wc, bc, then
-    one flag per low branch (a flag for an absent a, b or bc must be False)."""
-    launchers = _launchers(backend)
-    plan = _plan(launchers, modes, align_corners, ratios)
-    t = launchers.HeadTensors(x0, lows, w0, wc, bc)
-    scale, shift, rstd, scale64 = _bn_affine(a, b, mean, var, batch_stats, eps, _acc_dtype(x0))
-    N, _, H, W = x0.shape
-    # the einsums must stay in x0's dtype even when backward runs under the caller's autocast
-    with torch.autocast(x0.device.type, enabled=False):
-        dwc, sum_da, sum_da_s = launchers.head_backward_reduce(plan, t, scale, shift, grad)
-        if batch_stats:
-            count = N * H * W
-            dbeta = sum_da.double()
-            dgamma = rstd * (sum_da_s.double() - mean * dbeta)
-            # BN's input gradient: scale * (dA - mean(dA) - s_hat * mean(dA * s_hat)) = scale*dA + alpha + beta*s
-            alpha = (scale64 * (rstd * mean * dgamma - dbeta) / count).to(scale.dtype)
-            beta = (-scale64 * rstd * dgamma / count).to(scale.dtype)
-            ds = launchers.head_backward_ds(plan, t, scale, shift, grad, alpha, beta)
-            da, db = dgamma, dbeta
-        else:
-            ds = launchers.head_backward_ds(plan, t, scale, shift, grad)
-            da, db = sum_da_s, sum_da
-        out = []
-        if needs[0]:
-            out.append(torch.einsum("mc,nmhw->nchw", w0, ds))
-        if needs[1]:
-            out.append(torch.einsum("nmhw,nchw->mc", ds, x0))
-    for need, g, p in zip(needs[2:5], (da, db, dwc), (a, b, wc)):
-        if need:
-            out.append(g.to(p.dtype))
-    if needs[5]:
-        out.append(grad.sum(dim=(0, 2, 3)).to(bc.dtype))
-    wanted = [j for j, need in enumerate(needs[6:]) if need]
-    if wanted:
-        out += launchers.upsample_adjoint(launchers.HeadPlan(tuple(plan.lows[j] for j in wanted)), ds,
-                                          [lows[j] for j in wanted])
-    return _unaliased(out)
-
-
-@head_backward_op.register_fake
-def _(grad, x0, w0, a, b, wc, bc, lows, mean, var, modes, align_corners, ratios, batch_stats, eps, needs, backend):
-    # the launchers' allocation contract: ds [N, M, H, W] in x0's dtype and logits' layout; dP_j like P_j
-    # (a same-size branch: like ds)
-    N, _, H, W = x0.shape
-    ds = torch.empty((N, w0.shape[0], H, W), dtype=x0.dtype, device=x0.device, memory_format=_logits_format(x0))
-    out = []
-    with torch.autocast(x0.device.type, enabled=False):  # as the real implementation
-        if needs[0]:
-            out.append(torch.einsum("mc,nmhw->nchw", w0, ds))
-        if needs[1]:
-            out.append(torch.einsum("nmhw,nchw->mc", ds, x0))
-    out += [p.new_empty(p.shape) for need, p in zip(needs[2:6], (a, b, wc, bc)) if need]
-    for need, mode, p in zip(needs[6:], modes, lows):
-        if need:
-            out.append(torch.empty_like(ds) if mode == _SAME else torch.empty_like(p))
-    return out
-
-
-def _head_setup_context(ctx, inputs, output):
-    x0, w0, a, b, wc, bc, conv_bias, lows, modes, align_corners, ratios, batch_stats, eps, backend = inputs
-    _, mean, var = output
-    ctx.mark_non_differentiable(mean, var)
-    ctx.save_for_backward(x0, w0, a, b, wc, bc, mean, var, *lows)
-    ctx.plan = (modes, align_corners, ratios, batch_stats, eps, backend)
-    ctx.conv_bias_dtype = conv_bias.dtype if conv_bias is not None else None
-
-
-def _head_backward(ctx, grad: Tensor, _grad_mean, _grad_var):
-    x0, w0, a, b, wc, bc, mean, var, *lows = ctx.saved_tensors
-    modes, align_corners, ratios, batch_stats, eps, backend = ctx.plan
-    need = ctx.needs_input_grad
-    needs = [need[0], need[1], a is not None and need[2], b is not None and need[3], need[4],
-             bc is not None and need[5], *need[7]]
-    grads = iter(head_backward_op(grad, x0, w0, a, b, wc, bc, lows, mean, var, modes, align_corners, ratios,
-                                  batch_stats, eps, needs, backend))
-    dx0, dw0, da, db, dwc, dbc, *dlows = [next(grads) if flag else None for flag in needs]
-    # with batch statistics the conv bias only shifts BN's mean: its gradient is exactly zero
-    dconv_bias = w0.new_zeros(w0.shape[0], dtype=ctx.conv_bias_dtype) if need[6] else None
-    return (dx0, dw0, da, db, dwc, dbc, dconv_bias, dlows) + _no_grads(modes, align_corners, ratios, batch_stats,
-                                                                      eps, backend)
-
-
-head_forward_op.register_autograd(_head_backward, setup_context=_head_setup_context)
 
 
 def hrnet_v2_head(
@@ -218,9 +54,7 @@ def hrnet_v2_head(
         cls_weight, cls_bias: the 1x1 classifier [K, M, 1, 1] and [K] or None.
         resample: how xs[1:] are upsampled to xs[0]'s size: a `Resample` or mode string for all of them, or a
             list with one entry per low branch. Default: bilinear, align_corners=False, to the exact size.
-        backend: "auto" (for CUDA tensors the fastest of Triton, the CUDA extension if built and the PyTorch
-            reference, measured on the first call with each signature, see `hrfast._autotune`; for CPU
-            tensors the reference), "triton", "cuda" or "reference".
+        backend: "auto", "triton", "cuda_cpp" (alias "cuda") or "reference": see `hrfast.backends`.
 
     Returns:
         logits [N, K, H_0, W_0] in the inputs' dtype (the autocast dtype under autocast, see below).
@@ -235,119 +69,111 @@ def hrnet_v2_head(
     xs, resamples = _validate(xs, conv_weight, conv_bias, cls_weight, cls_bias, resample)
     bn = (running_mean, running_var, bn_weight, bn_bias)
     _validate_bn(bn, conv_weight.shape[0], training, xs[0].device)
-    impl = _resolve_backend(backend, xs[0].device)
     use_batch_stats = training or (running_mean is None and running_var is None)  # as F.batch_norm's callers do
     count = xs[0].shape[0] * xs[0].shape[2] * xs[0].shape[3]
-    if _autotune.applies(backend, xs[0].device) and count > 1 and xs[0].shape[1] > 0:
-        impl = _measured_backend(xs, conv_weight, conv_bias, bn, cls_weight, cls_bias, training, momentum, eps,
-                                 resamples, impl)
+    device = xs[0].device
+    if count <= 1 or xs[0].shape[1] == 0 or xs[0].numel() == 0:
+        impl = backends.resolve(backend, device)
+    else:
+        impl = backends.choose("head", backend, device, lambda: _signature(xs, conv_weight, conv_bias, bn, cls_weight,
+                                                                           cls_bias, training, resamples),
+                               lambda name: _measure_run(name, xs, conv_weight, conv_bias, bn, cls_weight, cls_bias,
+                                                         training, momentum, eps, resamples))
     if impl == "reference" or xs[0].numel() == 0:
         return head_ref(xs, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, cls_weight,
                         cls_bias, [None] + resamples, use_batch_stats, momentum, eps)
     cast = _autocast_dtype(xs[0])
     if cast is not None:  # see "Autocast" above: run the op on cast branches, outside autocast
-        with torch.autocast(xs[0].device.type, enabled=False):
+        with torch.autocast(device.type, enabled=False):
             return hrnet_v2_head([x.to(cast) for x in xs], conv_weight, conv_bias, running_mean, running_var,
                                  bn_weight, bn_bias, cls_weight, cls_bias, training=training, momentum=momentum,
                                  eps=eps, resample=resamples, backend=impl)
-    if use_batch_stats and count <= 1:  # F.batch_norm's _verify_batch_size, before any kernel runs
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size "
-                         f"{[xs[0].shape[0], conv_weight.shape[0], *xs[0].shape[2:]]}")
-    if impl == "cuda":  # cuBLAS projections through torch + the CUDA fusion kernels: see _head_composed
-        return head_by_fusion(xs, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias,
-                              cls_weight, cls_bias, resamples, use_batch_stats, momentum, eps, impl)
+    if use_batch_stats:  # before any kernel runs
+        check_batch_size(count, [xs[0].shape[0], conv_weight.shape[0], *xs[0].shape[2:]])
+    if impl == "cuda_cpp":
+        return _head_by_fusion(xs, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias,
+                               cls_weight, cls_bias, resamples, use_batch_stats, momentum, eps, impl)
     dtype = xs[0].dtype
     M = conv_weight.shape[0]
-    weight = conv_weight.reshape(M, -1).to(dtype)
-    offsets = [0]
-    for x in xs:
-        offsets.append(offsets[-1] + x.shape[1])
-    w0 = weight[:, :offsets[1]]
+    w0, *low_weights = conv_weight.reshape(M, -1).to(dtype).split([x.shape[1] for x in xs], dim=1)
     # the commuted 1x1 convs, at each branch's own resolution
-    lows = [F.conv2d(x, weight[:, offsets[j]:offsets[j + 1], None, None]) for j, x in enumerate(xs) if j > 0]
+    lows = [F.conv2d(x, w[:, :, None, None]) for x, w in zip(xs[1:], low_weights)]
     size = tuple(xs[0].shape[2:])
-    plans = [_term_plan(r, p.shape[2:], size) for r, p in zip(resamples, lows)]
-    modes, align_corners = [p.mode for p in plans], [p.align_corners for p in plans]
-    ratios = [r for p in plans for r in (*p.ratio_h, *p.ratio_w)]
+    plan = head_plan(tuple(tuple(p.shape[2:]) for p in lows), tuple(resamples), size, use_batch_stats)
     wc = cls_weight.reshape(cls_weight.shape[0], M).to(dtype)
     cls_bias = cls_bias.contiguous() if cls_bias is not None else None  # indexed densely by the kernel
     if use_batch_stats:
-        logits, mean, var = head_forward_op(xs[0], w0, bn_weight, bn_bias, wc, cls_bias, conv_bias, lows, modes,
-                                            align_corners, ratios, True, eps, impl)
-        if training and running_mean is not None and running_var is not None:
-            count = xs[0].shape[0] * size[0] * size[1]
-            _update_running_stats(running_mean, running_var, mean, var, conv_bias, count, momentum)
+        logits, mean, var = custom_ops.head(plan, xs[0], w0, bn_weight, bn_bias, wc, cls_bias, conv_bias, lows, eps,
+                                            impl)
+        if training:
+            centred = mean if conv_bias is None else mean + conv_bias.double()
+            update_running_stats(running_mean, running_var, centred, var, count, momentum)
         return logits
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    scale = torch.rsqrt(running_var.to(acc) + eps)
-    if bn_weight is not None:
-        scale = bn_weight.to(acc) * scale
-    centre = -running_mean.to(acc) if conv_bias is None else conv_bias.to(acc) - running_mean.to(acc)
-    shift = centre * scale
-    if bn_bias is not None:
-        shift = bn_bias.to(acc) + shift
-    logits, _, _ = head_forward_op(xs[0], w0, scale, shift, wc, cls_bias, None, lows, modes, align_corners, ratios,
-                                   False, eps, impl)
+    acc = accumulation_dtype(xs[0])
+    scale, shift = affine(running_mean.to(acc), running_var.to(acc), bn_weight, bn_bias, eps, centre=conv_bias)
+    logits, _, _ = custom_ops.head(plan, xs[0], w0, scale, shift, wc, cls_bias, None, lows, eps, impl)
     return logits
 
 
-def _measured_backend(xs, conv_weight, conv_bias, bn, cls_weight, cls_bias, training, momentum, eps, resamples,
-                      static: str) -> str:
-    """backend='auto': the fastest backend for this call's signature (see hrfast._autotune). The measurement
-    runs on clones of the running statistics, so the caller's buffers are updated once, by the real call."""
+def _head_by_fusion(xs: Sequence[Tensor], conv_weight: Tensor, conv_bias: Optional[Tensor],
+                    running_mean: Optional[Tensor], running_var: Optional[Tensor], bn_weight: Optional[Tensor],
+                    bn_bias: Optional[Tensor], cls_weight: Tensor, cls_bias: Optional[Tensor], resamples: List,
+                    batch_stats: bool, momentum: float, eps: float, backend: str) -> Tensor:
+    """The head through the fusion op (the "cuda_cpp" backend has no head kernel): P_j = W_j x_j through torch
+    (cuBLAS / cuDNN), then what is left, the upsample-sum-affine-ReLU over the P_j, is exactly the fusion op
+    with BN's per-channel affine on every term (eval: one fused kernel; batch statistics: the fused sum, then
+    F.batch_norm and ReLU), then the classifier conv. The 15C-channel concatenation is never formed; unlike the
+    Triton head, the M-channel hidden tensor is."""
+    dtype = xs[0].dtype
+    widths = [x.shape[1] for x in xs]
+    projections = [F.conv2d(x, w.to(dtype)) for x, w in zip(xs, conv_weight.split(widths, dim=1))]
+    terms = dict(resample=[None, *resamples], size=tuple(xs[0].shape[2:]), backend=backend)
+    rest = [None] * (len(xs) - 1)
+    if batch_stats:
+        a = fuse(projections, shifts=[conv_bias, *rest], relu=False, **terms)
+        z = F.relu(F.batch_norm(a, running_mean, running_var, bn_weight, bn_bias, True, momentum, eps))
+    else:
+        acc = accumulation_dtype(xs[0])
+        scale, shift = affine(running_mean.to(acc), running_var.to(acc), bn_weight, bn_bias, eps, centre=conv_bias)
+        z = fuse(projections, scales=[scale] * len(xs), shifts=[shift, *rest], relu=True, **terms)
+    return F.conv2d(z, cls_weight.to(dtype), None if cls_bias is None else cls_bias.to(dtype))
+
+
+def _signature(xs, conv_weight, conv_bias, bn, cls_weight, cls_bias, training, resamples) -> tuple:
+    """What of a call can change which backend is fastest (backend="auto" measures once per signature)."""
     sig = _autotune.tensor_signature
-    device_type = xs[0].device.type
-    autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    autocast = _autocast_dtype(xs[0])
     params = (conv_weight, conv_bias, *bn, cls_weight, cls_bias)
-    signature = (tuple(sig(x) for x in xs), tuple(sig(p) for p in params), tuple(resamples), training, autocast,
-                 torch.is_grad_enabled())
+    return (tuple(sig(x) for x in xs), tuple(sig(p) for p in params), tuple(resamples), training, autocast,
+            torch.is_grad_enabled())
 
-    def run(name: str) -> None:
-        xs_ = [_autotune.detached_like(x) for x in xs]
-        cw, cb, rm, rv, bw, bb, kw, kb = (_autotune.detached_like(p) for p in params)
-        rm, rv = (t.clone() if t is not None else None for t in (rm, rv))
-        out = hrnet_v2_head(xs_, cw, cb, rm, rv, bw, bb, kw, kb, training=training, momentum=momentum, eps=eps,
-                            resample=resamples, backend=name)
-        _autotune.forward_backward(out, xs_ + [cw, cb, bw, bb, kw, kb])
 
-    return _autotune.choose("head", signature, xs[0].device, static, run)
+def _measure_run(name: str, xs, conv_weight, conv_bias, bn, cls_weight, cls_bias, training, momentum, eps,
+                 resamples) -> None:
+    """One forward (and backward when a gradient is needed) on `name`, on detached copies of the inputs; the
+    running statistics are cloned, so the caller's buffers are updated once, by the real call."""
+    xs_ = [_autotune.detached_like(x) for x in xs]
+    params = (conv_weight, conv_bias, *bn, cls_weight, cls_bias)
+    cw, cb, rm, rv, bw, bb, kw, kb = (_autotune.detached_like(p) for p in params)
+    rm, rv = (t.clone() if t is not None else None for t in (rm, rv))
+    out = hrnet_v2_head(xs_, cw, cb, rm, rv, bw, bb, kw, kb, training=training, momentum=momentum, eps=eps,
+                        resample=resamples, backend=name)
+    _autotune.forward_backward(out, xs_ + [cw, cb, bw, bb, kw, kb])
 
 
 def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     """The dtype autocast gives a conv of x here, or None when autocast is off for x's device (or x is fp64,
     which autocast leaves alone)."""
-    device_type = x.device.type
-    if x.dtype == torch.float64 or not torch.is_autocast_enabled(device_type):
-        return None
-    return torch.get_autocast_dtype(device_type)
-
-
-def _update_running_stats(running_mean, running_var, mean, var, conv_bias, count, momentum):
-    with torch.no_grad():
-        mean = mean if conv_bias is None else mean + conv_bias.double()
-        unbiased = var * (count / (count - 1))
-        running_mean.copy_(momentum * mean + (1 - momentum) * running_mean.double())
-        running_var.copy_(momentum * unbiased + (1 - momentum) * running_var.double())
+    if x.dtype == torch.float64 or x.is_meta or not torch.is_autocast_enabled(x.device.type):
+        return None  # (autocast has no meta device: asking raises)
+    return torch.get_autocast_dtype(x.device.type)
 
 
 def _validate(xs, conv_weight, conv_bias, cls_weight, cls_bias, resample):
-    if isinstance(xs, Tensor) or not isinstance(xs, (list, tuple)):
-        raise TypeError(f"xs must be a list or tuple of tensors, got {type(xs).__name__}")
-    if not 1 <= len(xs) <= 4:
+    if isinstance(xs, (list, tuple)) and not 1 <= len(xs) <= 4:
         raise ValueError(f"xs must hold 1 to 4 branch tensors (x0 first, the highest resolution), got {len(xs)}")
+    check_branches(xs, "xs")
     for j, x in enumerate(xs):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"xs[{j}] must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"xs[{j}] must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"xs[{j}] has dtype {x.dtype}; expected float16, bfloat16, float32 or float64")
-        if x.dtype != xs[0].dtype:
-            raise TypeError(f"xs[{j}] has dtype {x.dtype} but xs[0] has {xs[0].dtype}")
-        if x.device != xs[0].device:
-            raise ValueError(f"xs[{j}] is on {x.device} but xs[0] is on {xs[0].device}")
-        if x.shape[0] != xs[0].shape[0]:
-            raise ValueError(f"xs[{j}] has batch {x.shape[0]} but xs[0] has {xs[0].shape[0]}")
         if j and (x.shape[2] > xs[0].shape[2] or x.shape[3] > xs[0].shape[3]):
             raise ValueError(f"xs[{j}] is {tuple(x.shape[2:])}, larger than xs[0] {tuple(xs[0].shape[2:])}: "
                              "x0 must be the highest-resolution branch")

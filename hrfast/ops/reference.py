@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .resample import Resample, as_resample
+from ..plan import Resample, as_resample
 
 
 def affine_ref(x: Tensor, scale: Optional[Tensor], shift: Optional[Tensor]) -> Tensor:

@@ -1,0 +1,217 @@
+"""Batch norm, folded: the one place hrfast turns a BN into the per-channel affine map its fused ops apply.
+
+    bn(z) = z * scale + shift,   scale = weight / sqrt(var + eps),   shift = bias - mean * scale
+
+with (mean, var) the running statistics (eval) or the batch statistics of z (training), exactly as ATen's batch
+norm computes it (`alpha = invstd * weight`, `beta = bias - mean * alpha`). Only plain PyTorch batch norm is
+folded: `_BatchNorm` subclasses whose forward is PyTorch's own (BatchNorm2d, mmcv/mmengine thin subclasses, and
+SyncBatchNorm while it would not synchronise); any other norm runs as a module.
+
+- `affine(mean, var, weight, bias, eps)`: the formula, for every caller (fusion terms, the head).
+- `eval_affine(bn, dtype)`: the running-statistics fold of a module, cached while no gradient is needed: an
+  eval forward does no fold work; the cache entry is dropped when a parameter or buffer changes (version
+  counter, storage, dtype or device: in-place updates, `load_state_dict`, `.to()`).
+- `bn_step(bn)`: `_BatchNorm.forward`'s bookkeeping (counter, averaging factor, which statistics).
+- `update_running_stats(...)`: `F.batch_norm`'s running-statistics update, given batch statistics.
+- `fold_batch_norm(bn, z)`: (term, scale, shift) with bn's side effects, in eval and training mode.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Callable, Hashable, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = ["is_foldable_batchnorm", "can_fold", "affine", "eval_affine", "bn_step", "BNStep",
+           "update_running_stats", "fold_batch_norm"]
+
+_PLAIN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
+
+
+def is_foldable_batchnorm(module: Optional[nn.Module]) -> bool:
+    """True for a batch norm whose forward is PyTorch's own, i.e. one whose effect the fold reproduces."""
+    if not isinstance(module, _BatchNorm):
+        return False
+    if getattr(type(module), "forward", None) not in _PLAIN_FORWARDS:
+        return False  # a subclass with its own forward (frozen BN, custom sync): unknown semantics
+    has_uninit = getattr(module, "has_uninitialized_params", None)
+    if callable(has_uninit) and has_uninit():  # LazyBatchNorm before its first forward
+        return False
+    return True
+
+
+def _syncs(bn: _BatchNorm) -> bool:
+    """Whether `nn.SyncBatchNorm.forward` would synchronise statistics across processes right now."""
+    if not isinstance(bn, nn.SyncBatchNorm) or not bn.training:
+        return False
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    group = bn.process_group if bn.process_group else dist.group.WORLD
+    return dist.get_world_size(group) > 1
+
+
+def can_fold(bn: Optional[nn.Module]) -> bool:
+    """Whether `fold_batch_norm` folds this module now (False: run it as a module)."""
+    return is_foldable_batchnorm(bn) and not _syncs(bn)
+
+
+def accumulation_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
+    """fp32 math (ATen's opmath for fp16/bf16/fp32), fp64 when any tensor is fp64."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def affine(mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+           centre: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """(scale, shift) of BN over statistics (mean, var), in their dtype: bn(z) = z * scale + shift.
+    `centre` (a conv bias before the BN) is added to z first: shift = (centre - mean) * scale + bias."""
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = weight.to(scale.dtype) * scale
+    offset = -mean if centre is None else centre.to(mean.dtype) - mean
+    shift = offset * scale
+    if bias is not None:
+        shift = bias.to(shift.dtype) + shift
+    return scale, shift
+
+
+# ----------------------------------------------------------------------------------------------- the cache
+
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, Tuple[Hashable, tuple]]" = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(tensors) -> Hashable:
+    return tuple(None if t is None else (id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+
+
+def _cached(owner: nn.Module, tensors, extra: Hashable, compute: Callable[[], tuple]) -> tuple:
+    """compute() once per state of `tensors` (and `extra`); recomputed whenever autograd must see it."""
+    if (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)) \
+            or torch.compiler.is_compiling():
+        return compute()
+    key = (_fingerprint(tensors), extra)
+    hit = _CACHE.get(owner)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    value = compute()
+    _CACHE[owner] = (key, value)
+    return value
+
+
+def eval_affine(bn: _BatchNorm, dtype: torch.dtype, centre: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """(scale, shift) in `dtype` of BN normalising with its running statistics (cached, see the module notes).
+    `centre`: a conv bias in front of the BN (see `affine`)."""
+    tensors = (bn.weight, bn.bias, bn.running_mean, bn.running_var, centre)
+
+    def compute():
+        return affine(bn.running_mean.to(dtype), bn.running_var.to(dtype), bn.weight, bn.bias, bn.eps, centre)
+
+    return _cached(bn, tensors, (dtype, bn.eps), compute)
+
+
+# ---------------------------------------------------------------------------------------- BN's forward steps
+
+
+class BNStep(NamedTuple):
+    """What `_BatchNorm.forward` decides before normalising."""
+
+    factor: float  # the running-average factor (momentum, or 1 / num_batches_tracked when momentum is None)
+    batch_stats: bool  # normalise with the batch statistics (training, or no running statistics)
+    running_mean: Optional[Tensor]  # the buffers F.batch_norm is given (None: not tracked in training)
+    running_var: Optional[Tensor]
+
+
+def bn_step(bn: _BatchNorm) -> BNStep:
+    """`_BatchNorm.forward`'s bookkeeping, side effect included (num_batches_tracked += 1 in training)."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    tracked = not bn.training or bn.track_running_stats
+    return BNStep(factor, batch_stats, bn.running_mean if tracked else None, bn.running_var if tracked else None)
+
+
+def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor], mean: Tensor,
+                         var: Tensor, count: int, factor: float) -> None:
+    """F.batch_norm's update from batch statistics (mean, biased var over `count` values), in their dtype:
+    running = factor * batch + (1 - factor) * running, with the unbiased variance."""
+    if running_mean is None or running_var is None:
+        return
+    with torch.no_grad():
+        dt = mean.dtype
+        unbiased = var.detach() * (count / (count - 1))
+        running_mean.copy_(factor * mean.detach() + (1 - factor) * running_mean.to(dt))
+        running_var.copy_(factor * unbiased + (1 - factor) * running_var.to(dt))
+
+
+def check_batch_size(count: int, size) -> None:
+    """F.batch_norm's _verify_batch_size: batch statistics need more than one value per channel."""
+    if count == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+
+
+class _Fork(torch.autograd.Function):
+    """z -> (z as the fused op's term, z for the batch statistics), with the two gradients summed in the
+    statistics' (accumulation) dtype and rounded to z's dtype once, as batch norm's own backward does.
+
+    Without it autograd would round both contributions to bf16/fp16 and add them in that dtype: the
+    mean/variance part of BN's input gradient is a small correction that such a sum partly rounds away.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, term_dtype: torch.dtype, stats_dtype: torch.dtype):
+        ctx.z_dtype, ctx.stats_dtype = z.dtype, stats_dtype
+        term = z.to(term_dtype) if term_dtype != z.dtype else z.view_as(z)
+        stats = z.to(stats_dtype) if stats_dtype != z.dtype else z.view_as(z)
+        return term, stats
+
+    @staticmethod
+    def backward(ctx, g_term: Optional[Tensor], g_stats: Optional[Tensor]):
+        total = None
+        for g in (g_term, g_stats):
+            if g is not None:
+                g = g.to(ctx.stats_dtype)
+                total = g if total is None else total + g
+        return (None if total is None else total.to(ctx.z_dtype)), None, None
+
+
+def fold_batch_norm(bn: nn.Module, z: Tensor, term_dtype: Optional[torch.dtype] = None,
+                    ) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
+    """(term, scale, shift) with ``bn(z) == term * scale[:, None, None] + shift[:, None, None]``, or None.
+
+    None means the module is not a batch norm that can be folded here (see `can_fold`): the caller then
+    runs ``bn(z)`` itself. Otherwise this has the side effects of ``bn(z)`` (the running statistics update
+    in training mode) and raises the same ValueError as batch norm for a single value per channel in
+    training.
+
+    `term` is z in `term_dtype` (default z's dtype), the tensor to hand to the fused op. scale and shift
+    are [C] tensors in float32 (float64 for float64 inputs or modules), differentiable w.r.t. bn.weight,
+    bn.bias and, when batch statistics are used, z; z's gradient is accumulated in that dtype.
+    """
+    if not can_fold(bn):
+        return None
+    term_dtype = term_dtype or z.dtype
+    bn._check_input_dim(z)
+    if z.dim() != 4:
+        raise ValueError(f"expected a 4-D input [N, C, H, W] for {type(bn).__name__}, got shape {tuple(z.shape)}")
+    step = bn_step(bn)
+    dt = accumulation_dtype(z, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    if not step.batch_stats:
+        scale, shift = eval_affine(bn, dt)
+        return (z if z.dtype == term_dtype else z.to(term_dtype)), scale, shift
+    count = z.shape[0] * math.prod(z.shape[2:])
+    check_batch_size(count, z.size())
+    if z.dtype == dt == term_dtype or not z.requires_grad:
+        term, zs = z.to(term_dtype), z.to(dt)
+    else:
+        term, zs = _Fork.apply(z, term_dtype, dt)
+    var, mean = torch.var_mean(zs, dim=(0, 2, 3), correction=0)
+    update_running_stats(step.running_mean, step.running_var, mean, var, count, step.factor)
+    scale, shift = affine(mean, var, bn.weight, bn.bias, bn.eps)
+    return term, scale, shift

@@ -1,7 +1,7 @@
-"""`python -m hrfast <command>`: bench (the main job), info, demo."""
+"""`python -m hrfast <command>`: bench (the main job), info, demo, inspect (predicted GPU performance)."""
 import sys
 
-COMMANDS = {"info": "hrfast.info", "bench": "hrfast.bench", "demo": "hrfast.demo"}
+COMMANDS = {"info": "hrfast.info", "bench": "hrfast.bench", "demo": "hrfast.demo", "inspect": "hrfast.perf.inspect"}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,232 @@
+"""What one recorded Triton launch does, from its arguments: the one place that knows each kernel's tiling.
+
+`KERNELS` holds, per kernel name, functions of the launch's bound arguments (`Launch.params`, constexprs
+included):
+
+- `trips`: how often one program runs each loop of the kernel's SASS, innermost first (the order of
+  `sass.Kernel.loops`), counting outer iterations: `model.dynamic_warp_instructions` multiplies each loop's own
+  body by it. Triton unrolls `tl.static_range`, so only `range` loops over runtime bounds remain loops;
+- `dots`: the FLOPs of the kernel's `tl.dot`s over the whole grid, at the tile shapes the tensor cores (or, for
+  fp32 with input_precision="ieee", the FMA units) execute, padding included;
+- `elements`: the elements the launch produces (the per-element figures divide by it): the output, or for
+  the head's statistics and backward reduction the [N, M, H, W] values they reduce;
+- `unread`: the argument names whose tensors these constexprs leave unread (stand-ins for absent pointers);
+- `dot_unit`: which peak the dots run at: "bf16" (fp16/bf16 inputs: tensor cores), "tf32", or "fma" (fp32 with
+  input_precision="ieee": FFMAs on the CUDA cores, also counted in the issue term).
+
+`CUDA_KERNELS` is the same for the CUDA C++ kernels of csrc/ (keyed by their kernel struct), whose launches are
+made by C++ and so are modelled (`cuda_cpp.py`), not recorded: their params are that model's.
+
+**Update these tables when a kernel changes** (its loops, tiling or dots). A kernel that is not here, or whose
+SASS has another number of loops than `trips` gives, is reported with "trip counts unknown": its issue term is
+left out rather than guessed. `UNKNOWN` lists kernels deliberately left without an entry.
+
+Bytes are counted in `launch_bytes`: every distinct tensor argument once (read or written), as the number of
+distinct elements it spans (dimensions of stride 0 count once: a stride-0 stand-in for an absent tensor spans
+one element, ~0 bytes) times its element size; `unread` arguments excluded. That is the compulsory traffic if
+every byte a kernel touches crosses HBM exactly once.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from .record import Launch
+
+Params = Dict[str, object]
+
+
+@dataclass(frozen=True)
+class KernelWork:
+    """The table entry of one kernel (see the module docstring)."""
+
+    trips: Callable[[Params], List[float]]
+    elements: Callable[[Params], int]
+    dots: Callable[[Params], float] = lambda p: 0.0
+    unread: Callable[[Params], Sequence[str]] = lambda p: ()
+    dot_unit: Callable[[Params], str] = lambda p: _dot_unit(p)
+
+
+def _dot_unit(p: Params) -> str:
+    dtype = p["x0_ptr"].dtype if "x0_ptr" in p else torch.float32
+    if dtype in (torch.float16, torch.bfloat16):
+        return "bf16"
+    return "tf32" if p.get("PRECISION") == "tf32" else "fma"
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# --------------------------------------------------------------------------------------- fusion kernels
+
+
+def _fuse_forward_elements(p: Params) -> int:
+    return p["out_ptr"].numel()
+
+
+def _adjoint_trips(p: Params) -> List[float]:
+    """Inner loop (kx) KH * KW times, outer loop (ky) KH times per program."""
+    kh, kw = p["window_h"][0], p["window_w"][0]
+    return [kh * kw, kh]
+
+
+def _adjoint_elements(p: Params) -> int:
+    z = p["src"][0]
+    return z.shape[0] * p["C"] * z.shape[2] * z.shape[3]
+
+
+def _adjoint_unread(p: Params) -> Sequence[str]:
+    unread = [] if p["NEED_DSCALE"] else ["src"]  # z is read only for d(scale)
+    if not p["NEED_DZ"]:
+        unread.append("dz_ptr")
+    if not p["HAS_SCALE"]:
+        unread.append("scale_ptr")
+    return unread
+
+
+def _same_unread(p: Params) -> Sequence[str]:
+    unread = [] if p["RELU"] else ["y_ptr"]
+    if not p["WRITE_G"]:
+        unread.append("g_ptr")
+    return unread
+
+
+def _same_elements(p: Params) -> int:
+    return p["gy_ptr"].numel()
+
+
+# ----------------------------------------------------------------------------------------- head kernels
+
+
+def _head_tiles(p: Params) -> int:
+    """Pixel tiles of the whole batch."""
+    return _cdiv(p["H"] * p["W"], p["BLOCK_P"]) * p["x0_ptr"].shape[0]
+
+
+def _chunks(p: Params) -> int:
+    return _cdiv(p["M"], p["BLOCK_M"])
+
+
+def _pre_bn_flops(p: Params) -> float:
+    """One [BLOCK_M, C0P] x [C0P, BLOCK_P] dot: W0 x0 on one chunk of one tile."""
+    return 2.0 * p["BLOCK_M"] * p["C0P"] * p["BLOCK_P"]
+
+
+def _logit_flops(p: Params) -> float:
+    """One [KP, BLOCK_M] x [BLOCK_M, BLOCK_P] dot (or its transposes): classifier-sized."""
+    return 2.0 * p["KP"] * p["BLOCK_M"] * p["BLOCK_P"]
+
+
+def _head_pixels_out(p: Params, channels: int) -> int:
+    return p["x0_ptr"].shape[0] * channels * p["H"] * p["W"]
+
+
+KERNELS: Dict[str, KernelWork] = {
+    # one [BLOCK_C x BLOCK_P] tile per program, every term unrolled (static_range): no loop
+    "_fuse_forward_kernel": KernelWork(trips=lambda p: [], elements=_fuse_forward_elements),
+    # one tile per program, every output-size term unrolled: no loop
+    "_fuse_backward_same_kernel": KernelWork(trips=lambda p: [], elements=_same_elements, unread=_same_unread),
+    # per program a [BLOCK_C x BLOCK_P] tile of source pixels; loops ky < KH, kx < KW over the output window
+    "_upsample_adjoint_kernel": KernelWork(trips=_adjoint_trips, elements=_adjoint_elements,
+                                           unread=_adjoint_unread),
+    # per program one pixel tile; loop over the M chunks: one W0 x0 dot each
+    "_head_stats_kernel": KernelWork(trips=lambda p: [_chunks(p)], elements=lambda p: _head_pixels_out(p, p["M"]),
+                                     dots=lambda p: _head_tiles(p) * _chunks(p) * _pre_bn_flops(p)),
+    # per program one pixel tile; loop over the M chunks: W0 x0 and the classifier dot each
+    "_head_forward_kernel": KernelWork(
+        trips=lambda p: [_chunks(p)], elements=lambda p: _head_pixels_out(p, p["K"]),
+        dots=lambda p: _head_tiles(p) * _chunks(p) * (_pre_bn_flops(p) + _logit_flops(p)),
+        unread=lambda p: [] if p["HAS_BC"] else ["bc_ptr"]),
+    # program (M chunk, split) loops over tiles split, split + SPLITS, ...: TILES / SPLITS on average; per tile
+    # W0 x0, Wc^T g and g a^T
+    "_head_backward_reduce_kernel": KernelWork(
+        trips=lambda p: [p["TILES"] / p["SPLITS"]], elements=lambda p: _head_pixels_out(p, p["M"]),
+        dots=lambda p: _chunks(p) * p["TILES"] * (_pre_bn_flops(p) + 2 * _logit_flops(p))),
+    # one (pixel tile, M chunk) per program, no loop: W0 x0 and Wc^T g
+    "_head_backward_ds_kernel": KernelWork(
+        trips=lambda p: [], elements=lambda p: _head_pixels_out(p, p["M"]),
+        dots=lambda p: _head_tiles(p) * _chunks(p) * (_pre_bn_flops(p) + _logit_flops(p)),
+        unread=lambda p: [] if p["BATCH_STATS"] else ["alpha_ptr", "beta_ptr"]),
+}
+
+# csrc/fuse_kernels.h, one element per thread (params: see cuda_cpp.py). ptxas keeps the loops over runtime
+# counts: the forward's loop over the terms after the first (peeled), the backward's dx loop unrolled by 4 with
+# its remainder, then the loop over the reduction slots; the adjoint's window loops (ky outer, kx inner).
+# Every term's loop body holds the code of every resample mode (a run-time switch), so these counts are upper
+# bounds of what a thread executes.
+CUDA_KERNELS: Dict[str, KernelWork] = {
+    "ForwardKernel": KernelWork(trips=lambda p: [p["count"] - 1], elements=lambda p: p["elements"]),
+    "BackwardSameKernel": KernelWork(trips=lambda p: [p["count"] // 4, p["count"] % 4, p["slots"]],
+                                     elements=lambda p: p["elements"]),
+    "AdjointKernel": KernelWork(trips=lambda p: [p["k_h"] * p["k_w"], p["k_h"]], elements=lambda p: p["elements"]),
+}
+
+# kernels deliberately without an entry (reported with "trip counts unknown"), with the reason
+UNKNOWN: Dict[str, str] = {}
+
+
+def work(launch: Launch) -> Optional[KernelWork]:
+    return KERNELS.get(launch.name)
+
+
+def trips_for(launch: Launch, sass_loops: int) -> Optional[List[float]]:
+    """The trip counts of the launch's SASS loops, or None when unknown (no entry, or the SASS has another
+    number of loops than the entry describes: the compiler restructured the kernel, update the table)."""
+    entry = work(launch)
+    if entry is None:
+        return None
+    trips = entry.trips(launch.params)
+    return trips if len(trips) == sass_loops else None
+
+
+def dot_flops(launch: Launch) -> Tuple[float, str]:
+    """(FLOPs of the launch's dots, the unit they run on: "bf16", "tf32" or "fma")."""
+    entry = work(launch)
+    if entry is None:
+        return 0.0, "fma"
+    params = launch.params
+    flops = entry.dots(params)
+    return flops, entry.dot_unit(params) if flops else "fma"
+
+
+def elements(launch: Launch) -> Optional[int]:
+    entry = work(launch)
+    return entry.elements(launch.params) if entry is not None else None
+
+
+# ----------------------------------------------------------------------------------------------- bytes
+
+
+def footprint(t: torch.Tensor) -> int:
+    """Bytes of the distinct elements a tensor spans: dimensions of stride 0 count once."""
+    return math.prod(s for s, st in zip(t.shape, t.stride()) if st != 0) * t.element_size() if t.numel() else 0
+
+
+def _tensors(value) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
+
+
+def tensor_key(t: torch.Tensor) -> tuple:
+    """Identifies the same tensor passed twice, also as two view objects of equal geometry."""
+    return (t.untyped_storage()._cdata, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def launch_bytes(launch: Launch) -> int:
+    """Compulsory bytes of one launch (see the module docstring)."""
+    entry = work(launch)
+    params = launch.params
+    skip = set(entry.unread(params)) if entry is not None else set()
+    seen = {}
+    for name, value in params.items():
+        if name not in skip:
+            for t in _tensors(value):
+                seen.setdefault(tensor_key(t), footprint(t))
+    return sum(seen.values())

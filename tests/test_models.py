@@ -17,9 +17,9 @@ import torch.nn as nn
 
 from hrfast import flops
 from hrfast.flops import branch_sizes, count_macs, head_reorder_macs, register_mac_rule
-from hrfast.models import (TIMM_NAMES, HRNetClassifier, HRNetV2Landmarks, HRNetV2Segmentation, build_model,
-                           list_models, stage_config)
-from hrfast.models import cls_hrnet, seg_hrnet
+from hrfast.models import (TIMM_NAMES, HRNetClassifier, HRNetV2Landmarks, HRNetV2Segmentation, PoseHRNet,
+                           build_model, list_models, stage_config)
+from hrfast.models import cls_hrnet, pose_hrnet, seg_hrnet
 from hrfast.models.configs import branch_channels
 
 SEG = list_models("seg")
@@ -70,14 +70,15 @@ def test_registry_names():
     assert CLS == [f"hrnet_{w}_c" for w in ("w18_small_v1", "w18_small_v2", "w18", "w30", "w32", "w40", "w44",
                                              "w48", "w64")]
     assert list_models("face") == ["hrnetv2_w18_face"]
-    assert list_models() == SEG + ["hrnetv2_w18_face"] + CLS
+    assert list_models("pose") == ["hrnet_w32_pose", "hrnet_w48_pose"]
+    assert list_models() == SEG + ["hrnetv2_w18_face"] + CLS + list_models("pose")
     assert set(TIMM_NAMES) == set(CLS)
 
 
 def test_unknown_names_raise_listing_the_known_ones():
     with pytest.raises(ValueError, match=r"unknown model 'hrnet_w99'.*hrnetv2_w48_seg.*hrnet_w18_c"):
         build_model("hrnet_w99")
-    with pytest.raises(ValueError, match="seg, cls, face"):
+    with pytest.raises(ValueError, match="seg, cls, face, pose"):
         list_models("detection")
     with pytest.raises(ValueError, match="w18_small_v1"):
         stage_config("w99")
@@ -91,6 +92,7 @@ def test_unknown_names_raise_listing_the_known_ones():
 @pytest.mark.parametrize("name, millions", [
     ("hrnetv2_w48_seg", 65.9),  # paper, Cityscapes (19 classes)
     ("hrnet_w18_c", 21.3), ("hrnet_w30_c", 37.7), ("hrnet_w40_c", 57.6),  # paper, ImageNet
+    ("hrnet_w32_pose", 28.5), ("hrnet_w48_pose", 63.6),  # paper, COCO 256x192 (17 joints)
 ])
 def test_param_counts_match_paper(name, millions):
     assert round(n_params(meta_model(name)) / 1e6, 1) == millions
@@ -254,7 +256,8 @@ def test_forward_shapes_on_cpu(name):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         y = model(x)
-    expected = {"seg": (2, 19, 16, 16), "face": (2, 98, 16, 16)}.get(name.rsplit("_", 1)[1], (2, 1000))
+    expected = {"seg": (2, 19, 16, 16), "face": (2, 98, 16, 16), "pose": (2, 17, 16, 16)}.get(
+        name.rsplit("_", 1)[1], (2, 1000))
     assert y.shape == expected and torch.isfinite(y).all()
 
 
@@ -281,6 +284,26 @@ def test_segmentation_forward_is_the_official_concat_head():
 def test_classes_are_exported():
     assert isinstance(meta_model("hrnetv2_w18_seg"), HRNetV2Segmentation)
     assert isinstance(meta_model("hrnet_w18_c"), HRNetClassifier)
+    assert isinstance(meta_model("hrnet_w32_pose"), PoseHRNet)
+
+
+def test_pose_model_layout():
+    """Official pose_hrnet.py: hard-coded stage 1, nearest upsampling in fuse_layers, in-place fuse ReLU, the
+    last stage-4 module with one output row, `final_layer` a 1x1 conv with bias on branch 0, official keys."""
+    model = meta_model("hrnet_w32_pose")
+    assert [type(b).__name__ for b in model.layer1] == ["Bottleneck"] * 4
+    last = model.stage4[-1]
+    assert type(last) is pose_hrnet.HighResolutionModule and len(last.fuse_layers) == 1
+    assert not last.multi_scale_output and all(m.multi_scale_output for m in model.stage4[:-1])
+    assert isinstance(last.fuse_layers[0][1][2], nn.Upsample) and last.fuse_layers[0][1][2].mode == "nearest"
+    assert last.relu.inplace
+    assert (model.final_layer.in_channels, model.final_layer.out_channels) == (32, 17)
+    assert model.final_layer.kernel_size == (1, 1) and model.final_layer.bias is not None
+    keys = list(model.state_dict())
+    assert keys[:2] == ["conv1.weight", "bn1.weight"] and keys[-2:] == ["final_layer.weight", "final_layer.bias"]
+    assert "stage4.2.fuse_layers.0.3.1.running_var" in keys and "stage4.2.fuse_layers.1.0.0.0.weight" not in keys
+    with pytest.raises(ValueError, match="hard-codes stage 1"):
+        PoseHRNet(stage_config("w18_small_v1"))
 
 
 # ------------------------------------------------------------------------------------------------ MACs

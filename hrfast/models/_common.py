@@ -176,8 +176,10 @@ class HighResolutionBackbone(nn.Module):
         """Extra keyword arguments for ``module_cls`` (upsampling, align_corners, ...)."""
         return {}
 
-    def _build_backbone(self, config: Dict[str, Dict], bn_momentum: float = 0.1) -> List[int]:
-        """Build the trunk from `config` (see `hrfast.models.configs`); returns the final branch channels."""
+    def _build_backbone(self, config: Dict[str, Dict], bn_momentum: float = 0.1,
+                        multi_scale_output: bool = True) -> List[int]:
+        """Build the trunk from `config` (see `hrfast.models.configs`); returns the final branch channels.
+        `multi_scale_output`: of stage 4's last module (False in the pose code: one output, branch 0)."""
         self.bn_momentum = bn_momentum
         self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(64, momentum=bn_momentum)
@@ -197,7 +199,7 @@ class HighResolutionBackbone(nn.Module):
             channels = [c * block.expansion for c in cfg["NUM_CHANNELS"]]
             setattr(self, f"stage{s}_cfg", cfg)
             setattr(self, f"transition{s - 1}", self._make_transition_layer(pre_stage_channels, channels))
-            stage, pre_stage_channels = self._make_stage(cfg, channels)
+            stage, pre_stage_channels = self._make_stage(cfg, channels, multi_scale_output or s < 4)
             setattr(self, f"stage{s}", stage)
         return pre_stage_channels
 

@@ -6,6 +6,9 @@ Names (paper naming, lower case):
   (`hrfast.models.seg_hrnet.HighResolutionNet`; kwargs ``num_classes=19``, ``align_corners=False``,
   ``bn_momentum=0.1``, ``final_conv_kernel=1``);
 - ``hrnetv2_w18_face``: facial landmarks (`hrfast.models.face_hrnet.HighResolutionNet`; ``num_joints=98``);
+- ``hrnet_{w32, w48}_pose``: top-down pose estimation (`hrfast.models.pose_hrnet.PoseHighResolutionNet`;
+  ``num_joints=17``, ``final_conv_kernel=1``, ``bn_momentum=0.1``), 28.54M / 63.60M parameters (paper: 28.5M,
+  63.6M at 256x192);
 - ``hrnet_{w18_small_v1, w18_small_v2, w18, w30, w32, w40, w44, w48, w64}_c``: ImageNet classifiers
   (`hrfast.models.cls_hrnet.HighResolutionNet`; ``num_classes=1000``); `TIMM_NAMES` maps them to timm's.
 
@@ -20,15 +23,16 @@ from typing import Callable, Dict, List, Optional
 
 import torch.nn as nn
 
-from . import cls_hrnet, face_hrnet, seg_hrnet
+from . import cls_hrnet, face_hrnet, pose_hrnet, seg_hrnet
 from .configs import stage_config
 
 __all__ = ["build_model", "list_models", "TIMM_NAMES", "TASKS"]
 
-TASKS = ("seg", "cls", "face")
+TASKS = ("seg", "cls", "face", "pose")
 
 _SEG_WIDTHS = ("w18_small_v1", "w18_small_v2", "w18", "w32", "w40", "w48", "w64")
 _CLS_WIDTHS = ("w18_small_v1", "w18_small_v2", "w18", "w30", "w32", "w40", "w44", "w48", "w64")
+_POSE_WIDTHS = ("w32", "w48")
 
 # our classifier name -> timm model name (same architecture and parameter names)
 TIMM_NAMES: Dict[str, str] = {f"hrnet_{w}_c": "hrnet_" + {"w18_small_v1": "w18_small"}.get(w, w)
@@ -51,6 +55,14 @@ def _cls(width: str) -> Callable[..., nn.Module]:
     return build
 
 
+def _pose(width: str) -> Callable[..., nn.Module]:
+    def build(num_joints: int = 17, final_conv_kernel: int = 1, bn_momentum: float = 0.1) -> nn.Module:
+        return pose_hrnet.PoseHighResolutionNet(stage_config(width), num_joints=num_joints,
+                                                final_conv_kernel=final_conv_kernel, bn_momentum=bn_momentum)
+    build.__doc__ = f"Pose HRNet-{width.upper()} (official deep-high-resolution-net pose_hrnet.py layout)."
+    return build
+
+
 def _face(num_joints: int = 98, bn_momentum: float = 0.01) -> nn.Module:
     """Facial-landmark HRNetV2-W18 (official HRNet-Facial-Landmark-Detection layout)."""
     return face_hrnet.HighResolutionNet(num_joints=num_joints, bn_momentum=bn_momentum)
@@ -60,19 +72,21 @@ _REGISTRY: Dict[str, Callable[..., nn.Module]] = {
     **{f"hrnetv2_{w}_seg": _seg(w) for w in _SEG_WIDTHS},
     "hrnetv2_w18_face": _face,
     **{f"hrnet_{w}_c": _cls(w) for w in _CLS_WIDTHS},
+    **{f"hrnet_{w}_pose": _pose(w) for w in _POSE_WIDTHS},
 }
-_TASK_OF = {name: {"seg": "seg", "face": "face", "c": "cls"}[name.rsplit("_", 1)[1]] for name in _REGISTRY}
+_TASK_OF = {name: {"seg": "seg", "face": "face", "c": "cls", "pose": "pose"}[name.rsplit("_", 1)[1]]
+            for name in _REGISTRY}
 
 
 def list_models(task: Optional[str] = None) -> List[str]:
-    """The names `build_model` knows, in registry order; `task` ("seg", "cls" or "face") filters them."""
+    """The names `build_model` knows, in registry order; `task` ("seg", "cls", "face" or "pose") filters them."""
     if task is not None and task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     return [n for n in _REGISTRY if task is None or _TASK_OF[n] == task]
 
 
 def task_of(name: str) -> str:
-    """The task ("seg", "cls" or "face") of the registered model `name`."""
+    """The task ("seg", "cls", "face" or "pose") of the registered model `name`."""
     if name not in _TASK_OF:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(_REGISTRY)}")
     return _TASK_OF[name]
@@ -83,7 +97,7 @@ def build_model(name: str, **kwargs) -> nn.Module:
 
     Keyword arguments go to the builder: ``num_classes``, ``align_corners``, ``bn_momentum``,
     ``final_conv_kernel`` (segmentation); ``num_classes``, ``bn_momentum`` (classification); ``num_joints``,
-    ``bn_momentum`` (face). Wrap the call in ``with torch.device("meta"):`` to build without allocating.
+    ``bn_momentum`` (face); ``num_joints``, ``final_conv_kernel``, ``bn_momentum`` (pose). Wrap the call in ``with torch.device("meta"):`` to build without allocating.
 
     Raises:
         ValueError: for an unknown name (the message lists the known ones).

@@ -10,7 +10,9 @@ SyncBatchNorm while it would not synchronise); any other norm runs as a module.
 - `affine(mean, var, weight, bias, eps)`: the formula, for every caller (fusion terms, the head).
 - `eval_affine(bn, dtype)`: the running-statistics fold of a module, cached while no gradient is needed: an
   eval forward does no fold work; the cache entry is dropped when a parameter or buffer changes (version
-  counter, storage, dtype or device: in-place updates, `load_state_dict`, `.to()`).
+  counter or storage: in-place updates, `load_state_dict`, `.to()`).
+- `fold_into_conv(conv, bn)`: the conv's (weight, bias) with the eval BN after it folded in (torch's
+  `fuse_conv_bn_weights`), cached the same way; derived tensors, the modules' own stay untouched.
 - `bn_step(bn)`: `_BatchNorm.forward`'s bookkeeping (counter, averaging factor, which statistics).
 - `update_running_stats(...)`: `F.batch_norm`'s running-statistics update, given batch statistics.
 - `fold_batch_norm(bn, z)`: (term, scale, shift) with bn's side effects, in eval and training mode.
@@ -19,14 +21,15 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Callable, Hashable, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, Hashable, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-__all__ = ["is_foldable_batchnorm", "can_fold", "affine", "eval_affine", "bn_step", "BNStep",
+__all__ = ["is_foldable_batchnorm", "can_fold", "affine", "eval_affine", "fold_into_conv", "bn_step", "BNStep",
            "update_running_stats", "fold_batch_norm"]
 
 _PLAIN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
@@ -82,24 +85,31 @@ def affine(mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[T
 
 # ----------------------------------------------------------------------------------------------- the cache
 
-_CACHE: "weakref.WeakKeyDictionary[nn.Module, Tuple[Hashable, tuple]]" = weakref.WeakKeyDictionary()
+# one entry per (owner, slot): an owner's derived values of different kinds (a BN's affine, a conv's folded
+# weights, their packed forms) do not evict each other
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, Dict[str, Tuple[Hashable, tuple]]]" = weakref.WeakKeyDictionary()
 
 
 def _fingerprint(tensors) -> Hashable:
-    return tuple(None if t is None else (id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+    """Identity, version counter and storage of each tensor: a dtype or device change (`.to()`, `.double()`)
+    always brings new storage, in-place updates (optimizer steps, `load_state_dict`) bump the version."""
+    return tuple([None if t is None else (id(t), t._version, t.data_ptr()) for t in tensors])
 
 
-def _cached(owner: nn.Module, tensors, extra: Hashable, compute: Callable[[], tuple]) -> tuple:
+def _cached(owner: nn.Module, tensors, extra: Hashable, compute: Callable[[], tuple], slot: str = "affine") -> tuple:
     """compute() once per state of `tensors` (and `extra`); recomputed whenever autograd must see it."""
     if (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)) \
             or torch.compiler.is_compiling():
         return compute()
     key = (_fingerprint(tensors), extra)
-    hit = _CACHE.get(owner)
+    entries = _CACHE.get(owner)
+    if entries is None:
+        entries = _CACHE[owner] = {}
+    hit = entries.get(slot)
     if hit is not None and hit[0] == key:
         return hit[1]
     value = compute()
-    _CACHE[owner] = (key, value)
+    entries[slot] = (key, value)
     return value
 
 
@@ -112,6 +122,30 @@ def eval_affine(bn: _BatchNorm, dtype: torch.dtype, centre: Optional[Tensor] = N
         return affine(bn.running_mean.to(dtype), bn.running_var.to(dtype), bn.weight, bn.bias, bn.eps, centre)
 
     return _cached(bn, tensors, (dtype, bn.eps), compute)
+
+
+def fold_into_conv(conv: nn.Conv2d, bn: _BatchNorm) -> Tuple[Tensor, Tensor]:
+    """(weight, bias) of ``conv`` with the eval-mode ``bn`` that follows it folded in: conv(x, weight, bias) equals
+    bn(conv(x)) up to rounding. torch's `fuse_conv_bn_weights`, computed in fp32 for fp16/bf16 modules (their
+    running statistics would lose the fold's precision) and rounded once to the conv's dtype.
+
+    The results are derived tensors, detached (constants for autograd: callers that need gradients for the
+    parameters run the modules instead); cached per conv until a parameter or buffer of either module changes
+    (version counter, storage: optimizer steps, `load_state_dict`, `.to()`)."""
+    # read from the modules' dicts: nn.Module.__getattr__ would cost more than the rest of a cache hit
+    params, bn_params, buffers = conv._parameters, bn._parameters, bn._buffers
+    tensors = (params["weight"], params.get("bias"), bn_params.get("weight"), bn_params.get("bias"),
+               buffers["running_mean"], buffers["running_var"])
+
+    def compute():
+        dtype = conv.weight.dtype
+        math_dtype = accumulation_dtype(*tensors) if dtype in (torch.float16, torch.bfloat16) else None
+        up = [t if t is None or math_dtype is None else t.to(math_dtype) for t in tensors]
+        with torch.no_grad():
+            weight, bias = fuse_conv_bn_weights(up[0], up[1], up[4], up[5], bn.eps, up[2], up[3])
+        return weight.detach().to(dtype), bias.detach().to(dtype)
+
+    return _cached(conv, tensors, ("conv", bn.eps, id(bn)), compute, slot="fold")
 
 
 # ---------------------------------------------------------------------------------------- BN's forward steps

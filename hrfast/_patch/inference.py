@@ -1,0 +1,361 @@
+"""The inference mode of `hrfast.patch` (``inference=True`` or an `hrfast.Inference`): what it patches.
+
+On top of what `patch` does anyway (fusion steps, heads), with instance-level forwards like every other patch
+(so parameters, buffers, `state_dict` keys and submodules are untouched and `hrfast.unpatch` restores all):
+
+- residual blocks (`hrfast.hrnet.blocks.describe_residual_block`: BasicBlock / Bottleneck of every code base):
+  each conv with its BN folded in, ``conv + bias + ReLU`` and ``conv + bias + residual + ReLU`` as one call each
+  (`hrfast.inference.conv_unit`);
+- plain nn.Sequentials holding conv -> BN [-> ReLU] (transitions, shortcuts, the links of the fusion step's
+  strided 3x3 downsample chains, heads): the same per unit, other members run as they are;
+- the HRNet stem (conv1 -> bn1, conv2 -> bn2, called one by one by the model's forward): the conv runs folded
+  and the BN passes its input through, both deciding from the same state at the same call;
+- fusion modules and heads that `patch` took over: in eval, where hrfast's fused ops would run their PyTorch
+  reference (CPU), a fusion module runs its own forward instead, so each conv -> BN pair in it runs folded and the
+  last link of each downsample chain enters the sum with its BN folded (no separate BN pass), and a head runs
+  `hrfast.inference.reordered_head` (BN folded, the 1x1 conv per branch before the upsampling); on CUDA the
+  fused ops run (chain links folded, the last BN as the op's per-channel affine, applied in the kernel);
+- the model itself: its memory layout per input signature (`hrfast.inference.LayoutChoice`); the place where
+  CUDA graphs would be captured and replayed per signature.
+
+Every forward takes the folded path only in eval mode with no gradient wanted for the parameters, and only
+where no hook would be skipped (instance hooks on the modules it folds, or global module hooks); otherwise the
+module runs as written, so `model.train()` computes exactly what it did before patching.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional, Sequence
+
+import torch.nn as nn
+from torch import Tensor
+from torch.nn.modules import module as module_globals
+
+from ..backends import resolve
+from ..hrnet.blocks import ConvUnit, describe_residual_block, describe_stem, sequential_steps
+from ..hrnet.head import head_layers
+from ..inference import Inference, LayoutChoice, as_inference, conv_unit, reordered_head, unit_applies
+from .core import Adapter, PatchedForward, PatchRow
+from .head import _fusable, _replay_trunk
+
+__all__ = ["InferenceAdapter", "InferencePlanner", "BlockConfig", "SequentialConfig", "StemConfig", "EvalPath",
+           "RootConfig"]
+
+INFERENCE = "inference"
+PATCHED, SKIPPED, UNPATCHED = "patched", "skipped", "unpatched"
+
+
+# ------------------------------------------------------------------------------------------ hook guard
+
+
+def _hooks_free(modules: Sequence[nn.Module]) -> bool:
+    """No forward hook that the folded path would skip: none on these modules, no global module hook."""
+    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def _ready(units: Sequence[ConvUnit], modules: Sequence[nn.Module]) -> bool:
+    """Whether these units may run folded now (eval, no parameter gradient) without skipping a hook."""
+    return all(unit_applies(u.conv, u.norm) for u in units) and _hooks_free(modules)
+
+
+# one structural reading per module, redone when its children change (a module swapped after patching)
+_READINGS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _reading(module: nn.Module, read: Callable[[nn.Module], Any]):
+    stamp = tuple(map(id, module._modules.values()))
+    hit = _READINGS.get(module)
+    if hit is None or hit[0] != stamp:
+        hit = (stamp, read(module))
+        _READINGS[module] = hit
+    return hit[1]
+
+
+# ------------------------------------------------------------------------------------------------ configs
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """A residual block: main path as conv units, ``relu(last unit + shortcut)`` as one call."""
+
+    options: Inference
+
+    def run(self, module: nn.Module, x):
+        block = _reading(module, describe_residual_block)
+        if isinstance(block, str) or not isinstance(x, Tensor) or not _ready(block.units, block.folded_modules):
+            return type(module).forward(module, x)
+        residual = x if block.shortcut is None else block.shortcut(x)
+        out = x
+        for unit in block.units[:-1]:
+            out = conv_unit(out, unit.conv, unit.norm, True, options=self.options)
+        last = block.units[-1]
+        return conv_unit(out, last.conv, last.norm, True, residual, self.options)
+
+
+@dataclass(frozen=True)
+class SequentialConfig:
+    """An nn.Sequential with conv -> BN [-> ReLU] units: each unit as one call, the other members as they are."""
+
+    options: Inference
+
+    def run(self, module: nn.Sequential, x):
+        steps = _reading(module, sequential_steps)
+        if steps is None:
+            return nn.Sequential.forward(module, x)
+        for step in steps:
+            if not isinstance(step, ConvUnit):
+                x = step(x)
+            elif isinstance(x, Tensor) and _ready((step,), step.modules):
+                x = conv_unit(x, step.conv, step.norm, step.act is not None, options=self.options)
+            else:
+                for m in step.modules:
+                    x = m(x)
+        return x
+
+
+@dataclass(frozen=True)
+class StemConfig:
+    """One side of a stem pair ``parent.<bn>(parent.<conv>(x))``: the conv runs folded, the BN passes through.
+
+    Both sides decide with `_folds`, from the same state, so within one forward they agree; the pair is read from
+    the parent at every call (a module swapped in later is not folded)."""
+
+    options: Inference
+    parent: nn.Module
+    conv: str
+    norm: str
+
+    def _folds(self) -> bool:
+        conv, bn = self.parent._modules.get(self.conv), self.parent._modules.get(self.norm)
+        return (isinstance(conv, nn.Conv2d) and bn is not None and _patched_by(conv, self) and _patched_by(bn, self)
+                and _ready((ConvUnit(conv, bn, None),), (conv, bn)))
+
+    def run(self, module: nn.Module, x):
+        folds = self._folds() and isinstance(x, Tensor)
+        if module is self.parent._modules.get(self.conv):
+            return conv_unit(x, module, self.parent._modules[self.norm], False, options=self.options) if folds \
+                else type(module).forward(module, x)
+        return x if folds else type(module).forward(module, x)
+
+
+def _patched_by(module: nn.Module, config) -> bool:
+    fwd = module.__dict__.get("forward")
+    return isinstance(fwd, PatchedForward) and fwd.config == config
+
+
+def _device_of(args) -> Optional[Any]:
+    for a in args:
+        for v in (a if isinstance(a, (list, tuple)) else (a,)):
+            if isinstance(v, Tensor):
+                return v.device
+    return None
+
+
+@dataclass(frozen=True)
+class EvalPath:
+    """A fusion module or head that `patch` took over: in eval, where its fused op would run the PyTorch
+    reference (CPU), a fusion module runs its own forward (whose conv -> BN pieces are folded) and a head
+    `reordered_head`; elsewhere the patched forward."""
+
+    options: Inference
+    base_adapter: Adapter
+    base_config: Any
+
+    def run(self, module: nn.Module, *args, **kwargs):
+        device = _device_of(args)
+        if module.training or device is None or resolve(self.base_config.backend, device) != "reference":
+            return self.base_adapter.forward(module, self.base_config, *args, **kwargs)
+        if self.base_adapter.kind == "head" and len(args) == 1 and not kwargs:
+            out = _eval_head(module, self.base_config, args[0])
+            if out is not None:
+                return out
+        return type(module).forward(module, *args, **kwargs)
+
+
+def _eval_head(module: nn.Module, config, inputs) -> Optional[Tensor]:
+    """The patched head's eval forward on CPU: its branches gathered as the head adapter gathers them
+    (`hrfast._patch.head`), then `reordered_head`; None when the layers cannot run folded now (then the
+    original forward runs)."""
+    source = module if config.layout == "mmseg" else getattr(module, config.attr)
+    layers = head_layers(source, "mmseg" if config.layout == "mmseg" else "sequential")
+    if not _ready((ConvUnit(layers.conv, layers.norm, layers.act),), layers):
+        return None
+    if config.layout == "mmseg":
+        xs = [inputs[i] for i in module.in_index]
+        if not _fusable(xs):
+            return None
+    else:
+        xs = list(module.forward_backbone(inputs) if config.trunk == "forward_backbone"
+                  else _replay_trunk(module, inputs))
+    return reordered_head(xs, layers.conv, layers.norm, layers.classifier, config.resample_for(module))
+
+
+@dataclass(frozen=True)
+class RootConfig:
+    """The model: its forward (patched or not) in the memory layout chosen per input signature."""
+
+    options: Inference
+    layout: LayoutChoice = field(default_factory=LayoutChoice, compare=False)
+    base_adapter: Optional[Adapter] = None
+    base_config: Any = None
+
+    def run(self, module: nn.Module, *args, **kwargs):
+        if self.base_adapter is None:
+            def forward(*a, **k):
+                return type(module).forward(module, *a, **k)
+        else:
+            def forward(*a, **k):
+                return self.base_adapter.forward(module, self.base_config, *a, **k)
+        if module.training:
+            return forward(*args, **kwargs)
+        return self.layout.call(forward, args, kwargs, self.options)
+
+
+class InferenceAdapter(Adapter):
+    """Runs every inference-mode forward: ``config.run(module, ...)``. Its kind is that of the patch it wraps
+    (so ``patch(head=False)`` still finds a wrapped head), else "inference"."""
+
+    def __init__(self, kind: str = INFERENCE):
+        self.kind = kind
+
+    def forward(self, module: nn.Module, config, *args, **kwargs):
+        return config.run(module, *args, **kwargs)
+
+    def __eq__(self, other) -> bool:
+        return type(other) is InferenceAdapter and other.kind == self.kind
+
+    def __hash__(self) -> int:
+        return hash((InferenceAdapter, self.kind))
+
+
+# ------------------------------------------------------------------------------------------------ planner
+
+
+def _unwrapped(fwd: Optional[PatchedForward]):
+    """(adapter, config) of the fusion / head patch under any inference wrappers; (None, None) when there is none
+    (no patch, or an inference forward of its own)."""
+    adapter, config = (None, None) if fwd is None else (fwd.adapter, fwd.config)
+    while isinstance(config, (EvalPath, RootConfig)):
+        adapter, config = config.base_adapter, config.base_config
+    if adapter is None or isinstance(adapter, InferenceAdapter):
+        return None, None
+    return adapter, config
+
+
+def _install(module: nn.Module, config, kind: str = INFERENCE) -> None:
+    module.__dict__["forward"] = PatchedForward(module, InferenceAdapter(kind), config)
+
+
+def _foreign(module: nn.Module) -> Optional[str]:
+    fwd = module.__dict__.get("forward")
+    if fwd is None or isinstance(fwd, PatchedForward):
+        return None
+    return f"its instance already has its own forward ({fwd!r}), set by something other than hrfast; left alone"
+
+
+class InferencePlanner:
+    """What `patch` calls for its ``inference=`` argument (registered with `core.register_inference`)."""
+
+    @staticmethod
+    def options(value) -> Optional[Inference]:
+        return as_inference(value)
+
+    def apply(self, model: nn.Module, options: Optional[Inference]) -> List[PatchRow]:
+        """Installs (options) or removes (None) the inference forwards of `model`; report rows."""
+        if options is None:
+            return self._remove(model)
+        rows: List[PatchRow] = []
+        for name, module in model.named_modules():
+            rows += self._patch_one(name, module, options)
+            rows += self._patch_stem(name, module, options)
+        rows += self._patch_root(model, options)
+        return rows
+
+    @staticmethod
+    def _row(name: str, module: nn.Module, status: str, detail: str) -> PatchRow:
+        return PatchRow(name, type(module).__name__, INFERENCE, status, detail)
+
+    def _patch_one(self, name: str, module: nn.Module, options: Inference) -> List[PatchRow]:
+        fwd = module.__dict__.get("forward")
+        adapter, config = _unwrapped(fwd)
+        if adapter is not None and adapter.kind in ("fusion", "head"):
+            _install(module, EvalPath(options, adapter, config), adapter.kind)
+            how = ("its own forward with the conv -> BN pieces folded" if adapter.kind == "fusion"
+                   else "the head reordered (1x1 conv per branch before the upsampling) with its BN folded")
+            return [self._row(name, module, PATCHED, f"{adapter.kind}: in eval on the reference backend (CPU) "
+                              f"{how}; elsewhere the fused op")]
+        if isinstance(fwd, PatchedForward) and isinstance(fwd.config, StemConfig):
+            return []  # a stem member, patched from its parent
+        block = describe_residual_block(module)
+        steps = sequential_steps(module) if block is None else None
+        if block is None and steps is None:
+            return []
+        problem = block if isinstance(block, str) else _foreign(module)
+        if problem:
+            return [self._row(name, module, SKIPPED, problem)]
+        if block is not None:
+            _install(module, BlockConfig(options))
+            what = " + ".join(f"conv{k + 1}" for k in range(len(block.units)))
+            shortcut = "identity" if block.shortcut is None else type(block.shortcut).__name__
+            return [self._row(name, module, PATCHED, f"{block.kind}: {what} with BN folded, ReLU and the residual "
+                              f"add ({shortcut} shortcut) as conv epilogues")]
+        _install(module, SequentialConfig(options))
+        units = sum(isinstance(s, ConvUnit) for s in steps)
+        return [self._row(name, module, PATCHED, f"Sequential: {units} conv -> BN unit(s) folded, "
+                          "a following ReLU as the conv epilogue")]
+
+    def _patch_stem(self, name: str, module: nn.Module, options: Inference) -> List[PatchRow]:
+        pairs = describe_stem(module)
+        if pairs is None:
+            return []
+        if isinstance(pairs, str):
+            return [self._row(name, module, SKIPPED, pairs)]
+        rows = []
+        for conv_name, norm_name in pairs:
+            conv, bn = module._modules[conv_name], module._modules[norm_name]
+            problem = _foreign(conv) or _foreign(bn)
+            prefix = f"{name}." if name else ""
+            if problem:
+                rows.append(self._row(prefix + conv_name, conv, SKIPPED, problem))
+                continue
+            config = StemConfig(options, module, conv_name, norm_name)
+            _install(conv, config)
+            _install(bn, config)
+            rows.append(self._row(prefix + conv_name, conv, PATCHED, f"stem: {norm_name} folded into {conv_name}, "
+                                  f"{norm_name} passes its input through"))
+        return rows
+
+    def _patch_root(self, model: nn.Module, options: Inference) -> List[PatchRow]:
+        problem = _foreign(model)
+        if problem:
+            return [self._row("", model, SKIPPED, problem)]
+        fwd = model.__dict__.get("forward")
+        if fwd is None:
+            adapter, config = None, None
+        elif isinstance(fwd.config, RootConfig):  # from an earlier patch, and nothing re-patched the model since
+            adapter, config = fwd.config.base_adapter, fwd.config.base_config
+        else:  # fresh from this patch: the fusion / head / inference forward of the model itself
+            adapter, config = fwd.adapter, fwd.config
+        kind = INFERENCE if adapter is None else adapter.kind
+        _install(model, RootConfig(options, base_adapter=adapter, base_config=config), kind)
+        how = ("as given" if options.channels_last is False else "channels_last" if options.channels_last
+               else "measured per input signature on CPU (first calls), as given on CUDA")
+        return [self._row("", model, PATCHED, f"model: memory layout {how}")]
+
+    @staticmethod
+    def _remove(model: nn.Module) -> List[PatchRow]:
+        rows = []
+        for name, module in model.named_modules():
+            fwd = module.__dict__.get("forward")
+            if isinstance(fwd, PatchedForward) and isinstance(fwd.adapter, InferenceAdapter):
+                adapter, config = _unwrapped(fwd)
+                if adapter is None:
+                    del module.__dict__["forward"]
+                else:
+                    module.__dict__["forward"] = PatchedForward(module, adapter, config)
+                rows.append(PatchRow(name, type(module).__name__, INFERENCE, UNPATCHED,
+                                     "inference=False: inference forward removed"))
+        return rows

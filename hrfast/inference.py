@@ -1,0 +1,393 @@
+"""The inference mode's runtime: conv + folded BN + epilogue as one call, and the model's memory layout.
+
+`hrfast.patch(model, inference=True)` (or ``inference=hrfast.Inference(...)``) installs forwards that call into
+this module (the matching lives in `hrfast._patch.inference`, the structures in `hrfast.hrnet.blocks`):
+
+- `conv_unit(x, conv, bn, relu, residual)`: ``relu(bn(conv(x)) + residual)`` as one conv with the BN folded into
+  its weights (`hrfast.batchnorm.fold_into_conv`, cached) and the add / ReLU as its epilogue. How the epilogue
+  runs is chosen by measurement per call signature (`hrfast._autotune.choose`, op "conv_unit"), among the
+  candidates of the device: "aten" (``F.conv2d`` then in-place ``add_`` / ``relu_`` on its fresh output,
+  everywhere), on CPU "onednn" (oneDNN's fused post-ops, ``torch.ops.mkldnn._convolution_pointwise``) and
+  "onednn_packed" (the same with the weights reordered once into oneDNN's blocked layout), on CUDA "cudnn"
+  (``torch.cudnn_convolution_add_relu``) only when asked for: it has not run on a GPU yet.
+- `reordered_head(xs, conv, bn, classifier, resample)`: the HRNetV2 head with its BN folded and its 1x1 conv
+  applied per branch before the upsampling (what the fused head kernel computes, in plain PyTorch).
+- `LayoutChoice`: channels_last or not for the whole model, per input signature, measured on the model's own
+  first calls (see `Inference.channels_last`).
+
+Everything here is eval-only: callers take this path only when the batch norms are in eval mode and no gradient
+is needed for the parameters (`unit_applies`); otherwise the modules run as written.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _autotune
+from .batchnorm import fold_into_conv
+from .ops.reference import resample_ref
+from .plan import Resample
+
+__all__ = ["Inference", "as_inference", "unit_applies", "conv_unit", "reordered_head", "LayoutChoice", "EPILOGUES",
+           "EXPLORE_CALLS", "layout_choices"]
+
+EPILOGUES = ("auto", "aten")
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+# the layout is settled after each candidate ran once untimed (per-conv measurements happen there) and
+# LAYOUT_ROUNDS times timed: the first EXPLORE_CALLS eval calls of each input signature alternate layouts
+LAYOUT_ROUNDS = 2
+EXPLORE_CALLS = 2 * (1 + LAYOUT_ROUNDS)
+_LAYOUTS = ("contiguous", "channels_last")
+
+
+@dataclass(frozen=True)
+class Inference:
+    """Options of ``hrfast.patch(model, inference=...)`` (``inference=True`` means ``Inference()``).
+
+    Attributes:
+        channels_last: None (default): on CPU, measured on the model's first eval calls of each input signature
+            (they alternate NCHW and channels_last, EXPLORE_CALLS calls in all, then the faster stays); on CUDA,
+            the input's layout (measuring there needs a GPU run first). True / False: always / never convert.
+        epilogue: "auto" (default): per conv call signature, the fastest measured implementation of conv + bias
+            (+ residual add) (+ ReLU) among the device's candidates; "aten": always ``F.conv2d`` with in-place
+            ``add_`` / ``relu_``.
+        cudnn_fused: let "auto" also measure cuDNN's fused conv-bias-add-ReLU on CUDA. Off by default: not yet
+            run on a GPU.
+        cuda_graphs: reserved: replay a CUDA graph per input signature (captured at the same place the layout is
+            chosen). Not built yet (needs a GPU to verify); True raises NotImplementedError.
+        streams: reserved: run the branches of each fusion module on separate CUDA streams. Not built yet
+            (needs a GPU to verify); True raises NotImplementedError.
+    """
+
+    channels_last: Optional[bool] = None
+    epilogue: str = "auto"
+    cudnn_fused: bool = False
+    cuda_graphs: bool = False
+    streams: bool = False
+
+    def __post_init__(self):
+        if self.channels_last is not None and not isinstance(self.channels_last, bool):
+            raise TypeError(f"channels_last must be None or a bool, got {type(self.channels_last).__name__}")
+        if self.epilogue not in EPILOGUES:
+            raise ValueError(f"epilogue must be one of {EPILOGUES}, got {self.epilogue!r}")
+        for name in ("cudnn_fused", "cuda_graphs", "streams"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+        for name in ("cuda_graphs", "streams"):
+            if getattr(self, name):
+                raise NotImplementedError(f"hrfast.Inference({name}=True) is not built yet: it needs a GPU session "
+                                          "to verify it")
+
+
+def as_inference(value) -> Optional[Inference]:
+    """The options `patch`'s ``inference=`` argument stands for: None for False, `Inference()` for True."""
+    if value is False or value is None:
+        return None
+    if value is True:
+        return Inference()
+    if isinstance(value, Inference):
+        return value
+    raise TypeError(f"inference must be a bool or an hrfast.Inference, got {type(value).__name__}")
+
+
+# ------------------------------------------------------------------------------------------ one conv unit
+
+
+def _needs_grad(*tensors: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def unit_applies(conv: nn.Conv2d, bn: nn.Module) -> bool:
+    """Whether (conv, bn) may run folded now: BN in eval mode, and no gradient wanted for the parameters (the
+    folded weights are constants for autograd)."""
+    if bn.training:
+        return False
+    return not torch.is_grad_enabled() or not _needs_grad(conv.weight, conv.bias, bn.weight, bn.bias)
+
+
+def _onednn_ok(x: Tensor, residual: Optional[Tensor]) -> bool:
+    if x.device.type != "cpu" or x.dtype not in _ONEDNN_DTYPES or _needs_grad(x, residual):
+        return False
+    if x.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    if residual is None:
+        return True
+    channels_last = _is_channels_last(x)
+    if x.dtype == torch.bfloat16 and not channels_last:
+        return False  # oneDNN falls back to ATen's add_relu there, which has no bf16 kernel
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return residual.dtype == x.dtype and residual.is_contiguous(memory_format=fmt)
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _cudnn_ok(x: Tensor, residual: Optional[Tensor], relu: bool) -> bool:
+    return (x.device.type == "cuda" and relu and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and not _needs_grad(x, residual))
+
+
+def _candidates(x: Tensor, residual: Optional[Tensor], relu: bool, options: Inference) -> List[str]:
+    if options.epilogue != "auto" or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return ["aten"]
+    if torch.backends.mkldnn.is_available() and _onednn_ok(x, residual):
+        # packed weights make oneDNN write channels_last whatever the input: only where the input is
+        return ["aten", "onednn", "onednn_packed"] if _is_channels_last(x) else ["aten", "onednn"]
+    names = ["aten"]
+    if options.cudnn_fused and _cudnn_ok(x, residual, relu):
+        names.append("cudnn")
+    return names
+
+
+def _conv_args(conv: nn.Conv2d) -> Tuple[List[int], List[int], List[int], int]:
+    return list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
+
+
+def _conv_epilogue(x, weight, bias, conv, relu, residual):
+    out = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    if residual is not None:
+        out = out.add_(residual)
+    return out.relu_() if relu else out
+
+
+def _aten(x, unit, bias, conv, relu, residual):
+    return _conv_epilogue(x, unit.weight_like(x), bias, conv, relu, residual)
+
+
+def _onednn(x, unit, bias, conv, relu, residual, weight=None):
+    args = (unit.weight_like(x) if weight is None else weight, bias, *_conv_args(conv))
+    if residual is None:
+        return torch.ops.mkldnn._convolution_pointwise(x, *args, "relu" if relu else "none", [], "")
+    return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, *args, "add", 1.0,
+                                                          "relu" if relu else None, [], "")
+
+
+def _packed(x, unit, bias, conv, relu, residual):
+    """oneDNN with the weights reordered once for this input size (see `_Unit.packed`)."""
+    return _onednn(x, unit, bias, conv, relu, residual, unit.packed(x, conv))
+
+
+def _cudnn(x, unit, bias, conv, relu, residual):
+    args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+    if residual is None:
+        return torch.cudnn_convolution_relu(x, unit.weight, bias, *args)
+    return torch.cudnn_convolution_add_relu(x, unit.weight, residual, 1.0, bias, *args)
+
+
+_IMPLS: Dict[str, Callable] = {"aten": _aten, "onednn": _onednn, "onednn_packed": _packed, "cudnn": _cudnn}
+
+
+def _measuring(device: torch.device) -> bool:
+    """Measure here and now? Not while tracing (the traced graph fixes the choice), not with
+    HRFAST_AUTO_MEASURE=0, not during a CUDA graph capture."""
+    if os.environ.get("HRFAST_AUTO_MEASURE", "1") == "0":
+        return False
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+class _Unit:
+    """What the inference mode derived for one conv from its current folded weights: the implementation chosen
+    per call signature, and derived forms of the weights (channels_last, packed per input size, column blocks).
+    Replaced when the folded weights are (a parameter changed)."""
+
+    __slots__ = ("weight", "choices", "forms", "__weakref__")
+
+    def __init__(self, weight: Tensor):
+        self.weight, self.choices, self.forms = weight, {}, {}
+
+    def form(self, key: Hashable, make: Callable[[], Any]):
+        found = self.forms.get(key)
+        if found is None:
+            found = self.forms[key] = make()
+        return found
+
+    def weight_like(self, x: Tensor) -> Tensor:
+        """The folded weight in x's layout: ATen's CPU convs reorder an NCHW weight for a channels_last input on
+        every call (up to 2x the time of a small conv)."""
+        if not _is_channels_last(x):
+            return self.weight
+        return self.form("channels_last", lambda: self.weight.contiguous(memory_format=torch.channels_last))
+
+    def packed(self, x: Tensor, conv: nn.Conv2d) -> Tensor:
+        size = tuple(x.shape)
+        return self.form(("packed", size), lambda: torch.ops.mkldnn._reorder_convolution_weight(
+            self.weight_like(x), *_conv_args(conv), list(size)))
+
+
+_UNITS: "weakref.WeakKeyDictionary[nn.Conv2d, _Unit]" = weakref.WeakKeyDictionary()
+
+
+def _unit(conv: nn.Conv2d, weight: Tensor) -> _Unit:
+    unit = _UNITS.get(conv)
+    if unit is None or unit.weight is not weight:
+        unit = _UNITS[conv] = _Unit(weight)
+    return unit
+
+
+def _signature(x: Tensor, residual: Optional[Tensor], conv: nn.Conv2d, relu: bool) -> Hashable:
+    return (_autotune.tensor_signature(x), _autotune.tensor_signature(residual), tuple(conv.weight.shape),
+            conv.stride, conv.padding, conv.dilation, conv.groups, relu, torch.get_num_threads())
+
+
+def _choose(x: Tensor, unit: _Unit, bias: Tensor, conv: nn.Conv2d, relu: bool, residual: Optional[Tensor],
+            options: Inference) -> str:
+    """The implementation for this call: the only candidate, or the measured fastest (`hrfast._autotune`)."""
+    names = _candidates(x, residual, relu, options)
+    if len(names) == 1 or not _measuring(x.device):
+        return names[0]
+
+    def run(candidate: str) -> None:
+        _IMPLS[candidate](x, unit, bias, conv, relu, residual)
+
+    return _autotune.choose("conv_unit", _signature(x, residual, conv, relu), x.device, names[0], names, run)
+
+
+def conv_unit(x: Tensor, conv: nn.Conv2d, bn: nn.Module, relu: bool, residual: Optional[Tensor] = None,
+              options: Inference = Inference()) -> Tensor:
+    """``relu?(bn(conv(x)) + residual?)`` with the BN folded into the conv; the caller checked `unit_applies`.
+
+    Never writes to `x` or `residual` (every in-place step acts on the conv's own fresh output). The per-call
+    work is a few dictionary lookups: the fold is cached (`fold_into_conv`), and so is the choice per call
+    signature."""
+    weight, bias = fold_into_conv(conv, bn)
+    if torch.compiler.is_compiling():
+        return _conv_epilogue(x, weight, bias, conv, relu, residual)
+    unit = _unit(conv, weight)
+    key = (x.shape, x.stride(), x.dtype, None if residual is None else residual.stride(), relu,
+           _needs_grad(x, residual), torch.get_num_threads(), options)
+    name = unit.choices.get(key)
+    if name is None:
+        name = unit.choices[key] = _choose(x, unit, bias, conv, relu, residual, options)
+    return _IMPLS[name](x, unit, bias, conv, relu, residual)
+
+
+def reordered_head(xs: Sequence[Tensor], conv: nn.Conv2d, bn: nn.Module, classifier: nn.Module,
+                   resample: Resample) -> Tensor:
+    """The HRNetV2 head ``classifier(relu(bn(conv1x1(cat[x0, Up(x1), ...]))))`` with the BN folded into the 1x1
+    conv and the conv moved before the upsampling (``conv(cat) = W0 x0 + sum_j Up(Wj xj) + b``: Up is linear with
+    weights summing to 1), so each branch is projected at its own resolution: W48 at 1024x2048 needs 10.3 instead
+    of 69.7 GMACs for it (`hrfast.flops.head_reorder_macs`). The plain-PyTorch form of what the fused head kernel
+    computes; eval only (the caller checked `unit_applies`)."""
+    weight, bias = fold_into_conv(conv, bn)
+    unit = _unit(conv, weight)
+    channels = tuple(x.shape[1] for x in xs)
+    channels_last = _is_channels_last(xs[0])
+    blocks = unit.form(("columns", channels, channels_last), lambda: [
+        w.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        for w in weight.split(channels, dim=1)])
+    size = tuple(xs[0].shape[2:])
+    out = F.conv2d(xs[0], blocks[0], bias)
+    for x, w in zip(xs[1:], blocks[1:]):
+        out.add_(resample_ref(F.conv2d(x, w), resample, size))
+    return classifier(out.relu_())
+
+
+# ------------------------------------------------------------------------------------------------ layout
+
+
+def _map_tensors(value, fn):
+    """fn applied to the 4-D floating tensors of `value`, one container level deep (lists, tuples, dicts)."""
+    def one(v):
+        return fn(v) if isinstance(v, Tensor) and v.dim() == 4 and v.is_floating_point() else v
+
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(one(v) for v in value)
+    if isinstance(value, dict):
+        return {k: one(v) for k, v in value.items()}
+    return one(value)
+
+
+def _first_image(args: Sequence[Any]) -> Optional[Tensor]:
+    for a in args:
+        for v in (a if isinstance(a, (list, tuple)) else (a,)):
+            if isinstance(v, Tensor) and v.dim() == 4 and v.is_floating_point():
+                return v
+    return None
+
+
+def _to_channels_last(t: Tensor) -> Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _to_contiguous(t: Tensor) -> Tensor:
+    return t.contiguous()
+
+
+class LayoutChoice:
+    """channels_last or not for one patched model, per input signature (shapes, dtype, device, threads).
+
+    Measured online: the first calls of a signature alternate the layouts (each one's first call untimed: the
+    per-conv measurements happen there), then the layout with the smaller median stays. Only the input is
+    converted: the folded weights follow the activations' layout, so every conv, add and ReLU after it runs in
+    that layout; 4-D outputs are converted back when the input was NCHW (same strides as the eager model)."""
+
+    def __init__(self):
+        self.times: Dict[Hashable, Dict[str, List[float]]] = {}
+        self.chosen: Dict[Hashable, str] = {}
+
+    def call(self, forward: Callable, args: tuple, kwargs: dict, options: Inference):
+        """forward(*args, **kwargs) in the layout chosen (or being measured) for these inputs."""
+        image = _first_image(args)
+        if (image is None or _is_channels_last(image) or _needs_grad(image) or torch.compiler.is_compiling()
+                or torch.jit.is_tracing()):
+            return forward(*args, **kwargs)
+        key = self._key(image, args)
+        layout = self._layout(key, image, options)
+        if layout is None:
+            return forward(*args, **kwargs)
+        t0 = time.perf_counter()
+        out = self._run(forward, args, kwargs, layout)
+        if key not in self.chosen and options.channels_last is None:
+            self.times[key][layout].append(time.perf_counter() - t0)
+            self._settle(key)
+        return out
+
+    @staticmethod
+    def _key(image: Tensor, args: tuple) -> Hashable:
+        shapes = tuple(tuple(t.shape) for a in args for t in (a if isinstance(a, (list, tuple)) else (a,))
+                       if isinstance(t, Tensor))
+        return shapes, image.dtype, image.device.type, torch.get_num_threads()
+
+    def _layout(self, key: Hashable, image: Tensor, options: Inference) -> Optional[str]:
+        """The layout of this call, or None to leave the input alone."""
+        if options.channels_last is not None:
+            return _LAYOUTS[options.channels_last]
+        if image.device.type != "cpu" or not _measuring(image.device):
+            return None
+        if key in self.chosen:
+            return self.chosen[key]
+        runs = self.times.setdefault(key, {name: [] for name in _LAYOUTS})
+        return min(_LAYOUTS, key=lambda name: len(runs[name]))  # alternate, NCHW first
+
+    @staticmethod
+    def _run(forward, args, kwargs, layout: str):
+        if layout == "channels_last":
+            args = [_map_tensors(a, _to_channels_last) for a in args]
+        return _map_tensors(forward(*args, **kwargs), _to_contiguous)
+
+    def _settle(self, key: Hashable) -> None:
+        runs = self.times[key]
+        if all(len(t) > LAYOUT_ROUNDS for t in runs.values()):
+            self.chosen[key] = min(_LAYOUTS, key=lambda name: statistics.median(runs[name][1:]))
+
+
+def layout_choices(model: nn.Module) -> List[Tuple[Hashable, str, Dict[str, float]]]:
+    """(input signature, layout, median seconds per layout) of every layout the inference-patched `model` chose."""
+    out = []
+    for module in model.modules():
+        config = getattr(module.__dict__.get("forward"), "config", None)
+        layout = getattr(config, "layout", None)
+        if isinstance(layout, LayoutChoice):
+            for key, name in layout.chosen.items():
+                out.append((key, name, {k: statistics.median(v[1:]) for k, v in layout.times[key].items()}))
+    return out

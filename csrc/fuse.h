@@ -159,11 +159,12 @@ HRFAST_INLINE acc_t forward_sum(const TermView<scalar_t, acc_t>* terms, int coun
 
 // --------------------------------------------------------------------------------------------- backward
 
-// The upstream gradient through the ReLU: grad_y where y > 0 (NaN y gives 0), in the accumulation type.
+// The upstream gradient through the ReLU, in the accumulation type: grad_y, zeroed where y <= 0 only (ATen's
+// threshold_backward: NaN y passes the gradient).
 template <typename scalar_t, typename acc_t>
 HRFAST_INLINE acc_t masked_grad(const scalar_t* gy, int64_t off_gy, const scalar_t* y, int64_t off_y, bool relu) {
   const acc_t g = static_cast<acc_t>(load_ro(gy + off_gy));
-  if (relu && !(static_cast<acc_t>(load_ro(y + off_y)) > static_cast<acc_t>(0))) return static_cast<acc_t>(0);
+  if (relu && static_cast<acc_t>(load_ro(y + off_y)) <= static_cast<acc_t>(0)) return static_cast<acc_t>(0);
   return g;
 }
 
@@ -199,7 +200,7 @@ HRFAST_INLINE acc_t adjoint_weight(int64_t d, int64_t s, float r32, acc_t r, int
 }
 
 // u = Up^T(g) at source pixel (sy, sx) of image n, channel c: the sum over the output pixels d that read it,
-// g(d) * weight(d), g being grad_y masked by y > 0 (when relu). A gather over the window
+// g(d) * weight(d), g being grad_y through the ReLU (`masked_grad`, when relu). A gather over the window
 // [first_reader, + K) per axis; taps of zero weight are not read. Deterministic: a fixed order (row-major).
 // `y`/`sy_*` are ignored when relu is false. Not for SAME terms.
 template <typename scalar_t, typename acc_t>

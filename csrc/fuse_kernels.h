@@ -189,7 +189,7 @@ struct ForwardKernel {
   static HRFAST_INLINE acc_t* dst(const Params&, const ThreadIdx&, int) { return nullptr; }
 };
 
-// Output-size terms: g = grad_y * (y > 0); dx_k = g * scale_k; per-tile partials of sum(g) (reduction 0,
+// Output-size terms: g = grad_y zeroed where y <= 0; dx_k = g * scale_k; per-tile partials of sum(g) (reduction 0,
 // slot `sum_slot`, when >= 0) and of sum(g * x_k) (reduction 1 + k, slot slot0 + k, where dscale_mask has
 // bit k).
 template <typename scalar_t, typename acc_t>

@@ -107,7 +107,7 @@ TermView<scalar_t, acc_t> make_view(const TermSpec& t, int64_t H, int64_t W) {
 struct Launchers {
   // y = ReLU(sum_k Up_k(x_k) * scale_k + shift_k), written into `out` ([N, C, H, W], any strides).
   void (*forward)(const at::Tensor& out, const std::vector<TermSpec>& terms, bool relu);
-  // Output-size terms: dx[k] = g * scale_k (dx[k] undefined: not needed), g = grad_y * (y > 0). Returns
+  // Output-size terms: dx[k] = g * scale_k (dx[k] undefined: not needed), g = grad_y zeroed where y <= 0. Returns
   // per-channel partial sums `parts` [K + 1, R, C] in the accumulation dtype (R: one row per image and block
   // along the grid's x, fuse_kernels.h partial_row): slot k < K holds sum(g * x_k) where need_dscale[k] (else
   // zero), slot K sum(g) when need_sum_g. The caller sums over R (a fixed-order reduction). `y` is undefined

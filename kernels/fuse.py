@@ -38,7 +38,7 @@ from torch import Tensor
 from hrfast.plan import FusePlan, TermPlan
 
 from .resample import (BILINEAR, NEAREST, SAME, INT32_LIMIT, adjoint_weight, bilinear_ratio, cdiv,  # noqa: F401
-                       first_reader, load_term, needs_int64, next_power_of_2, source_args, tile_offsets)
+                       first_reader, launch_grid, load_term, needs_int64, next_power_of_2, source_args, tile_offsets)
 
 # Terms per forward launch. The compiler issues every term's loads before summing, so registers grow with the
 # terms: for sm_90, C=48 at 256x512, fp32 NCHW, one output-size and 3 bilinear terms take 106 registers; with
@@ -74,9 +74,21 @@ def _fuse_forward_kernel(
         acc += load_term(n, c, c_mask, oy, ox, p_mask, sources[k], scales[k], shifts[k],
                          MODES[k], ALIGNS[k], HAS_SCALE[k], HAS_SHIFT[k], F64, INT64)
     if RELU:
-        acc = tl.where(acc < 0.0, 0.0, acc)  # keeps NaN, as torch.relu does
+        acc = relu(acc)
     mask = c_mask[:, None] & p_mask[None, :]
     tl.store(out_ptr + tile_offsets(n, c, oy, ox, out_strides, INT64), acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def relu(v):
+    """torch.relu's: NaN stays NaN (tl.maximum would give 0) and -0.0 stays -0.0."""
+    return tl.where(v < 0.0, 0.0, v)
+
+
+@triton.jit
+def relu_backward(y, g):
+    """ATen's threshold_backward, ReLU's gradient: g zeroed only where y <= 0, so NaN y passes g."""
+    return tl.where(y <= 0.0, 0.0, g)
 
 
 # ------------------------------------------------------------------------------------------------- backward
@@ -105,7 +117,7 @@ def _fuse_backward_same_kernel(
     RELU: tl.constexpr, WRITE_G: tl.constexpr, NEED_SUM_G: tl.constexpr,
     F64: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """g = grad_y * (y > 0); per output-size term k = (x, x strides, scale, dx, dx strides): dx_k = g * scale_k
+    """g = relu_backward(y, grad_y); per output-size term k = (x, x strides, scale, dx, dx strides): dx_k = g * scale_k
     and partials of sum(g * x_k) (slot k); partials of sum(g) in the slot after the terms'."""
     acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
     pid_p = tl.program_id(0)
@@ -123,7 +135,7 @@ def _fuse_backward_same_kernel(
     g = g.to(acc_t)
     if RELU:
         y = tl.load(y_ptr + tile_offsets(n, c, oy, ox, y_strides, INT64), mask=mask, other=0.0)
-        g = tl.where(y > 0.0, g, 0.0)
+        g = relu_backward(y, g)
     if WRITE_G:
         tl.store(g_ptr + tile_offsets(n, c, oy, ox, g_strides, INT64), g.to(g_ptr.dtype.element_ty), mask=mask)
     if NEED_SUM_G:
@@ -260,7 +272,7 @@ def fuse_forward(plan: FusePlan, xs: Sequence[Tensor], scales: Sequence[Optional
         if partial is not None:  # the sum so far, as a plain output-size term
             sources = (source_args(partial, _PARTIAL),) + sources
             scale_args, shift_args = (partial,) + scale_args, (partial,) + shift_args
-        grid = (cdiv(plan.size[0] * plan.size[1], consts["BLOCK_P"]), cdiv(C, consts["BLOCK_C"]), N)
+        grid = launch_grid(cdiv(plan.size[0] * plan.size[1], consts["BLOCK_P"]), cdiv(C, consts["BLOCK_C"]), N)
         with _device_context(out):
             _fuse_forward_kernel[grid](target, C, *plan.size, target.stride(), sources, scale_args, shift_args,
                                        INT64=int64, num_warps=4, **consts)
@@ -340,7 +352,7 @@ def _output_size_backward(plan: FusePlan, grad_y: Tensor, y: Optional[Tensor], x
     need_dscale = [needs[k][1] and plan.terms[k].has_scale for k in same]
     need_sum_g = any(needs[k][2] for k in same)
     block_c, block_p = _tile(C, H * W, channels_last, budget=2048)
-    grid = (cdiv(H * W, block_p), cdiv(C, block_c), N)
+    grid = launch_grid(cdiv(H * W, block_p), cdiv(C, block_c), N)
     R = grid[0] * N
     parts = _empty((len(same) + 1, R, C), _accumulation_dtype(xs[0].dtype), grad_y.device)
     busy = write_g or need_sum_g or any(dx is not None for dx in dxs) or any(need_dscale)
@@ -383,7 +395,7 @@ def upsample_term_backward(term: TermPlan, g: Tensor, z: Tensor, scale: Optional
     need_dshift = need_dshift and term.has_shift
     dz = _empty_grad(z, g) if need_dz else None
     block_c, block_p = _tile(C, h * w, _is_channels_last(z), budget=1024)
-    grid = (cdiv(h * w, block_p), cdiv(C, block_c), N)
+    grid = launch_grid(cdiv(h * w, block_p), cdiv(C, block_c), N)
     R = grid[0] * N
     parts = _empty((2, R, C), _accumulation_dtype(z.dtype), z.device)
     dz_arg = _or(dz, z)

@@ -10,7 +10,7 @@ low-resolution projections:
 - `_head_stats_kernel`: per-tile sum and centred sum of squares of s (BN batch statistics, training);
 - `_head_forward_kernel`: logits = Wc . ReLU(s * scale + shift) + bc, accumulated over M chunks;
 - `_head_backward_reduce_kernel`: over pixel splits, dWc = sum dlogits a^T, sum dA and sum dA * s, where
-  dA = (Wc^T dlogits) * (a > 0);
+  dA = Wc^T dlogits, zeroed where a <= 0 (ReLU's backward: NaN passes);
 - `_head_backward_ds_kernel`: ds = dA * scale + alpha + beta * s (alpha, beta: BN's batch-statistics terms),
   written once; the launcher turns it into dx0 and dW0 (GEMMs) and dP_j (the fusion op's adjoint gather).
 
@@ -18,6 +18,7 @@ Per-split and per-tile partial sums are reduced on the host in a fixed order: de
 """
 from __future__ import annotations
 
+import functools
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -27,8 +28,10 @@ from torch import Tensor
 
 from hrfast.plan import HeadPlan
 
-from .fuse import _device_context, _empty, needs_int64, upsample_term_backward
-from .resample import SAME, cdiv, next_power_of_2, source_args, tile_offsets, upsampled_tile
+from .fuse import _device_context, _empty, needs_int64, relu, relu_backward, upsample_term_backward
+from .limits import device_limits, first_fitting
+from .resample import (BILINEAR, NEAREST, SAME, cdiv, launch_grid, next_power_of_2, source_args, tile_offsets,
+                       upsampled_tile)
 
 
 @triton.jit
@@ -113,7 +116,8 @@ def _head_forward_kernel(
         s = _pre_bn_chunk(w0, x0, n, m, m_mask, oy, ox, p_mask, lows, MODES, ALIGNS, F64, INT64, PRECISION)
         scale = tl.load(scale_ptr + m, mask=m_mask, other=0.0).to(acc_t)
         shift = tl.load(shift_ptr + m, mask=m_mask, other=0.0).to(acc_t)
-        a = tl.maximum(s * scale[:, None] + shift[:, None], 0.0)
+        # padded channels are 0: their s is 0 * x0, NaN at a non-finite pixel, and the classifier sums over m
+        a = tl.where(m_mask[:, None], relu(s * scale[:, None] + shift[:, None]), 0.0)
         wc = _load_matrix(wc_ptr, k, m, K, M, wc_strides)
         # like eager, the classifier multiplies the activation in the input dtype (fp32 accumulate)
         logits += tl.dot(wc, a.to(wc.dtype), out_dtype=acc_t, input_precision=PRECISION)
@@ -155,12 +159,13 @@ def _head_backward_reduce_kernel(
         x0 = _load_x0(x0_ptr, n, oy, ox, p_mask, C0, x0_strides, C0P, INT64)
         s = _pre_bn_chunk(w0, x0, n, m, m_mask, oy, ox, p_mask, lows, MODES, ALIGNS, F64, INT64, PRECISION)
         a_pre = s * scale[:, None] + shift[:, None]
-        a = tl.maximum(a_pre, 0.0)
+        # padded pixels are 0: their activation relu(shift) may be inf or NaN, and dWc sums over pixels
+        a = tl.where(p_mask[None, :], relu(a_pre), 0.0)
         g_mask = (k < K)[:, None] & p_mask[None, :]
         g = tl.load(g_ptr + tile_offsets(n, k, oy, ox, g_strides, INT64), mask=g_mask, other=0.0)
         g = g.to(wc.dtype)
         da = tl.dot(wc_t, g, out_dtype=acc_t, input_precision=PRECISION)
-        da = tl.where((a_pre > 0.0) & p_mask[None, :], da, 0.0)
+        da = tl.where(p_mask[None, :], relu_backward(a_pre, da), 0.0)
         dwc += tl.dot(g, tl.trans(a.to(wc.dtype)), out_dtype=acc_t, input_precision=PRECISION)
         sum_da += tl.sum(da, axis=1)
         sum_das += tl.sum(da * s, axis=1)
@@ -196,7 +201,7 @@ def _head_backward_ds_kernel(
     g_mask = (k < K)[:, None] & p_mask[None, :]
     g = tl.load(g_ptr + tile_offsets(n, k, oy, ox, g_strides, INT64), mask=g_mask, other=0.0)
     da = tl.dot(tl.trans(wc), g.to(wc.dtype), out_dtype=acc_t, input_precision=PRECISION)
-    ds = tl.where(a_pre > 0.0, da, 0.0) * scale[:, None]
+    ds = relu_backward(a_pre, da) * scale[:, None]
     if BATCH_STATS:
         alpha = tl.load(alpha_ptr + m, mask=m_mask, other=0.0).to(acc_t)
         beta = tl.load(beta_ptr + m, mask=m_mask, other=0.0).to(acc_t)
@@ -225,9 +230,97 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _blocks(t: HeadTensors) -> dict:
+    """The padded channel counts, and the M chunk the configurations start from (`_candidates`)."""
     C0, M, K = t.x0.shape[1], t.w0.shape[0], t.wc.shape[0]
     return dict(C0P=max(16, next_power_of_2(C0)), KP=max(16, next_power_of_2(K)),
-                BLOCK_M=min(64, max(16, next_power_of_2(M))), BLOCK_P=64)
+                BLOCK_M=min(64, max(16, next_power_of_2(M))))
+
+
+# --------------------------------------------------------------------------------- block configurations
+
+
+class HeadConfig(NamedTuple):
+    """One head kernel's block configuration: M channels and pixels per chunk, software-pipeline stages."""
+
+    BLOCK_M: int
+    BLOCK_P: int
+    num_stages: int
+
+
+def _candidates(block_m: int) -> Tuple[HeadConfig, ...]:
+    """In order of preference: Triton's default pipelining (3 stages) over 64-pixel tiles, then fewer stages,
+    then smaller tiles, each needing less shared memory than the one before; the launchers take the first
+    whose `shared_bound` fits the device (`limits.first_fitting`)."""
+    return (HeadConfig(block_m, 64, 3), HeadConfig(block_m, 64, 2), HeadConfig(block_m, 64, 1),
+            HeadConfig(min(block_m, 32), 32, 1), HeadConfig(16, 16, 1))
+
+
+_TAPS = {SAME: 1, NEAREST: 1, BILINEAR: 4}  # tiles gathered per low branch and chunk
+
+
+def _dot_tiles(name: str, c0p: int, kp: int, bm: int, bp: int) -> int:
+    """Elements of the tiles the kernel's tl.dots read as operands (staged through shared memory)."""
+    pre_bn = bm * c0p + c0p * bp  # W0 chunk, x0 tile
+    return pre_bn + {"_head_stats_kernel": 0,
+                     "_head_forward_kernel": kp * bm + bm * bp,  # Wc chunk, activation
+                     "_head_backward_reduce_kernel": kp * bm + 2 * kp * bp + bm * bp,  # Wc^T, g twice, a^T
+                     "_head_backward_ds_kernel": kp * bm + kp * bp}[name]
+
+
+def _loop_tiles(name: str, c0p: int, kp: int, bm: int, bp: int) -> int:
+    """Elements the kernel's loop loads anew per iteration besides the gathers (0: no loop)."""
+    return {"_head_stats_kernel": bm * c0p,  # the W0 chunk
+            "_head_forward_kernel": bm * c0p + kp * bm,  # the W0 and Wc chunks
+            "_head_backward_reduce_kernel": c0p * bp + kp * bp,  # the x0 and gradient tiles
+            "_head_backward_ds_kernel": 0}[name]
+
+
+def _bound(name: str, elem: int, acc: int, c0p: int, kp: int, copied_taps: int, config: HeadConfig) -> int:
+    bm, bp, stages = config
+    scratch = acc * max(bm, kp) * bp  # one accumulator tile for layout conversions and reductions
+    base = elem * _dot_tiles(name, c0p, kp, bm, bp) + scratch
+    loop = _loop_tiles(name, c0p, kp, bm, bp)
+    if not loop:
+        return base
+    per_stage = elem * (loop + copied_taps * bm * bp) + (2 * acc * bm if name == "_head_forward_kernel" else 0)
+    return base + (stages - 1) * per_stage
+
+
+def _copied_taps(modes: Sequence[int], lows: Sequence[tuple], elem: int) -> int:
+    """Gathered low-resolution tiles per chunk that the pipeliner can copy asynchronously: cp.async moves 4
+    bytes or more, so 2-byte gathers qualify only where the channels (channels_last) or the pixels (a
+    same-size branch) are contiguous."""
+    return sum(_TAPS[mode] for mode, src in zip(modes, lows)
+               if elem >= 4 or mode == SAME or src[3][1] == 1)
+
+
+def shared_bound(name: str, params: dict, num_stages: int) -> int:
+    """An upper bound of the shared memory (bytes) Triton gives a head kernel launched with `params` (the
+    kernel's arguments by name, as `hrfast.perf.record.Launch.params` has them): its dot operands, one
+    accumulator tile of scratch, and per pipeline stage beyond the first a buffer for what its loop loads.
+    tests/test_launchability.py checks it against the compiler's figure for sm_80 and sm_90."""
+    x0 = params["x0_ptr"]
+    elem = x0.element_size()
+    return _bound(name, elem, 8 if x0.dtype == torch.float64 else 4, params["C0P"], params.get("KP", 0),
+                  _copied_taps(params["MODES"], params["lows"], elem),
+                  HeadConfig(params["BLOCK_M"], params["BLOCK_P"], num_stages))
+
+
+def _configure(name: str, t: HeadTensors, lows: tuple, consts: dict, low_consts: dict) -> dict:
+    """Sets the kernel's BLOCK_M and BLOCK_P in `consts` to the preferred configuration that fits the device
+    (`limits.device_limits`) and returns its launch options (num_stages)."""
+    elem = t.x0.element_size()
+    config = _fitting(name, elem, _acc_dtype(t).itemsize, consts["C0P"], consts.get("KP", 0), consts["BLOCK_M"],
+                      _copied_taps(low_consts["MODES"], lows, elem), device_limits(t.x0.device))
+    consts.update(BLOCK_M=config.BLOCK_M, BLOCK_P=config.BLOCK_P)
+    return dict(num_stages=config.num_stages)
+
+
+@functools.lru_cache(maxsize=1024)
+def _fitting(name: str, elem: int, acc: int, c0p: int, kp: int, block_m: int, copied_taps: int,
+             limits) -> HeadConfig:
+    """Cached: the launchers run on every op call, so their host time counts."""
+    return first_fitting(_candidates(block_m), lambda c: _bound(name, elem, acc, c0p, kp, copied_taps, c), limits)
 
 
 def _lows(plan: HeadPlan, t: HeadTensors) -> Tuple[tuple, Dict[str, tuple]]:
@@ -256,13 +349,15 @@ def head_batch_stats(plan: HeadPlan, t: HeadTensors, force_int64: bool = False) 
     M = t.w0.shape[0]
     common, consts = _common(t, force_int64)
     lows, low_consts = _lows(plan, t)
+    consts.pop("KP")
+    options = _configure("_head_stats_kernel", t, lows, consts, low_consts)
     block_p = consts["BLOCK_P"]
     tiles = cdiv(H * W, block_p)
     R = tiles * N
     parts = _empty((2, R, M), _acc_dtype(t), t.x0.device)
-    consts.pop("KP")
     with _device_context(t.x0):
-        _head_stats_kernel[(tiles, N)](*common, parts, R, lows, **consts, **low_consts, num_warps=4)
+        _head_stats_kernel[launch_grid(tiles, N)](*common, parts, R, lows, **consts, **low_consts, num_warps=4,
+                                                  **options)
     counts = torch.full((tiles,), float(block_p), dtype=torch.float64, device=t.x0.device)
     counts[-1] = H * W - (tiles - 1) * block_p
     counts = counts.repeat(N)[:, None]
@@ -282,22 +377,24 @@ def head_forward(plan: HeadPlan, t: HeadTensors, scale: Tensor, shift: Tensor, f
     out = _empty((N, K, H, W), t.x0.dtype, t.x0.device, fmt)
     common, consts = _common(t, force_int64)
     lows, low_consts = _lows(plan, t)
-    grid = (cdiv(H * W, consts["BLOCK_P"]), N)
+    options = _configure("_head_forward_kernel", t, lows, consts, low_consts)
+    grid = launch_grid(cdiv(H * W, consts["BLOCK_P"]), N)
     with _device_context(t.x0):
         _head_forward_kernel[grid](*common, scale, shift, t.wc, tuple(t.wc.stride()), K,
                                    t.bc if t.bc is not None else scale, out, tuple(out.stride()), lows,
-                                   HAS_BC=t.bc is not None, **consts, **low_consts, num_warps=4)
+                                   HAS_BC=t.bc is not None, **consts, **low_consts, num_warps=4, **options)
     return out
 
 
 def head_backward_reduce(plan: HeadPlan, t: HeadTensors, scale: Tensor, shift: Tensor, grad: Tensor,
                          force_int64: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dWc [K, M], sum_p dA, sum_p dA * s) where dA = (Wc^T grad) * (a > 0) is the gradient at BN's output;
-    the caller forms scale/shift (or BN weight/bias) gradients and BN's batch-statistics terms from them."""
+    """(dWc [K, M], sum_p dA, sum_p dA * s) where dA = Wc^T grad, zeroed where a <= 0, is the gradient at BN's
+    output; the caller forms scale/shift (or BN weight/bias) gradients and BN's batch-statistics terms from them."""
     N, C0, H, W = t.x0.shape
     M, K = t.w0.shape[0], t.wc.shape[0]
     common, consts = _common(t, force_int64)
     lows, low_consts = _lows(plan, t)
+    options = _configure("_head_backward_reduce_kernel", t, lows, consts, low_consts)
     acc = _acc_dtype(t)
     block_m, block_p = consts["BLOCK_M"], consts["BLOCK_P"]
     tiles = cdiv(H * W, block_p) * N
@@ -305,9 +402,9 @@ def head_backward_reduce(plan: HeadPlan, t: HeadTensors, scale: Tensor, shift: T
     dwc_parts = _empty((splits, consts["KP"], M), acc, t.x0.device)
     sums = _empty((2, splits, M), acc, t.x0.device)
     with _device_context(t.x0):
-        _head_backward_reduce_kernel[(cdiv(M, block_m), splits)](
+        _head_backward_reduce_kernel[launch_grid(cdiv(M, block_m), splits)](
             *common, scale, shift, t.wc, tuple(t.wc.stride()), K, grad, tuple(grad.stride()), dwc_parts, sums, splits,
-            tiles, lows, **consts, **low_consts, num_warps=4)
+            tiles, lows, **consts, **low_consts, num_warps=4, **options)
     dwc = dwc_parts.sum(0)[:K]
     sum_da, sum_da_s = sums[0].sum(0), sums[1].sum(0)
     return dwc, sum_da, sum_da_s
@@ -325,12 +422,13 @@ def head_backward_ds(plan: HeadPlan, t: HeadTensors, scale: Tensor, shift: Tenso
     ds = _empty((N, M, H, W), t.x0.dtype, t.x0.device, fmt)
     if needs_int64(ds):
         consts["INT64"] = True
-    grid = (cdiv(H * W, consts["BLOCK_P"]), cdiv(M, consts["BLOCK_M"]), N)
+    options = _configure("_head_backward_ds_kernel", t, lows, consts, low_consts)
+    grid = launch_grid(cdiv(H * W, consts["BLOCK_P"]), cdiv(M, consts["BLOCK_M"]), N)
     with _device_context(t.x0):
         _head_backward_ds_kernel[grid](
             *common, scale, shift, alpha if alpha is not None else scale, beta if beta is not None else scale,
             t.wc, tuple(t.wc.stride()), K, grad, tuple(grad.stride()), ds, tuple(ds.stride()), lows,
-            BATCH_STATS=alpha is not None, **consts, **low_consts, num_warps=4)
+            BATCH_STATS=alpha is not None, **consts, **low_consts, num_warps=4, **options)
     return ds
 
 

@@ -23,9 +23,10 @@ from hrfast.plan import BILINEAR, NEAREST, SAME, TermPlan
 _CL = torch.channels_last
 
 __all__ = ["SAME", "NEAREST", "BILINEAR", "source_args", "tile_offsets", "load_term", "upsampled_tile",
-           "bilinear_ratio", "first_reader", "adjoint_weight", "cdiv", "next_power_of_2", "needs_int64"]
+           "bilinear_ratio", "first_reader", "adjoint_weight", "cdiv", "next_power_of_2", "needs_int64", "launch_grid"]
 
 INT32_LIMIT = 2**31 - 1
+GRID_LIMITS = (2**31 - 1, 65535, 65535)  # CUDA's most blocks along a grid's x, y and z
 
 
 # Host helpers of the launchers, in plain Python: triton.cdiv / next_power_of_2 are constexpr functions whose
@@ -38,6 +39,17 @@ def cdiv(a: int, b: int) -> int:
 
 def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def launch_grid(x: int, y: int = 1, z: int = 1) -> Tuple[int, int, int]:
+    """(x, y, z) as a launch grid, or a ValueError where CUDA could not launch it (the kernels put images and
+    channel blocks on y and z: at most 65535 each), raised the same way through the interpreter."""
+    for axis, (n, limit) in enumerate(zip((x, y, z), GRID_LIMITS)):
+        if n > limit:
+            raise ValueError(f"the Triton kernels would launch {n} blocks along the grid's {'xyz'[axis]} axis "
+                             f"(one or more per image), where CUDA allows {limit}: split the batch, or use "
+                             f"backend='reference'")
+    return x, y, z
 
 
 def needs_int64(*tensors) -> bool:

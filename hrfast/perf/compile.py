@@ -61,9 +61,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "hrfast" / "perf")
 
 
+def _cache_path(key: str) -> Path:
+    return cache_dir() / f"{key}.json"
+
+
 def _cached(key: str, make) -> list:
     """The cached list of Compiled for `key`, made (and stored atomically) if absent."""
-    path = cache_dir() / f"{key}.json"
+    path = _cache_path(key)
     if path.exists():
         return [Compiled(**entry) for entry in json.loads(path.read_text())]
     result = make()
@@ -120,8 +124,10 @@ def _stable(value) -> str:
     return getattr(value, "cache_key", None) or repr(value)
 
 
-def compile_triton(fn, spec: Specialization, options: dict, sm: int) -> Compiled:
-    """Compile one kernel variant for sm_<sm> (cached)."""
+def compile_triton(fn, spec: Specialization, options: dict, sm: int, sass: bool = True) -> Compiled:
+    """Compile one kernel variant for sm_<sm> (cached). With `sass=False` the SASS is left out (empty) unless
+    ptxas reports spills: disassembling takes about half of a small kernel's compile, and only a spill check
+    needs it (where the spills are); an entry with SASS serves such a call too."""
     import triton
     from triton.runtime.jit import JITFunction
 
@@ -131,10 +137,12 @@ def compile_triton(fn, spec: Specialization, options: dict, sm: int) -> Compiled
     key = _hash("triton", triton.__version__, fn.cache_key, repr(spec.signature),
                 sorted((path, _stable(v)) for path, v in spec.constexprs.items()), sorted(spec.attrs.items()),
                 sorted(options.items()), sm)
-    return _cached(key, lambda: [_compile_triton(fn, spec, options, sm)])[0]
+    if not sass and not _cache_path(key).exists():
+        key = _hash(key, "SASS of spilling binaries only")
+    return _cached(key, lambda: [_compile_triton(fn, spec, options, sm, sass)])[0]
 
 
-def _compile_triton(fn, spec: Specialization, options: dict, sm: int) -> Compiled:
+def _compile_triton(fn, spec: Specialization, options: dict, sm: int, sass: bool) -> Compiled:
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
@@ -147,14 +155,16 @@ def _compile_triton(fn, spec: Specialization, options: dict, sm: int) -> Compile
         kernel = triton.compile(ASTSource(fn, spec.signature, spec.constexprs, spec.attrs),
                                 target=GPUTarget("cuda", sm, 32), options=options)
     ptxas = parse_ptxas_log(log.getvalue())[kernel.metadata.name]
+    spills = ptxas["spill_stores"] + ptxas["spill_loads"]
     return Compiled(name=fn.__name__, sm=sm, registers=ptxas["registers"], spill_stores=ptxas["spill_stores"],
                     spill_loads=ptxas["spill_loads"], stack=ptxas["stack"], shared=kernel.metadata.shared,
-                    num_warps=kernel.metadata.num_warps, sass=disassemble(kernel.asm["cubin"]))
+                    num_warps=kernel.metadata.num_warps,
+                    sass=disassemble(kernel.asm["cubin"]) if sass or spills else "")
 
 
-def compile_launch(launch: Launch, sm: int = 90) -> Compiled:
-    """Compile a recorded launch as Triton's JIT would on an sm_<sm> GPU (cached)."""
-    return compile_triton(launch.fn, launch.specialization(), launch.options, sm)
+def compile_launch(launch: Launch, sm: int = 90, sass: bool = True) -> Compiled:
+    """Compile a recorded launch as Triton's JIT would on an sm_<sm> GPU (cached; `sass`: see compile_triton)."""
+    return compile_triton(launch.fn, launch.specialization(), launch.options, sm, sass)
 
 
 def compile_launches(launches: Iterable[Launch], sm: int = 90) -> List[tuple]:

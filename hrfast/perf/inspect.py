@@ -19,6 +19,7 @@ Compiles need Triton's real compiler: run without TRITON_INTERPRET. Compiled var
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import subprocess
@@ -27,7 +28,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -87,9 +88,30 @@ def build(config: Config) -> Tuple[torch.nn.Module, torch.Tensor]:
     return model, x.contiguous(memory_format=fmt)
 
 
-def record_run(config: Config) -> Attribution:
+def record_run(config: Config, arch: Optional[Arch] = None) -> Attribution:
     """The op calls of one inference forward (after an unrecorded one that fills hrfast's caches, as on a GPU
-    in steady state) or one training forward and backward."""
+    in steady state) or one training forward and backward; with `arch`, as launched on that GPU (the launchers
+    fit their block configurations to its limits, `hrfast.kernels.limits`)."""
+    with assumed_limits(arch):
+        return _record_run(config)
+
+
+def assumed_limits(arch: Optional[Arch]):
+    """The launchers fit their configurations to `arch`'s limits inside (nothing changes for None)."""
+    from hrfast.kernels.limits import DeviceLimits, assume
+    return assume(DeviceLimits(shared_per_block=arch.shared_per_block)) if arch else contextlib.nullcontext()
+
+
+def record_per_arch(config: Config, archs: Sequence[Arch]) -> Dict[str, Attribution]:
+    """One recorded run per arch name; archs with the same limits share theirs."""
+    by_limit: Dict[int, Attribution] = {}
+    for gpu in archs:
+        if gpu.shared_per_block not in by_limit:
+            by_limit[gpu.shared_per_block] = record_run(config, gpu)
+    return {gpu.name: by_limit[gpu.shared_per_block] for gpu in archs}
+
+
+def _record_run(config: Config) -> Attribution:
     model, x = build(config)
     if not config.training:
         with torch.no_grad(), meta_autocast():
@@ -207,7 +229,7 @@ def key_constexprs(launch: Launch) -> str:
             letters = _MODE_LETTERS[name]
             value = "".join(letters[v] for v in value) if isinstance(value, tuple) else letters[value]
         parts.append(f"{name}={_fmt_value(value)}")
-    parts.append(f"warps={launch.options['num_warps']}")
+    parts.append(f"warps={launch.options['num_warps']} stages={launch.options['num_stages']}")
     return " ".join(parts)
 
 
@@ -396,19 +418,24 @@ def cuda_section(arch: Arch, groups: List[List[OpCall]], training: bool,
 # ------------------------------------------------------------------------------------------------ analyse
 
 
-def analyse(config: Config, attribution: Attribution, archs: Sequence[Arch], compile_fn: CompileFn = compile_launch,
+def analyse(config: Config, attribution: Union[Attribution, Dict[str, Attribution]], archs: Sequence[Arch],
+            compile_fn: CompileFn = compile_launch,
             cuda_fn: Optional[Callable[[int], Dict[str, Compiled]]] = cuda_compiled) -> dict:
-    """The report (JSON-able) of one recorded run on each of `archs`."""
-    groups = variants(attribution.launches)
-    compiled = compile_variants(groups, sorted({a.sm for a in archs}), compile_fn)
-    rows = op_rows(attribution.calls)
+    """The report (JSON-able) of each of `archs`, from one recorded run for all or one per arch name
+    (`record_per_arch`: the launchers may choose other configurations for another arch's limits)."""
+    runs = attribution if isinstance(attribution, dict) else {a.name: attribution for a in archs}
+    first = runs[archs[0].name]
+    rows = op_rows(first.calls)
     report = {"header": HEADER, "config": dataclasses.asdict(config), "versions": versions(),
               "constants": constants(archs), "method": METHOD,
-              "recorded": {"launches": len(attribution.launches), "variants": len(groups),
-                           "op_calls": len(attribution.calls), "distinct_op_calls": len(rows)},
+              "recorded": {"launches": len(first.launches), "variants": len(variants(first.launches)),
+                           "op_calls": len(first.calls), "distinct_op_calls": len(rows)},
               "op_calls": [op_call_work(calls, config.training) for calls in rows], "archs": {}}
     for gpu in archs:
-        report["archs"][gpu.name] = arch_report(gpu, config, groups, compiled, rows, cuda_fn)
+        groups = variants(runs[gpu.name].launches)
+        compiled = compile_variants(groups, [gpu.sm], compile_fn)
+        report["archs"][gpu.name] = arch_report(gpu, config, groups, compiled, op_rows(runs[gpu.name].calls),
+                                                cuda_fn)
     return report
 
 
@@ -509,10 +536,13 @@ def config_of(args: argparse.Namespace) -> Config:
 
 def _shard(spec: str, config: Config, archs: Sequence[Arch]) -> int:
     index, count = (int(v) for v in spec.split("/"))
-    groups = list(variants(record_run(config).launches).values())
-    for sm in sorted({a.sm for a in archs}):
-        for launches in groups[index::count]:
-            compile_launch(launches[0], sm)
+    runs = record_per_arch(config, archs)
+    work = {}  # (variant, sm) -> its first launch
+    for gpu in archs:
+        for key, launches in variants(runs[gpu.name].launches).items():
+            work.setdefault((key, gpu.sm), launches[0])
+    for (_, sm), launch in list(work.items())[index::count]:
+        compile_launch(launch, sm)
     return 0
 
 
@@ -531,7 +561,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from . import report as render
 
     start = time.perf_counter()
-    result = analyse(config, record_run(config), args.archs, cuda_fn=None if args.no_cuda else cuda_compiled)
+    result = analyse(config, record_per_arch(config, args.archs), args.archs,
+                     cuda_fn=None if args.no_cuda else cuda_compiled)
     result["command"] = "python -m hrfast inspect " + " ".join(argv)
     result["wall_s"] = time.perf_counter() - start
     print(render.terminal(result))

@@ -132,7 +132,10 @@ def record(*sources: Union[str, ModuleType]) -> Iterator[List[Launch]]:
     recorders for the duration of the block; yields the list the launches are appended to."""
     launches: List[Launch] = []
     replaced = []
-    for module in (m for source in (sources or ("hrfast.kernels",)) for m in _modules(source)):
+    # every module imported before any is patched: one imported later would bind a patched kernel it imports
+    # from a patched module (`from .fuse import relu`), and keep the recorder after the block
+    modules = [m for source in (sources or ("hrfast.kernels",)) for m in _modules(source)]
+    for module in modules:
         for name, value in list(vars(module).items()):
             if is_kernel(value):
                 replaced.append((module, name, value))

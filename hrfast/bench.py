@@ -56,7 +56,8 @@ GPU_MODEL = "hrnetv2_w48_seg"
 GPU_SHAPES = {"inference": ((1024, 2048), 1), "train": ((512, 1024), 8)}
 CPU_MODEL = "hrnetv2_w18_small_v1_seg"
 CPU_SHAPE = ((128, 256), 1)
-OTHER_SIZES = {"cls": (224, 224), "face": (256, 256)}
+OTHER_SIZES = {"cls": (224, 224), "face": (256, 256), "pose": (256, 192)}
+HEATMAP_TASKS = ("face", "pose")  # trained against heatmaps (MSE), the others against class labels
 N_INPUTS = 3
 FP64_BUDGET = 1e-10  # hrfast-patched vs unpatched model, both float64 (tests measure <= 1e-13)
 
@@ -78,6 +79,13 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--backend", choices=(*BACKENDS, *ALIASES), default="auto",
                    help="hrfast's backend (auto: Triton on CUDA, the PyTorch reference on CPU)")
     p.add_argument("--channels-last", action="store_true", help="model and input in channels_last")
+    p.add_argument("--no-inference", action="store_true",
+                   help="patch without hrfast's inference mode (hrfast.patch(..., inference=False): the fused "
+                        "fusion / head ops only); by default the hrfast contenders use it (eval-only: BN folded "
+                        "into the convs, residual epilogues, layout by measurement; training is unchanged)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads(N) for the whole run (default: torch's own, one per core); "
+                        "recorded in the JSON and printed")
     p.add_argument("--contenders", default=None,
                    help=f"comma-separated subset of {','.join(CONTENDERS)}, or 'all' "
                         f"(= {','.join(DEFAULT_CONTENDERS)}); default all on a GPU, eager,hrfast on CPU")
@@ -89,7 +97,7 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="bench-results", help="folder for the JSON and PNG (default ./bench-results)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    for name in ("batch", "repeats"):
+    for name in ("batch", "repeats", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name} must be at least 1")
@@ -171,13 +179,13 @@ def _calibrate(model: nn.Module, x: torch.Tensor, seed: int) -> None:
 
 
 def _loss_fn(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    if task == "face":
+    if task in HEATMAP_TASKS:
         return lambda out, target: F.mse_loss(out.float(), target)
     return lambda out, target: F.cross_entropy(out.float(), target)
 
 
 def _targets(task: str, out_shape: Sequence[int], count: int, device, gen: torch.Generator) -> List[torch.Tensor]:
-    if task == "face":
+    if task in HEATMAP_TASKS:
         return [torch.rand(tuple(out_shape), generator=gen).to(device) for _ in range(count)]
     n, k = out_shape[0], out_shape[1]
     return [torch.randint(0, k, (n, *out_shape[2:]), generator=gen).to(device) for _ in range(count)]
@@ -219,7 +227,7 @@ class _Case:
 
         model = copy.deepcopy(self.base)
         if contender.startswith("hrfast"):
-            hrfast.patch(model, backend=self.args.backend)
+            hrfast.patch(model, backend=self.args.backend, inference=not self.args.no_inference)
         if not self.train:
             model = model.to(self.dtype)
         model = model.to(memory_format=self.fmt).train(self.train)
@@ -246,6 +254,15 @@ class _Case:
             return out
         return step
 
+    def _warmup(self, contender: str, warmup: int) -> int:
+        """Untimed calls after the first: the inference mode's first eval calls of an input signature measure
+        (the layout, alternating, and each conv's epilogue), so they are not timed; under torch.compile it
+        measures nothing."""
+        from .inference import EXPLORE_CALLS
+
+        measures = contender == "hrfast" and not self.train and not self.args.no_inference
+        return max(warmup, EXPLORE_CALLS) if measures else warmup
+
     # -- reference
 
     def reference(self, patched: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -265,7 +282,7 @@ class _Case:
 
         ref = copy.deepcopy(self.base)
         if patched:
-            hrfast.patch(ref, backend=self.args.backend)
+            hrfast.patch(ref, backend=self.args.backend, inference=not self.args.no_inference)
         ref = ref.to(device=device, dtype=torch.float64).train(self.train)
         x = self.x64.to(device).contiguous(memory_format=self.fmt)
         if not self.train:
@@ -335,7 +352,7 @@ class _Case:
                 if self.train:
                     errors["grads"] = rel_error(_flat_grads(model), ref_grads)
                 del out
-                for k in range(warmup):
+                for k in range(self._warmup(name, warmup)):
                     step(k + 1)
                 synchronize(self.device)
                 if compiles:
@@ -364,6 +381,9 @@ class _Case:
         for name in live:
             rec = results[name]
             rec["times_ms"] = times[name]
+            layouts = _layouts(models[name])
+            if layouts:
+                rec["layout"] = layouts
             rec["median_ms"] = statistics.median(times[name])
             rec["peak_bytes"] = _peak_bytes(lambda fn=steps[name]: fn(0), self.device)
         eager = results["eager"]
@@ -395,7 +415,8 @@ class _Case:
 
 
 def _environment(device: torch.device) -> dict:
-    info = {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
+    info = {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "torch_threads": torch.get_num_threads()}
     try:
         import triton
 
@@ -498,6 +519,16 @@ def _macs(name: str, shapes: Sequence[Tuple[int, int]]) -> List[dict]:
 
 
 def main(argv=None) -> int:
+    """Runs the benchmark (see the module notes); 0 when every check passed and no contender failed. The torch
+    thread count set by ``--threads`` is restored on return."""
+    threads = torch.get_num_threads()
+    try:
+        return _main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(argv=None) -> int:
     args = _parse(argv)
     wall0 = time.perf_counter()
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -535,6 +566,8 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 (DESIGN.md numerics)
     torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(args.seed)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     env = _environment(device)
     resolved = resolve_backend(args.backend, device)
     from . import _autotune
@@ -551,6 +584,8 @@ def main(argv=None) -> int:
         print(line, flush=True)
 
     log(f"hrfast bench: {name} on {env['device']}; torch {env['torch']}, triton {env['triton']}")
+    log(f"  torch threads: {torch.get_num_threads()}" + (" (--threads)" if args.threads else
+                                                         " (torch's default; --threads N sets it)"))
     log(f"  contenders: {', '.join(contenders)}; modes: {', '.join(modes)}; dtypes: {', '.join(dtypes)}; "
         f"{'channels_last' if args.channels_last else 'NCHW'}; {args.repeats} timed round(s), "
         f"{args.warmup} warm-up call(s)")
@@ -558,8 +593,9 @@ def main(argv=None) -> int:
     if not on_gpu:
         if resolved == "reference":
             notes.append("on CPU hrfast runs its PyTorch reference path (backend 'reference': Triton needs a GPU), "
-                         "so these CPU ratios compare two PyTorch programs, not fused kernels; run on a GPU for "
-                         "kernel speedups")
+                         "so these CPU ratios compare two PyTorch programs, not fused kernels: in inference, "
+                         "hrfast's inference mode (BN folded into the convs, oneDNN / in-place epilogues, the "
+                         "layout measured) against eager; run on a GPU for kernel speedups")
         else:
             notes.append("on CPU the Triton kernels run in the Triton interpreter, a slow simulator for checking "
                          "correctness; the hrfast times are not a speed result")
@@ -588,10 +624,11 @@ def main(argv=None) -> int:
     (ch, cw), cb = shapes[modes[0]]
     _calibrate(base, torch.randn(max(cb, 2), 3, ch, cw, generator=gen).to(device), args.seed)
     probe = copy.deepcopy(base)
-    report = hrfast.patch(probe, backend=args.backend)
+    report = hrfast.patch(probe, backend=args.backend, inference=not args.no_inference)
     del probe
     log(f"  {params / 1e6:.2f}M parameters; {report.summary()} (fusion: {report.count('patched', 'fusion')}, "
-        f"head: {report.count('patched', 'head')}); hrfast backend {args.backend!r} -> {described}")
+        f"head: {report.count('patched', 'head')}, inference mode: {report.count('patched', 'inference')}); "
+        f"hrfast backend {args.backend!r} -> {described}")
     for row in report.skipped:
         log(f"    skipped {row.name or '(model)'} ({row.kind}): {row.detail}")
     log(f"  (setup {time.perf_counter() - t0:.1f} s)")
@@ -607,6 +644,10 @@ def main(argv=None) -> int:
     auto_choices = _auto_choices()
     log()
     log(_table(results, on_gpu))
+    for r in results:
+        for choice in r.get("layout", []):
+            medians = ", ".join(f"{k} {v:.1f} ms" for k, v in choice["median_ms"].items())
+            log(f"  {r['contender']} {r['mode']} {r['dtype']}: layout {choice['layout']} (measured: {medians})")
     if auto_choices:
         log("  backend='auto' measured " + _auto_summary(auto_choices))
     if not on_gpu:
@@ -643,6 +684,14 @@ def main(argv=None) -> int:
     if failed:
         log(f"  {len(failed)} contender run(s) failed; see the table")
     return 0 if ok and not failed else 1
+
+
+def _layouts(model: nn.Module) -> List[dict]:
+    """The memory layout the inference mode chose for each input signature, with its measured medians (ms)."""
+    from .inference import layout_choices
+
+    return [{"signature": repr(key), "layout": layout, "median_ms": {k: v * 1e3 for k, v in medians.items()}}
+            for key, layout, medians in layout_choices(getattr(model, "_orig_mod", model))]
 
 
 def _auto_choices() -> List[dict]:

@@ -10,9 +10,10 @@ import os
 import sys
 
 import pytest
+import torch
 
 from hrfast import __main__ as cli
-from hrfast import bench
+from hrfast import bench, inference
 
 TINY = ["--model", "hrnetv2_w18_small_v1_seg", "--size", "32", "64", "--batch", "2", "--repeats", "2",
         "--warmup", "0", "--no-compile", "--device", "cpu"]
@@ -111,3 +112,36 @@ def test_cli_dispatches_bench(capsys):
         cli.main(["bench", "--help"])
     assert exc.value.code == 0
     assert "python -m hrfast bench" in capsys.readouterr().out
+
+
+def test_threads_pose_and_the_inference_mode(capsys, tmp_path):
+    """--threads sets torch's thread count for the run (recorded, printed, restored after); the pose model runs
+    with its heatmap loss; the hrfast contender uses the inference mode in eval (its measured layout is recorded;
+    its calls before timing cover the measuring calls) and is exact in float64."""
+    before = torch.get_num_threads()
+    code = bench.main(["--model", "hrnet_w32_pose", "--size", "64", "32", "--batch", "1", "--repeats", "1",
+                       "--dtype", "fp32", "--no-compile", "--device", "cpu", "--threads", "1", "--out", str(tmp_path)])
+    text = capsys.readouterr().out
+    assert code == 0 and torch.get_num_threads() == before
+    assert "torch threads: 1 (--threads)" in text
+    record, _ = _record(tmp_path)
+    assert record["environment"]["torch_threads"] == 1 and record["args"]["threads"] == 1
+    rows = {(r["mode"], r["contender"]): r for r in record["results"]}
+    assert set(rows) == {(m, c) for m in ("inference", "train") for c in ("eager", "hrfast")}
+    layout = rows["inference", "hrfast"]["layout"]
+    assert len(layout) == 1 and layout[0]["layout"] in ("contiguous", "channels_last")
+    assert "layout" not in rows["train", "hrfast"]  # training: the inference mode is off
+    assert all(r["fp64_patched_error"] <= 1e-10 for k, r in rows.items() if k[1] == "hrfast")
+    assert any(r["kind"] == "inference" and r["status"] == "patched" for r in record["patch_report"])
+
+
+def test_threads_and_no_inference_arguments(tmp_path):
+    with pytest.raises(SystemExit):
+        bench._parse(["--threads", "0"])
+    args = bench._parse(["--no-inference", "--threads", "2"])
+    assert args.no_inference and args.threads == 2
+    case = bench._Case(args, None, "seg", "inference", "fp32", ((8, 8), 1), torch.device("cpu"), ("eager",),
+                       print)
+    assert case._warmup("hrfast", 0) == 0  # without the inference mode nothing measures on the first calls
+    args.no_inference = False
+    assert case._warmup("hrfast", 0) == inference.EXPLORE_CALLS and case._warmup("eager", 0) == 0

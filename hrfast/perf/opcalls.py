@@ -298,6 +298,23 @@ def _unaliased(outputs: List[torch.Tensor]) -> List[torch.Tensor]:
     return out
 
 
+class _CudnnLayouts(TorchDispatchMode):
+    """Convolutions on meta tensors return the layout cuDNN gives on a GPU: channels_last when the input or the
+    weight is (torch's meta convolution returns contiguous outputs, so a channels_last model would be recorded
+    as NCHW from its first convolution on)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.convolution.default and out.dim() == 4 and _channels_last(args[0], args[1]):
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
+
+
+def _channels_last(*tensors: torch.Tensor) -> bool:
+    return any(t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+               for t in tensors)
+
+
 @contextlib.contextmanager
 def recording() -> Iterator[Attribution]:
     """Inside: fused ops on meta tensors run their launchers, whose launches and ATen ops are attributed to op
@@ -316,5 +333,6 @@ def recording() -> Iterator[Attribution]:
         stack.enter_context(_replaced(nn_fusion, "fold_batch_norm", _fold_hook(attribution, nn_fusion.fold_batch_norm)))
         stack.enter_context(_replaced(nn_fusion, "fuse", _fuse_hook(attribution, nn_fusion.fuse)))
         stack.enter_context(_replaced(HRNetV2Head, "forward", _head_hook(attribution, HRNetV2Head.forward)))
+        stack.enter_context(_CudnnLayouts())
         stack.enter_context(_OpRecorder(attribution))
         yield attribution

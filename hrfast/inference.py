@@ -12,14 +12,17 @@ this module (the matching lives in `hrfast._patch.inference`, the structures in 
   (``torch.cudnn_convolution_add_relu``) only when asked for: it has not run on a GPU yet.
 - `reordered_head(xs, conv, bn, classifier, resample)`: the HRNetV2 head with its BN folded and its 1x1 conv
   applied per branch before the upsampling (what the fused head kernel computes, in plain PyTorch).
-- `LayoutChoice`: channels_last or not for the whole model, per input signature, measured on the model's own
-  first calls (see `Inference.channels_last`).
+- `LayoutChoice`: the whole model's configuration per input signature, measured on the model's own first calls:
+  channels_last or not (see `Inference.channels_last`), and whether the per-conv measured epilogues ("auto")
+  beat plain "aten" over the whole forward (a conv measured alone, on warm caches, can favour oneDNN where the
+  whole model runs faster without it).
 
 Everything here is eval-only: callers take this path only when the batch norms are in eval mode and no gradient
 is needed for the parameters (`unit_applies`); otherwise the modules run as written.
 """
 from __future__ import annotations
 
+import contextvars
 import os
 import statistics
 import time
@@ -42,11 +45,14 @@ __all__ = ["Inference", "as_inference", "unit_applies", "conv_unit", "reordered_
 
 EPILOGUES = ("auto", "aten")
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
-# the layout is settled after each candidate ran once untimed (per-conv measurements happen there) and
-# LAYOUT_ROUNDS times timed: the first EXPLORE_CALLS eval calls of each input signature alternate layouts
+# the configuration is settled after each candidate ran once untimed (per-conv measurements happen there) and
+# LAYOUT_ROUNDS times timed: the first eval calls of each input signature (at most EXPLORE_CALLS) alternate them
 LAYOUT_ROUNDS = 2
-EXPLORE_CALLS = 2 * (1 + LAYOUT_ROUNDS)
 _LAYOUTS = ("contiguous", "channels_last")
+_MODEL_EPILOGUES = ("aten", "auto")
+EXPLORE_CALLS = len(_LAYOUTS) * len(_MODEL_EPILOGUES) * (1 + LAYOUT_ROUNDS)
+# the epilogue configuration of the forward running now ("aten" forces it in every conv unit), set by LayoutChoice
+_FORWARD_EPILOGUE: "contextvars.ContextVar[Optional[str]]" = contextvars.ContextVar("hrfast_epilogue", default=None)
 
 
 @dataclass(frozen=True)
@@ -55,10 +61,12 @@ class Inference:
 
     Attributes:
         channels_last: None (default): on CPU, measured on the model's first eval calls of each input signature
-            (they alternate NCHW and channels_last, EXPLORE_CALLS calls in all, then the faster stays); on CUDA,
-            the input's layout (measuring there needs a GPU run first). True / False: always / never convert.
+            (with the epilogue configurations, they alternate NCHW and channels_last, at most EXPLORE_CALLS calls
+            in all, then the fastest stays; `LayoutChoice`); on CUDA, the input's layout (measuring there needs a
+            GPU run first). True / False: always / never convert.
         epilogue: "auto" (default): per conv call signature, the fastest measured implementation of conv + bias
-            (+ residual add) (+ ReLU) among the device's candidates; "aten": always ``F.conv2d`` with in-place
+            (+ residual add) (+ ReLU) among the device's candidates, kept on CPU only where the whole forward
+            measured faster with them than with "aten" everywhere; "aten": always ``F.conv2d`` with in-place
             ``add_`` / ``relu_``.
         cudnn_fused: let "auto" also measure cuDNN's fused conv-bias-add-ReLU on CUDA. Off by default: not yet
             run on a GPU.
@@ -138,7 +146,8 @@ def _cudnn_ok(x: Tensor, residual: Optional[Tensor], relu: bool) -> bool:
 
 
 def _candidates(x: Tensor, residual: Optional[Tensor], relu: bool, options: Inference) -> List[str]:
-    if options.epilogue != "auto" or torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if (options.epilogue != "auto" or _FORWARD_EPILOGUE.get() == "aten" or torch.compiler.is_compiling()
+            or torch.jit.is_tracing()):
         return ["aten"]
     if torch.backends.mkldnn.is_available() and _onednn_ok(x, residual):
         # packed weights make oneDNN write channels_last whatever the input: only where the input is
@@ -264,7 +273,7 @@ def conv_unit(x: Tensor, conv: nn.Conv2d, bn: nn.Module, relu: bool, residual: O
         return _conv_epilogue(x, weight, bias, conv, relu, residual)
     unit = _unit(conv, weight)
     key = (x.shape, x.stride(), x.dtype, None if residual is None else residual.stride(), relu,
-           _needs_grad(x, residual), torch.get_num_threads(), options)
+           _needs_grad(x, residual), torch.get_num_threads(), options, _FORWARD_EPILOGUE.get())
     name = unit.choices.get(key)
     if name is None:
         name = unit.choices[key] = _choose(x, unit, bias, conv, relu, residual, options)
@@ -323,32 +332,42 @@ def _to_contiguous(t: Tensor) -> Tensor:
     return t.contiguous()
 
 
-class LayoutChoice:
-    """channels_last or not for one patched model, per input signature (shapes, dtype, device, threads).
+def _configurations(options: Inference) -> Tuple[str, ...]:
+    """The model configurations "<layout>+<epilogue>" that `options` leave open, in measuring order."""
+    layouts = _LAYOUTS if options.channels_last is None else (_LAYOUTS[options.channels_last],)
+    epilogues = _MODEL_EPILOGUES if options.epilogue == "auto" else (options.epilogue,)
+    return tuple(f"{layout}+{epilogue}" for layout in layouts for epilogue in epilogues)
 
-    Measured online: the first calls of a signature alternate the layouts (each one's first call untimed: the
-    per-conv measurements happen there), then the layout with the smaller median stays. Only the input is
-    converted: the folded weights follow the activations' layout, so every conv, add and ReLU after it runs in
-    that layout; 4-D outputs are converted back when the input was NCHW (same strides as the eager model)."""
+
+class LayoutChoice:
+    """The configuration of one patched model per input signature (shapes, dtype, device, threads): memory layout
+    (NCHW or channels_last) and epilogues ("aten" in every conv unit, or "auto": each conv's measured fastest).
+
+    Measured online on CPU: the first calls of a signature alternate the open configurations (each one's first
+    call untimed: the per-conv measurements happen there), then the one with the smaller median stays. Only the
+    input is converted: the folded weights follow the activations' layout, so every conv, add and ReLU after it
+    runs in that layout; 4-D outputs are converted back when the input was NCHW (same strides as the eager
+    model). On CUDA nothing is measured: the input's layout (or the one `Inference.channels_last` names), and
+    the epilogues per `Inference`."""
 
     def __init__(self):
         self.times: Dict[Hashable, Dict[str, List[float]]] = {}
         self.chosen: Dict[Hashable, str] = {}
 
     def call(self, forward: Callable, args: tuple, kwargs: dict, options: Inference):
-        """forward(*args, **kwargs) in the layout chosen (or being measured) for these inputs."""
+        """forward(*args, **kwargs) in the configuration chosen (or being measured) for these inputs."""
         image = _first_image(args)
         if (image is None or _is_channels_last(image) or _needs_grad(image) or torch.compiler.is_compiling()
                 or torch.jit.is_tracing()):
             return forward(*args, **kwargs)
         key = self._key(image, args)
-        layout = self._layout(key, image, options)
-        if layout is None:
+        config = self._configuration(key, image, options)
+        if config is None:
             return forward(*args, **kwargs)
         t0 = time.perf_counter()
-        out = self._run(forward, args, kwargs, layout)
-        if key not in self.chosen and options.channels_last is None:
-            self.times[key][layout].append(time.perf_counter() - t0)
+        out = self._run(forward, args, kwargs, config)
+        if key in self.times and key not in self.chosen:
+            self.times[key][config].append(time.perf_counter() - t0)
             self._settle(key)
         return out
 
@@ -358,31 +377,39 @@ class LayoutChoice:
                        if isinstance(t, Tensor))
         return shapes, image.dtype, image.device.type, torch.get_num_threads()
 
-    def _layout(self, key: Hashable, image: Tensor, options: Inference) -> Optional[str]:
-        """The layout of this call, or None to leave the input alone."""
-        if options.channels_last is not None:
-            return _LAYOUTS[options.channels_last]
+    def _configuration(self, key: Hashable, image: Tensor, options: Inference) -> Optional[str]:
+        """The configuration of this call, or None to leave the input and the epilogues alone."""
+        configs = _configurations(options)
         if image.device.type != "cpu" or not _measuring(image.device):
-            return None
+            return None if options.channels_last is None else f"{_LAYOUTS[options.channels_last]}+{options.epilogue}"
+        if len(configs) == 1:
+            return configs[0]
         if key in self.chosen:
             return self.chosen[key]
-        runs = self.times.setdefault(key, {name: [] for name in _LAYOUTS})
-        return min(_LAYOUTS, key=lambda name: len(runs[name]))  # alternate, NCHW first
+        runs = self.times.setdefault(key, {name: [] for name in configs})
+        return min(configs, key=lambda name: len(runs[name]))  # alternate, in order
 
     @staticmethod
-    def _run(forward, args, kwargs, layout: str):
+    def _run(forward, args, kwargs, config: str):
+        layout, epilogue = config.split("+")
         if layout == "channels_last":
             args = [_map_tensors(a, _to_channels_last) for a in args]
-        return _map_tensors(forward(*args, **kwargs), _to_contiguous)
+        token = _FORWARD_EPILOGUE.set(epilogue)
+        try:
+            out = forward(*args, **kwargs)
+        finally:
+            _FORWARD_EPILOGUE.reset(token)
+        return _map_tensors(out, _to_contiguous)
 
     def _settle(self, key: Hashable) -> None:
         runs = self.times[key]
         if all(len(t) > LAYOUT_ROUNDS for t in runs.values()):
-            self.chosen[key] = min(_LAYOUTS, key=lambda name: statistics.median(runs[name][1:]))
+            self.chosen[key] = min(runs, key=lambda name: statistics.median(runs[name][1:]))
 
 
 def layout_choices(model: nn.Module) -> List[Tuple[Hashable, str, Dict[str, float]]]:
-    """(input signature, layout, median seconds per layout) of every layout the inference-patched `model` chose."""
+    """(input signature, configuration "<layout>+<epilogue>", median seconds per configuration measured) of every
+    configuration the inference-patched `model` chose by measurement."""
     out = []
     for module in model.modules():
         config = getattr(module.__dict__.get("forward"), "config", None)

@@ -321,7 +321,7 @@ def test_epilogue_candidates_when_gradients_or_tracing_are_involved():
 
 MODELS = {
     "seg_w18_small": (lambda: build_model("hrnetv2_w18_small_v1_seg"), (1, 3, 64, 96)),
-    "pose_w32": (lambda: build_model("hrnet_w32_pose"), (1, 3, 64, 64)),
+    "pose_w32": (lambda: build_model("hrnet_w32_pose"), (1, 3, 32, 32)),
     "cls_w18_small": (lambda: build_model("hrnet_w18_small_v1_c"), (1, 3, 64, 64)),
     "timm_w18_small": (lambda: timm.create_model("hrnet_w18_small", pretrained=False), (1, 3, 64, 64)),
     "timm_features": (lambda: timm.create_model("hrnet_w18_small", pretrained=False, features_only=True),
@@ -519,8 +519,28 @@ def test_layout_is_measured_once_per_input_signature_and_outputs_keep_the_input_
             with torch.no_grad():
                 assert patched(x).is_contiguous()
     choices = inference.layout_choices(patched)
-    assert len(choices) == 2 and {c[1] for c in choices} <= {"contiguous", "channels_last"}
-    assert all(set(c[2]) == {"contiguous", "channels_last"} for c in choices)
+    configs = {f"{layout}+{epilogue}" for layout in ("contiguous", "channels_last") for epilogue in ("aten", "auto")}
+    assert len(choices) == 2 and {c[1] for c in choices} <= configs
+    assert all(set(c[2]) == configs for c in choices)
+
+
+def test_model_configurations_and_the_forced_aten_epilogue():
+    """The whole forward is measured with per-conv epilogues ("auto") and with "aten" in every conv unit; inside an
+    "aten" forward no conv unit offers oneDNN."""
+    I = hrfast.Inference
+    assert inference._configurations(I()) == ("contiguous+aten", "contiguous+auto", "channels_last+aten",
+                                              "channels_last+auto")
+    assert inference._configurations(I(channels_last=True)) == ("channels_last+aten", "channels_last+auto")
+    assert inference._configurations(I(channels_last=False, epilogue="aten")) == ("contiguous+aten",)
+    x = torch.randn(1, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    token = inference._FORWARD_EPILOGUE.set("aten")
+    try:
+        with torch.no_grad():
+            assert inference._candidates(x, None, True, I()) == ["aten"]
+    finally:
+        inference._FORWARD_EPILOGUE.reset(token)
+    with torch.no_grad():
+        assert "onednn" in inference._candidates(x, None, True, I())
 
 
 def test_channels_last_forced_and_channels_last_input():

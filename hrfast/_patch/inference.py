@@ -10,12 +10,14 @@ On top of what `patch` does anyway (fusion steps, heads), with instance-level fo
   strided 3x3 downsample chains, heads): the same per unit, other members run as they are;
 - the HRNet stem (conv1 -> bn1, conv2 -> bn2, called one by one by the model's forward): the conv runs folded
   and the BN passes its input through, both deciding from the same state at the same call;
-- fusion modules and heads that `patch` took over: in eval, where hrfast's fused ops would run their PyTorch
-  reference (CPU), a fusion module runs its own forward instead, so each conv -> BN pair in it runs folded and the
+- fusion modules and heads that `patch` took over: where hrfast's fused ops would run their PyTorch reference
+  (CPU), the module's own forward (in training: the same math as the reference, faster on CPU); in eval there a
+  fusion module runs its own forward, so each conv -> BN pair in it runs folded and the
   last link of each downsample chain enters the sum with its BN folded (no separate BN pass), and a head runs
   `hrfast.inference.reordered_head` (BN folded, the 1x1 conv per branch before the upsampling); on CUDA the
   fused ops run (chain links folded, the last BN as the op's per-channel affine, applied in the kernel);
-- the model itself: its memory layout per input signature (`hrfast.inference.LayoutChoice`); the place where
+- the model itself: its memory layout and epilogue configuration per input signature
+  (`hrfast.inference.LayoutChoice`); the place where
   CUDA graphs would be captured and replayed per signature.
 
 Every forward takes the folded path only in eval mode with no gradient wanted for the parameters, and only
@@ -156,9 +158,10 @@ def _device_of(args) -> Optional[Any]:
 
 @dataclass(frozen=True)
 class EvalPath:
-    """A fusion module or head that `patch` took over: in eval, where its fused op would run the PyTorch
-    reference (CPU), a fusion module runs its own forward (whose conv -> BN pieces are folded) and a head
-    `reordered_head`; elsewhere the patched forward."""
+    """A fusion module or head that `patch` took over. Where its fused op would run the PyTorch reference (CPU):
+    in eval, a fusion module runs its own forward (whose conv -> BN pieces are folded) and a head
+    `reordered_head`; in training, the module's own forward (the reference computes the same, with batch
+    statistics assembled op by op: slower than eager's batch norm on CPU). Elsewhere the patched forward."""
 
     options: Inference
     base_adapter: Adapter
@@ -166,9 +169,9 @@ class EvalPath:
 
     def run(self, module: nn.Module, *args, **kwargs):
         device = _device_of(args)
-        if module.training or device is None or resolve(self.base_config.backend, device) != "reference":
+        if device is None or resolve(self.base_config.backend, device) != "reference":
             return self.base_adapter.forward(module, self.base_config, *args, **kwargs)
-        if self.base_adapter.kind == "head" and len(args) == 1 and not kwargs:
+        if not module.training and self.base_adapter.kind == "head" and len(args) == 1 and not kwargs:
             out = _eval_head(module, self.base_config, args[0])
             if out is not None:
                 return out
@@ -195,7 +198,8 @@ def _eval_head(module: nn.Module, config, inputs) -> Optional[Tensor]:
 
 @dataclass(frozen=True)
 class RootConfig:
-    """The model: its forward (patched or not) in the memory layout chosen per input signature."""
+    """The model: its forward (patched or not) in the memory layout and epilogue configuration chosen per input
+    signature."""
 
     options: Inference
     layout: LayoutChoice = field(default_factory=LayoutChoice, compare=False)
@@ -343,7 +347,9 @@ class InferencePlanner:
         _install(model, RootConfig(options, base_adapter=adapter, base_config=config), kind)
         how = ("as given" if options.channels_last is False else "channels_last" if options.channels_last
                else "measured per input signature on CPU (first calls), as given on CUDA")
-        return [self._row("", model, PATCHED, f"model: memory layout {how}")]
+        return [self._row("", model, PATCHED, f"model: memory layout {how}; epilogues {options.epilogue!r}"
+                          + (" (per conv, kept where the whole forward measured faster)" if options.epilogue == "auto"
+                             else ""))]
 
     @staticmethod
     def _remove(model: nn.Module) -> List[PatchRow]:

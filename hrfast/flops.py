@@ -19,6 +19,10 @@ convolution modules as unpatched ones (the same count); `hrfast.nn.HRNetV2Head` 
 (`hrnet_v2_head_macs`) that counts the reordered head, also when `hrfast.patch` calls it without registering it
 as a submodule (the hooks are global while counting), so ``count_macs(patched_model, shape)`` shows the saving:
 HRNetV2-W48 at 1024x2048 goes from 747.5 to 688.1 GMACs (the head from 69.7 to 10.3).
+
+`hrfpn_reduction_macs` / `hrfpn_table` do the same for HRNetV2p's HRFPN neck (`hrfast.nn.HRFPNReduction`, which
+has a rule too): at 800x1344 its 1x1 reduction goes from 4.64 / 8.26 / 10.32 GMACs (W18 / W32 / W40) to 0.58 /
+1.03 / 1.29.
 """
 from __future__ import annotations
 
@@ -32,7 +36,8 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["MacCount", "count_macs", "register_mac_rule", "HeadMacs", "head_reorder_macs", "branch_sizes",
-           "hrnet_v2_head_macs"]
+           "hrnet_v2_head_macs", "HRNETV2P_CHANNELS", "DETECTION_SIZE", "hrfpn_reduction_macs", "hrfpn_table",
+           "hrfpn_reduction_rule", "macs_per_pixel"]
 
 MacRule = Callable[[nn.Module, Tuple, object], int]
 _RULES: Dict[Type[nn.Module], MacRule] = {}
@@ -339,15 +344,18 @@ class HeadMacs:
 
 
 def head_reorder_macs(channels: Sequence[int], size: Sequence[int], num_classes: int,
-                      *, branch_resolutions: Optional[Sequence[Sequence[int]]] = None) -> HeadMacs:
+                      *, branch_resolutions: Optional[Sequence[Sequence[int]]] = None,
+                      out_channels: Optional[int] = None) -> HeadMacs:
     """MACs of the HRNetV2 concat head in eager and in reordered form.
 
     Args:
         channels: branch channels, e.g. ``(48, 96, 192, 384)`` for W48.
         size: the input image ``(H, W)``, e.g. ``(1024, 2048)``; the branch resolutions follow the HRNet stem
             and transitions (`branch_sizes`: 1/4, 1/8, 1/16, 1/32, rounded up).
-        num_classes: outputs of the classifier (1x1 conv).
+        num_classes: outputs of the classifier (1x1 conv); 0 for none (HRFPN's reduction).
         branch_resolutions: the branch ``(H_j, W_j)`` directly, overriding `size`.
+        out_channels: outputs of the 1x1 conv over the concat (default: its input width, as in the V2 head;
+            HRFPN: 256).
     """
     channels = tuple(int(c) for c in channels)
     sizes = (tuple(tuple(int(v) for v in s) for s in branch_resolutions) if branch_resolutions is not None
@@ -355,12 +363,13 @@ def head_reorder_macs(channels: Sequence[int], size: Sequence[int], num_classes:
     if len(sizes) != len(channels):
         raise ValueError(f"{len(channels)} channels but {len(sizes)} branch resolutions")
     ct = sum(channels)
+    hidden = ct if out_channels is None else int(out_channels)
     pixels = [h * w for h, w in sizes]
     p0 = pixels[0]
-    return HeadMacs(channels, sizes, int(num_classes), eager_conv=p0 * ct * ct,
-                    reordered_conv=tuple(p * c * ct for p, c in zip(pixels, channels)),
-                    classifier=p0 * ct * int(num_classes),
-                    upsampled_eager=p0 * sum(channels[1:]), upsampled_reordered=p0 * ct * (len(channels) - 1))
+    return HeadMacs(channels, sizes, int(num_classes), eager_conv=p0 * ct * hidden,
+                    reordered_conv=tuple(p * c * hidden for p, c in zip(pixels, channels)),
+                    classifier=p0 * hidden * int(num_classes),
+                    upsampled_eager=p0 * sum(channels[1:]), upsampled_reordered=p0 * hidden * (len(channels) - 1))
 
 
 def hrnet_v2_head_macs(module: nn.Module, inputs: Tuple, output: object) -> int:
@@ -385,10 +394,57 @@ def hrnet_v2_head_macs(module: nn.Module, inputs: Tuple, output: object) -> int:
     return sum(int(x.shape[0]) * prod(int(s) for s in x.shape[2:]) * int(x.shape[1]) * c_out for x in xs) + cls_macs
 
 
+# ------------------------------------------------------------------------------------------ HRNetV2p HRFPN
+
+# branch channels of the HRNetV2p detection backbones (mmdet configs hrnetv2p_w18/w32/w40)
+HRNETV2P_CHANNELS = {"W18": (18, 36, 72, 144), "W32": (32, 64, 128, 256), "W40": (40, 80, 160, 320)}
+# mmdet's test size 1333x800 padded to a multiple of 32 (landscape: H 800, W 1344)
+DETECTION_SIZE = (800, 1344)
+
+
+def hrfpn_reduction_macs(channels: Sequence[int], size: Sequence[int] = DETECTION_SIZE, out_channels: int = 256,
+                         *, branch_resolutions: Optional[Sequence[Sequence[int]]] = None) -> HeadMacs:
+    """MACs of HRFPN's reduction ``conv1x1(cat[x0, Up(x1), ...])`` (15C -> `out_channels`) in eager form and in
+    the reordered form `hrfast.nn.HRFPNReduction` computes (``W_0 x_0 + sum_j Up(W_j x_j)``), batch 1: a
+    `HeadMacs` without classifier. The rest of the neck (pooling, 3x3 convs) is the same in both."""
+    return head_reorder_macs(channels, size, 0, branch_resolutions=branch_resolutions, out_channels=out_channels)
+
+
+def macs_per_pixel(channels: Sequence[int], out_channels: Optional[int] = None,
+                   num_classes: int = 0) -> Tuple[float, float]:
+    """(eager, reordered) MACs of a V2 head / HRFPN reduction per branch-0 pixel, for branches that halve in
+    size (branch j at 2^-j of branch 0 per side): what `hrfast.patch`'s report rows quote."""
+    n = len(channels)
+    side = 2 ** (n - 1)
+    macs = head_reorder_macs(channels, (), num_classes, out_channels=out_channels,
+                             branch_resolutions=[(side >> j, side >> j) for j in range(n)])
+    return macs.eager / side ** 2, macs.reordered / side ** 2
+
+
+def hrfpn_table(size: Sequence[int] = DETECTION_SIZE) -> Dict[str, HeadMacs]:
+    """`hrfpn_reduction_macs` of HRNetV2p-W18/W32/W40 at `size` (default 800x1344), by width name.
+
+    At 800x1344 (branches 200x336 ... 25x42) the reduction costs 4.64 / 8.26 / 10.32 GMACs eager and 0.58 / 1.03
+    / 1.29 reordered (8x fewer): 4.06 / 7.22 / 9.03 GMACs saved per image."""
+    return {name: hrfpn_reduction_macs(c, size) for name, c in HRNETV2P_CHANNELS.items()}
+
+
+def hrfpn_reduction_rule(module: nn.Module, inputs: Tuple, output: object) -> int:
+    """The `register_mac_rule` rule of `hrfast.nn.HRFPNReduction`: per branch j the projection ``W_j x_j`` at
+    branch j's own resolution, ``N * H_j * W_j * C_j * M``."""
+    xs = inputs[0] if inputs else ()
+    if isinstance(xs, Tensor) or not xs:
+        return 0
+    m = int(module.conv.weight.shape[0])
+    return sum(int(x.shape[0]) * prod(int(s) for s in x.shape[2:]) * int(x.shape[1]) * m for x in xs)
+
+
 def _register_builtin_rules() -> None:
     from .nn.head import HRNetV2Head
+    from .nn.hrfpn import HRFPNReduction
 
     register_mac_rule(HRNetV2Head, hrnet_v2_head_macs)
+    register_mac_rule(HRFPNReduction, hrfpn_reduction_rule)
 
 
 _register_builtin_rules()

@@ -11,8 +11,10 @@ The kernels take the plan's terms as tuples with one entry per term: runtime one
 ALIGNS, HAS_SCALE, ...), unrolled with `tl.static_range`; each term count and mix of modes compiles to its
 own variant.
 
-Forward: one program per [BLOCK_C channels x BLOCK_P pixels] tile of one image; every term is read once,
-the sum stays in fp32 (fp64 for fp64 inputs), y is written once. Strides are arguments, so NCHW and
+Forward: one program per [BLOCK_C channels x BLOCK_H rows x BLOCK_W columns] tile of one image; every term
+is read once, the sum stays in fp32 (fp64 for fp64 inputs), y is written once. Resampling is separable: source
+taps and weights once per tile row and column (`resample.term_grid`), shared by the tile's channels and the
+other axis. Channel blocks fit HRNet's channel counts (`resample.channel_block`). Strides are arguments, so NCHW and
 channels_last need no copies. Up to MAX_TERMS terms per launch; more are chained through a partial sum in
 the accumulation dtype.
 
@@ -38,7 +40,8 @@ from torch import Tensor
 from hrfast.plan import FusePlan, TermPlan
 
 from .resample import (BILINEAR, NEAREST, SAME, INT32_LIMIT, adjoint_weight, bilinear_ratio, cdiv,  # noqa: F401
-                       first_reader, launch_grid, load_term, needs_int64, next_power_of_2, source_args, tile_offsets)
+                       channel_block, first_reader, grid_offsets, launch_grid, load_term, needs_int64,
+                       next_power_of_2, source_args, term_grid, tile_offsets)
 
 # Terms per forward launch. The compiler issues every term's loads before summing, so registers grow with the
 # terms: for sm_90, C=48 at 256x512, fp32 NCHW, one output-size and 3 bilinear terms take 106 registers; with
@@ -56,27 +59,53 @@ Grads = Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]  # (dx, dsca
 def _fuse_forward_kernel(
     out_ptr, C, H, W, out_strides, sources, scales, shifts,
     MODES: tl.constexpr, ALIGNS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    RELU: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    RELU: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr, EXACT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
+    """One [BLOCK_C, BLOCK_H, BLOCK_W] output tile per program. The tile's tail (rows, columns, channels past
+    the tensor) is clamped onto the last valid index for every load and masked only at the store; EXACT: the
+    tiles cover the output exactly, no mask at all."""
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     n = tl.program_id(2)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    tiles_w = tl.cdiv(W, BLOCK_W)
+    oy = (pid_p // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)
+    ox = (pid_p % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    p_mask = p < H * W
-    c_mask = c < C
-    oy = p // W
-    ox = p % W
+    if EXACT:
+        cy, cx, cc = oy, ox, c
+    else:
+        cy = tl.minimum(oy, H - 1)
+        cx = tl.minimum(ox, W - 1)
+        cc = tl.minimum(c, C - 1)
     # the first term initialises the sum (not 0 + term: that would turn -0.0 into +0.0)
-    acc = load_term(n, c, c_mask, oy, ox, p_mask, sources[0], scales[0], shifts[0],
-                    MODES[0], ALIGNS[0], HAS_SCALE[0], HAS_SHIFT[0], F64, INT64)
+    acc = _affine_term(n, cc, cy, cx, sources[0], scales[0], shifts[0],
+                       MODES[0], ALIGNS[0], HAS_SCALE[0], HAS_SHIFT[0], F64, INT64)
     for k in tl.static_range(1, len(sources)):
-        acc += load_term(n, c, c_mask, oy, ox, p_mask, sources[k], scales[k], shifts[k],
-                         MODES[k], ALIGNS[k], HAS_SCALE[k], HAS_SHIFT[k], F64, INT64)
+        acc += _affine_term(n, cc, cy, cx, sources[k], scales[k], shifts[k],
+                            MODES[k], ALIGNS[k], HAS_SCALE[k], HAS_SHIFT[k], F64, INT64)
     if RELU:
         acc = relu(acc)
-    mask = c_mask[:, None] & p_mask[None, :]
-    tl.store(out_ptr + tile_offsets(n, c, oy, ox, out_strides, INT64), acc.to(out_ptr.dtype.element_ty), mask=mask)
+    offsets = grid_offsets(n, c, oy, ox, out_strides, INT64)
+    if EXACT:
+        tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty))
+    else:
+        mask = ((c < C)[:, None, None] & (oy < H)[None, :, None]) & (ox < W)[None, None, :]
+        tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _affine_term(n, c, oy, ox, src, scale_ptr, shift_ptr, MODE: tl.constexpr, ALIGN: tl.constexpr,
+                 HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr):
+    """Up(x) * scale + shift on a [BLOCK_C, BLOCK_H, BLOCK_W] tile (c, oy, ox: its channels, rows and columns,
+    clamped in range), in the accumulation dtype."""
+    acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
+    v = term_grid(n, c, oy, ox, src, MODE, ALIGN, F64, INT64)
+    if HAS_SCALE:
+        v = v * tl.load(scale_ptr + c).to(acc_t)[:, None, None]
+    if HAS_SHIFT:
+        v = v + tl.load(shift_ptr + c).to(acc_t)[:, None, None]
+    return v
 
 
 @triton.jit
@@ -219,6 +248,27 @@ def _tile(C: int, pixels: int, channels_last: bool, budget: int) -> Tuple[int, i
     return block_c, block_p
 
 
+# Output elements per forward program (4 warps).
+FORWARD_TILE = 2048
+# Widest tile row: NCHW rows are contiguous, so wide rows give long coalesced runs; the rest of the budget goes
+# to channels (index math per row and column shared by them) and rows.
+MAX_BLOCK_W = 64
+
+
+def _grid_tile(C: int, H: int, W: int, channels_last: bool, budget: int) -> Tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_H, BLOCK_W) of a 3-D output tile of about `budget` elements: the contiguous dimension
+    widest; channel blocks fitted to C (`channel_block`: >= 90% of lanes on real channels)."""
+    if channels_last:
+        block_c = channel_block(C, 64)
+        block_w = min(next_power_of_2(W), max(1, budget // block_c), 16)
+        block_h = min(next_power_of_2(H), max(1, budget // (block_c * block_w)))
+    else:
+        block_w = min(next_power_of_2(W), MAX_BLOCK_W)
+        block_c = channel_block(C, max(1, budget // (block_w * 8)))
+        block_h = min(next_power_of_2(H), max(1, budget // (block_c * block_w)))
+    return block_c, block_h, block_w
+
+
 def _is_channels_last(t: Tensor) -> bool:
     return t.dim() == 4 and t.stride(1) == 1 and t.shape[1] > 1
 
@@ -272,7 +322,8 @@ def fuse_forward(plan: FusePlan, xs: Sequence[Tensor], scales: Sequence[Optional
         if partial is not None:  # the sum so far, as a plain output-size term
             sources = (source_args(partial, _PARTIAL),) + sources
             scale_args, shift_args = (partial,) + scale_args, (partial,) + shift_args
-        grid = launch_grid(cdiv(plan.size[0] * plan.size[1], consts["BLOCK_P"]), cdiv(C, consts["BLOCK_C"]), N)
+        H, W = plan.size
+        grid = launch_grid(cdiv(H, consts["BLOCK_H"]) * cdiv(W, consts["BLOCK_W"]), cdiv(C, consts["BLOCK_C"]), N)
         with _device_context(out):
             _fuse_forward_kernel[grid](target, C, *plan.size, target.stride(), sources, scale_args, shift_args,
                                        INT64=int64, num_warps=4, **consts)
@@ -293,11 +344,12 @@ def _forward_launches(plan: FusePlan, C: int, f64: bool) -> List[Tuple[range, di
     launches = []
     for i, (a, b) in enumerate(zip(starts, [*starts[1:], n])):
         plans = (() if i == 0 else (_PARTIAL,)) + plan.terms[a:b]
-        block_c, block_p = _tile(C, plan.size[0] * plan.size[1], plan.channels_last and C > 1, budget=2048)
+        block_c, block_h, block_w = _grid_tile(C, *plan.size, plan.channels_last and C > 1, budget=FORWARD_TILE)
+        exact = C % block_c == 0 and plan.size[0] % block_h == 0 and plan.size[1] % block_w == 0
         launches.append((range(a, b), dict(
             MODES=tuple(t.mode for t in plans), ALIGNS=tuple(bool(t.align_corners) for t in plans),
             HAS_SCALE=tuple(t.has_scale for t in plans), HAS_SHIFT=tuple(t.has_shift for t in plans),
-            RELU=plan.relu and b == n, F64=f64, BLOCK_C=block_c, BLOCK_P=block_p)))
+            RELU=plan.relu and b == n, F64=f64, EXACT=exact, BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w)))
     return launches
 
 

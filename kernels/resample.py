@@ -23,6 +23,7 @@ from hrfast.plan import BILINEAR, NEAREST, SAME, TermPlan
 _CL = torch.channels_last
 
 __all__ = ["SAME", "NEAREST", "BILINEAR", "source_args", "tile_offsets", "load_term", "upsampled_tile",
+           "grid_offsets", "term_grid", "channel_block",
            "bilinear_ratio", "first_reader", "adjoint_weight", "cdiv", "next_power_of_2", "needs_int64", "launch_grid"]
 
 INT32_LIMIT = 2**31 - 1
@@ -163,6 +164,58 @@ def load_term(n, c, c_mask, oy, ox, p_mask, src, scale_ptr, shift_ptr,
         v = v * tl.load(scale_ptr + c, mask=c_mask, other=0.0).to(acc_t)[:, None]
     if HAS_SHIFT:
         v = v + tl.load(shift_ptr + c, mask=c_mask, other=0.0).to(acc_t)[:, None]
+    return v
+
+
+def channel_block(C: int, cap: int, min_active: float = 0.9) -> int:
+    """The widest power-of-2 channel block up to `cap` whose blocks keep at least `min_active` of their lanes
+    on real channels: 16 for C=48 (3 full blocks, where 64 would idle a quarter), 32 for 30, 8 for 36."""
+    best = 1
+    b = 1
+    while b <= cap:
+        if C / (cdiv(C, b) * b) >= min_active:
+            best = b
+        b *= 2
+    return best
+
+
+@triton.jit
+def grid_offsets(n, c, y, x, strides, INT64: tl.constexpr):
+    """Element offsets of a [BLOCK_C, BLOCK_H, BLOCK_W] tile from its channels c, rows y and columns x: the
+    channel and row parts are summed on [BLOCK_C, BLOCK_H, 1] first, so each element costs one add."""
+    s_n, s_c, s_h, s_w = strides
+    if INT64:
+        n = n.to(tl.int64)
+        c = c.to(tl.int64)
+        y = y.to(tl.int64)
+        x = x.to(tl.int64)
+    return ((n * s_n + c * s_c)[:, None, None] + (y * s_h)[None, :, None]) + (x * s_w)[None, None, :]
+
+
+@triton.jit
+def term_grid(n, c, oy, ox, src, MODE: tl.constexpr, ALIGN: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr):
+    """Up(x) on a [BLOCK_C, BLOCK_H, BLOCK_W] output tile (channels c, rows oy, columns ox), in the accumulation
+    dtype. Separable: the source taps and weights are computed once per row and once per column, not per
+    element. c, oy and ox must be in range (the caller clamps its tile's tail), so no load needs a mask."""
+    acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
+    x_ptr, h, w, strides, ratio_h, ratio_w = src
+    if MODE == 0:
+        v = tl.load(x_ptr + grid_offsets(n, c, oy, ox, strides, INT64)).to(acc_t)
+    elif MODE == 1:
+        iy = nearest_source(oy, ratio_h[0], h)
+        ix = nearest_source(ox, ratio_w[0], w)
+        v = tl.load(x_ptr + grid_offsets(n, c, iy, ix, strides, INT64)).to(acc_t)
+    else:
+        y0, y1, ly0, ly1 = linear_source(oy, bilinear_ratio(ratio_h, F64), h, ALIGN, F64)
+        x0, x1, lx0, lx1 = linear_source(ox, bilinear_ratio(ratio_w, F64), w, ALIGN, F64)
+        v00 = tl.load(x_ptr + grid_offsets(n, c, y0, x0, strides, INT64)).to(acc_t)
+        v01 = tl.load(x_ptr + grid_offsets(n, c, y0, x1, strides, INT64)).to(acc_t)
+        v10 = tl.load(x_ptr + grid_offsets(n, c, y1, x0, strides, INT64)).to(acc_t)
+        v11 = tl.load(x_ptr + grid_offsets(n, c, y1, x1, strides, INT64)).to(acc_t)
+        lx0 = lx0[None, None, :]
+        lx1 = lx1[None, None, :]
+        # ATen's order: h0l * (w0l * v00 + w1l * v01) + h1l * (w0l * v10 + w1l * v11)
+        v = ly0[None, :, None] * (lx0 * v00 + lx1 * v01) + ly1[None, :, None] * (lx0 * v10 + lx1 * v11)
     return v
 
 

@@ -11,6 +11,7 @@ CPU: one backward and one forward, at tiny sizes.
 import copy
 
 import hrfpn_layouts as L
+import hrnet_layouts as layouts
 import pytest
 import torch
 import torch.nn as nn
@@ -141,10 +142,11 @@ def test_module_keeps_the_replaced_keys_and_rejects_other_convs():
 
 
 def _run(neck, xs):
-    """Outputs, input gradients and parameter gradients of one forward/backward of `neck` on fresh copies."""
+    """Outputs, input gradients and parameter gradients of one forward/backward of `neck` on fresh copies (a
+    one-element `xs` is passed as a tensor)."""
     inputs = [x.detach().clone().requires_grad_() for x in xs]
     params = list(neck.parameters())
-    outs = neck(inputs)
+    outs = neck(inputs if len(inputs) > 1 else inputs[0])
     return list(outs), _grads(outs, inputs + params)
 
 
@@ -208,10 +210,16 @@ def _overriding(neck):
     return neck
 
 
+def _hooked(neck):
+    neck.reduction_conv.conv.register_forward_hook(lambda module, args, out: None)
+    return neck
+
+
 LEFT_ALONE = {
     "fork": (lambda: L.hrfpn("fork"), "its forward is not the upstream mmdet HRFPN forward"),
     "subclass": (lambda: _overriding(L.hrfpn("mmdet")), "Sub overrides HRFPN.forward"),
     "norm": (lambda: L.hrfpn("mmdet", norm_cfg=dict(type="BN")), "has children ['conv', 'bn']"),
+    "hooks": (lambda: _hooked(L.hrfpn("mmdet")), "reduction_conv.conv has hooks"),
 }
 
 
@@ -224,6 +232,32 @@ def test_other_hrfpns_are_reported_and_left_alone(case, reductions):
     assert "forward" not in neck.__dict__
     neck(L.branches())
     assert reductions[0] == 0
+
+
+class _Detector(nn.Module):
+    """An HRNetV2p detector's backbone and neck (HRNet-Object-Detection: the classification-style HRNet, whose
+    fusion modules are patched too, then HRFPN)."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = layouts.build("cls", width=2)
+        self.neck = L.hrfpn("official")
+
+    def forward(self, x):
+        return self.neck(self.backbone(x))
+
+
+def test_whole_detector_backbone_and_neck(reductions):
+    model = _Detector().double()
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    expected = _run(model, [x])
+    report = hrfast.patch(model, backend="reference")
+    assert [r.name for r in report.patched] == ["backbone.stage2.0", "backbone.stage3.0", "backbone.stage4.0",
+                                                "backbone.stage4.1", "neck"], report
+    actual = _run(model, [x])
+    assert reductions[0] == 1
+    _assert_all_close(actual[0], expected[0], "outputs")
+    _assert_all_close(actual[1], expected[1], "gradients")
 
 
 def test_inputs_the_fusion_cannot_take_run_the_original(reductions):

@@ -18,6 +18,8 @@ it), under ``torch.utils.checkpoint`` exactly when the original checkpoints ``re
 set, and an input needing a gradient); pooling and the 3x3 convs then run as the original runs them, checkpointed
 under the same condition. Inputs the fused reduction cannot take (a branch count other than the module's, sizes
 that are not exact 2^j multiples, mixed dtypes) run the original forward, which raises where it raised.
+
+Its kind is "head" (HRFPN is detection's V2 concat): ``hrfast.patch(model, head=False)`` leaves it alone.
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ head's ``forward`` not overridden): a subclass could route the neck's output els
 
 Every ``HeatmapHead`` also gets a report row that says what it is: the V2 layers (fused through their estimator,
 not on their own), or a head over one feature map, which is no HRNetV2 head (e.g. the W32 top-down head on the
-highest branch).
+highest branch). Kind "head": ``hrfast.patch(model, head=False)`` leaves the estimator alone.
 """
 from __future__ import annotations
 

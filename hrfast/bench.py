@@ -376,11 +376,16 @@ class _Case:
             results[name]["failed"] = f"{type(exc).__name__} while timing: {exc}"
             self.log(f"    {name}: FAILED while timing: {results[name]['failed'].splitlines()[0][:300]}")
 
-        times = time_interleaved({n: _numbered(steps[n]) for n in live}, self.device, reps=repeats, on_error=failed)
+        cpu_ms: Dict[str, List[float]] = {n: [] for n in live}
+        fns = {n: _cpu_timed(_numbered(steps[n]), cpu_ms[n], self.device) for n in live}
+        times = time_interleaved(fns, self.device, reps=repeats, on_error=failed)
         live = list(times)
         for name in live:
             rec = results[name]
             rec["times_ms"] = times[name]
+            if cpu_ms[name]:
+                rec["cpu_times_ms"] = cpu_ms[name]
+                rec["cpu_median_ms"] = statistics.median(cpu_ms[name])
             layouts = _layouts(models[name])
             if layouts:
                 rec["layout"] = layouts
@@ -392,6 +397,8 @@ class _Case:
             rec = results[name]
             if "median_ms" in eager:
                 rec["speedup_vs_eager"] = eager["median_ms"] / rec["median_ms"]
+            if "cpu_median_ms" in eager and "cpu_median_ms" in rec:
+                rec["cpu_speedup_vs_eager"] = eager["cpu_median_ms"] / rec["cpu_median_ms"]
             if "median_ms" in compiled:
                 rec["speedup_vs_compile"] = compiled["median_ms"] / rec["median_ms"]
             if name.startswith("hrfast") and "errors" in eager and "errors" in rec:
@@ -409,6 +416,21 @@ class _Case:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         return [results[n] for n in self.contenders]
+
+
+def _cpu_timed(fn: Callable[[], object], into: List[float], device: torch.device) -> Callable[[], object]:
+    """fn, appending the process CPU time of each call (ms) to `into` (CPU device only): on a shared machine
+    it moves less with the other processes' load than wall time (with several threads it includes the
+    thread pool's spin-waiting)."""
+    if device.type != "cpu":
+        return fn
+
+    def call():
+        t0 = time.process_time()
+        out = fn()
+        into.append((time.process_time() - t0) * 1e3)
+        return out
+    return call
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -651,6 +673,10 @@ def _main(argv=None) -> int:
     if auto_choices:
         log("  backend='auto' measured " + _auto_summary(auto_choices))
     if not on_gpu:
+        for r in results:
+            if "cpu_speedup_vs_eager" in r and r["contender"] != "eager":
+                log(f"  {r['contender']} {r['mode']} {r['dtype']}: process CPU time per call {r['cpu_median_ms']:.2f} ms, "
+                    f"{r['cpu_speedup_vs_eager']:.2f}x eager's (less sensitive than wall time to other processes)")
         log("  peak MiB: n/a on CPU (CUDA's allocator statistics only)")
     else:
         log("  peak MiB: the most one step allocates above what was allocated before it (torch.cuda."

@@ -129,9 +129,12 @@ def test_threads_pose_and_the_inference_mode(capsys, tmp_path):
     rows = {(r["mode"], r["contender"]): r for r in record["results"]}
     assert set(rows) == {(m, c) for m in ("inference", "train") for c in ("eager", "hrfast")}
     layout = rows["inference", "hrfast"]["layout"]
-    assert len(layout) == 1 and layout[0]["layout"] in ("contiguous", "channels_last")
+    configs = {f"{layout}+{epilogue}" for layout in ("contiguous", "channels_last") for epilogue in ("aten", "auto")}
+    assert len(layout) == 1 and layout[0]["layout"] in configs and set(layout[0]["median_ms"]) == configs
     assert "layout" not in rows["train", "hrfast"]  # training: the inference mode is off
     assert all(r["fp64_patched_error"] <= 1e-10 for k, r in rows.items() if k[1] == "hrfast")
+    assert all(len(r["cpu_times_ms"]) == 1 and r["cpu_median_ms"] > 0 for r in rows.values())  # process CPU time
+    assert rows["inference", "hrfast"]["cpu_speedup_vs_eager"] > 0 and "process CPU time per call" in text
     assert any(r["kind"] == "inference" and r["status"] == "patched" for r in record["patch_report"])
 
 

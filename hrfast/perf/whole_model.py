@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import subprocess
 import sys
 import time
 from collections import OrderedDict
@@ -256,18 +257,31 @@ def _us(seconds: float) -> str:
     return f"{seconds * 1e6:,.1f}"
 
 
+def _provenance_text(found: Optional[dict]) -> str:
+    if not found:
+        return "Code: not in a git checkout."
+    dirty = found["uncommitted"]
+    return (f"Code: commit {found['commit'][:10]}" + (f", with uncommitted changes in {', '.join(dirty)}" if dirty
+                                                       else ", clean") + " (kernels/, csrc/, hrfast/).")
+
+
 def markdown(report: dict, command: str) -> str:
     """The report as markdown: totals, then every category side by side."""
     c, gpu, totals = report["config"], report["arch"], report["totals"]
     lines = [f"# Whole-model prediction: {c['model']}, {c['size'][0]}x{c['size'][1]}, batch {c['batch']}, "
              f"{c['dtype']}, {'channels_last' if c['channels_last'] else 'NCHW'}, inference, {gpu['name']} "
-             f"(sm_{gpu['sm']})", "", f"**{report['header']}**", "", f"Command: `{command}`", "", "## Method", "",
+             f"(sm_{gpu['sm']})", "", f"**{report['header']}**", "", f"Command: `{command}`", "",
+             _provenance_text(report.get("provenance")), "", "## Method", "",
              report["method"], "", "## Totals", "",
              "| side | predicted us | launches | of which launch us | vs eager |", "|---|---|---|---|---|"]
     for side, t in totals.items():
         lines.append(f"| {side} | {_us(t['seconds'])} | {t['launches']:,} | {_us(t['launch_seconds'])} | "
                      f"{t['ratio_vs_eager']:.2f}x |")
-    lines += ["", f"Goal (DESIGN.md): >= {report['goal_ratio']}x eager.", "", "## By category (us, launches)", "",
+    reached = [side for side, t in totals.items() if side != "eager" and t["ratio_vs_eager"] >= report["goal_ratio"]]
+    lines += ["", f"Goal (DESIGN.md): >= {report['goal_ratio']}x eager; predicted reached by: "
+              f"{', '.join(reached) or 'none'}. hrfast_fused_epilogues needs `hrfast.Inference(cudnn_fused=True)` "
+              "(off by default until a GPU has run it); the defaults on CUDA run each conv's bias in the conv and "
+              "its residual add and ReLU as in-place passes.", "", "## By category (us, launches)", "",
               "| category | " + " | ".join(totals) + " |", "|---|" + "---|" * len(totals)]
     cats = list(dict.fromkeys(k for parts in report["sides"].values() for k in parts))
     for cat in cats:
@@ -281,6 +295,19 @@ def markdown(report: dict, command: str) -> str:
     for row in report["fused_op_calls"]:
         lines.append(f"| {row['op']} | {row['calls']} | {_us(row['hrfast_s'])} | {_us(sum(row['eager_s'].values()))} |")
     return "\n".join(lines) + "\n"
+
+
+def provenance() -> dict:
+    """The git commit and the uncommitted files of the kernels and the instrument the prediction ran with (the
+    kernels' predictions move with their code); empty outside a git checkout."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kernels", "csrc", "hrfast"], cwd=root,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    return {"commit": head.stdout.strip(), "uncommitted": [line[3:] for line in dirty.stdout.splitlines()]}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -312,6 +339,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     start = time.perf_counter()
     report = predict_whole(config, args.gpu)
     report["command"] = "python -m hrfast.perf.whole_model " + " ".join(argv)
+    report["provenance"] = provenance()
     report["wall_s"] = time.perf_counter() - start
     text = markdown(report, report["command"])
     print(text)

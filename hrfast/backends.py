@@ -10,7 +10,8 @@ Names (`backend=` of every op, module and `hrfast.patch`):
   interpreter when TRITON_INTERPRET=1 was set before triton was imported: for testing).
 - "cuda_cpp" (alias "cuda"): the CUDA C++ extension built from `csrc/` (compiled on first use), on CUDA
   tensors (or CPU tensors through its host build's grid emulation with HRFAST_CSRC_ON_CPU=1: for testing).
-- "reference": plain PyTorch (`hrfast.ops.reference`), any device.
+- "reference": plain PyTorch (`hrfast.ops.reference`), any device; also what every name means while
+  torch.onnx.export traces (an ONNX graph holds standard ops only).
 
 An explicit choice that cannot run raises a RuntimeError that says why. Meta tensors are accepted by every
 backend (shapes only, through the custom ops' fake implementations: `torch.device("meta")` model setup, and the
@@ -159,8 +160,12 @@ _CHECKS = {"triton": _check_triton, "cuda_cpp": _check_cuda_cpp, "reference": la
 
 
 def resolve(backend: str, device: torch.device) -> str:
-    """The static rule: the concrete backend ('triton', 'cuda_cpp' or 'reference') for tensors on `device`."""
+    """The static rule: the concrete backend ('triton', 'cuda_cpp' or 'reference') for tensors on `device`.
+    While torch.onnx.export traces, the reference, whatever the name: an ONNX graph holds standard ops only,
+    so the export records the eager computation the fused ops replace."""
     name = canonical(backend)
+    if _exporting_onnx():
+        return "reference"
     if name == "auto":
         backend = os.environ.get(ENV_BACKEND)
         if not backend:
@@ -170,6 +175,11 @@ def resolve(backend: str, device: torch.device) -> str:
             return _static_auto(device)
     _CHECKS[name](device, backend)  # errors name the backend as the caller spelled it
     return name
+
+
+def _exporting_onnx() -> bool:
+    """Whether torch.onnx.export is tracing this call (it traces with jit.trace or torch.export)."""
+    return (torch.jit.is_tracing() or torch.compiler.is_compiling()) and torch.onnx.is_in_onnx_export()
 
 
 def _static_auto(device: torch.device) -> str:

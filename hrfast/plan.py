@@ -13,7 +13,10 @@
 
 Plans are built by `fuse_plan` / `head_plan` (cached: one object per distinct call signature) and cross the
 custom-op boundary as one flat list of ints (`encode`), turned back into a plan in exactly one place
-(`decode`). Kernels import this module and nothing else of hrfast.
+(`decode`). Under torch.compile / torch.export with dynamic shapes the sizes (and the ratios built from them)
+are `torch.SymInt`s: nothing here fixes them to one call's values (no cache, no gcd, no int()), so one graph
+serves every size; `decode` reduces the ratios once the values are concrete. Kernels import this module and
+nothing else of hrfast.
 """
 from __future__ import annotations
 
@@ -23,8 +26,10 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
+import torch
+
 __all__ = ["SAME", "NEAREST", "BILINEAR", "MODES", "Resample", "AxisRatio", "as_resample", "TermPlan",
-           "FusePlan", "HeadPlan", "term_plan", "fuse_plan", "head_plan"]
+           "FusePlan", "HeadPlan", "cached", "term_plan", "fuse_plan", "head_plan"]
 
 # a term's resample mode as the kernels see it (csrc/fuse.h `Mode` has the same values)
 SAME, NEAREST, BILINEAR = 0, 1, 2
@@ -42,6 +47,10 @@ class AxisRatio(NamedTuple):
 
     @classmethod
     def of(cls, num: int, den: int) -> "AxisRatio":
+        """num/den in lowest terms; kept as it is while traced or symbolic (torch.compile's dynamic sizes: a gcd
+        would fix them to this call's values), `decode` reduces it once the values are concrete."""
+        if not _concrete(num, den):
+            return cls(num, den)
         g = math.gcd(num, den) or 1
         return cls(num // g, den // g)
 
@@ -122,15 +131,21 @@ class Resample:
         pair = self._scale_pair()
         if pair is None:
             return None
-        return tuple(int(math.floor(float(n) * s)) for n, s in zip(in_hw, pair))
+        # an integral factor in integers (exact below 2**53, and it keeps a symbolic size symbolic)
+        return tuple(n * int(s) if float(s).is_integer() else int(math.floor(float(n) * s)) for n, s in zip(in_hw, pair))
 
     def axis_ratio(self, axis: int, n_in: int, n_out: int) -> AxisRatio:
         """The ratio ATen uses to map an output index to a source index along one axis
-        (`area_pixel_compute_scale` / `compute_scales_value` in ATen's UpSample.h), as an exact fraction."""
-        if n_out == n_in:  # ATen copies (and the nearest CPU kernel takes the index as is)
-            return AxisRatio(1, 1)
-        if self.mode == "nearest" and n_out == 2 * n_in:  # ATen's exact `dst >> 1` shortcut
-            return AxisRatio(1, 2)
+        (`area_pixel_compute_scale` / `compute_scales_value` in ATen's UpSample.h), as an exact fraction.
+
+        ATen's shortcuts for equal and (nearest) doubled sizes are size tests; with symbolic sizes they are
+        skipped where the general ratio already equals theirs once reduced (`shortcut_free`), so the sizes stay
+        unguarded."""
+        if _concrete(n_in, n_out) or not self.shortcut_free(axis):
+            if n_out == n_in:  # ATen copies (and the nearest CPU kernel takes the index as is)
+                return AxisRatio(1, 1)
+            if self.mode == "nearest" and n_out == 2 * n_in:  # ATen's exact `dst >> 1` shortcut
+                return AxisRatio(1, 2)
         if self.corners_aligned:
             return AxisRatio.of(n_in - 1, n_out - 1) if n_out > 1 else AxisRatio(0, 1)
         pair = self._scale_pair()
@@ -138,6 +153,19 @@ class Resample:
             frac = Fraction(pair[axis])  # exact: 1/s as ATen computes it in double
             return AxisRatio(frac.denominator, frac.numerator)
         return AxisRatio.of(n_in, n_out)
+
+    def shortcut_free(self, axis: int) -> bool:
+        """Whether the general ratio, reduced, is (1, 1) for equal sizes and (1, 2) for doubled nearest ones:
+        true for a ratio of sizes (to the exact size, recomputed scale factors, align_corners) and for an
+        integral scale factor (sizes n and n * s), not for a fractional one (floor(n * s) may equal n or 2n)."""
+        pair = self._scale_pair()
+        return (self.corners_aligned or pair is None or self.recompute_scale_factor
+                or float(pair[axis]).is_integer())
+
+
+def _concrete(*sizes) -> bool:
+    """Plain ints, not traced: neither a torch.SymInt nor a Dynamo trace (where a SymInt shows as an int)."""
+    return all(type(n) is int for n in sizes) and not torch.compiler.is_compiling()
 
 
 def as_resample(value, where: str) -> Optional[Resample]:
@@ -150,6 +178,28 @@ def as_resample(value, where: str) -> Optional[Resample]:
 
 
 # ------------------------------------------------------------------------------------------------- plans
+
+
+def cached(maxsize: int):
+    """`functools.lru_cache` for calls on plain values; the bare function when the call is traced by Dynamo
+    (which would warn and trace through the cache anyway) or holds symbolic sizes (a `torch.SymInt` under
+    torch.compile / torch.export with dynamic shapes is unhashable, and a plan must keep it symbolic)."""
+    def wrap(func):
+        memo = functools.lru_cache(maxsize=maxsize)(func)
+
+        @functools.wraps(func)
+        def call(*args):
+            if torch.compiler.is_compiling():
+                return func(*args)
+            try:
+                hash(args)
+            except TypeError:
+                return func(*args)
+            return memo(*args)
+
+        return call
+    return wrap
+
 
 
 class TermPlan(NamedTuple):
@@ -171,7 +221,14 @@ class TermPlan(NamedTuple):
 
     @classmethod
     def decode(cls, v: Sequence[int]) -> "TermPlan":
-        return cls(int(v[0]), bool(v[1]), (int(v[2]), int(v[3])), (int(v[4]), int(v[5])), bool(v[6]), bool(v[7]))
+        """The canonical term: ratios in lowest terms (`AxisRatio.of`), and a resampled term whose ratios are
+        both exactly 1 is the same-size term (ATen copies), as `term_plan` builds it from concrete sizes; a plan
+        traced with symbolic sizes leaves both to here. Nothing is coerced with int(): a SymInt must stay
+        symbolic in a fake implementation."""
+        ratio_h, ratio_w = tuple(AxisRatio.of(v[2], v[3])), tuple(AxisRatio.of(v[4], v[5]))
+        if v[0] != SAME and _concrete(*ratio_h, *ratio_w) and ratio_h == ratio_w == (1, 1):
+            return cls(SAME, False, ratio_h, ratio_w, bool(v[6]), bool(v[7]))
+        return cls(v[0], bool(v[1]), ratio_h, ratio_w, bool(v[6]), bool(v[7]))
 
 
 class FusePlan(NamedTuple):
@@ -214,21 +271,22 @@ def _terms(v: Sequence[int]) -> Tuple[TermPlan, ...]:
     return tuple(TermPlan.decode(v[i:i + n]) for i in range(0, len(v), n))
 
 
-@functools.lru_cache(maxsize=1024)
+@cached(maxsize=1024)
 def _decode_fuse(v: Tuple[int, ...]) -> FusePlan:
-    return FusePlan(_terms(v[4:]), (int(v[0]), int(v[1])), bool(v[2]), bool(v[3]))
+    return FusePlan(_terms(v[4:]), (v[0], v[1]), bool(v[2]), bool(v[3]))
 
 
-@functools.lru_cache(maxsize=256)
+@cached(maxsize=256)
 def _decode_head(v: Tuple[int, ...]) -> HeadPlan:
     return HeadPlan(_terms(v[1:]), bool(v[0]))
 
 
-@functools.lru_cache(maxsize=4096)
+@cached(maxsize=4096)
 def term_plan(resample: Optional[Resample], in_hw: Tuple[int, int], size: Tuple[int, int],
               has_scale: bool = False, has_shift: bool = False) -> TermPlan:
-    """The TermPlan of a term of spatial size `in_hw` resampled by `resample` to `size`."""
-    if resample is None or in_hw == size:  # same size: F.interpolate copies
+    """The TermPlan of a term of spatial size `in_hw` resampled by `resample` to `size`. With symbolic sizes
+    the same-size test is left to `decode` (ratios (1, 1) on both axes), which keeps the sizes unguarded."""
+    if resample is None or (_concrete(*in_hw, *size) and in_hw == size):  # same size: F.interpolate copies
         return TermPlan(SAME, False, (1, 1), (1, 1), has_scale, has_shift)
     mode = NEAREST if resample.mode == "nearest" else BILINEAR
     ratio_h = tuple(resample.axis_ratio(0, in_hw[0], size[0]))
@@ -236,7 +294,7 @@ def term_plan(resample: Optional[Resample], in_hw: Tuple[int, int], size: Tuple[
     return TermPlan(mode, resample.corners_aligned, ratio_h, ratio_w, has_scale, has_shift)
 
 
-@functools.lru_cache(maxsize=1024)
+@cached(maxsize=1024)
 def fuse_plan(in_hws: Tuple[Tuple[int, int], ...], resamples: Tuple[Optional[Resample], ...],
               size: Tuple[int, int], relu: bool, channels_last: bool, has_scale: Tuple[bool, ...],
               has_shift: Tuple[bool, ...]) -> FusePlan:
@@ -245,7 +303,7 @@ def fuse_plan(in_hws: Tuple[Tuple[int, int], ...], resamples: Tuple[Optional[Res
     return FusePlan(terms, size, relu, channels_last)
 
 
-@functools.lru_cache(maxsize=256)
+@cached(maxsize=256)
 def head_plan(low_hws: Tuple[Tuple[int, int], ...], resamples: Tuple[Optional[Resample], ...],
               size: Tuple[int, int], batch_stats: bool) -> HeadPlan:
     """The HeadPlan of one call: the low branches' spatial sizes and resamples to x0's `size`."""

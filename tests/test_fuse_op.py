@@ -181,10 +181,14 @@ def _assert_sum_close(g, g64, magnitude, rtol, name):
     assert err <= rtol * scale, f"{name}: error {err:.3e} exceeds {rtol:.0e} x the summands' magnitude {scale:.3e}"
 
 
-def _expected_memory_format(case: Case, layout) -> torch.memory_format:
+def _expected_memory_format(case: Case, layout) -> Optional[torch.memory_format]:
+    """The output's layout: that of the first output-size term (else the first term); None when that term is
+    both layouts at once (one channel or one pixel: its strides satisfy either), so either is right."""
     layouts = _layouts(layout, len(case.terms))
     same = [k for k, t in enumerate(case.terms) if _is_same_size(t, case.size)]
     first = same[0] if same else 0
+    if case.C == 1 or case.terms[first][0][0] * case.terms[first][0][1] == 1:
+        return None
     return CL if layouts[first] == "channels_last" else torch.contiguous_format
 
 
@@ -205,7 +209,7 @@ def check_fuse(case: Case, dtype, layout, param_dtype=None, grad_layout="like_y"
     size = tuple(case.size)
     assert y.shape == (case.N, case.C, *size) and y.dtype == dtype and y.device == xs[0].device
     fmt = _expected_memory_format(case, layout)
-    assert y.is_contiguous(memory_format=fmt), f"output strides {y.stride()}, expected {fmt}"
+    assert fmt is None or y.is_contiguous(memory_format=fmt), f"output strides {y.stride()}, expected {fmt}"
 
     grad_y = torch.randn_like(y)
     if grad_layout == "nchw":
@@ -655,70 +659,11 @@ def test_non_contiguous_scales_and_shifts(param_layout, backend):
 
 
 # --------------------------------------------------------------------------------------------------- errors
+# (the argument checks are listed in test_bad_inputs.py)
 
 
 def _x(N=2, C=3, H=4, W=4, **kw):
     return torch.randn(N, C, H, W, **kw)
-
-
-ERROR_CASES = [
-    (lambda: fuse(_x()), TypeError, r"inputs must be a list or tuple of tensors"),
-    (lambda: fuse([]), ValueError, r"inputs must hold at least one tensor"),
-    (lambda: fuse([_x(), 3.0]), TypeError, r"inputs\[1\] must be a torch.Tensor"),
-    (lambda: fuse([torch.randn(2, 3, 4)]), ValueError, r"inputs\[0\] must be 4-D"),
-    (lambda: fuse([_x(), torch.ones(2, 3, 4, 4, dtype=torch.int64)]), TypeError, r"inputs\[1\] has dtype torch.int64"),
-    (lambda: fuse([_x(), _x(dtype=F64)]), TypeError, r"inputs\[1\] has dtype torch.float64 but inputs\[0\]"),
-    (lambda: fuse([_x(), _x(N=3)]), ValueError, r"inputs\[1\] has batch 3 but inputs\[0\] has 2"),
-    (lambda: fuse([_x(), _x(C=2)]), ValueError, r"inputs\[1\] has 2 channels but inputs\[0\] has 3"),
-    (lambda: fuse([_x(), _x(device="meta")]), ValueError, r"inputs\[1\] is on meta"),
-    (lambda: fuse([torch.empty(65536, 1, 1, 1, device="meta")]), ValueError, r"batch 65536.*at most 65535"),
-    # scales / shifts
-    (lambda: fuse([_x()], scales=torch.ones(3)), TypeError, r"scales must be a list"),
-    (lambda: fuse([_x(), _x()], scales=[torch.ones(3)]), ValueError, r"scales has 1 entries but there are 2 inputs"),
-    (lambda: fuse([_x()], scales=[1.0]), TypeError, r"scales\[0\] must be a tensor or None"),
-    (lambda: fuse([_x()], scales=[torch.ones(3, dtype=torch.int32)]), TypeError, r"scales\[0\] has dtype torch.int32"),
-    (lambda: fuse([_x(), _x()], scales=[None, torch.ones(4)]), ValueError, r"scales\[1\] must have shape \[3\]"),
-    (lambda: fuse([_x()], scales=[torch.ones(1, 3)]), ValueError, r"scales\[0\] must have shape \[3\]"),
-    (lambda: fuse([_x()], scales=[torch.ones(3, device="meta")]), ValueError, r"scales\[0\] is on meta"),
-    (lambda: fuse([_x()], shifts=(torch.ones(3), None)), ValueError, r"shifts has 2 entries but there are 1 inputs"),
-    (lambda: fuse([_x()], shifts=[torch.ones(3, dtype=torch.bool)]), TypeError, r"shifts\[0\] has dtype torch.bool"),
-    (lambda: fuse([_x()], shifts=[torch.ones(())]), ValueError, r"shifts\[0\] must have shape \[3\]"),
-    (lambda: fuse([_x()], shifts=["1"]), TypeError, r"shifts\[0\] must be a tensor or None"),
-    # resample
-    (lambda: fuse([_x(), _x(H=2, W=2)], resample=[None, 2]), TypeError,
-     r"resample\[1\] must be None, a mode string or hrfast.ops.Resample"),
-    (lambda: fuse([_x(), _x(H=2, W=2)], resample=[None, "bicubic"]), ValueError, r"Resample.mode must be one of"),
-    (lambda: fuse([_x(), _x(H=2, W=2)], resample=["nearest"]), ValueError, r"resample has 1 entries"),
-    (lambda: fuse([_x(), _x(H=2, W=2)], resample="nearest"), TypeError, r"resample must be a list"),
-    (lambda: fuse([_x(), _x(H=3, W=4)]), ValueError, r"inputs\[1\] is 3x4 but the output is 4x4; give resample\[1\]"),
-    (lambda: fuse([_x(), _x(H=5, W=3)], resample=[None, "bilinear"]), ValueError,
-     r"inputs\[1\] is 5x3, larger than the output 4x4"),
-    (lambda: fuse([_x(H=5, W=5), _x(H=2, W=2)], resample=[None, near(2)]), ValueError,
-     r"resample\[1\] with scale_factor=2 turns 2x2 into 4x4, not the output size 5x5"),
-    (lambda: fuse([_x(H=2, W=2)], resample=[near(2)], size=(4, 5)), ValueError,
-     r"resample\[0\] with scale_factor=2"),
-    (lambda: fuse([_x(), _x(H=0, W=2)], resample=[None, "nearest"]), ValueError, r"inputs\[1\] has an empty spatial"),
-    (lambda: fuse([_x(H=1, W=1)], resample=["nearest"], size=(2**16, 2**15)), ValueError, r"2\*\*31 or more pixels"),
-    # size
-    (lambda: fuse([_x(H=2, W=2)], resample=["nearest"]), ValueError, r"size is required when every input has"),
-    (lambda: fuse([_x(H=2, W=2)], resample=["nearest"], size=4), TypeError, r"size must be a pair of ints"),
-    (lambda: fuse([_x(H=2, W=2)], resample=["nearest"], size=(4.0, 4)), TypeError, r"size must be a pair of ints"),
-    (lambda: fuse([_x(H=2, W=2)], resample=["nearest"], size=(4, 4, 4)), TypeError, r"size must be a pair of ints"),
-    (lambda: fuse([_x(H=2, W=2)], resample=["nearest"], size=(True, 4)), TypeError, r"size must be a pair of ints"),
-    (lambda: fuse([_x(H=2, W=2)], resample=["nearest"], size=(0, 4)), ValueError, r"size must be positive"),
-    (lambda: fuse([_x()], size=(5, 5)), ValueError, r"inputs\[0\] is 4x4 but the output is 5x5"),
-    # backend, relu
-    (lambda: fuse([_x()], backend="cuda_graphs"), ValueError, r"backend must be one of"),
-    (lambda: fuse([_x()], backend=None), ValueError, r"backend must be one of"),
-    (lambda: fuse([_x()], relu=1), TypeError, r"relu must be a bool"),
-    (lambda: fuse([_x()], relu=None), TypeError, r"relu must be a bool"),
-]
-
-
-@pytest.mark.parametrize("call, exc, match", ERROR_CASES, ids=[f"{e.__name__}:{m[:40]}" for _, e, m in ERROR_CASES])
-def test_fuse_errors(call, exc, match):
-    with pytest.raises(exc, match=match):
-        call()
 
 
 def test_triton_backend_without_interpreter_raises(monkeypatch):

@@ -233,6 +233,10 @@ def _away_from_kink(args: dict, case: Case, training: bool) -> torch.Tensor:
 
 
 def _expected_format(case: Case, layout: str):
+    """The logits' layout: x0's; None when x0 or the hidden tensor [N, M, H, W] is both layouts at once (one
+    pixel, or one channel: their strides satisfy either), so either is right."""
+    if case.width == 1 or case.sizes[0][0] * case.sizes[0][1] == 1:
+        return None
     return CL if layout in ("channels_last", "mixed") and case.channels[0] > 1 else torch.contiguous_format
 
 
@@ -255,7 +259,7 @@ def check_head(case: Case, dtype, layout: str, training: bool, bn_dtype=None, ba
     N, (H, W) = case.N, case.sizes[0]
     assert y.shape == (N, case.K, H, W) and y.dtype == dtype and y.device == args["xs"][0].device
     fmt = _expected_format(case, layout)
-    assert y.is_contiguous(memory_format=fmt), f"logits strides {y.stride()}, expected {fmt}"
+    assert fmt is None or y.is_contiguous(memory_format=fmt), f"logits strides {y.stride()}, expected {fmt}"
 
     low = dtype in LOW_PRECISION
     grad_y = torch.randn_like(y)
@@ -564,6 +568,7 @@ def test_expanded_upstream_grad():
 
 
 # --------------------------------------------------------------------------------------------------- errors
+# (the argument checks are listed in test_bad_inputs.py)
 
 
 def _x(N=2, C=4, H=4, W=4, **kw):
@@ -583,83 +588,6 @@ def _head(xs=None, cw=None, cb=None, rm=None, rv=None, bw=None, bb=None, kw=None
     return hrnet_v2_head(xs, pick(cw, _w()), pick(cb, torch.randn(8)), pick(rm, torch.zeros(8)),
                          pick(rv, torch.ones(8)), pick(bw, torch.ones(8)), pick(bb, torch.zeros(8)),
                          pick(kw, _w(M=3, C=8)), pick(kb, torch.randn(3)), **kwargs)
-
-
-def _xs(*shapes, **kw):
-    return [torch.randn(*s, **kw) for s in shapes]
-
-
-ERROR_CASES = [
-    # xs
-    (lambda: _head(xs=_x()), TypeError, r"xs must be a list or tuple of tensors, got Tensor"),
-    (lambda: _head(xs=[]), ValueError, r"xs must hold 1 to 4 branch tensors.*got 0"),
-    (lambda: _head(xs=[_x(C=2)] * 5, cw=_w(C=10)), ValueError, r"xs must hold 1 to 4 branch tensors.*got 5"),
-    (lambda: _head(xs=[_x(), "x1"]), TypeError, r"xs\[1\] must be a torch.Tensor, got str"),
-    (lambda: _head(xs=[_x(), torch.randn(2, 6, 2)]), ValueError, r"xs\[1\] must be 4-D"),
-    (lambda: _head(xs=[torch.randn(4, 4, 4)]), ValueError, r"xs\[0\] must be 4-D"),
-    (lambda: _head(xs=[_x(), torch.ones(2, 6, 2, 2, dtype=torch.int64)]), TypeError,
-     r"xs\[1\] has dtype torch.int64; expected"),
-    (lambda: _head(xs=[torch.ones(2, 4, 4, 4, dtype=torch.int32), _x(C=6, H=2, W=2)]), TypeError,
-     r"xs\[0\] has dtype torch.int32"),
-    (lambda: _head(xs=[_x(), _x(C=6, H=2, W=2, dtype=F64)]), TypeError,
-     r"xs\[1\] has dtype torch.float64 but xs\[0\] has torch.float32"),
-    (lambda: _head(xs=[_x(), _x(N=3, C=6, H=2, W=2)]), ValueError, r"xs\[1\] has batch 3 but xs\[0\] has 2"),
-    (lambda: _head(xs=[_x(), _x(C=6, H=2, W=2, device="meta")]), ValueError, r"xs\[1\] is on meta"),
-    (lambda: _head(xs=[_x(), _x(C=6, H=5, W=2)]), ValueError, r"xs\[1\] is \(5, 2\), larger than xs\[0\] \(4, 4\)"),
-    (lambda: _head(xs=[_x(), _x(C=6, H=2, W=5)]), ValueError, r"xs\[1\] is \(2, 5\), larger than xs\[0\]"),
-    (lambda: _head(xs=[_x(), _x(C=6, H=0, W=2)]), ValueError, r"xs\[1\] has an empty spatial size \(0, 2\)"),
-    (lambda: _head(xs=[torch.empty(65536, 4, 1, 1, device="meta")], cw=_w(C=4, device="meta"), cb="none",
-                   rm="none", rv="none", bw="none", bb="none", kw=_w(M=3, C=8, device="meta"), kb="none"),
-     ValueError, r"batch 65536.*at most 65535"),
-    # conv_weight / cls_weight
-    (lambda: _head(cw=[[1.0]]), TypeError, r"conv_weight must be a tensor, got list"),
-    (lambda: _head(cw=_w(C=9)), ValueError, r"conv_weight takes 9 input channels but the branches have \[4, 6\] "
-                                            r"channels, 10 in all"),
-    (lambda: _head(cw=_w(k=3)), ValueError, r"conv_weight must be a 1x1 conv weight \[out, in, 1, 1\], got "
-                                            r"\(8, 10, 3, 3\)"),
-    (lambda: _head(cw=torch.randn(8, 10)), ValueError, r"conv_weight must be a 1x1 conv weight"),
-    (lambda: _head(cw=_w(device="meta")), ValueError, r"conv_weight is on meta"),
-    (lambda: _head(kw="none"), TypeError, r"cls_weight must be a tensor, got NoneType"),
-    (lambda: _head(kw=torch.randn(3, 8, 1, 3)), ValueError, r"cls_weight must be a 1x1 conv weight"),
-    (lambda: _head(kw=_w(M=3, C=7)), ValueError, r"cls_weight takes 7 input channels but conv_weight has 8 output"),
-    (lambda: _head(kw=_w(M=3, C=8, device="meta")), ValueError, r"cls_weight is on meta"),
-    # biases
-    (lambda: _head(cb=torch.randn(7)), ValueError, r"conv_bias must be None or a \[8\] tensor, got \(7,\)"),
-    (lambda: _head(cb=torch.randn(8, 1)), ValueError, r"conv_bias must be None or a \[8\] tensor"),
-    (lambda: _head(cb=[0.0] * 8), ValueError, r"conv_bias must be None or a \[8\] tensor, got list"),
-    (lambda: _head(kb=torch.randn(8)), ValueError, r"cls_bias must be None or a \[3\] tensor, got \(8,\)"),
-    # batch norm
-    (lambda: _head(rm=torch.zeros(7)), ValueError, r"running_mean must be None or a \[8\] tensor"),
-    (lambda: _head(rv=torch.ones(1, 8)), ValueError, r"running_var must be None or a \[8\] tensor"),
-    (lambda: _head(bw=torch.ones(10)), ValueError, r"bn_weight must be None or a \[8\] tensor"),
-    (lambda: _head(bb=torch.ones(())), ValueError, r"bn_bias must be None or a \[8\] tensor"),
-    (lambda: _head(bb=1.0), ValueError, r"bn_bias must be None or a \[8\] tensor.*got float"),
-    (lambda: _head(bw=torch.ones(8, device="meta")), ValueError, r"bn_weight is on meta"),
-    (lambda: _head(rv="none"), ValueError, r"running_mean and running_var must both be given or both be None"),
-    (lambda: _head(rm="none"), ValueError, r"running_mean and running_var must both be given or both be None"),
-    (lambda: _head(training=1), TypeError, r"training must be a bool"),
-    # resample
-    (lambda: _head(resample=["nearest", "bilinear"]), ValueError,
-     r"resample has 2 entries but there are 1 low-resolution branches"),
-    (lambda: _head(resample=[]), ValueError, r"resample has 0 entries"),
-    (lambda: _head(resample=[2]), TypeError, r"resample\[0\] must be None, a mode string or hrfast.ops.Resample"),
-    (lambda: _head(resample=2.0), TypeError, r"resample must be None, a mode string or hrfast.ops.Resample"),
-    (lambda: _head(resample="bicubic"), ValueError, r"Resample.mode must be one of"),
-    (lambda: _head(resample=[None]), ValueError, r"xs\[1\] is \(2, 2\) but xs\[0\] is \(4, 4\); give it a resample"),
-    (lambda: _head(xs=[_x(H=5, W=5), _x(C=6, H=2, W=2)], resample=near(2)), ValueError,
-     r"resample for xs\[1\] \(scale_factor=2\) gives \(4, 4\), not xs\[0\]'s size \(5, 5\)"),
-    (lambda: _head(xs=[_x(H=4, W=4), _x(C=6, H=2, W=2)], resample=[bil(4)]), ValueError,
-     r"resample for xs\[1\] \(scale_factor=4\) gives \(8, 8\)"),
-    # backend
-    (lambda: _head(backend="cuda_graphs"), ValueError, r"backend must be one of"),
-    (lambda: _head(backend=None), ValueError, r"backend must be one of"),
-]
-
-
-@pytest.mark.parametrize("call, exc, match", ERROR_CASES, ids=[f"{e.__name__}:{m[:40]}" for _, e, m in ERROR_CASES])
-def test_head_errors(call, exc, match):
-    with pytest.raises(exc, match=match):
-        call()
 
 
 def test_triton_backend_without_interpreter_raises(monkeypatch):

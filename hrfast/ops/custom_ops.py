@@ -18,7 +18,6 @@ or an op counter, tensor subclasses, meta tensors) the custom op itself runs.
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -26,7 +25,7 @@ from torch import Tensor
 
 from .. import backends
 from ..batchnorm import accumulation_dtype, affine
-from ..plan import SAME, FusePlan, HeadPlan
+from ..plan import SAME, FusePlan, HeadPlan, cached
 
 __all__ = ["fuse", "head"]
 
@@ -348,7 +347,7 @@ def head(plan: HeadPlan, x0: Tensor, w0: Tensor, a: Optional[Tensor], b: Optiona
 
 # ------------------------------------------------------------------------------------- the eager fast path
 
-@functools.lru_cache(maxsize=1024)
+@cached(maxsize=1024)
 def _encoded(plan) -> List[int]:
     return plan.encode()
 
@@ -364,6 +363,36 @@ def _watched(t: Tensor) -> bool:
     # is_compiling first: torch.compile evaluates it to True while tracing and skips the rest
     return (torch.compiler.is_compiling() or torch.jit.is_tracing() or type(t) is not Tensor
             or _dispatch_modes() > 0 or t.is_meta)
+
+
+def traced() -> bool:
+    """Whether a tracer records this call: torch.compile or torch.export (Dynamo or non-strict), or jit.trace.
+    Such a call must not read or fill host-side caches keyed on sizes: the sizes may be symbolic."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+@contextlib.contextmanager
+def untraced():
+    """jit.trace suspended, for host-side reads only (validation, plans): there a shape entry is an int, not
+    the 0-d tensor jit.trace hands out to record dynamic sizes. A traced fused call is specialised to its sizes
+    anyway (its plan is a list of constants), and nothing run here records a tensor op."""
+    state = torch._C._get_tracing_state()
+    if state is None:
+        yield
+        return
+    torch._C._set_tracing_state(None)
+    try:
+        yield
+    finally:
+        torch._C._set_tracing_state(state)
+
+
+def sizes(t: Tensor) -> Tuple[int, ...]:
+    """`t.shape` as a tuple of ints, also under jit.trace (see `untraced`); SymInts under dynamic shapes."""
+    if torch.jit.is_tracing():
+        with untraced():
+            return tuple(t.shape)
+    return tuple(t.shape)
 
 
 def _plain(t: Tensor) -> bool:

@@ -20,7 +20,7 @@ from .. import _autotune, backends
 from ..batchnorm import accumulation_dtype, affine, check_batch_size, update_running_stats
 from ..plan import Resample, as_resample, head_plan
 from . import custom_ops
-from .fuse import check_branches, fuse
+from .fuse import check_branches, check_tensor, fuse, require
 from .reference import head_ref
 
 
@@ -66,13 +66,13 @@ def hrnet_v2_head(
     the autocast dtype. The custom ops themselves are not autocast ops (no `register_autocast`): they always
     see the one dtype chosen here. The reference backend simply runs the eager form under the caller's autocast.
     """
-    xs, resamples = _validate(xs, conv_weight, conv_bias, cls_weight, cls_bias, resample)
     bn = (running_mean, running_var, bn_weight, bn_bias)
-    _validate_bn(bn, conv_weight.shape[0], training, xs[0].device)
+    xs, resamples = _checked(xs, conv_weight, conv_bias, bn, cls_weight, cls_bias, training, momentum, eps, resample)
     use_batch_stats = training or (running_mean is None and running_var is None)  # as F.batch_norm's callers do
-    count = xs[0].shape[0] * xs[0].shape[2] * xs[0].shape[3]
+    N, C0, H, W = custom_ops.sizes(xs[0])
+    count = N * H * W
     device = xs[0].device
-    if count <= 1 or xs[0].shape[1] == 0 or xs[0].numel() == 0:
+    if count <= 1 or C0 == 0 or xs[0].numel() == 0:
         impl = backends.resolve(backend, device)
     else:
         impl = backends.choose("head", backend, device, lambda: _signature(xs, conv_weight, conv_bias, bn, cls_weight,
@@ -82,25 +82,35 @@ def hrnet_v2_head(
     if impl == "reference" or xs[0].numel() == 0:
         return head_ref(xs, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, cls_weight,
                         cls_bias, [None] + resamples, use_batch_stats, momentum, eps)
+    args = (conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, cls_weight, cls_bias, resamples,
+            use_batch_stats, training, momentum, eps, impl)
     cast = _autocast_dtype(xs[0])
     if cast is not None:  # see "Autocast" above: run the op on cast branches, outside autocast
         with torch.autocast(device.type, enabled=False):
-            return hrnet_v2_head([x.to(cast) for x in xs], conv_weight, conv_bias, running_mean, running_var,
-                                 bn_weight, bn_bias, cls_weight, cls_bias, training=training, momentum=momentum,
-                                 eps=eps, resample=resamples, backend=impl)
+            return _fused([x.to(cast) for x in xs], *args)
+    return _fused(xs, *args)
+
+
+def _fused(xs: List[Tensor], conv_weight: Tensor, conv_bias: Optional[Tensor], running_mean: Optional[Tensor],
+           running_var: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], cls_weight: Tensor,
+           cls_bias: Optional[Tensor], resamples: List, use_batch_stats: bool, training: bool, momentum: float,
+           eps: float, impl: str) -> Tensor:
+    """The validated head on a fused backend, with autocast already applied to the branches (the weights take
+    their dtype here, as autocast's convs would)."""
+    N, _, H, W = custom_ops.sizes(xs[0])
+    count = N * H * W
+    M = custom_ops.sizes(conv_weight)[0]
     if use_batch_stats:  # before any kernel runs
-        check_batch_size(count, [xs[0].shape[0], conv_weight.shape[0], *xs[0].shape[2:]])
+        check_batch_size(count, [N, M, H, W])
     if impl == "cuda_cpp":
         return _head_by_fusion(xs, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias,
                                cls_weight, cls_bias, resamples, use_batch_stats, momentum, eps, impl)
     dtype = xs[0].dtype
-    M = conv_weight.shape[0]
-    w0, *low_weights = conv_weight.reshape(M, -1).to(dtype).split([x.shape[1] for x in xs], dim=1)
+    w0, *low_weights = conv_weight.reshape(M, -1).to(dtype).split([custom_ops.sizes(x)[1] for x in xs], dim=1)
     # the commuted 1x1 convs, at each branch's own resolution
     lows = [F.conv2d(x, w[:, :, None, None]) for x, w in zip(xs[1:], low_weights)]
-    size = tuple(xs[0].shape[2:])
-    plan = head_plan(tuple(tuple(p.shape[2:]) for p in lows), tuple(resamples), size, use_batch_stats)
-    wc = cls_weight.reshape(cls_weight.shape[0], M).to(dtype)
+    plan = head_plan(tuple(custom_ops.sizes(p)[2:] for p in lows), tuple(resamples), (H, W), use_batch_stats)
+    wc = cls_weight.reshape(custom_ops.sizes(cls_weight)[0], M).to(dtype)
     cls_bias = cls_bias.contiguous() if cls_bias is not None else None  # indexed densely by the kernel
     if use_batch_stats:
         logits, mean, var = custom_ops.head(plan, xs[0], w0, bn_weight, bn_bias, wc, cls_bias, conv_bias, lows, eps,
@@ -169,19 +179,47 @@ def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(x.device.type)
 
 
+def _checked(xs, conv_weight, conv_bias, bn, cls_weight, cls_bias, training, momentum, eps, resample):
+    """(xs as a list, resamples) of a call, validated; host-side reads only (untraced under jit.trace)."""
+    if torch.jit.is_tracing():
+        with custom_ops.untraced():
+            return _checked_now(xs, conv_weight, conv_bias, bn, cls_weight, cls_bias, training, momentum, eps,
+                                resample)
+    return _checked_now(xs, conv_weight, conv_bias, bn, cls_weight, cls_bias, training, momentum, eps, resample)
+
+
+def _checked_now(xs, conv_weight, conv_bias, bn, cls_weight, cls_bias, training, momentum, eps, resample):
+    xs, resamples = _validate(xs, conv_weight, conv_bias, cls_weight, cls_bias, resample)
+    _validate_bn(bn, conv_weight.shape[0], xs[0])
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    for name, value in (("momentum", momentum), ("eps", eps)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        if not value >= 0:
+            raise ValueError(f"{name} must be a non-negative number (as in F.batch_norm), got {value!r}")
+    return xs, resamples
+
+
+def _weight_dtypes(x0: Tensor) -> Optional[tuple]:
+    """The dtypes the convs' weights and biases may have: x0's, as eager conv2d requires, or any floating dtype
+    under autocast, which casts them (None)."""
+    return None if _autocast_dtype(x0) is not None else (x0.dtype,)
+
+
 def _validate(xs, conv_weight, conv_bias, cls_weight, cls_bias, resample):
     if isinstance(xs, (list, tuple)) and not 1 <= len(xs) <= 4:
         raise ValueError(f"xs must hold 1 to 4 branch tensors (x0 first, the highest resolution), got {len(xs)}")
     check_branches(xs, "xs")
-    for j, x in enumerate(xs):
-        if j and (x.shape[2] > xs[0].shape[2] or x.shape[3] > xs[0].shape[3]):
-            raise ValueError(f"xs[{j}] is {tuple(x.shape[2:])}, larger than xs[0] {tuple(xs[0].shape[2:])}: "
-                             "x0 must be the highest-resolution branch")
-        if j and min(x.shape[2:]) == 0 and min(xs[0].shape[2:]) > 0:
+    for j, x in enumerate(xs[1:], start=1):
+        for a in (2, 3):
+            require(x.shape[a] <= xs[0].shape[a], lambda: f"xs[{j}] is {tuple(x.shape[2:])}, larger than xs[0] "
+                                                          f"{tuple(xs[0].shape[2:])}: x0 must be the highest-resolution "
+                                                          "branch")
+        if (x.shape[2] == 0 or x.shape[3] == 0) and xs[0].shape[2] > 0 and xs[0].shape[3] > 0:
             raise ValueError(f"xs[{j}] has an empty spatial size {tuple(x.shape[2:])}; it cannot be upsampled to "
                              f"xs[0]'s {tuple(xs[0].shape[2:])}")
-    if xs[0].shape[0] > 65535:
-        raise ValueError(f"xs have batch {xs[0].shape[0]}; the fused head supports at most 65535 images per call")
+    x0 = xs[0]
     for name, w, expect_in in (("conv_weight", conv_weight, sum(x.shape[1] for x in xs)),
                                ("cls_weight", cls_weight, conv_weight.shape[0] if isinstance(conv_weight, Tensor)
                                 else None)):
@@ -193,12 +231,13 @@ def _validate(xs, conv_weight, conv_bias, cls_weight, cls_bias, resample):
             detail = (f"the branches have {[x.shape[1] for x in xs]} channels, {expect_in} in all"
                       if name == "conv_weight" else f"conv_weight has {expect_in} output channels")
             raise ValueError(f"{name} takes {w.shape[1]} input channels but {detail}")
-        if w.device != xs[0].device:
-            raise ValueError(f"{name} is on {w.device} but xs are on {xs[0].device}")
+        check_tensor(w, name, tuple(w.shape), x0.device, _weight_dtypes(x0))
     for name, bias, n in (("conv_bias", conv_bias, conv_weight.shape[0]), ("cls_bias", cls_bias, cls_weight.shape[0])):
         if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (n,)):
             raise ValueError(f"{name} must be None or a [{n}] tensor, got "
                              f"{tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__}")
+        if bias is not None:
+            check_tensor(bias, name, (n,), x0.device, _weight_dtypes(x0))
     lows = len(xs) - 1
     if resample is None:
         resample = Resample("bilinear", align_corners=False)
@@ -210,27 +249,34 @@ def _validate(xs, conv_weight, conv_bias, cls_weight, cls_bias, resample):
         resamples = [as_resample(resample, "resample")] * lows
     size = tuple(xs[0].shape[2:])
     for j, (x, r) in enumerate(zip(xs[1:], resamples), start=1):
-        if r is None and tuple(x.shape[2:]) != size:
-            raise ValueError(f"xs[{j}] is {tuple(x.shape[2:])} but xs[0] is {size}; give it a resample")
+        for a in (0, 1) if r is None else ():
+            require(x.shape[2 + a] == size[a], lambda: f"xs[{j}] is {tuple(x.shape[2:])} but xs[0] is {size}; give "
+                                                       "it a resample")
+        if r is not None and x.shape[1] == 0:
+            raise ValueError(f"xs[{j}] has 0 channels; a resampled branch needs at least one (F.interpolate, "
+                             "which the eager head calls, rejects it as well)")
         produced = r.output_size(tuple(x.shape[2:])) if r is not None else None
-        if produced is not None and produced != size:
-            raise ValueError(f"resample for xs[{j}] (scale_factor={r.scale_factor}) gives {produced}, not xs[0]'s "
-                             f"size {size}; use scale_factor=None to resize to the exact size")
+        for a in (0, 1) if produced is not None else ():
+            require(produced[a] == size[a], lambda: f"resample for xs[{j}] (scale_factor={r.scale_factor}) gives "
+                                                    f"{produced}, not xs[0]'s size {size}; use scale_factor=None to "
+                                                    "resize to the exact size")
     return list(xs), resamples
 
 
-def _validate_bn(bn, M: int, training: bool, device) -> None:
+def _validate_bn(bn, M: int, x0: Tensor) -> None:
+    """BN's tensors: [M], on x0's device, in the dtype of BN's input (the conv's output: x0's, or autocast's) or,
+    for a half-precision input, float32 (F.batch_norm's mixed precision)."""
+    hidden = _autocast_dtype(x0) or x0.dtype
+    dtypes = (hidden, torch.float32) if hidden in (torch.float16, torch.bfloat16) else (hidden,)
     names = ("running_mean", "running_var", "bn_weight", "bn_bias")
     for name, t in zip(names, bn):
         if t is not None and (not isinstance(t, Tensor) or t.shape != (M,)):
             raise ValueError(f"{name} must be None or a [{M}] tensor (one per head channel), got "
                              f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
-        if t is not None and t.device != device:
-            raise ValueError(f"{name} is on {t.device} but xs are on {device}")
+        if t is not None:
+            check_tensor(t, name, (M,), x0.device, dtypes)
     if (bn[0] is None) != (bn[1] is None):
         raise ValueError("running_mean and running_var must both be given or both be None")
-    if not isinstance(training, bool):
-        raise TypeError(f"training must be a bool, got {type(training).__name__}")
 
 
 __all__: List[str] = ["hrnet_v2_head"]

@@ -46,7 +46,8 @@ def fuse_ref(
     size: Tuple[int, int],
     relu: bool = True,
 ) -> Tensor:
-    """y = ReLU(sum_k Up_k(x_k * scale_k + shift_k)), terms without a Resample being at `size` already."""
+    """y = ReLU(sum_k Up_k(x_k * scale_k + shift_k)), terms without a Resample being at `size` already; always a
+    fresh tensor (an op's output that aliases its input would let an in-place update of one change the other)."""
     total = None
     for k, (x, scale, shift, resample) in enumerate(zip(inputs, scales, shifts, resamples)):
         term = affine_ref(x, scale, shift)
@@ -54,6 +55,8 @@ def fuse_ref(
         if resample is not None:
             term = resample_ref(term, resample, size)
         total = term if total is None else total + term
+    if not relu and total is inputs[0]:  # one plain term: the sum would be the input itself, an alias
+        return total.clone()
     return torch.relu(total) if relu else total
 
 

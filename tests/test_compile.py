@@ -119,7 +119,7 @@ def test_opcheck_head(batch_stats):
     logits, mean, var = OPS.head_forward(plan, x0, w0, a, b, wc, bc, conv_bias, lows, eps, backend)
     assert logits.is_contiguous(memory_format=torch.channels_last)
     assert mean.shape == var.shape == ((w0.shape[0],) if batch_stats else (0,))
-    for needs in ([True] * 8, [False, True, True, False, True, False, True, False]):
+    for needs in ([True] * 9, [False, True, True, False, True, False, batch_stats, True, False]):
         bwd = (plan, torch.randn_like(logits), x0, w0, a, b, wc, bc, lows, mean, var, eps, needs, backend)
         torch.library.opcheck(OPS.head_backward.default, bwd, test_utils=QUICK_UTILS)
         assert len(OPS.head_backward(*bwd)) == sum(needs)

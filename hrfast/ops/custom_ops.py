@@ -250,8 +250,9 @@ def _(plan, x0, w0, a, b, wc, bc, conv_bias, lows, eps, backend):
 def _head_backward_impl(plan: List[int], grad: Tensor, x0: Tensor, w0: Tensor, a: Optional[Tensor],
                         b: Optional[Tensor], wc: Tensor, bc: Optional[Tensor], lows: List[Tensor], mean: Tensor,
                         var: Tensor, eps: float, needs: List[bool], backend: str) -> List[Tensor]:
-    """The gradients `needs` asks for, in this order and each in its input's dtype: x0, w0, a, b, wc, bc, then
-    one flag per low branch (a flag for an absent a, b or bc must be False)."""
+    """The gradients `needs` asks for, in this order and each in its input's dtype: x0, w0, a, b, wc, bc, the
+    conv bias (batch statistics only), then one flag per low branch (a flag for an absent a, b or bc must be
+    False)."""
     launchers, p = backends.launchers("head", backend), HeadPlan.decode(plan)
     t = launchers.HeadTensors(x0, lows, w0, wc, bc)
     scale, shift, rstd, scale64 = _head_affine(p, a, b, mean, var, eps, accumulation_dtype(x0))
@@ -281,7 +282,11 @@ def _head_backward_impl(plan: List[int], grad: Tensor, x0: Tensor, w0: Tensor, a
             out.append(g.to(param.dtype))
     if needs[5]:
         out.append(grad.sum(dim=(0, 2, 3)).to(bc.dtype))
-    wanted = [j for j, need in enumerate(needs[6:]) if need]
+    if needs[6]:
+        # the conv bias only shifts BN's batch mean: its gradient is zero, but eager's (the sum of BN's input
+        # gradient) is NaN where a channel's is, which multiplying BN's parameter gradients by 0 keeps
+        out.append((da + db).mul(0).to(w0.dtype) if p.batch_stats else w0.new_zeros(w0.shape[0]))
+    wanted = [j for j, need in enumerate(needs[7:]) if need]
     if wanted:
         out += launchers.upsample_adjoint(HeadPlan(tuple(p.lows[j] for j in wanted), p.batch_stats), ds,
                                           [lows[j] for j in wanted])
@@ -305,7 +310,9 @@ def _(plan, grad, x0, w0, a, b, wc, bc, lows, mean, var, eps, needs, backend):
         if needs[1]:
             out.append(torch.einsum("nmhw,nchw->mc", ds, x0))
     out += [param.new_empty(param.shape) for need, param in zip(needs[2:6], (a, b, wc, bc)) if need]
-    for need, low, lp in zip(needs[6:], p.lows, lows):
+    if needs[6]:
+        out.append(w0.new_empty(w0.shape[0]))
+    for need, low, lp in zip(needs[7:], p.lows, lows):
         if need:
             out.append(torch.empty_like(ds) if low.mode == SAME else torch.empty_like(lp))
     return out
@@ -324,12 +331,12 @@ def _head_backward(ctx, grad: Tensor, _grad_mean, _grad_var):
     plan, eps, backend, conv_bias_dtype = ctx.meta
     need = ctx.needs_input_grad
     needs = [need[1], need[2], a is not None and need[3], b is not None and need[4], need[5],
-             bc is not None and need[6], *need[8]]
+             bc is not None and need[6], need[7], *need[8]]
     grads = iter(_backward_call(head_backward_op, _head_backward_impl, grad,
                                 plan, grad, x0, w0, a, b, wc, bc, lows, mean, var, eps, needs, backend))
-    dx0, dw0, da, db, dwc, dbc, *dlows = [next(grads) if flag else None for flag in needs]
-    # with batch statistics the conv bias only shifts BN's mean: its gradient is exactly zero
-    dconv_bias = w0.new_zeros(w0.shape[0], dtype=conv_bias_dtype) if need[7] else None
+    dx0, dw0, da, db, dwc, dbc, dconv_bias, *dlows = [next(grads) if flag else None for flag in needs]
+    if dconv_bias is not None:
+        dconv_bias = dconv_bias.to(conv_bias_dtype)
     return (None, dx0, dw0, da, db, dwc, dbc, dconv_bias, dlows) + _no_grads(eps, backend)
 
 

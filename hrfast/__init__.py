@@ -7,10 +7,11 @@ from ._autotune import choices as backend_choices
 from .backends import BACKENDS
 from .plan import Resample
 from ._patch import PatchReport, patch, unpatch
+from .inference import Inference
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "nn", "Resample", "BACKENDS", "patch", "unpatch", "PatchReport", "backend_choices",
+__all__ = ["ops", "nn", "Resample", "BACKENDS", "patch", "unpatch", "PatchReport", "Inference", "backend_choices",
            "__version__"]
 
 

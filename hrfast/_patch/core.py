@@ -17,9 +17,12 @@ forward in `forward(module, config, *args, **kwargs)`.
 """
 from __future__ import annotations
 
+import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
+import torch
 import torch.nn as nn
 
 from .. import backends
@@ -27,9 +30,9 @@ from ..hrnet.fusion import resample_from_args
 from ..plan import Resample
 
 __all__ = ["PatchReport", "PatchRow", "Options", "Match", "Adapter", "PatchedForward", "register_adapter",
-           "adapters", "patch", "unpatch", "KINDS"]
+           "adapters", "patch", "unpatch", "KINDS", "register_inference", "hooked"]
 
-KINDS = ("fusion", "head")
+KINDS = ("fusion", "head", "inference")
 PATCHED, SKIPPED, UNPATCHED = "patched", "skipped", "unpatched"
 
 
@@ -42,7 +45,7 @@ class PatchRow:
 
     name: str  # qualified name in the model, "" for the model itself
     cls: str  # the module's class name
-    kind: str  # "fusion" or "head"
+    kind: str  # "fusion", "head" or "inference"
     status: str  # "patched", "skipped" or "unpatched"
     detail: str  # what the patch does, or why the module was left alone
 
@@ -157,6 +160,22 @@ class Adapter:
         """The patched forward of `module`, with the `config` its `Match` gave."""
         raise NotImplementedError
 
+    def bypassed(self, module: nn.Module, config: Any) -> Tuple[Tuple[str, nn.Module], ...]:
+        """(qualified name under `module`, submodule) of the submodules the original forward calls and the
+        patched one does not (computed instead): hooks on them would not run."""
+        return ()
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def hooked(named: Sequence[Tuple[str, nn.Module]]) -> Optional[str]:
+    """The name of the first of `named` with a module hook (forward, pre-forward or backward), else None."""
+    for name, m in named:
+        if any(getattr(m, d, None) for d in _HOOK_DICTS):
+            return name
+    return None
+
 
 _REGISTRY: Dict[str, List[Adapter]] = {kind: [] for kind in KINDS}
 
@@ -188,15 +207,33 @@ class PatchedForward:
         config: that adapter's per-module configuration.
     """
 
-    __slots__ = ("__self__", "adapter", "config")
+    __slots__ = ("__self__", "adapter", "config", "_bypassed", "_warned")
 
     def __init__(self, module: nn.Module, adapter: Adapter, config: Any):
         self.__self__ = module
         self.adapter = adapter
         self.config = config
+        self._bypassed = None  # read on the first call: an unpickled module gets its attributes after this
+        self._warned = False
 
     def __call__(self, *args, **kwargs):
+        if not torch.compiler.is_compiling() and self._hook_added():
+            return self.original(*args, **kwargs)
         return self.adapter.forward(self.__self__, self.config, *args, **kwargs)
+
+    def _hook_added(self) -> bool:
+        """Whether a submodule the fused forward bypasses has a hook now (one added after `patch`, which skips
+        modules with such hooks): then the original forward runs, so the hook does, with a warning (once)."""
+        if self._bypassed is None:
+            self._bypassed = self.adapter.bypassed(self.__self__, self.config)
+        name = hooked(self._bypassed)
+        if name is not None and not self._warned:
+            self._warned = True
+            warnings.warn(f"hrfast: a hook was added to {name} of this patched {type(self.__self__).__name__} "
+                          "after hrfast.patch; the fused forward would not run it, so the original forward runs "
+                          "while it is there (slower). Patch again after adding hooks to skip the module in the "
+                          "report, or remove the hook", RuntimeWarning, stacklevel=3)
+        return name is not None
 
     def __reduce__(self):
         return (PatchedForward, (self.__self__, self.adapter, self.config))
@@ -206,13 +243,56 @@ class PatchedForward:
         """The class's own forward, bound to the module (what runs after `unpatch`)."""
         return type(self.__self__).forward.__get__(self.__self__)
 
+    # what tools that read a module's forward as a function find (torch.export reads `__code__` for its messages
+    # and `inspect.signature` for the arguments): the original's, whose arguments the patched forward takes
+    @property
+    def __code__(self):
+        return type(self.__self__).forward.__code__
+
+    @property
+    def __signature__(self):
+        return inspect.signature(self.original)
+
     def __repr__(self) -> str:
         return f"<hrfast patched forward of {type(self.__self__).__name__} ({self.adapter.kind})>"
+
+
+# the planner of patch's inference= option (hrfast._patch.inference registers it): .options(value) validates the
+# argument (None: off), .apply(model, options) installs, or with None removes, its forwards and returns report rows
+_INFERENCE: List[Any] = []
+
+
+def register_inference(planner) -> None:
+    """Sets the planner behind ``patch(..., inference=...)``."""
+    _INFERENCE[:] = [planner]
+
+
+class RefuseScripting:
+    """A patched module's ``__prepare_scriptable__``, which `torch.jit.script` calls on every module before it
+    compiles anything: it fails at once, saying what to do, instead of deep inside TorchScript's compiler (a
+    patched forward is Python TorchScript cannot compile). Stateless, so it pickles and deep-copies as is."""
+
+    __slots__ = ()
+
+    def __call__(self):
+        raise RuntimeError("hrfast: this model is patched by hrfast.patch, and TorchScript cannot compile hrfast's "
+                           "fused forwards; call hrfast.unpatch(model) before torch.jit.script (torch.jit.trace, "
+                           "torch.export, torch.onnx.export and torch.compile take the patched model)")
 
 
 def _installed(module: nn.Module) -> Optional[PatchedForward]:
     fwd = module.__dict__.get("forward")
     return fwd if isinstance(fwd, PatchedForward) else None
+
+
+def _install(module: nn.Module, forward: PatchedForward) -> None:
+    module.__dict__["forward"] = forward
+    module.__dict__["__prepare_scriptable__"] = RefuseScripting()
+
+
+def _remove(module: nn.Module) -> None:
+    del module.__dict__["forward"]
+    module.__dict__.pop("__prepare_scriptable__", None)
 
 
 # ---------------------------------------------------------------------------------------------- patch API
@@ -227,7 +307,7 @@ def _options(upsample, align_corners, backend) -> Options:
 
 
 def patch(model: nn.Module, *, upsample: Optional[str] = None, align_corners: Optional[bool] = None,
-          backend: str = "auto", head: bool = True) -> PatchReport:
+          backend: str = "auto", head: bool = True, inference=False) -> PatchReport:
     """Patches the HRNet modules of `model` in place so their fusion step (and, with `head`, the HRNetV2 concat
     head) runs as hrfast's fused ops.
 
@@ -272,6 +352,16 @@ def patch(model: nn.Module, *, upsample: Optional[str] = None, align_corners: Op
     `HRFomerModule`, `LiteHRModule`, any subclass overriding `forward` or `_make_fuse_layers`), layouts other
     than conv1x1-norm[-upsample] / chains of conv3x3-s2-norm[-ReLU], norms other than batch norm and group
     norm, fuse activations other than ReLU, and modules whose instance already has a foreign `forward`.
+    Matching is by structure (users' own copies of the official classes are patched), but only what can be
+    shown equivalent is replaced: the fuse activation and upsample modules must run nn.ReLU's / nn.Upsample's
+    own forward (a subclass overriding it is unknown), and the class's forward must be the fusion loop, which
+    is read by running it once on symbolic stand-ins (`hrfast.hrnet.fusion.read_fusion_loop`: every upstream
+    spelling passes; a forward that scales, skips, reorders or adds anything, calls another op or sets an
+    attribute does not, nor one that resizes unlike the fused step would). Modules with hooks on a submodule
+    the patched forward computes instead of calling (an upsample, a folded batch norm, the fuse activation,
+    the head's layers) are skipped too; a hook added there after patching makes the patched forward warn once
+    and run the original forward while the hook exists (checked in eager calls only: not in a torch.compile
+    trace, where it would add a guard per submodule).
 
     Args:
         model: the model (or any module) to patch in place.
@@ -285,6 +375,11 @@ def patch(model: nn.Module, *, upsample: Optional[str] = None, align_corners: Op
         head: also patch the HRNetV2 concat head (above). With False no head is patched or reported; a head
             patched by an earlier call is restored (an "unpatched" row), as patching again re-applies the
             arguments.
+        inference: False, True or an `hrfast.Inference`: for eval models, also fold every batch norm that follows
+            a conv into that conv, run the residual blocks' conv + bias (+ residual add) + ReLU as single calls,
+            and pick the memory layout by measurement (see `hrfast.inference` and `hrfast._patch.inference`).
+            Eval-only: in training mode, or when gradients are wanted for the parameters, every module computes
+            what it computed before. Patching again with False removes it.
 
     Returns:
         A `PatchReport` of every candidate module: patched, or skipped and why.
@@ -294,14 +389,17 @@ def patch(model: nn.Module, *, upsample: Optional[str] = None, align_corners: Op
             neither the model nor `upsample=` / `align_corners=` say how (nothing is patched then).
 
     Patched modules work with `train()`/`eval()`, `state_dict()`/`load_state_dict()`, `copy.deepcopy`,
-    `torch.save(model)`, `.to(device/dtype)` and autocast. They cannot be `torch.jit.script`-ed, and
-    `nn.DataParallel` replicas would run the original module's forward: use DistributedDataParallel.
+    `torch.save(model)`, `.to(device/dtype)` and autocast; `torch.jit.trace`, `torch.export.export` and
+    `torch.compile` (fullgraph, any input size, dynamic=True) trace them, and `torch.onnx.export` records the
+    eager computation (`hrfast.backends.resolve`). `torch.jit.script` raises at once: call `hrfast.unpatch`
+    first. `nn.DataParallel` replicas would run the original module's forward: use DistributedDataParallel.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(head, bool):
         raise TypeError(f"head must be a bool, got {type(head).__name__}")
     options = _options(upsample, align_corners, backend)
+    inference_options = _INFERENCE[0].options(inference) if _INFERENCE else None
     kinds = ("fusion", "head") if head else ("fusion",)
 
     plans: List[Tuple[nn.Module, Adapter, Match, PatchRow]] = []
@@ -325,6 +423,10 @@ def patch(model: nn.Module, *, upsample: Optional[str] = None, align_corners: Op
                 row = PatchRow(name, cls, kind, SKIPPED, match.needs)
             elif match.skip is not None:
                 row = PatchRow(name, cls, kind, SKIPPED, match.skip)
+            elif (hook := hooked(adapter.bypassed(module, match.config))) is not None:
+                row = PatchRow(name, cls, kind, SKIPPED, f"{hook} has "
+                               "hooks, which the fused forward would not run (it computes that module instead of "
+                               "calling it); left alone")
             elif fwd is not None and not isinstance(fwd, PatchedForward):
                 row = PatchRow(name, cls, kind, SKIPPED, f"its instance already has its own forward ({fwd!r}), "
                                "set by something other than hrfast; left alone")
@@ -342,15 +444,18 @@ def patch(model: nn.Module, *, upsample: Optional[str] = None, align_corners: Op
             "hrfast.patch cannot tell how these modules upsample (nothing was patched):\n  " + "\n  ".join(missing))
 
     for module, adapter, match, _ in plans:
-        module.__dict__["forward"] = PatchedForward(module, adapter, match.config)
+        _install(module, PatchedForward(module, adapter, match.config))
 
     if not head:  # re-applying the arguments: heads an earlier patch(head=True) fused run their own forward again
         for name, module in model.named_modules():
             fwd = _installed(module)
             if fwd is not None and fwd.adapter.kind == "head":
-                del module.__dict__["forward"]
+                _remove(module)
                 rows.append(PatchRow(name, type(module).__name__, "head", UNPATCHED,
                                      "head=False: original forward restored"))
+
+    if _INFERENCE:
+        rows += _INFERENCE[0].apply(model, inference_options)
 
     if head and not any(r.kind == "head" for r in rows):
         rows.append(PatchRow("", type(model).__name__, "head", SKIPPED,
@@ -374,6 +479,6 @@ def unpatch(model: nn.Module) -> PatchReport:
     for name, module in model.named_modules():
         fwd = _installed(module)
         if fwd is not None:
-            del module.__dict__["forward"]
+            _remove(module)
             rows.append(PatchRow(name, type(module).__name__, fwd.adapter.kind, UNPATCHED, "original forward restored"))
     return PatchReport(rows, "unpatch")

@@ -18,7 +18,8 @@ from typing import Optional, Tuple
 import torch.nn as nn
 
 from ..batchnorm import can_fold
-from ..hrnet.fusion import ALIGN_GLOBAL, describe_fuse_layers, describe_hr_module, resizes_in_forward
+from ..hrnet.fusion import (ALIGN_GLOBAL, FusionLoop, activation_attr, called_modules, describe_fuse_layers,
+                            describe_hr_module, read_fusion_loop, resizes_in_forward)
 from ..nn.fusion import fusion_forward
 from ..plan import Resample
 from .core import Adapter, Match, Options, PatchedForward
@@ -74,6 +75,24 @@ def _exact(scales, x) -> bool:
         if (hj * s, wj * s) != (hi, wi):
             return False
     return True
+
+
+def _loop_problem(loop: FusionLoop, config: FusionConfig, default: Optional[Resample]) -> Optional[str]:
+    """Why the forward's own resizes disagree with how the fused step would resample (None: they agree).
+    "module": the upsample modules do it all, the forward must not resize; "forward": it resizes every j > i term,
+    as `default` does; "double" (mmseg) is fused only where its second resize is the identity: either is fine."""
+    if config.placement == "double":
+        return None
+    wanted = config.placement == "forward"
+    for i, row in enumerate(loop.resized):
+        for j in range(i + 1, len(row)):
+            if row[j] != wanted:
+                return f"term ({i}, {j}) is {'not ' if wanted else ''}resized in forward, which its fuse_layers imply"
+    for mode, align in loop.modes:
+        if mode != default.mode or (mode == "bilinear" and bool(align) != bool(default.align_corners)):
+            return (f"it resizes with mode={mode!r}, align_corners={align}, but the fused step would use "
+                    f"{default.describe()}")
+    return None
 
 
 def _previous_resample(module: nn.Module) -> Optional[Resample]:
@@ -156,11 +175,26 @@ class FusionAdapter(Adapter):
             describe_fuse_layers(module.fuse_layers, default)
         except (TypeError, ValueError) as exc:
             return Match(skip=f"the fused step cannot run it: {exc}")
+        loop = read_fusion_loop(module, layout.activation)
+        problem = loop if isinstance(loop, str) else _loop_problem(loop, config, default)
+        if problem:
+            return Match(skip=f"{cls.__name__}.forward is not a fusion loop hrfast recognises ({problem}); left alone")
         folded = [m for m in module.fuse_layers.modules() if can_fold(m)]
         norms = "/".join(layout.norms) + (" (folded)" if folded else " (run as modules)")
         detail = (f"{layout.family} layout, {layout.num_branches} branches -> {layout.num_outputs} outputs, "
                   f"channels {'/'.join(map(str, layout.channels))}; {how}; {norms}; backend {options.backend!r}")
         return Match(config=config, detail=detail)
+
+    def bypassed(self, module: nn.Module, config: FusionConfig):
+        """The fuse activation and every module of fuse_layers the fused step does not call: upsample modules,
+        foldable batch norms, identities, the Sequential containers (their parts are called one by one)."""
+        description = describe_fuse_layers(module.fuse_layers, None, require_resample=False)
+        called = called_modules(description, can_fold)
+        act = activation_attr(module)
+        named = [(act, getattr(module, act))] if act is not None else []
+        named += [(f"fuse_layers.{name}", m) for name, m in module.fuse_layers.named_modules()
+                  if id(m) not in called and not isinstance(m, nn.ModuleList)]
+        return tuple(named)
 
     def forward(self, module: nn.Module, config: FusionConfig, x):
         """``x[i] = branches[i](x[i])`` for every branch (in the caller's list, as the original), then the fused

@@ -341,6 +341,15 @@ class HeadAdapter(Adapter):
                   f"backend {options.backend!r}")
         return Match(config=config, detail=detail)
 
+    def bypassed(self, module: nn.Module, config: HeadConfig):
+        """The head's layers, computed by the fused head instead of called (the modules `_hooked` checks)."""
+        if config.layout == "mmseg":
+            names = ("convs", "convs.0", "convs.0.conv", "convs.0.bn", "convs.0.activate", "conv_seg")
+        else:
+            seq = getattr(module, config.attr)
+            names = (config.attr, *(f"{config.attr}.{k}" for k in range(len(seq))))
+        return tuple((name, module.get_submodule(name)) for name in names)
+
     def forward(self, module: nn.Module, config: HeadConfig, inputs):
         """Official layout: the trunk as the original forward runs it, then the fused head over its 4 branches.
         mmseg: the fused head over ``inputs[i] for i in in_index`` (the original forward when those cannot be

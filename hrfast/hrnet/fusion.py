@@ -7,6 +7,8 @@
 - `describe_hr_module(module)`: the stricter reading the patcher uses before it takes over a module's forward:
   a `branches` ModuleList, HRNet's own conv shapes, channels, norms and a ReLU fuse activation; a string with
   the reason when the module is HRNet-like but different, None when it is no HRNet candidate at all.
+- `read_fusion_loop(module, activation)`: what the class's forward computes, read by running it once on
+  symbolic stand-ins: a `FusionLoop` when it is the HRNet fusion loop (in any upstream spelling), else why not.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..plan import MODES, Resample
 
 __all__ = ["IDENTITY", "UP", "DOWN", "FusionTerm", "FusionDescription", "describe_fuse_layers", "is_upsample",
-           "resample_from_args", "HRLayout", "describe_hr_module", "resizes_in_forward", "ALIGN_GLOBAL"]
+           "resample_from_args", "HRLayout", "describe_hr_module", "resizes_in_forward", "ALIGN_GLOBAL",
+           "FusionLoop", "read_fusion_loop", "activation_attr", "called_modules"]
 
 IDENTITY, UP, DOWN = "identity", "up", "down"
 
@@ -56,6 +59,9 @@ def _describe_up(entry, where: str, default: Optional[Resample], require_resampl
     resample = up = None
     if mods and is_upsample(mods[-1]):
         up = mods.pop()
+        if isinstance(up, nn.Upsample) and type(up).forward is not nn.Upsample.forward:
+            raise ValueError(f"{where}[{len(mods)}] is {type(up).__name__}, an nn.Upsample subclass with its own "
+                             "forward: hrfast cannot tell what it computes")
         try:
             resample = Resample.from_module(up)
         except (ValueError, TypeError) as exc:
@@ -298,6 +304,11 @@ def _down_problem(term: FusionTerm, where: str, i: int, j: int, found: _Found) -
             or _norm_problem(found, term.last, f"{bw}[1]", _out_ch(conv)))
 
 
+def activation_attr(module: nn.Module) -> Optional[str]:
+    """The attribute holding an HRNet module's fuse activation: "fuse_act" (timm) or "relu"; None if neither."""
+    return next((a for a in ("fuse_act", "relu") if getattr(module, a, None) is not None), None)
+
+
 def describe_hr_module(module: nn.Module) -> Union[HRLayout, str, None]:
     """The layout of an HRNet fusion module; a string saying why `module` is not one the fused step can take over;
     or None when `module` is no HRNet candidate at all (no `fuse_layers`, not an HRNet class)."""
@@ -331,11 +342,15 @@ def describe_hr_module(module: nn.Module) -> Union[HRLayout, str, None]:
         if isinstance(value, bool) and rows != (n if value else 1):
             return f"{flag}={value} but fuse_layers has {rows} rows for {n} branches"
 
-    activation = next((a for a in ("fuse_act", "relu") if getattr(module, a, None) is not None), None)
+    activation = activation_attr(module)
     if activation is None:
         return "has no fuse activation (`relu` or `fuse_act`)"
-    if not isinstance(getattr(module, activation), nn.ReLU):
-        return f"its fuse activation `{activation}` is {type(getattr(module, activation)).__name__}, not nn.ReLU"
+    act = getattr(module, activation)
+    if not isinstance(act, nn.ReLU):
+        return f"its fuse activation `{activation}` is {type(act).__name__}, not nn.ReLU"
+    if type(act).forward is not nn.ReLU.forward:
+        return (f"its fuse activation `{activation}` is {type(act).__name__}, an nn.ReLU subclass with its own "
+                "forward: hrfast cannot tell what it computes")
 
     try:
         description = describe_fuse_layers(fuse_layers, None, require_resample=False)
@@ -363,6 +378,17 @@ def describe_hr_module(module: nn.Module) -> Union[HRLayout, str, None]:
     return HRLayout(n, rows, tuple(channels), activation, tuple(upsamplers), tuple(dict.fromkeys(norms)), family)
 
 
+def called_modules(description: FusionDescription, fold) -> set:
+    """The modules of fuse_layers that the fused step calls (ids, their submodules included): every term's
+    `pre` modules, and its `last` unless `fold(last)` (then computed, not called)."""
+    called = set()
+    for row in description.rows:
+        for term in row:
+            for m in term.pre + ((term.last,) if term.last is not None and not fold(term.last) else ()):
+                called.update(id(sub) for sub in m.modules())
+    return called
+
+
 def resizes_in_forward(cls: type) -> Optional[str]:
     """Why the class's forward is believed to resize the j > i terms again (mmseg), or None."""
     if cls.__module__.split(".")[0] == "mmseg":
@@ -377,6 +403,178 @@ def resizes_in_forward(cls: type) -> Optional[str]:
     return None
 
 
-# --------------------------------------------------------------------------------------------------- adapter
+# ------------------------------------------------------------------------------------ the forward's fusion loop
+#
+# The patcher replaces a module's whole forward, so it must know that forward computes the HRNet fusion and
+# nothing else. It reads it by running it once on symbolic stand-ins (`read_fusion_loop`): the branch tensors,
+# `branches`, `fuse_layers` and the fuse activation are replaced by objects that record what is done with them
+# (torch functions reach `_Sym.__torch_function__`), every other attribute is the module's own, read only.
+# This accepts every spelling of the loop (official `if i == j / elif j > i`, timm's `enumerate`, mm*'s
+# `y = 0; y += ...`, hrfast.models' conditional expression) and users' copies of them, and rejects a forward
+# that adds, scales, skips or reorders anything, calls another op or module, or sets an attribute.
 
 
+class _Unknown(Exception):
+    """The forward did something the fusion loop does not."""
+
+
+class _Dim(NamedTuple):
+    """A symbolic size: `axis` ("N", "C", "H", "W") of branch `branch`."""
+
+    axis: str
+    branch: int
+
+    def __index__(self):
+        raise _Unknown("it computes with a tensor size")
+
+    __int__ = __index__
+
+
+def _interpolate_args(input, size=None, scale_factor=None, mode="nearest", align_corners=None,
+                      recompute_scale_factor=None, antialias=False):
+    return size, scale_factor, mode, align_corners, recompute_scale_factor, antialias
+
+
+class _Sym:
+    """A symbolic tensor: the expression that computed it, and its sizes when it is a branch tensor."""
+
+    def __init__(self, expr: tuple, branch: Optional[int] = None):
+        self.expr = expr
+        self._branch = branch
+
+    @property
+    def shape(self) -> Tuple[_Dim, ...]:
+        if self._branch is None:
+            raise _Unknown("it reads the size of a term")
+        return tuple(_Dim(a, self._branch) for a in "NCHW")
+
+    def __add__(self, other):
+        if isinstance(other, int) and not isinstance(other, bool) and other == 0:  # mm*'s `y = 0; y += ...`
+            return self
+        if not isinstance(other, _Sym):
+            raise _Unknown(f"it adds a {type(other).__name__} to a term")
+        return _Sym(("+",) + _summands(self) + _summands(other))
+
+    __radd__ = __iadd__ = __add__
+
+    def _other_op(self, *args):
+        raise _Unknown("it computes with a term other than by adding it")
+
+    __mul__ = __rmul__ = __sub__ = __rsub__ = __truediv__ = __rtruediv__ = __neg__ = __matmul__ = _other_op
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        if name == "relu" and len(args) == 1 and set(kwargs or ()) <= {"inplace"}:
+            return _Sym(("relu", args[0].expr))
+        if name != "interpolate":
+            raise _Unknown(f"it calls {name}")
+        size, scale, mode, align, recompute, antialias = _interpolate_args(*args, **(kwargs or {}))
+        if scale is not None or recompute or antialias or size is None:
+            raise _Unknown("it resizes by a scale factor or with antialias / recompute_scale_factor")
+        return _Sym(("resize", args[0].expr, tuple(size), mode, align))
+
+
+def _summands(s: _Sym) -> tuple:
+    return s.expr[1:] if s.expr[0] == "+" else (s.expr,)
+
+
+class _Stand:
+    """The module as its forward sees it during the symbolic run: `overrides`, else the module's attributes."""
+
+    def __init__(self, module: nn.Module, overrides: dict):
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_overrides", overrides)
+
+    def __getattr__(self, name):
+        if name in self._overrides:
+            return self._overrides[name]
+        return getattr(self._module, name)
+
+    def __setattr__(self, name, value):
+        raise _Unknown(f"it sets self.{name}")
+
+
+def _stub(expected: Optional[tuple], result):
+    """A stand-in module: takes exactly the symbolic tensor `expected` (any, if None), returns `result(arg)`."""
+    def call(x):
+        if not isinstance(x, _Sym) or (expected is not None and x.expr != expected):
+            raise _Unknown("it feeds a module something other than the HRNet loop does")
+        return result(x)
+    return call
+
+
+def _stand_ins(module: nn.Module, activation: str) -> dict:
+    n = len(module.branches)
+    branches = [_stub(("x", k), lambda x, k=k: _Sym(("branch", k), branch=k)) for k in range(n)]
+    rows = []
+    for i, row in enumerate(module.fuse_layers):
+        entries = []
+        for j, entry in enumerate(row):
+            if entry is None:
+                entries.append(None)
+            elif i == j:  # nn.Identity (timm calls it)
+                entries.append(_stub(("branch", j), lambda x: x))
+            else:
+                entries.append(_stub(("branch", j), lambda x, i=i, j=j: _Sym(("fuse", i, j, x.expr))))
+        rows.append(entries)
+    act = _stub(None, lambda x: _Sym(("relu", x.expr)))
+    return {"branches": branches, "fuse_layers": rows, activation: act}
+
+
+class FusionLoop(NamedTuple):
+    """What `read_fusion_loop` read: `resized[i][j]` whether the forward resizes term (i, j) to branch i's size
+    itself (after fuse_layers[i][j]), and the (mode, align_corners) of those resizes."""
+
+    resized: Tuple[Tuple[bool, ...], ...]
+    modes: Tuple[Tuple[str, Optional[bool]], ...]
+
+
+def read_fusion_loop(module: nn.Module, activation: str) -> Union[FusionLoop, str]:
+    """What `type(module).forward` computes, read on symbolic stand-ins (see above): a `FusionLoop` when it is
+    ``x[k] = branches[k](x[k])`` for every k (in the caller's list) followed by, for every row i of fuse_layers,
+    ``activation(sum_j term_ij)`` with term_ii = x[i] and term_ij = fuse_layers[i][j](x[j]), optionally resized
+    to x[i]'s size; else the reason it is not."""
+    n = len(module.branches)
+    xs = [_Sym(("x", k), branch=k) for k in range(n)]
+    try:
+        out = type(module).forward(_Stand(module, _stand_ins(module, activation)), xs)
+    except _Unknown as exc:
+        return str(exc)
+    except Exception as exc:  # whatever a stand-in cannot do (an op on a size, super() ...) is not the loop
+        return f"{type(exc).__name__}: {exc}"
+    if any(x.expr != ("branch", k) for k, x in enumerate(xs)):
+        return "it does not store branches[k](x[k]) into the caller's list"
+    if not isinstance(out, list) or len(out) != len(module.fuse_layers):
+        return f"it returns {type(out).__name__}, not a list of one tensor per row of fuse_layers"
+    resized, modes = [], set()
+    for i, y in enumerate(out):
+        row = _read_row(y, i, n, modes)
+        if isinstance(row, str):
+            return f"output {i}: {row}"
+        resized.append(row)
+    return FusionLoop(tuple(resized), tuple(sorted(modes, key=repr)))
+
+
+def _read_row(y, i: int, n: int, modes: set) -> Union[Tuple[bool, ...], str]:
+    if not isinstance(y, _Sym) or y.expr[0] != "relu":
+        return "not the activation of a sum"
+    inner = y.expr[1]
+    terms = inner[1:] if inner[0] == "+" else (inner,)
+    found = {}
+    for term in terms:
+        resized = term[0] == "resize"
+        if resized:
+            _, term, size, mode, align = term
+            if size != (("H", i), ("W", i)):
+                return "a resize to another size than the branch's own"
+            modes.add((mode, align))
+        j = {"branch": 1, "fuse": 2}.get(term[0])
+        j = term[j] if j is not None else None
+        expected = ("branch", i) if j == i else ("fuse", i, j, ("branch", j))
+        if j is None or j in found or term != expected or (resized and j <= i):
+            return "its sum holds a term the HRNet fusion does not"
+        found[j] = resized
+    if sorted(found) != list(range(n)):
+        return f"its sum has terms {sorted(found)}, not one per branch"
+    return tuple(found[j] for j in range(n))

@@ -19,10 +19,12 @@ channels_last need no copies. Up to MAX_TERMS terms per launch; more are chained
 the accumulation dtype.
 
 Backward: `_fuse_backward_same_kernel` applies the ReLU mask once, writes the gradients of all output-size
-terms in one launch and, if there are upsampled terms, the masked gradient g. `_upsample_adjoint_kernel` then
-runs per upsampled term: the adjoint of Up as a gather (each source pixel sums the output pixels that read
-it, with their weights). No atomics anywhere: per-channel gradients are per-tile partial sums
-reduced by the launcher in a fixed order, so results are bitwise deterministic.
+terms in one launch and, if there are upsampled terms, the masked gradient g (which is also the gradient of
+an unscaled output-size term: that term gets g itself, not a copy). `_upsample_adjoint_kernel` then runs per
+upsampled term on [channels x rows x columns] tiles of source pixels: the adjoint of Up as a gather (each
+source pixel sums the output pixels that read it, with their weights, computed per tile row and column). No
+atomics anywhere: per-channel gradients are per-tile partial sums reduced by the launcher in a fixed order, so
+results are bitwise deterministic.
 """
 from __future__ import annotations
 
@@ -178,13 +180,16 @@ def _fuse_backward_same_kernel(
 def _upsample_adjoint_kernel(
     g_ptr, g_strides, H, W, scale_ptr, dz_ptr, dz_strides, part_ptr, R, C, src, window_h, window_w,
     MODE: tl.constexpr, ALIGN: tl.constexpr, HAS_SCALE: tl.constexpr, NEED_DZ: tl.constexpr,
-    NEED_DSCALE: tl.constexpr, NEED_DSHIFT: tl.constexpr,
-    F64: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    NEED_DSCALE: tl.constexpr, NEED_DSHIFT: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """u = Up^T(g) at the source z's resolution; dz = u * scale; partials of sum(u * z) (slot 0), sum(u) (slot 1).
 
-    Each source pixel s gathers the output pixels d in a window [first_reader(s), + K) and weighs them with
-    the forward's own index rules, so the window only has to be wide enough, never exact.
+    One [BLOCK_C, BLOCK_H, BLOCK_W] tile of source pixels per program. Each source pixel s gathers the output
+    pixels d in a window [first_reader(s), + K) per axis and weighs them with the forward's own index rules, so
+    the window only has to be wide enough, never exact. The weights are separable: computed per tile row (ky)
+    and per tile column (kx), multiplied once per pixel, shared by the channels; reads of zero weight are
+    skipped (masked), as an output pixel outside the image has weight 0.
     """
     acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
     z_ptr, h, w, z_strides, ratio_h, ratio_w = src
@@ -193,12 +198,14 @@ def _upsample_adjoint_kernel(
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     n = tl.program_id(2)
-    q = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    tiles_w = tl.cdiv(w, BLOCK_W)
+    qy = (pid_p // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)
+    qx = (pid_p % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    q_mask = q < h * w
-    c_mask = c < C
-    sy = q // w
-    sx = q % w
+    # the tile's tail clamped onto the last source pixel / channel: it computes a valid value, never stored
+    sy = tl.minimum(qy, h - 1)
+    sx = tl.minimum(qx, w - 1)
+    cc = tl.minimum(c, C - 1)
     ry = ratio_h[0]
     rx = ratio_w[0]
     if MODE == 2:
@@ -206,28 +213,46 @@ def _upsample_adjoint_kernel(
         rx = bilinear_ratio(ratio_w, F64)
     lo_y = first_reader(sy, ry, step_h, off_h, MODE, ALIGN, F64)
     lo_x = first_reader(sx, rx, step_w, off_w, MODE, ALIGN, F64)
-    u = tl.zeros([BLOCK_C, BLOCK_P], dtype=acc_t)
-    for ky in range(0, KH):
-        dy = lo_y + ky
-        wy = adjoint_weight(dy, sy, ry, h, H, MODE, ALIGN, F64)
-        for kx in range(0, KW):
-            dx = lo_x + kx
-            wgt = wy * adjoint_weight(dx, sx, rx, w, W, MODE, ALIGN, F64)
-            m = c_mask[:, None] & (q_mask & (wgt != 0.0))[None, :]
-            gv = tl.load(g_ptr + tile_offsets(n, c, dy, dx, g_strides, INT64), mask=m, other=0.0)
-            u += gv.to(acc_t) * wgt.to(acc_t)[None, :]
-    mask = c_mask[:, None] & q_mask[None, :]
-    row = n * tl.num_programs(0) + pid_p
+    u = tl.zeros([BLOCK_C, BLOCK_H, BLOCK_W], dtype=acc_t)
+    # columns outer: a thread holds many columns of few rows (the layout follows the contiguous dz store), so
+    # the column weights are the costly ones to compute; here once per kx, not once per (ky, kx)
+    for kx in range(0, KW):
+        dx = lo_x + kx
+        wx = adjoint_weight(dx, sx, rx, w, W, MODE, ALIGN, F64)
+        dx = tl.minimum(dx, W - 1)  # where dx >= W the weight is 0: any column in range will do
+        for ky in range(0, KH):
+            dy = lo_y + ky
+            wy = adjoint_weight(dy, sy, ry, h, H, MODE, ALIGN, F64)
+            wgt = (wy[:, None] * wx[None, :]).to(acc_t)[None, :, :]
+            gv = tl.load(g_ptr + grid_offsets(n, cc, tl.minimum(dy, H - 1), dx, g_strides, INT64), mask=wgt != 0.0,
+                         other=0.0)
+            u += gv.to(acc_t) * wgt
+    _adjoint_epilogue(u, n, c, cc, qy, qx, sy, sx, h, w, C, R, z_ptr, z_strides, scale_ptr, dz_ptr, dz_strides,
+                      part_ptr, HAS_SCALE, NEED_DZ, NEED_DSCALE, NEED_DSHIFT, F64, INT64)
+
+
+@triton.jit
+def _adjoint_epilogue(u, n, c, cc, qy, qx, sy, sx, h, w, C, R, z_ptr, z_strides, scale_ptr, dz_ptr, dz_strides,
+                      part_ptr, HAS_SCALE: tl.constexpr, NEED_DZ: tl.constexpr, NEED_DSCALE: tl.constexpr,
+                      NEED_DSHIFT: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr):
+    """dz = u * scale on the tile, and this tile's per-channel partial sums (row n * programs + program)."""
+    acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
+    c_mask = c < C
+    inside = ((qy < h)[:, None] & (qx < w)[None, :])[None, :, :]
+    row = n * tl.num_programs(0) + tl.program_id(0)
     if NEED_DZ:
         dz = u
         if HAS_SCALE:
-            dz = u * tl.load(scale_ptr + c, mask=c_mask, other=0.0).to(acc_t)[:, None]
-        tl.store(dz_ptr + tile_offsets(n, c, sy, sx, dz_strides, INT64), dz.to(dz_ptr.dtype.element_ty), mask=mask)
+            dz = u * tl.load(scale_ptr + cc).to(acc_t)[:, None, None]
+        tl.store(dz_ptr + grid_offsets(n, c, qy, qx, dz_strides, INT64), dz.to(dz_ptr.dtype.element_ty),
+                 mask=c_mask[:, None, None] & inside)
+    if NEED_DSCALE or NEED_DSHIFT:
+        u = tl.where(inside, u, 0.0)  # the clamped tail must not count twice
     if NEED_DSCALE:
-        z = tl.load(z_ptr + tile_offsets(n, c, sy, sx, z_strides, INT64), mask=mask, other=0.0)
-        tl.store(part_ptr + row * C + c, tl.sum(u * z.to(acc_t), axis=1), mask=c_mask)
+        z = tl.load(z_ptr + grid_offsets(n, cc, sy, sx, z_strides, INT64)).to(acc_t)
+        tl.store(part_ptr + row * C + c, tl.sum(tl.sum(u * z, axis=2), axis=1), mask=c_mask)
     if NEED_DSHIFT:
-        tl.store(part_ptr + (R + row) * C + c, tl.sum(u, axis=1), mask=c_mask)
+        tl.store(part_ptr + (R + row) * C + c, tl.sum(tl.sum(u, axis=2), axis=1), mask=c_mask)
 
 
 # ------------------------------------------------------------------------------------------------ launchers
@@ -248,22 +273,29 @@ def _tile(C: int, pixels: int, channels_last: bool, budget: int) -> Tuple[int, i
     return block_c, block_p
 
 
-# Output elements per forward program (4 warps).
+# Output elements per forward program, source pixels per adjoint program (4 warps each).
 FORWARD_TILE = 2048
-# Widest tile row: NCHW rows are contiguous, so wide rows give long coalesced runs; the rest of the budget goes
-# to channels (index math per row and column shared by them) and rows.
+ADJOINT_TILE = 2048
+# Widest NCHW tile row: rows are contiguous, so wide rows give long coalesced runs; the rest of the budget goes
+# to channels (index math per row and column shared by them) and rows. The adjoint's reads are gathers (a
+# stride of the upsampling factor) and each column of a thread needs its own window weights, so there rows are
+# narrow and a thread's columns shared by many rows and channels (sm_90, W48 stage 4 at 512x1024 b8, bf16,
+# SASS per source pixel for the x2 / x4 / x8 terms: [8 x 8 x 16] tiles 10.5 / 31.9 / 112, [16 x 16 x 8]
+# 7.4 / 23.5 / 85).
 MAX_BLOCK_W = 64
+ADJOINT_MAX_W = 8
 
 
-def _grid_tile(C: int, H: int, W: int, channels_last: bool, budget: int) -> Tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_H, BLOCK_W) of a 3-D output tile of about `budget` elements: the contiguous dimension
-    widest; channel blocks fitted to C (`channel_block`: >= 90% of lanes on real channels)."""
+def _grid_tile(C: int, H: int, W: int, channels_last: bool, budget: int,
+               max_w: int = MAX_BLOCK_W) -> Tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_H, BLOCK_W) of a 3-D tile of about `budget` elements: NCHW rows up to `max_w` wide;
+    channel blocks fitted to C (`channel_block`: >= 90% of lanes on real channels)."""
     if channels_last:
         block_c = channel_block(C, 64)
         block_w = min(next_power_of_2(W), max(1, budget // block_c), 16)
         block_h = min(next_power_of_2(H), max(1, budget // (block_c * block_w)))
     else:
-        block_w = min(next_power_of_2(W), MAX_BLOCK_W)
+        block_w = min(next_power_of_2(W), max_w)
         block_c = channel_block(C, max(1, budget // (block_w * 8)))
         block_h = min(next_power_of_2(H), max(1, budget // (block_c * block_w)))
     return block_c, block_h, block_w
@@ -400,7 +432,11 @@ def _output_size_backward(plan: FusePlan, grad_y: Tensor, y: Optional[Tensor], x
     if write_g:
         g = _empty(grad_y.shape, grad_y.dtype, grad_y.device,
                    torch.channels_last if channels_last else torch.contiguous_format)
-    dxs = [_empty_grad(xs[k], grad_y) if needs[k][0] else None for k in same]
+    # an output-size term without scale has dx = g: when g is a fresh buffer anyway, it is that term's dx too
+    # (one full-resolution write less; only one term, so no two returned gradients share memory)
+    g_is_dx = next((k for k in same if write_g and needs[k][0] and not plan.terms[k].has_scale
+                    and _grad_layout_of(xs[k], g)), None)
+    dxs = [_empty_grad(xs[k], grad_y) if needs[k][0] and k != g_is_dx else None for k in same]
     need_dscale = [needs[k][1] and plan.terms[k].has_scale for k in same]
     need_sum_g = any(needs[k][2] for k in same)
     block_c, block_p = _tile(C, H * W, channels_last, budget=2048)
@@ -413,7 +449,8 @@ def _output_size_backward(plan: FusePlan, grad_y: Tensor, y: Optional[Tensor], x
         with _device_context(grad_y):
             _fuse_backward_same_kernel[grid](
                 grad_y, tuple(grad_y.stride()), y_arg, tuple(y_arg.stride()), g_arg, tuple(g_arg.stride()),
-                parts, R, C, H, W, tuple(_same_term_args(xs[k], scales[k], dx) for k, dx in zip(same, dxs)),
+                parts, R, C, H, W, tuple(_same_term_args(xs[k], scales[k], dx, read, grad_y)
+                                               for k, dx, read in zip(same, dxs, need_dscale)),
                 HAS_SCALE=tuple(plan.terms[k].has_scale for k in same), NEED_DX=tuple(dx is not None for dx in dxs),
                 NEED_DSCALE=tuple(need_dscale), RELU=plan.relu, WRITE_G=write_g, NEED_SUM_G=need_sum_g,
                 F64=parts.dtype == torch.float64, INT64=int64, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=4)
@@ -424,15 +461,25 @@ def _output_size_backward(plan: FusePlan, grad_y: Tensor, y: Optional[Tensor], x
     for slot, (k, dx) in enumerate(zip(same, dxs)):
         dscale = totals[slot].to(scales[k].dtype) if need_dscale[slot] else None
         dshift = totals[-1].to(shifts[k].dtype) if needs[k][2] and plan.terms[k].has_shift else None
-        grads[k] = (dx, dscale, dshift)
+        grads[k] = (g if k == g_is_dx else dx, dscale, dshift)
     return g, grads
 
 
-def _same_term_args(x: Tensor, scale: Optional[Tensor], dx: Optional[Tensor]) -> tuple:
-    """One output-size term as `_fuse_backward_same_kernel` takes it: (x, x strides, scale, dx, dx strides), x
-    standing in for what the kernel does not touch."""
-    dx = _or(dx, x)
-    return (x, tuple(x.stride()), _or(scale, x), dx, tuple(dx.stride()))
+def _grad_layout_of(x: Tensor, g: Tensor) -> bool:
+    """Whether g is laid out as `_empty_grad(x, g)` would lay out x's gradient."""
+    if 0 in x.stride() and x.numel() > 1:
+        return True  # a stand-in: the gradient takes grad_y's layout, as g does
+    return x.stride() == g.stride()
+
+
+def _same_term_args(x: Tensor, scale: Optional[Tensor], dx: Optional[Tensor], read_x: bool,
+                    stand_in: Tensor) -> tuple:
+    """One output-size term as `_fuse_backward_same_kernel` takes it: (x, x strides, scale, dx, dx strides).
+    `stand_in` (grad_y, which the kernel reads anyway) takes the place of what it does not touch: x unless
+    `read_x` (for d(scale)), so that counting the launch's tensors counts only what it moves."""
+    x = x if read_x else stand_in
+    dx = _or(dx, stand_in)
+    return (x, tuple(x.stride()), _or(scale, stand_in), dx, tuple(dx.stride()))
 
 
 def upsample_term_backward(term: TermPlan, g: Tensor, z: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
@@ -446,8 +493,8 @@ def upsample_term_backward(term: TermPlan, g: Tensor, z: Tensor, scale: Optional
     need_dscale = need_dscale and term.has_scale
     need_dshift = need_dshift and term.has_shift
     dz = _empty_grad(z, g) if need_dz else None
-    block_c, block_p = _tile(C, h * w, _is_channels_last(z), budget=1024)
-    grid = launch_grid(cdiv(h * w, block_p), cdiv(C, block_c), N)
+    block_c, block_h, block_w = _grid_tile(C, h, w, _is_channels_last(z), budget=ADJOINT_TILE, max_w=ADJOINT_MAX_W)
+    grid = launch_grid(cdiv(h, block_h) * cdiv(w, block_w), cdiv(C, block_c), N)
     R = grid[0] * N
     parts = _empty((2, R, C), _accumulation_dtype(z.dtype), z.device)
     dz_arg = _or(dz, z)
@@ -459,7 +506,8 @@ def upsample_term_backward(term: TermPlan, g: Tensor, z: Tensor, scale: Optional
                 window(term.ratio_w, term.mode, term.align_corners, W),
                 MODE=term.mode, ALIGN=bool(term.align_corners), HAS_SCALE=term.has_scale, NEED_DZ=need_dz,
                 NEED_DSCALE=need_dscale, NEED_DSHIFT=need_dshift, F64=parts.dtype == torch.float64,
-                INT64=int64 or needs_int64(z, dz), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=4)
+                INT64=int64 or needs_int64(z, dz), BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w,
+                num_warps=4)
     totals = parts.sum(dim=1)
     dscale = totals[0].to(scale.dtype) if need_dscale else None
     dshift = totals[1].to(shift.dtype) if need_dshift else None

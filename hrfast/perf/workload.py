@@ -69,9 +69,9 @@ def _fuse_forward_elements(p: Params) -> int:
 
 
 def _adjoint_trips(p: Params) -> List[float]:
-    """Inner loop (kx) KH * KW times, outer loop (ky) KH times per program."""
+    """Inner loop (ky) KH * KW times, outer loop (kx) KW times per program."""
     kh, kw = p["window_h"][0], p["window_w"][0]
-    return [kh * kw, kh]
+    return [kh * kw, kw]
 
 
 def _adjoint_elements(p: Params) -> int:
@@ -130,7 +130,7 @@ KERNELS: Dict[str, KernelWork] = {
     "_fuse_forward_kernel": KernelWork(trips=lambda p: [], elements=_fuse_forward_elements),
     # one tile per program, every output-size term unrolled: no loop
     "_fuse_backward_same_kernel": KernelWork(trips=lambda p: [], elements=_same_elements, unread=_same_unread),
-    # per program a [BLOCK_C x BLOCK_P] tile of source pixels; loops ky < KH, kx < KW over the output window
+    # per program a [BLOCK_C x BLOCK_H x BLOCK_W] tile of source pixels; loops kx < KW (outer), ky < KH
     "_upsample_adjoint_kernel": KernelWork(trips=_adjoint_trips, elements=_adjoint_elements,
                                            unread=_adjoint_unread),
     # per program one pixel tile; loop over the M chunks: one W0 x0 dot each

@@ -6,15 +6,17 @@ package is reached as ``from hrfast.patch import ...`` (or ``sys.modules["hrfast
 
 Layout: `core` holds the generic machinery (the walk, the report, the instance-level forward, the adapter
 registry); `fusion` holds the structural matcher and adapter of the multi-resolution fusion step; `head` those of the
-HRNetV2 concat head (kind "head").
+HRNetV2 concat head (kind "head"); `inference` the eval-only inference mode (``patch(..., inference=True)``).
 """
 from .core import (Adapter, Match, Options, PatchedForward, PatchReport, PatchRow, adapters, patch,
-                   register_adapter, unpatch)
+                   register_adapter, register_inference, unpatch)
 from .fusion import FusionAdapter, FusionConfig
 from .head import HeadAdapter, HeadConfig, HeadSite, inspect_head
+from .inference import InferencePlanner
 
 register_adapter(FusionAdapter())
 register_adapter(HeadAdapter())
+register_inference(InferencePlanner())
 
 __all__ = ["patch", "unpatch", "PatchReport", "PatchRow", "Adapter", "Match", "Options", "PatchedForward",
            "register_adapter", "adapters", "FusionAdapter", "FusionConfig",

@@ -132,7 +132,8 @@ class Resample:
         if pair is None:
             return None
         # an integral factor in integers (exact below 2**53, and it keeps a symbolic size symbolic)
-        return tuple(n * int(s) if float(s).is_integer() else int(math.floor(float(n) * s)) for n, s in zip(in_hw, pair))
+        return tuple(n * int(s) if float(s).is_integer() else int(math.floor(float(n) * s))
+                     for n, s in zip(in_hw, pair))
 
     def axis_ratio(self, axis: int, n_in: int, n_out: int) -> AxisRatio:
         """The ratio ATen uses to map an output index to a source index along one axis
@@ -199,7 +200,6 @@ def cached(maxsize: int):
 
         return call
     return wrap
-
 
 
 class TermPlan(NamedTuple):

@@ -214,8 +214,7 @@ def _validate(xs, conv_weight, conv_bias, cls_weight, cls_bias, resample):
     for j, x in enumerate(xs[1:], start=1):
         for a in (2, 3):
             require(x.shape[a] <= xs[0].shape[a], lambda: f"xs[{j}] is {tuple(x.shape[2:])}, larger than xs[0] "
-                                                          f"{tuple(xs[0].shape[2:])}: x0 must be the highest-resolution "
-                                                          "branch")
+                    f"{tuple(xs[0].shape[2:])}: x0 must be the highest-resolution branch")
         if (x.shape[2] == 0 or x.shape[3] == 0) and xs[0].shape[2] > 0 and xs[0].shape[3] > 0:
             raise ValueError(f"xs[{j}] has an empty spatial size {tuple(x.shape[2:])}; it cannot be upsampled to "
                              f"xs[0]'s {tuple(xs[0].shape[2:])}")

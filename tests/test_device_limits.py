@@ -104,7 +104,7 @@ def _w48_head(dtype, channels_last: bool):
 
 
 def head_choices(dtype, channels_last: bool, device_limit=None) -> dict:
-    """kernel -> (BLOCK_M, BLOCK_P, num_stages, its shared_bound) as the launchers choose them."""
+    """kernel -> (BLOCK_M, pixels per tile, num_stages, its shared_bound) as the launchers choose them."""
     plan, t, scale, grad = _w48_head(dtype, channels_last)
     context = assume(DeviceLimits(device_limit)) if device_limit else contextlib.nullcontext()
     with context, record() as launches:
@@ -115,7 +115,8 @@ def head_choices(dtype, channels_last: bool, device_limit=None) -> dict:
     choices = {}
     for launch in launches:
         p, stages = launch.params, launch.options["num_stages"]
-        choices[launch.name] = (p["BLOCK_M"], p["BLOCK_P"], stages, KH.shared_bound(launch.name, p, stages))
+        pixels = p["TILE_H"] * p["TILE_W"] if "TILE_H" in p else p["BLOCK_P"]  # the forward's tiles are 2-D
+        choices[launch.name] = (p["BLOCK_M"], pixels, stages, KH.shared_bound(launch.name, p, stages))
     assert set(choices) == set(HEAD_KERNELS)
     return choices
 
@@ -129,19 +130,22 @@ def test_head_choice_fits_the_device(dtype, channels_last, gpu):
 
 
 def test_head_choices_at_w48_shapes():
-    """Without limits (CPU, the interpreter) the first candidate: 3 stages, as Triton's default. fp32 fits in
-    one stage only (issue 13: 345 KB forward, 352 KB backward reduce at 3 stages on sm_90); bf16 NCHW keeps
-    its 3 stages; bf16 channels_last, whose gathers are copied asynchronously, takes 2 on A100 and H100."""
+    """Without limits (CPU, the interpreter) the first candidate: 3 stages, as Triton's default (the forward:
+    its own first, 8x8 pixels over 32 channels for fp32, 8x16 for bf16, 2 stages). fp32 fits in one stage
+    only (issue 13: 352 KB backward reduce at 3 stages on sm_90); bf16 NCHW keeps its 3 stages; bf16
+    channels_last, whose gathers are copied asynchronously, takes 2 on A100 and H100."""
     f32, bf16, bf16_cl = (torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)
-    assert {k: c[:3] for k, c in head_choices(*f32).items()} == {k: (64, 64, 3) for k in HEAD_KERNELS}
+    forward = "_head_forward_kernel"
+    assert {k: c[:3] for k, c in head_choices(*f32).items()} == {
+        **{k: (64, 64, 3) for k in HEAD_KERNELS}, forward: (32, 64, 2)}
     for gpu in (A100, H100):
         assert {k: c[:3] for k, c in head_choices(*f32, gpu.shared_per_block).items()} == {
-            "_head_stats_kernel": (64, 64, 1), "_head_forward_kernel": (64, 64, 1),
+            "_head_stats_kernel": (64, 64, 1), forward: (32, 64, 2),
             "_head_backward_reduce_kernel": (64, 64, 1), "_head_backward_ds_kernel": (64, 64, 3)}
-        assert {k: c[2] for k, c in head_choices(*bf16, gpu.shared_per_block).items()} == dict.fromkeys(
-            HEAD_KERNELS, 3)
+        assert {k: c[:3] for k, c in head_choices(*bf16, gpu.shared_per_block).items()} == {
+            **{k: (64, 64, 3) for k in HEAD_KERNELS}, forward: (32, 128, 2)}
         assert {k: c[2] for k, c in head_choices(*bf16_cl, gpu.shared_per_block).items()} == {
-            "_head_stats_kernel": 2, "_head_forward_kernel": 2, "_head_backward_reduce_kernel": 2,
+            "_head_stats_kernel": 2, forward: 2, "_head_backward_reduce_kernel": 2,
             "_head_backward_ds_kernel": 3}
 
 
@@ -153,7 +157,7 @@ def test_head_smaller_devices_get_smaller_tiles():
             choices = head_choices(dtype, channels_last, limit)
             assert all(bound <= limit for *_, bound in choices.values()), (limit, dtype, choices)
     fp32_48k = head_choices(torch.float32, False, 49_152)
-    assert fp32_48k["_head_forward_kernel"][:3] == (32, 32, 1)
+    assert fp32_48k["_head_forward_kernel"][:3] == (16, 16, 1)  # 4x4 pixels over 16 channels
 
 
 # ------------------------------------------------------------------------------------------- grid limits

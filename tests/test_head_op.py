@@ -670,3 +670,89 @@ def test_empty_batch(training, backend):
             assert g.shape == t.shape, name
             if not name.startswith("xs"):  # a sum over no pixels
                 assert torch.equal(g, torch.zeros_like(g)), name
+
+
+# ------------------------------------------------------------- the forward's 2-D tiles and patch dots (issue 14)
+#
+# The forward kernel upsamples each low branch on a TILE_H x TILE_W pixel tile as one dot with an interpolation
+# matrix over the source patch the tile reads; a tile with NaN in its logits or a patch missing a tap is redone
+# with exact gathers. These cases span several tiles with partial tails, non-power-of-2 ratios, both layouts.
+
+TILED_CASES = [
+    pytest.param(Case(C4, [(19, 37), (10, 19), (5, 10), (3, 5)], [bil(), bil(align_corners=True), near()], K=4),
+                 F64, "nchw", id="fp64_odd_ratios_nchw"),
+    pytest.param(Case(C4, [(17, 33), (9, 17), (5, 9), (2, 5)], [bil(), near(), bil(align_corners=True)], N=2, M=40),
+                 F32, "channels_last", id="fp32_odd_ratios_cl"),
+    pytest.param(Case(C4, [(16, 32), (8, 16), (4, 8), (2, 4)], bil(), N=2), F32, "mixed", id="fp32_w48_like_mixed"),
+    pytest.param(Case(C3, [(11, 21), (6, 11), (3, 6)], [bil(), bil(align_corners=True)], N=2), BF16, "nchw",
+                 id="bf16_odd_ratios"),
+]
+
+
+@pytest.mark.parametrize("case, dtype, layout", TILED_CASES)
+def test_forward_over_tiles(case, dtype, layout, fused):
+    check_head(case, dtype, layout, False, backend=fused)
+
+
+def _aten_taps(mode: str, align: bool, n_in: int, n_out: int, d: int) -> Tuple[int, int]:
+    """ATen's first and last source index read by output index d (float32, as the kernels)."""
+    r = torch.tensor(n_in / n_out, dtype=torch.float32)
+    if mode == "nearest":
+        i = min(int(torch.floor(torch.tensor(float(d), dtype=torch.float32) * r)), n_in - 1)
+        return i, i
+    if align:
+        r = torch.tensor((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0, dtype=torch.float32)
+        real = r * d
+    else:
+        real = torch.clamp(r * (d + 0.5) - 0.5, min=0.0)
+    i0 = min(int(real), n_in - 1)
+    return i0, min(i0 + 1, n_in - 1)
+
+
+@pytest.mark.parametrize("mode, align", [("bilinear", False), ("bilinear", True), ("nearest", False)])
+def test_patch_extent_covers_every_tile(mode, align):
+    """The host's patch bound holds for every tile of many sizes (the kernel falls back when it does not, but
+    then the fast path would never run)."""
+    from hrfast.kernels import head as KH
+    from hrfast.plan import term_plan
+    code = {"bilinear": KH.BILINEAR, "nearest": KH.NEAREST}[mode]
+    for n_out in (7, 16, 33, 64, 100):
+        for n_in in sorted({1, 2, 3, n_out // 8 or 1, n_out // 4 or 1, n_out // 2 or 1, n_out - 1, (n_out * 5) // 7}):
+            ratio = term_plan(Resample(mode, align_corners=align if mode == "bilinear" else None),
+                              (n_in, n_in), (n_out, n_out)).ratio_h
+            for tile in (4, 8, 16):
+                bound = KH._patch_extent(code, ratio, tile, n_in)
+                for start in range(0, n_out, tile):
+                    last = min(start + tile, n_out) - 1
+                    first_tap = _aten_taps(mode, align, n_in, n_out, start)[0]
+                    last_tap = _aten_taps(mode, align, n_in, n_out, last)[1]
+                    assert last_tap - first_tap < bound, (n_in, n_out, tile, start)
+
+
+def test_forward_exact_fallback_when_a_patch_misses_taps(monkeypatch, fused):
+    """Patches too small for their tiles (the bound forced to 1): every tile takes the exact gathers and the
+    logits still match the reference."""
+    from hrfast.kernels import head as KH
+    monkeypatch.setattr(KH, "_patch_extent", lambda mode, ratio, tile, size: 1)
+    KH._forward_tile.cache_clear()
+    try:
+        check_head(Case(C3, [(9, 18), (5, 9), (3, 5)], [bil(), near()], N=2), F64, "nchw", False, backend=fused)
+    finally:
+        KH._forward_tile.cache_clear()
+
+
+def test_forward_nan_in_a_low_branch_stays_local(fused):
+    """NaN at one low-resolution pixel reaches exactly the logits eager's upsample spreads it to, also over
+    several tiles (the dense patch dot alone would spread it over the whole tile)."""
+    case = Case(C3, [(12, 40), (6, 20), (3, 10)], N=1)
+    args = _build(case, F64)
+    with torch.no_grad():
+        args["xs"][1][0, 2, 3, 11] = float("nan")
+        args["xs"][2][0, 1, 0, 0] = float("nan")
+    with torch.no_grad():
+        y = _call(args, case, False, backend=fused)
+        expected = _call(args, case, False, backend="reference")
+    assert torch.equal(torch.isnan(y), torch.isnan(expected))
+    assert 0 < int(torch.isnan(expected).sum()) < expected.numel() // 4
+    finite = ~torch.isnan(expected)
+    assert_rel_close(y[finite], expected[finite], 1e-12, "finite logits")

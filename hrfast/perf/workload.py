@@ -107,6 +107,11 @@ def _head_tiles(p: Params) -> int:
     return _cdiv(p["H"] * p["W"], p["BLOCK_P"]) * p["x0_ptr"].shape[0]
 
 
+def _forward_tiles(p: Params) -> int:
+    """The head forward's 2-D pixel tiles of the whole batch."""
+    return _cdiv(p["H"], p["TILE_H"]) * _cdiv(p["W"], p["TILE_W"]) * p["x0_ptr"].shape[0]
+
+
 def _chunks(p: Params) -> int:
     return _cdiv(p["M"], p["BLOCK_M"])
 
@@ -136,11 +141,15 @@ KERNELS: Dict[str, KernelWork] = {
     # per program one pixel tile; loop over the M chunks: one W0 x0 dot each
     "_head_stats_kernel": KernelWork(trips=lambda p: [_chunks(p)], elements=lambda p: _head_pixels_out(p, p["M"]),
                                      dots=lambda p: _head_tiles(p) * _chunks(p) * _pre_bn_flops(p)),
-    # per program one pixel tile; loop over the M chunks: W0 x0 and the classifier dot each
+    # per program one TILE_H x TILE_W pixel tile; loop over the M chunks: x0^T W0^T, one U_j patch_j dot per
+    # upsampled branch and the classifier dot; the second loop (exact gathers) runs only for a tile with NaN
+    # in its logits or a patch that misses a tap: 0 trips on finite inputs
     "_head_forward_kernel": KernelWork(
-        trips=lambda p: [_chunks(p)], elements=lambda p: _head_pixels_out(p, p["K"]),
-        dots=lambda p: _head_tiles(p) * _chunks(p) * (_pre_bn_flops(p) + _logit_flops(p)),
-        unread=lambda p: [] if p["HAS_BC"] else ["bc_ptr"]),
+        trips=lambda p: [_chunks(p), 0], elements=lambda p: _head_pixels_out(p, p["K"]),
+        dots=lambda p: _forward_tiles(p) * _chunks(p) * 2.0 * p["TILE_H"] * p["TILE_W"] * p["BLOCK_M"]
+        * (p["C0P"] + sum(p["SRC"]) + p["KP"]) * (3 if p["PRECISION"] == "tf32x3" else 1),
+        unread=lambda p: [] if p["HAS_BC"] else ["bc_ptr"],
+        dot_unit=lambda p: "tf32" if p["PRECISION"] == "tf32x3" else _dot_unit(p)),
     # program (M chunk, split) loops over tiles split, split + SPLITS, ...: TILES / SPLITS on average; per tile
     # W0 x0, Wc^T g and g a^T
     "_head_backward_reduce_kernel": KernelWork(

@@ -313,7 +313,6 @@ SKIPPED = {
     "ocr": ("seg_hrnet_ocr", {}, None, "an OCR model (aux_head, conv3x3_ocr, ocr_gather_head, ocr_distri_head)"),
     "openseg": ("openseg", {}, None, "cls_head[0] is a 3x3 conv"),
     "openseg-dropout": ("openseg", {}, None, "cls_head[2] is Dropout2d (dropout)"),
-    "mmpose": ("mmpose", {}, None, "in HRNetV2 configs that map is the output of the FeatureMapProcessor(concat=True) neck"),
     "mmseg-ocrhead": ("mmseg_ocr", {}, None, "mmseg OCRHead decode head: only FCNHead"),
     "inplace_abn": ("seg_ocr", dict(head_norm=layouts.InPlaceABNSync), None,
                     "last_layer[1] is InPlaceABNSync, a norm the fused head does not take"),

@@ -12,9 +12,13 @@ from .core import (Adapter, Match, Options, PatchedForward, PatchReport, PatchRo
                    register_adapter, register_inference, unpatch)
 from .fusion import FusionAdapter, FusionConfig
 from .head import HeadAdapter, HeadConfig, HeadSite, inspect_head
+from .hrfpn import HRFPNAdapter
 from .inference import InferencePlanner
+from .mmpose import PoseHeadAdapter
 
 register_adapter(FusionAdapter())
+register_adapter(PoseHeadAdapter())  # before HeadAdapter: it reports every mmpose HeatmapHead itself
+register_adapter(HRFPNAdapter())
 register_adapter(HeadAdapter())
 register_inference(InferencePlanner())
 

@@ -293,7 +293,8 @@ def _grid_tile(C: int, H: int, W: int, channels_last: bool, budget: int,
     if channels_last:
         block_c = channel_block(C, 64)
         block_w = min(next_power_of_2(W), max(1, budget // block_c), 16)
-        block_h = min(next_power_of_2(H), max(1, budget // (block_c * block_w)))
+        # at most 16 rows: [4 x 32 x 16] (C=18, fp16, four terms) spills on sm_90
+        block_h = min(next_power_of_2(H), max(1, budget // (block_c * block_w)), 16)
     else:
         block_w = min(next_power_of_2(W), max_w)
         block_c = channel_block(C, max(1, budget // (block_w * 8)))

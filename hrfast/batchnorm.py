@@ -20,7 +20,6 @@ SyncBatchNorm while it would not synchronise); any other norm runs as a module.
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Callable, Dict, Hashable, NamedTuple, Optional, Tuple
 
 import torch
@@ -28,9 +27,10 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_weights
+from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["is_foldable_batchnorm", "can_fold", "affine", "eval_affine", "fold_into_conv", "bn_step", "BNStep",
-           "update_running_stats", "fold_batch_norm"]
+__all__ = ["is_foldable_batchnorm", "can_fold", "affine", "running_affine", "eval_affine", "fold_into_conv",
+           "bn_step", "BNStep", "update_running_stats", "fold_batch_norm"]
 
 _PLAIN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
 
@@ -87,7 +87,8 @@ def affine(mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[T
 
 # one entry per (owner, slot): an owner's derived values of different kinds (a BN's affine, a conv's folded
 # weights, their packed forms) do not evict each other
-_CACHE: "weakref.WeakKeyDictionary[nn.Module, Dict[str, Tuple[Hashable, tuple]]]" = weakref.WeakKeyDictionary()
+# keyed by identity (modules, and tensors, whose == is elementwise): an entry goes with its owner
+_CACHE: "WeakIdKeyDictionary[object, Dict[str, Tuple[Hashable, tuple]]]" = WeakIdKeyDictionary()
 
 
 def _fingerprint(tensors) -> Hashable:
@@ -96,7 +97,7 @@ def _fingerprint(tensors) -> Hashable:
     return tuple([None if t is None else (id(t), t._version, t.data_ptr()) for t in tensors])
 
 
-def _cached(owner: nn.Module, tensors, extra: Hashable, compute: Callable[[], tuple], slot: str = "affine") -> tuple:
+def _cached(owner: object, tensors, extra: Hashable, compute: Callable[[], tuple], slot: str = "affine") -> tuple:
     """compute() once per state of `tensors` (and `extra`); recomputed whenever autograd must see it."""
     if (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)) \
             or torch.compiler.is_compiling():
@@ -113,15 +114,23 @@ def _cached(owner: nn.Module, tensors, extra: Hashable, compute: Callable[[], tu
     return value
 
 
+def running_affine(running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                   eps: float, dtype: torch.dtype, centre: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """`affine` of the running statistics in `dtype`, cached like `eval_affine` but keyed on the running-mean
+    buffer: for the functional ops (the head), whose eval calls would otherwise fold again each time (about
+    ten small kernels and their launches)."""
+    tensors = (weight, bias, running_mean, running_var, centre)
+
+    def compute():
+        return affine(running_mean.to(dtype), running_var.to(dtype), weight, bias, eps, centre)
+
+    return _cached(running_mean, tensors, (dtype, eps), compute, slot="running")
+
+
 def eval_affine(bn: _BatchNorm, dtype: torch.dtype, centre: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """(scale, shift) in `dtype` of BN normalising with its running statistics (cached, see the module notes).
     `centre`: a conv bias in front of the BN (see `affine`)."""
-    tensors = (bn.weight, bn.bias, bn.running_mean, bn.running_var, centre)
-
-    def compute():
-        return affine(bn.running_mean.to(dtype), bn.running_var.to(dtype), bn.weight, bn.bias, bn.eps, centre)
-
-    return _cached(bn, tensors, (dtype, bn.eps), compute)
+    return running_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, dtype, centre)
 
 
 def fold_into_conv(conv: nn.Conv2d, bn: _BatchNorm) -> Tuple[Tensor, Tensor]:

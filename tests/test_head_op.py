@@ -756,3 +756,33 @@ def test_forward_nan_in_a_low_branch_stays_local(fused):
     assert 0 < int(torch.isnan(expected).sum()) < expected.numel() // 4
     finite = ~torch.isnan(expected)
     assert_rel_close(y[finite], expected[finite], 1e-12, "finite logits")
+
+
+def test_eval_fold_cached_until_the_statistics_change(monkeypatch, fused):
+    """An eval call without gradients folds BN once per state of its tensors (`running_affine`): no fold ops
+    (and launches) per call; an in-place update of a running statistic folds again."""
+    import hrfast.batchnorm as B
+    folds = []
+    affine = B.affine
+    monkeypatch.setattr(B, "affine", lambda *a, **k: folds.append(1) or affine(*a, **k))
+    dev = dict(device=TRITON_DEVICE, dtype=torch.float64)
+    xs = [torch.randn(2, 4, 4, 4, **dev), torch.randn(2, 6, 2, 2, **dev)]
+    params = [torch.randn(8, 10, 1, 1, **dev), torch.randn(8, **dev), torch.randn(8, **dev),
+              0.5 + torch.rand(8, **dev), torch.randn(8, **dev), torch.randn(8, **dev), torch.randn(3, 8, 1, 1, **dev),
+              torch.randn(3, **dev)]
+    cw, cb, rm, rv, bw, bb, kw, kb = [p.requires_grad_() if p.dim() != 1 or i in (1, 4, 5, 7) else p
+                                      for i, p in enumerate(params)]
+
+    def call(backend):
+        return hrnet_v2_head(xs, cw, cb, rm, rv, bw, bb, kw, kb, resample=[bil()], backend=backend)
+
+    with torch.no_grad():
+        first, second = call(fused), call(fused)
+        assert len(folds) == 1
+        assert torch.equal(first, second)
+        rv.mul_(2.0)
+        third = call(fused)
+        assert len(folds) == 2
+        assert_rel_close(third, call("reference"), 1e-12, "logits after the statistics changed")
+    call(fused).sum().backward()  # autograd must see the fold: computed afresh
+    assert len(folds) == 3 and bw.grad is not None

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _autotune, backends
-from ..batchnorm import accumulation_dtype, affine, check_batch_size, update_running_stats
+from ..batchnorm import accumulation_dtype, check_batch_size, running_affine, update_running_stats
 from ..plan import Resample, as_resample, head_plan
 from . import custom_ops
 from .fuse import check_branches, check_tensor, fuse, require
@@ -119,8 +119,8 @@ def _fused(xs: List[Tensor], conv_weight: Tensor, conv_bias: Optional[Tensor], r
             centred = mean if conv_bias is None else mean + conv_bias.double()
             update_running_stats(running_mean, running_var, centred, var, count, momentum)
         return logits
-    acc = accumulation_dtype(xs[0])
-    scale, shift = affine(running_mean.to(acc), running_var.to(acc), bn_weight, bn_bias, eps, centre=conv_bias)
+    scale, shift = running_affine(running_mean, running_var, bn_weight, bn_bias, eps, accumulation_dtype(xs[0]),
+                                  centre=conv_bias)
     logits, _, _ = custom_ops.head(plan, xs[0], w0, scale, shift, wc, cls_bias, None, lows, eps, impl)
     return logits
 
@@ -143,8 +143,8 @@ def _head_by_fusion(xs: Sequence[Tensor], conv_weight: Tensor, conv_bias: Option
         a = fuse(projections, shifts=[conv_bias, *rest], relu=False, **terms)
         z = F.relu(F.batch_norm(a, running_mean, running_var, bn_weight, bn_bias, True, momentum, eps))
     else:
-        acc = accumulation_dtype(xs[0])
-        scale, shift = affine(running_mean.to(acc), running_var.to(acc), bn_weight, bn_bias, eps, centre=conv_bias)
+        scale, shift = running_affine(running_mean, running_var, bn_weight, bn_bias, eps,
+                                      accumulation_dtype(xs[0]), centre=conv_bias)
         z = fuse(projections, scales=[scale] * len(xs), shifts=[shift, *rest], relu=True, **terms)
     return F.conv2d(z, cls_weight.to(dtype), None if cls_bias is None else cls_bias.to(dtype))
 

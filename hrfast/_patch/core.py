@@ -344,7 +344,13 @@ def patch(model: nn.Module, *, upsample: Optional[str] = None, align_corners: Op
       global (both read at every call), else ``align_corners=`` (with ``upsample='bilinear'``), else
       ValueError; facial models: False, as their forward says;
     - mmseg ``FCNHead`` with ``input_transform='resize_concat'``: its forward is patched;
-    - reported and left alone: mmpose ``HeatmapHead`` (its concat is the neck's output), other mmseg heads,
+    - mmpose's V2 pair, ``FeatureMapProcessor(concat=True)`` feeding a ``HeatmapHead`` of one 1x1 conv + BN +
+      ReLU and a 1x1 final layer: the estimator's forward is patched (`hrfast._patch.mmpose`: every mode, the
+      neck and ``extract_feat`` unchanged for other callers); every other HeatmapHead is reported as what it is;
+    - HRNetV2p's ``HRFPN`` neck (mmdet and the official HRNet-Object-Detection): its 1x1 reduction over the
+      concat runs as per-branch projections and one fusion call (`hrfast.nn.HRFPNReduction`, checkpointed
+      exactly when the original is); pooling and the 3x3 convs as before;
+    - reported and left alone: other mmseg heads,
       OCR models, openseg's ``cls_head``, heads with a non-batch-norm norm (InPlaceABN), a non-ReLU
       activation, a 3x3 conv, dropout, or hooks on their layers.
 

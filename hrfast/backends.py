@@ -198,12 +198,21 @@ def _static_auto(device: torch.device) -> str:
 resolve._dynamo_marked_constant = True
 
 
-def candidates(device: torch.device) -> List[str]:
-    """The concrete backends "auto" may measure on `device` without compiling anything new."""
+# backends "auto" never measures for an op, and why (an explicit backend= still runs them)
+AUTO_LEAVES_OUT = {
+    "head": {"cuda_cpp": "the CUDA C++ head runs the fusion kernel over all M concatenated channels at full "
+                         "resolution (W48: 720 channels at 256x512, where the 48-channel fusion row alone is "
+                         "predicted at 206 us on sm_90 against the whole eager head's 780 us): slower than eager"},
+}
+
+
+def candidates(device: torch.device, op: str = "fuse") -> List[str]:
+    """The concrete backends "auto" may measure for `op` on `device` without compiling anything new."""
     out = []
     if triton_status()[0] and (device.type == "cuda" or triton_interpreter_enabled()):
         out.append("triton")
-    if (device.type == "cuda" or csrc_on_cpu()) and cuda_cpp_built(device):
+    if ((device.type == "cuda" or csrc_on_cpu()) and cuda_cpp_built(device)
+            and "cuda_cpp" not in AUTO_LEAVES_OUT.get(op, {})):
         out.append("cuda_cpp")
     out.append("reference")
     return out
@@ -217,7 +226,7 @@ def choose(op: str, backend: str, device: torch.device, signature: Callable[[], 
     static = resolve(backend, device)
     # applies() first: it is False while torch.compile traces, so nothing below it is traced
     if backend == "auto" and _autotune.applies(device) and not os.environ.get(ENV_BACKEND):
-        return _autotune.choose(op, signature(), device, static, candidates(device), run)
+        return _autotune.choose(op, signature(), device, static, candidates(device, op), run)
     return static
 
 
@@ -231,8 +240,10 @@ def auto_rule(device: torch.device) -> str:
     names = candidates(device)
     if len(names) == 1:
         return names[0]
+    left_out = "".join(f"; for the {op}, not {name}: {why}" for op, skips in AUTO_LEAVES_OUT.items()
+                       for name, why in skips.items() if name in names)
     return (f"the fastest of {', '.join(names)}, measured on the first call with each signature "
-            f"({static} under torch.compile or with HRFAST_AUTO_MEASURE=0)")
+            f"({static} under torch.compile or with HRFAST_AUTO_MEASURE=0){left_out}")
 
 
 def launchers(op: str, backend: str) -> ModuleType:

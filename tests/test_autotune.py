@@ -183,6 +183,16 @@ def test_cpu_tensors_are_not_measured_by_default(monkeypatch):
     assert clock.runs == [] and _autotune.choices() == []
 
 
+def test_the_cuda_cpp_head_is_no_candidate(monkeypatch):
+    """The CUDA C++ head (the fusion kernel over all M channels) is predicted slower than eager: auto leaves it
+    out, says so in `python -m hrfast info`, and an explicit backend="cuda_cpp" still runs it."""
+    monkeypatch.setattr(backends, "cuda_cpp_built", lambda device: True)
+    device = torch.device(DEVICE)
+    assert "cuda_cpp" in backends.candidates(device, "fuse")
+    assert "cuda_cpp" not in backends.candidates(device, "head")
+    assert "for the head, not cuda_cpp: the CUDA C++ head runs" in backends.auto_rule(device)
+
+
 def test_an_unbuilt_extension_is_no_candidate(monkeypatch):
     """auto never triggers the minutes-long JIT build: the extension competes only once it is built."""
     clock = Stopwatch(monkeypatch, {"triton": 2.0, "cuda_cpp": 1.0, "reference": 3.0})
@@ -241,7 +251,8 @@ def _head(xs, params, training, backend):
 @pytest.mark.parametrize("winner, training", [("triton", True), ("cuda_cpp", True), ("cuda_cpp", False)])
 def test_head_runs_the_fastest_and_updates_running_stats_once(monkeypatch, winner, training):
     Stopwatch(monkeypatch, {winner: 1.0, "reference": 2.0})
-    monkeypatch.setattr(backends, "candidates", lambda device: [winner, "reference"])  # the interpreter is slow
+    # the interpreter is slow; the machinery is the same whichever candidates there are
+    monkeypatch.setattr(backends, "candidates", lambda device, op="fuse": [winner, "reference"])
     xs, params = _head_problem()
     auto = _head(xs, params, training, "auto")
     [choice] = _autotune.choices()

@@ -1,6 +1,8 @@
 #!/usr/bin/env python
-"""python benchmarks/head_saved_activations.py: bytes autograd keeps for the backward of the W48 head (shapes scaled to x0 16x32), training mode:
-hrfast's Triton path (interpreter) against eager (hrfast.ops.head_ref, the unpatched computation)."""
+"""python benchmarks/head_saved_activations.py: the bytes autograd keeps for the backward of the W48 head
+(shapes scaled to x0 16x32), training mode: hrfast's Triton path (interpreter) against eager
+(hrfast.ops.head_ref, the unpatched computation). Activations = saved storages that are not inputs or
+parameters (tensors the custom ops save through ctx.save_for_backward go through the same hooks)."""
 import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch

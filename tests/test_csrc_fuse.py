@@ -414,9 +414,11 @@ CROSS_CASES = {
 
 def cross_check(case: Case, dtype, layout: str, exact: bool) -> None:
     """backend "cuda" vs "triton" on the same random inputs: y and every gradient. `exact`: y and the
-    input gradients bit for bit (CPU: the host build and the Triton interpreter do the same float operations
-    in the same order; not on a GPU, where either compiler may contract a * b + c into an FMA); per-channel
-    gradients are reduced in other orders, so those at the dtype's tolerance."""
+    gradients of the output-size terms bit for bit (CPU: the host build and the Triton interpreter do the same
+    float operations in the same order; not on a GPU, where either compiler may contract a * b + c into an
+    FMA). The upsampled terms' gradients (the adjoint gathers: row-major taps in CUDA C++, column-major over
+    separable weights in Triton since issue 18) and the per-channel gradients sum in other orders: those at
+    the dtype's tolerance (each backend is held to the float64 reference in test_fuse_op / test_csrc_fuse)."""
     xs, scales, shifts, resamples, size_arg = base._build(case, dtype, layout, F32 if dtype in (F16, BF16) else dtype)
     named = base._leaves(xs, scales, shifts)
     leaves = [t for _, t in named]
@@ -445,7 +447,7 @@ def cross_check(case: Case, dtype, layout: str, exact: bool) -> None:
     close(y_c, y_t, "y")
     for k, ((name, t), a, b) in enumerate(zip(named, g_c, g_t)):
         assert a.shape == b.shape == t.shape and a.dtype == b.dtype == t.dtype, name
-        if exact and name.startswith("inputs"):
+        if exact and name.startswith("inputs") and case.terms[int(name[7:-1])][1] is None:
             assert torch.equal(a, b), f"d {name}"
         close(a, b, f"d {name}", k)
 

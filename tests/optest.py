@@ -51,3 +51,28 @@ def gradcheck_named(fn: Callable[..., torch.Tensor], named: Named, fast_mode: bo
     """gradcheck of fn(*leaves) over the float64 leaves of `named` (fn rebuilds the op's arguments)."""
     assert all(t.dtype == torch.float64 for _, t in named)
     assert torch.autograd.gradcheck(fn, tuple(t for _, t in named), fast_mode=fast_mode)
+
+
+# ----------------------------------------------------------------------- small valid head calls (error tests)
+
+
+def head_branch(N=2, C=4, H=4, W=4, **kw):
+    """A head branch: x0 has 4 channels, x1 (2x2) 6."""
+    return torch.randn(N, C, H, W, **kw)
+
+
+def conv_weight(M=8, C=10, k=1, **kw):
+    return torch.randn(M, C, k, k, **kw)
+
+
+def small_head(xs=None, cw=None, cb=None, rm=None, rv=None, bw=None, bb=None, kw=None, kb=None, **kwargs):
+    """hrnet_v2_head on valid small defaults (x0 4x4 with 4 channels, x1 2x2 with 6; M 8, K 3), with the
+    given arguments replaced; "none" passes None explicitly."""
+    from hrfast.ops import hrnet_v2_head
+
+    def pick(value, default):
+        return None if isinstance(value, str) and value == "none" else (default if value is None else value)
+    xs = pick(xs, [head_branch(), head_branch(C=6, H=2, W=2)])
+    return hrnet_v2_head(xs, pick(cw, conv_weight()), pick(cb, torch.randn(8)), pick(rm, torch.zeros(8)),
+                         pick(rv, torch.ones(8)), pick(bw, torch.ones(8)), pick(bb, torch.zeros(8)),
+                         pick(kw, conv_weight(M=3, C=8)), pick(kb, torch.randn(3)), **kwargs)

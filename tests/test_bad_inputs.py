@@ -14,6 +14,8 @@ import torch
 import hrfast
 from hrfast.ops import Resample, fuse, fuse_ref, hrnet_v2_head
 
+from optest import conv_weight, head_branch, small_head
+
 BF16, F64 = torch.bfloat16, torch.float64
 
 
@@ -30,24 +32,7 @@ def _fx(N=2, C=3, H=4, W=4, **kw):
     return torch.randn(N, C, H, W, **kw)
 
 
-def _hx(N=2, C=4, H=4, W=4, **kw):
-    """A head branch: x0 has 4 channels, x1 (2x2) 6."""
-    return torch.randn(N, C, H, W, **kw)
-
-
-def _w(M=8, C=10, k=1, **kw):
-    return torch.randn(M, C, k, k, **kw)
-
-
-def _head(xs=None, cw=None, cb=None, rm=None, rv=None, bw=None, bb=None, kw=None, kb=None, **kwargs):
-    """hrnet_v2_head on valid small defaults (x0 4x4 with 4 channels, x1 2x2 with 6; M 8, K 3), with the
-    given arguments replaced; "none" passes None explicitly."""
-    def pick(value, default):
-        return None if isinstance(value, str) and value == "none" else (default if value is None else value)
-    xs = pick(xs, [_hx(), _hx(C=6, H=2, W=2)])
-    return hrnet_v2_head(xs, pick(cw, _w()), pick(cb, torch.randn(8)), pick(rm, torch.zeros(8)),
-                         pick(rv, torch.ones(8)), pick(bw, torch.ones(8)), pick(bb, torch.zeros(8)),
-                         pick(kw, _w(M=3, C=8)), pick(kb, torch.randn(3)), **kwargs)
+_hx, _w, _head = head_branch, conv_weight, small_head  # the builders the head op's tests share (optest)
 
 
 # -------------------------------------------------------------------------------------------- hrfast.ops.fuse

@@ -30,7 +30,8 @@ from hrfast.ops.reference import resample_ref
 from hrfast.testing import FP32_RTOL, assert_rel_close, low_precision_budget
 
 from conftest import TRITON_DEVICE
-from optest import LOW_PRECISION, assert_matches, gradcheck_named, gradients, leaf_copy, tolerance
+from optest import (LOW_PRECISION, assert_matches, conv_weight, gradcheck_named, gradients, leaf_copy, small_head,
+                    tolerance)
 
 
 @pytest.fixture
@@ -571,23 +572,7 @@ def test_expanded_upstream_grad():
 # (the argument checks are listed in test_bad_inputs.py)
 
 
-def _x(N=2, C=4, H=4, W=4, **kw):
-    return torch.randn(N, C, H, W, **kw)
-
-
-def _w(M=8, C=10, k=1, **kw):
-    return torch.randn(M, C, k, k, **kw)
-
-
-def _head(xs=None, cw=None, cb=None, rm=None, rv=None, bw=None, bb=None, kw=None, kb=None, **kwargs):
-    """hrnet_v2_head on valid small defaults (x0 4x4 with 4 channels, x1 2x2 with 6; M 8, K 3), with the
-    given arguments replaced; "none" passes None explicitly."""
-    def pick(value, default):
-        return None if value == "none" else (default if value is None else value)
-    xs = pick(xs, [_x(), _x(C=6, H=2, W=2)])
-    return hrnet_v2_head(xs, pick(cw, _w()), pick(cb, torch.randn(8)), pick(rm, torch.zeros(8)),
-                         pick(rv, torch.ones(8)), pick(bw, torch.ones(8)), pick(bb, torch.zeros(8)),
-                         pick(kw, _w(M=3, C=8)), pick(kb, torch.randn(3)), **kwargs)
+_w, _head = conv_weight, small_head
 
 
 def test_triton_backend_without_interpreter_raises(monkeypatch):

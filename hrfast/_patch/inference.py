@@ -73,6 +73,8 @@ _READINGS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictio
 
 
 def _reading(module: nn.Module, read: Callable[[nn.Module], Any]):
+    """The cached structural reading of `module`. Eager only: callers check `torch.compiler.is_compiling()`
+    first (dynamo tracing a WeakKeyDictionary lookup keyed by module ids failed in CI's full run)."""
     stamp = tuple(map(id, module._modules.values()))
     hit = _READINGS.get(module)
     if hit is None or hit[0] != stamp:
@@ -91,6 +93,8 @@ class BlockConfig:
     options: Inference
 
     def run(self, module: nn.Module, x):
+        if torch.compiler.is_compiling():  # nothing folds under compile (`_ready`): skip the cached reading
+            return type(module).forward(module, x)
         block = _reading(module, describe_residual_block)
         if isinstance(block, str) or not isinstance(x, Tensor) or not _ready(block.units, block.folded_modules):
             return type(module).forward(module, x)
@@ -109,7 +113,7 @@ class SequentialConfig:
     options: Inference
 
     def run(self, module: nn.Sequential, x):
-        steps = _reading(module, sequential_steps)
+        steps = None if torch.compiler.is_compiling() else _reading(module, sequential_steps)
         if steps is None:
             return nn.Sequential.forward(module, x)
         for step in steps:

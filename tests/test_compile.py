@@ -366,3 +366,22 @@ def test_autocast_head(train, compiled):
         assert torch.equal(actual.pop("grad 0.bias"), torch.zeros_like(expected.pop("grad 0.bias")))
         pytorch_low.pop("grad 0.bias")
     _low_precision_check(actual, expected, pytorch_low)
+
+
+def test_compile_caches_are_keyed_on_the_op_sources(tmp_path):
+    """A graph compiled against an older hrfast must not be served from inductor's caches: importing hrfast adds
+    a digest of its op sources to torch.compile's cache key, and any edit changes the digest."""
+    from hrfast.ops import custom_ops
+
+    assert custom_ops.source_tag() in torch.compiler.config.cache_key_tag.split(";")
+    files = custom_ops._op_source_files()
+    assert {f.name for f in files} >= {"custom_ops.py", "fuse.py", "head.py", "plan.py"}
+    assert any(f.parent.name == "kernels" for f in files)
+    copies = []
+    for i, f in enumerate(files):
+        copies.append(tmp_path / f"{i}_{f.name}")
+        copies[-1].write_bytes(f.read_bytes())
+    before = custom_ops.source_tag(copies)
+    assert custom_ops.source_tag(copies) == before  # deterministic
+    copies[-1].write_bytes(copies[-1].read_bytes() + b"\n# edited\n")
+    assert custom_ops.source_tag(copies) != before

@@ -18,6 +18,9 @@ or an op counter, tensor subclasses, meta tensors) the custom op itself runs.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import importlib.util
+from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -28,6 +31,46 @@ from ..batchnorm import accumulation_dtype, affine
 from ..plan import SAME, FusePlan, HeadPlan, cached
 
 __all__ = ["fuse", "head"]
+
+
+# ------------------------------------------------------------------------------------ compile caches
+
+_PACKAGE = Path(__file__).resolve().parents[1]
+# the code behind the ops' fake and real implementations (shapes, strides, what the backward returns)
+_OP_SOURCES = ("ops/*.py", "plan.py", "batchnorm.py", "backends.py")
+
+
+def _op_source_files() -> List[Path]:
+    files = [p for pattern in _OP_SOURCES for p in sorted(_PACKAGE.glob(pattern))]
+    spec = importlib.util.find_spec("hrfast.kernels")  # the top-level kernels/ (mapped, not under hrfast/)
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        files += sorted(Path(location).glob("*.py"))
+    return files
+
+
+def source_tag(files: Optional[Sequence[Path]] = None) -> str:
+    """"hrfast-<digest>": a digest of the op sources (`files`, default the installed ones)."""
+    digest = hashlib.sha256()
+    for path in _op_source_files() if files is None else files:
+        digest.update(Path(path).name.encode())
+        digest.update(Path(path).read_bytes())
+    return f"hrfast-{digest.hexdigest()[:16]}"
+
+
+def _tag_compile_caches() -> None:
+    """Adds `source_tag()` to torch.compile's cache key (`torch.compiler.config.cache_key_tag`, appended to what
+    the user set). Inductor's FX graph and AOTAutograd caches key on the traced graph, not on a custom op's
+    implementation: after hrfast changed an op's outputs, a cached graph from the old code fails its stride and
+    size asserts (seen here: head_backward's conv-bias gradient), or runs stale code where those agree."""
+    config = getattr(getattr(torch, "compiler", None), "config", None)
+    if config is None or not hasattr(config, "cache_key_tag"):
+        return
+    tag = source_tag()
+    if tag not in config.cache_key_tag.split(";"):
+        config.cache_key_tag = ";".join(t for t in (config.cache_key_tag, tag) if t)
+
+
+_tag_compile_caches()
 
 
 # ------------------------------------------------------------------------------------------------- helpers

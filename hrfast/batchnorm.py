@@ -15,7 +15,8 @@ SyncBatchNorm while it would not synchronise); any other norm runs as a module.
   `fuse_conv_bn_weights`), cached the same way; derived tensors, the modules' own stay untouched.
 - `bn_step(bn)`: `_BatchNorm.forward`'s bookkeeping (counter, averaging factor, which statistics).
 - `update_running_stats(...)`: `F.batch_norm`'s running-statistics update, given batch statistics.
-- `fold_batch_norm(bn, z)`: (term, scale, shift) with bn's side effects, in eval and training mode.
+- `fold_batch_norm(bn, z)`: (term, scale, shift) with bn's side effects, in eval and training mode; with batch
+  statistics through `_BatchStatsFold` (Triton kernels when `use_kernels`, else plain PyTorch).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.autograd.function import once_differentiable
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -199,33 +201,101 @@ def check_batch_size(count: int, size) -> None:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
 
 
-class _Fork(torch.autograd.Function):
-    """z -> (z as the fused op's term, z for the batch statistics), with the two gradients summed in the
-    statistics' (accumulation) dtype and rounded to z's dtype once, as batch norm's own backward does.
+class _BatchStatsFold(torch.autograd.Function):
+    """(z, weight, bias) -> (term, scale, shift): batch norm's fold with batch statistics over (N, H, W),
+    bn(z) = term * scale + shift, with the running-statistics update as a side effect of the forward.
 
-    Without it autograd would round both contributions to bf16/fp16 and add them in that dtype: the
-    mean/variance part of BN's input gradient is a small correction that such a sum partly rounds away.
+    Two implementations of the same computation: the Triton kernels (`hrfast.kernels.batch_norm`: one read of
+    z for the statistics, one pass for z's gradient) and plain PyTorch (the reference, below). Both compute
+    in `dtype` (fp32, fp64 when anything is fp64) and round z's gradient to z's dtype once: its two parts, the
+    term's gradient and the statistics' correction, are summed in `dtype` as batch norm's own backward does
+    (summed in bf16 the small correction would partly round away). With r = 1 / sqrt(var + eps),
+    scale = w * r, shift = b - mean * scale and incoming (g_term, g_scale, g_shift):
+
+        g_b = g_shift,   g_w = r * (g_scale - mean * g_shift),   g_mean = -scale * g_shift,
+        g_var = -0.5 * r^3 * w * (g_scale - mean * g_shift),
+        dz = g_term + g_mean / count + 2 * g_var * (z - mean) / count
+
+    Once differentiable: a double backward raises (batch norm's fold has no second-order use in hrfast).
     """
 
     @staticmethod
-    def forward(ctx, z: Tensor, term_dtype: torch.dtype, stats_dtype: torch.dtype):
-        ctx.z_dtype, ctx.stats_dtype = z.dtype, stats_dtype
+    def forward(ctx, z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], term_dtype: torch.dtype,
+                dtype: torch.dtype, eps: float, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                factor: float, use_kernels: bool):
+        count = z.shape[0] * z.shape[2] * z.shape[3]
+        if use_kernels:
+            from hrfast.kernels import batch_norm as kernels
+            stats, scale, shift = kernels.batch_stats(z, weight, bias, eps, dtype, running_mean, running_var, factor)
+        else:
+            stats, scale, shift = _reference_stats(z, weight, bias, eps, dtype, running_mean, running_var, factor,
+                                                   count)
+        ctx.use_kernels, ctx.count = use_kernels, count
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(z, weight, stats, scale)
         term = z.to(term_dtype) if term_dtype != z.dtype else z.view_as(z)
-        stats = z.to(stats_dtype) if stats_dtype != z.dtype else z.view_as(z)
-        return term, stats
+        return term, scale, shift
 
     @staticmethod
-    def backward(ctx, g_term: Optional[Tensor], g_stats: Optional[Tensor]):
-        total = None
-        for g in (g_term, g_stats):
-            if g is not None:
-                g = g.to(ctx.stats_dtype)
-                total = g if total is None else total + g
-        return (None if total is None else total.to(ctx.z_dtype)), None, None
+    @once_differentiable
+    def backward(ctx, g_term: Optional[Tensor], g_scale: Optional[Tensor], g_shift: Optional[Tensor]):
+        z, weight, stats, scale = ctx.saved_tensors
+        need_dz, need_dw, need_db = ctx.needs_input_grad[:3]
+        need_dw = need_dw and weight is not None
+        g_bias = g_bias_out = None
+        if need_db:
+            if g_shift is not None and g_shift.dtype == ctx.bias_dtype:
+                g_bias = g_shift
+            elif ctx.use_kernels:  # written by the backward kernel (no conversion launch)
+                g_bias = g_bias_out = torch.empty(scale.shape, dtype=ctx.bias_dtype, device=scale.device)
+            else:
+                g_bias = (torch.zeros_like(scale) if g_shift is None else g_shift).to(ctx.bias_dtype)
+        dz = g_weight = None
+        if ctx.use_kernels:
+            from hrfast.kernels import batch_norm as kernels
+            dz, g_weight = kernels.batch_norm_backward(z, g_term, stats, weight, g_scale, g_shift, need_dz, need_dw,
+                                                       g_bias_out)
+        elif need_dz or need_dw:
+            dz, g_weight = _reference_backward(z, g_term, stats, weight, scale, g_scale, g_shift, ctx.count)
+        return (dz if need_dz else None, g_weight if need_dw else None, g_bias,
+                None, None, None, None, None, None, None)
+
+
+def _reference_stats(z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, dtype: torch.dtype,
+                     running_mean: Optional[Tensor], running_var: Optional[Tensor], factor: float,
+                     count: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """_BatchStatsFold's forward in PyTorch: (stats [2, C] = (mean, r), scale, shift) and the running update."""
+    var, mean = torch.var_mean(z.to(dtype), dim=(0, 2, 3), correction=0)
+    update_running_stats(running_mean, running_var, mean, var, count, factor)
+    r = torch.rsqrt(var + eps)
+    scale = r if weight is None else weight.to(dtype) * r
+    shift = -mean * scale
+    if bias is not None:
+        shift = bias.to(dtype) + shift
+    return torch.stack([mean, r]), scale, shift
+
+
+def _reference_backward(z: Tensor, g_term: Optional[Tensor], stats: Tensor, weight: Optional[Tensor],
+                        scale: Tensor, g_scale: Optional[Tensor], g_shift: Optional[Tensor],
+                        count: int) -> Tuple[Tensor, Optional[Tensor]]:
+    """_BatchStatsFold's backward in PyTorch: (dz in z's dtype, g_weight in weight's dtype or None)."""
+    dtype = stats.dtype
+    mean, r = stats[0], stats[1]
+    g_shift = torch.zeros_like(mean) if g_shift is None else g_shift.to(dtype)
+    t = -mean * g_shift if g_scale is None else g_scale.to(dtype) - mean * g_shift  # g_scale - mean * g_shift
+    w = torch.ones_like(mean) if weight is None else weight.to(dtype)
+    g_mean = -scale * g_shift
+    g_var = -0.5 * r ** 3 * w * t
+    c = (None, slice(None), None, None)  # [C] -> [1, C, 1, 1]
+    dz = g_mean[c] / count + g_var[c] * 2 * (z.to(dtype) - mean[c]) / count
+    if g_term is not None:
+        dz = g_term.to(dtype) + dz
+    g_weight = None if weight is None else (r * t).to(weight.dtype)
+    return dz.to(z.dtype), g_weight
 
 
 def fold_batch_norm(bn: nn.Module, z: Tensor, term_dtype: Optional[torch.dtype] = None,
-                    ) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
+                    use_kernels: bool = False) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
     """(term, scale, shift) with ``bn(z) == term * scale[:, None, None] + shift[:, None, None]``, or None.
 
     None means the module is not a batch norm that can be folded here (see `can_fold`): the caller then
@@ -236,6 +306,10 @@ def fold_batch_norm(bn: nn.Module, z: Tensor, term_dtype: Optional[torch.dtype] 
     `term` is z in `term_dtype` (default z's dtype), the tensor to hand to the fused op. scale and shift
     are [C] tensors in float32 (float64 for float64 inputs or modules), differentiable w.r.t. bn.weight,
     bn.bias and, when batch statistics are used, z; z's gradient is accumulated in that dtype.
+
+    `use_kernels`: compute batch statistics and their backward with the Triton kernels
+    (`hrfast.kernels.batch_norm`; the caller runs the fused op on Triton) where they can run on z's device and
+    nothing traces the call; else in plain PyTorch (`_BatchStatsFold`). Same results up to rounding.
     """
     if not can_fold(bn):
         return None
@@ -250,11 +324,21 @@ def fold_batch_norm(bn: nn.Module, z: Tensor, term_dtype: Optional[torch.dtype] 
         return (z if z.dtype == term_dtype else z.to(term_dtype)), scale, shift
     count = z.shape[0] * math.prod(z.shape[2:])
     check_batch_size(count, z.size())
-    if z.dtype == dt == term_dtype or not z.requires_grad:
-        term, zs = z.to(term_dtype), z.to(dt)
-    else:
-        term, zs = _Fork.apply(z, term_dtype, dt)
-    var, mean = torch.var_mean(zs, dim=(0, 2, 3), correction=0)
-    update_running_stats(step.running_mean, step.running_var, mean, var, count, step.factor)
-    scale, shift = affine(mean, var, bn.weight, bn.bias, bn.eps)
+    kernels = use_kernels and _kernels_run(z)
+    term, scale, shift = _BatchStatsFold.apply(z, bn.weight, bn.bias, term_dtype, dt, bn.eps, step.running_mean,
+                                               step.running_var, step.factor, kernels)
     return term, scale, shift
+
+
+def _kernels_run(z: Tensor) -> bool:
+    """The Triton statistics kernels can run for z now: not while torch.compile / jit.trace / export trace
+    (they see the PyTorch implementation), and on a device they run on."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    from . import backends
+
+    if not backends.triton_status()[0]:
+        return False
+    from hrfast.kernels import batch_norm as kernels
+
+    return kernels.can_launch(z.device)

@@ -512,9 +512,11 @@ def test_recording_training_attributes_backward_launches_and_fold_ops(w18_traini
             same = len(call.plan.terms) - upsampled
             assert backward.count("_upsample_adjoint_kernel") == upsampled
             assert backward.count("_fuse_backward_same_kernel") == (1 if same else 0)
-            if any(t.has_scale for t in call.plan.terms):
-                assert "var_mean" in [op.name for op in call.ops["forward"]]  # batch statistics of the fold
-                assert call.ops["backward"]
+            folds = sum(t.has_scale for t in call.plan.terms)  # batch statistics: the BN kernels, per fold
+            forward = [l.name for l in call.launches["forward"]]
+            assert forward.count("_bn_stats_kernel") == forward.count("_bn_finalize_kernel") == folds
+            assert backward.count("_bn_backward_kernel") == folds
+            assert "var_mean" not in [op.name for op in call.ops["forward"]]
         else:
             assert [l.name for l in call.launches["forward"]] == ["_head_stats_kernel", "_head_forward_kernel"]
             assert backward[:2] == ["_head_backward_reduce_kernel", "_head_backward_ds_kernel"]
@@ -532,7 +534,8 @@ def test_trip_count_table_covers_every_kernel():
     from hrfast.perf import workload
     from hrfast.perf.record import is_kernel
     kernels = set()
-    for module in ("hrfast.kernels.fuse", "hrfast.kernels.head", "hrfast.kernels.resample"):
+    for module in ("hrfast.kernels.fuse", "hrfast.kernels.head", "hrfast.kernels.resample",
+                   "hrfast.kernels.batch_norm"):
         mod = importlib.import_module(module)
         launched = set(re.findall(r"\b(\w+)\[", pyinspect.getsource(mod)))
         kernels |= {name for name, value in vars(mod).items() if is_kernel(value) and name in launched}

@@ -54,7 +54,8 @@ def fusion_forward(fuse_layers: nn.ModuleList, xs: Sequence[Tensor], *, default:
 def _fuse_row(row: Sequence[FusionTerm], xs: Sequence[Tensor], size: Tuple[int, int], backend: str) -> Tensor:
     # first every term up to its foldable norm, then the common dtype (eager `+` promotes), then the fold; on the
     # reference backend the norms run as modules: the eager computation, op for op
-    fold = backends.resolve(backend, xs[0].device) != "reference"
+    resolved = backends.resolve(backend, xs[0].device)
+    fold = resolved != "reference"
     terms, to_fold = [], []
     for j, entry in enumerate(row):
         h = xs[j]
@@ -73,7 +74,8 @@ def _fuse_row(row: Sequence[FusionTerm], xs: Sequence[Tensor], size: Tuple[int, 
     shifts: List[Optional[Tensor]] = [None] * len(row)
     for j in range(len(row)):
         if j in to_fold:
-            terms[j], scales[j], shifts[j] = fold_batch_norm(row[j].last, terms[j], dtype)
+            terms[j], scales[j], shifts[j] = fold_batch_norm(row[j].last, terms[j], dtype,
+                                                             use_kernels=resolved == "triton")
         else:
             terms[j] = terms[j].to(dtype)
     return fuse(terms, scales=scales, shifts=shifts, resample=[e.resample for e in row], size=size, relu=True,

@@ -249,6 +249,19 @@ def _fold_hook(attribution: Attribution, fold: Callable) -> Callable:
     return fold_batch_norm
 
 
+def _launcher_hook(attribution: Attribution, launcher: Callable) -> Callable:
+    """A launcher called outside the custom ops (the batch-norm fold's, `hrfast.kernels.batch_norm`): its launches
+    go to the op call running now (its ATen ops are recorded by the recorder already active)."""
+    def run(*args, **kwargs):
+        call, phase = attribution.current(), attribution.phase()
+        start = len(attribution.launches)
+        out = launcher(*args, **kwargs)
+        if call is not None:
+            call.launches[phase].extend(attribution.launches[start:])
+        return out
+    return run
+
+
 def _fuse_hook(attribution: Attribution, fuse: Callable) -> Callable:
     def fused(inputs, **kwargs):
         call = attribution.open("fuse")
@@ -331,6 +344,9 @@ def recording() -> Iterator[Attribution]:
         for op, impl, info in _custom_ops():
             stack.enter_context(_replaced(op, "_abstract_fn", _implementation(attribution, impl, info)))
         stack.enter_context(_replaced(nn_fusion, "fold_batch_norm", _fold_hook(attribution, nn_fusion.fold_batch_norm)))
+        from hrfast.kernels import batch_norm as bn_kernels
+        for name in ("batch_stats", "batch_norm_backward"):
+            stack.enter_context(_replaced(bn_kernels, name, _launcher_hook(attribution, getattr(bn_kernels, name))))
         stack.enter_context(_replaced(nn_fusion, "fuse", _fuse_hook(attribution, nn_fusion.fuse)))
         stack.enter_context(_replaced(HRNetV2Head, "forward", _head_hook(attribution, HRNetV2Head.forward)))
         stack.enter_context(_CudnnLayouts())

@@ -130,6 +130,25 @@ def _head_pixels_out(p: Params, channels: int) -> int:
     return p["x0_ptr"].shape[0] * channels * p["H"] * p["W"]
 
 
+# ------------------------------------------------------------------------------------ batch-norm kernels
+
+
+def _bn_backward_unread(p: Params) -> Sequence[str]:
+    unread = [] if p["HAS_G"] and p["NEED_DZ"] else ["g_ptr"]
+    if not p["NEED_DZ"]:
+        unread += ["z_ptr", "dz_ptr"]
+    for flag, name in (("HAS_WEIGHT", "weight_ptr"), ("HAS_GSCALE", "g_scale_ptr"), ("HAS_GSHIFT", "g_shift_ptr"),
+                       ("NEED_DW", "g_weight_ptr"), ("NEED_DB", "g_bias_ptr")):
+        if not p[flag]:
+            unread.append(name)
+    return unread
+
+
+def _bn_finalize_unread(p: Params) -> Sequence[str]:
+    return [name for flag, name in (("HAS_WEIGHT", "weight_ptr"), ("HAS_BIAS", "bias_ptr"),
+                                    ("UPDATE", "run_mean_ptr"), ("UPDATE", "run_var_ptr")) if not p[flag]]
+
+
 KERNELS: Dict[str, KernelWork] = {
     # one [BLOCK_C x BLOCK_P] tile per program, every term unrolled (static_range): no loop
     "_fuse_forward_kernel": KernelWork(trips=lambda p: [], elements=_fuse_forward_elements),
@@ -160,6 +179,17 @@ KERNELS: Dict[str, KernelWork] = {
         trips=lambda p: [], elements=lambda p: _head_pixels_out(p, p["M"]),
         dots=lambda p: _head_tiles(p) * _chunks(p) * (_pre_bn_flops(p) + _logit_flops(p)),
         unread=lambda p: [] if p["BATCH_STATS"] else ["alpha_ptr", "beta_ptr"]),
+    # batch norm (kernels/batch_norm.py). Statistics: program (channel block, split, image) loops over the
+    # BLOCK_P tiles of its chunk: cdiv(P, BLOCK_P) / SPLITS on average; elements: the values of z it reduces
+    "_bn_stats_kernel": KernelWork(trips=lambda p: [_cdiv(p["P"], p["BLOCK_P"]) / p["SPLITS"]],
+                                   elements=lambda p: p["z_ptr"].numel()),
+    # one program per BLOCK_C channels, loop over the S partials BLOCK_S at a time
+    "_bn_finalize_kernel": KernelWork(trips=lambda p: [_cdiv(p["S"], p["BLOCK_S"])],
+                                      elements=lambda p: p["S"] * p["C"], unread=_bn_finalize_unread),
+    # one [BLOCK_C x BLOCK_P] tile per program (dz), no loop; without dz one program per channel block (g_w)
+    "_bn_backward_kernel": KernelWork(trips=lambda p: [],
+                                      elements=lambda p: p["z_ptr"].numel() if p["NEED_DZ"] else p["C"],
+                                      unread=_bn_backward_unread),
 }
 
 # csrc/fuse_kernels.h, one element per thread (params: see cuda_cpp.py). ptxas keeps the loops over runtime

@@ -1,0 +1,271 @@
+"""The batch-statistics fold of batch norm (`hrfast.batchnorm.fold_batch_norm` in training, `_BatchStatsFold`) on
+both implementations, the Triton kernels (`hrfast.kernels.batch_norm`, through the interpreter without a GPU) and
+plain PyTorch, against nn.BatchNorm2d: the output term * scale + shift, the gradients of z, weight and bias, the
+running statistics and num_batches_tracked, in float64 on z = 3 + randn (a mean that hides cancellation bugs of a
+naive sum of squares), odd sizes, N=1, C=1, H=W=1, channels_last, affine=False, momentum=None; bf16 within twice
+PyTorch's own error; gradcheck; bitwise determinism of the kernels."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from hrfast.batchnorm import _BatchStatsFold, fold_batch_norm
+from hrfast.testing import assert_low_precision_close, assert_rel_close, tolerance
+
+IMPLS = ("kernels", "reference")
+
+
+@pytest.fixture
+def kernels_module():
+    from hrfast.kernels import batch_norm
+    return batch_norm
+
+
+@pytest.fixture
+def small_tiles(kernels_module, monkeypatch):
+    """Tiles of 16 elements, 2 partials per finalize step: every loop of the kernels runs several times on the
+    tiny test shapes (chunks of several tiles, a partial tail tile, more partials than one finalize step)."""
+    monkeypatch.setattr(kernels_module, "TILE", 16)
+    monkeypatch.setattr(kernels_module, "STATS_PROGRAMS", 32)
+    monkeypatch.setattr(kernels_module, "MAX_CHANNELS_LAST_BLOCK", 4)
+    monkeypatch.setattr(kernels_module, "FINALIZE_BLOCK_C", 2)
+    monkeypatch.setattr(kernels_module, "FINALIZE_BLOCK_S", 2)
+
+
+def _bn(C, dtype=torch.float64, **kwargs):
+    """A random BN module in training mode (random affine parameters and running statistics), and its copy."""
+    bn = nn.BatchNorm2d(C, **kwargs).to(dtype).train()
+    with torch.no_grad():
+        if bn.weight is not None:
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_()
+        if bn.running_mean is not None:
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+    return bn, copy.deepcopy(bn)
+
+
+def _fold(bn, z, impl, kernels_module=None, term_dtype=None):
+    """term * scale + shift through fold_batch_norm; with impl="kernels" asserts the kernels ran."""
+    calls = []
+    if impl == "kernels":
+        launch = kernels_module.batch_stats
+
+        def counted(*args, **kwargs):
+            calls.append(1)
+            return launch(*args, **kwargs)
+
+        kernels_module.batch_stats = counted
+    try:
+        term, scale, shift = fold_batch_norm(bn, z, term_dtype, use_kernels=impl == "kernels")
+    finally:
+        if impl == "kernels":
+            kernels_module.batch_stats = launch
+    assert len(calls) == (1 if impl == "kernels" else 0)
+    return term, term * scale[:, None, None] + shift[:, None, None]
+
+
+def _z(shape, dtype=torch.float64, channels_last=False):
+    z = 3.0 + torch.randn(shape, dtype=torch.float64)
+    z = z.to(dtype)
+    return z.contiguous(memory_format=torch.channels_last) if channels_last else z
+
+
+def _compare(bn, ref, impl, kernels_module, z, steps=1):
+    for _ in range(steps):  # more than one step: the running averages (momentum None: cumulative) compound
+        z1, z2 = z.clone().requires_grad_(), z.clone().requires_grad_()
+        _, y = _fold(bn, z1, impl, kernels_module)
+        y_ref = ref(z2)
+        g = torch.randn_like(y_ref)
+        (y * g).sum().backward()
+        (y_ref * g).sum().backward()
+        tol = tolerance(torch.float64)
+        assert_rel_close(y, y_ref, tol, "output")
+        assert_rel_close(z1.grad, z2.grad, tol, "grad z")
+        assert z1.grad.stride() == z1.stride()
+        for name in ("weight", "bias"):
+            if getattr(ref, name) is not None:
+                assert_rel_close(getattr(bn, name).grad, getattr(ref, name).grad, tol, f"grad {name}")
+        for name in ("running_mean", "running_var"):
+            if getattr(ref, name) is not None:
+                assert_rel_close(getattr(bn, name), getattr(ref, name), tol, name)
+            else:
+                assert getattr(bn, name) is None
+        if ref.num_batches_tracked is not None:
+            assert bn.num_batches_tracked.item() == ref.num_batches_tracked.item()
+
+
+SHAPES = {"odd": (2, 3, 5, 7), "n1": (1, 4, 3, 5), "c1": (3, 1, 4, 5), "hw1": (5, 3, 1, 1), "h1": (2, 3, 1, 9)}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_matches_batchnorm2d(impl, shape, channels_last, kernels_module):
+    bn, ref = _bn(shape[1])
+    _compare(bn, ref, impl, kernels_module, _z(shape, channels_last=channels_last))
+
+
+@pytest.mark.parametrize("int64", [False, True], ids=["int32", "int64"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_kernel_loops(channels_last, int64, kernels_module, small_tiles, monkeypatch):
+    """Several tiles per chunk, several chunks per image, several finalize steps (small_tiles); also with the
+    64-bit offsets tensors past 2**31 elements take."""
+    if int64:
+        monkeypatch.setattr(kernels_module, "_int64", lambda *tensors: True)
+    shape = (3, 5, 6, 7)
+    C, P = shape[1], shape[2] * shape[3]
+    s_c = 1 if channels_last else P
+    block_c, block_p, splits, chunk = kernels_module.stats_config(shape[0], C, P, s_c)
+    assert chunk > block_p and splits > 1 and P % block_p and shape[0] * splits > 2
+    bn, ref = _bn(C)
+    _compare(bn, ref, "kernels", kernels_module, _z(shape, channels_last=channels_last))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kwargs", [{"affine": False}, {"momentum": None}, {"track_running_stats": False}],
+                         ids=["no_affine", "cumulative", "untracked"])
+def test_module_options(impl, kwargs, kernels_module):
+    bn, ref = _bn(3, **kwargs)
+    _compare(bn, ref, impl, kernels_module, _z((2, 3, 3, 5)), steps=2)
+
+
+def test_non_contiguous_strides(kernels_module):
+    """A layout whose H and W do not collapse (a slice along W) is read through a contiguous copy."""
+    base = _z((2, 3, 4, 9)).requires_grad_()
+    base_ref = base.detach().clone().requires_grad_()
+    z, z_ref = base[..., ::2], base_ref[..., ::2]
+    assert kernels_module._pixel_strides(z) is None
+    bn, ref = _bn(3)
+    _, y = _fold(bn, z, "kernels", kernels_module)
+    y_ref = ref(z_ref)
+    g = torch.randn_like(y_ref)
+    (y * g).sum().backward()
+    (y_ref * g).sum().backward()
+    assert_rel_close(y, y_ref, tolerance(torch.float64), "output")
+    assert_rel_close(base.grad, base_ref.grad, tolerance(torch.float64), "grad z")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_large_mean_fp32(impl, kernels_module):
+    """z = 300 + randn in fp32: statistics as accurate as fp32 allows (a sum of squares would lose the variance)."""
+    z = (300.0 + torch.randn(4, 3, 7, 9)).float()
+    bn, _ = _bn(3, dtype=torch.float32)
+    ref64 = copy.deepcopy(bn).double()
+    _, scale, shift = fold_batch_norm(bn, z, use_kernels=impl == "kernels")
+    var, mean = torch.var_mean(z.double(), dim=(0, 2, 3), correction=0)
+    r = torch.rsqrt(var + bn.eps)
+    assert_rel_close(scale, ref64.weight * r, tolerance(torch.float32), "scale")
+    assert_rel_close(shift, ref64.bias - mean * ref64.weight * r, tolerance(torch.float32), "shift")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("channels_last, module_dtype", [(False, torch.float32), (True, torch.float32),
+                                                         (False, torch.bfloat16)], ids=["nchw", "cl", "bf16_module"])
+def test_bf16(impl, channels_last, module_dtype, kernels_module):
+    """bf16 z, fp32 or bf16 module: output, every gradient and the running statistics within twice PyTorch's own
+    bf16 error (vs float64). A bf16 module gets its bias gradient converted from fp32 g_shift."""
+    shape = (2, 4, 5, 7)
+    z64 = _z(shape, channels_last=channels_last)
+    z = z64.to(torch.bfloat16)
+    bn, low = _bn(4, dtype=module_dtype)
+    ref = copy.deepcopy(bn).double()
+    g = torch.randn(shape, dtype=torch.float64)
+    zk, zl, zr = z.clone().requires_grad_(), z.clone().requires_grad_(), z.double().requires_grad_()
+    term, y = _fold(bn, zk, impl, kernels_module)
+    assert term.dtype == torch.bfloat16 and y.dtype == torch.float32
+    y_low, y_ref = low(zl), ref(zr)
+    (y * g.float()).sum().backward()
+    (y_low * g.to(y_low.dtype)).sum().backward()
+    (y_ref * g).sum().backward()
+    assert zk.grad.dtype == torch.bfloat16
+    assert bn.bias.grad.dtype == bn.weight.grad.dtype == module_dtype
+    assert_low_precision_close(y, y_ref, y_low, "output", torch.bfloat16)
+    assert_low_precision_close(zk.grad, zr.grad, zl.grad, "grad z")
+    for name in ("weight", "bias"):
+        assert_low_precision_close(getattr(bn, name).grad, getattr(ref, name).grad, getattr(low, name).grad,
+                                   f"grad {name}", torch.bfloat16)
+    for name in ("running_mean", "running_var"):
+        assert_low_precision_close(getattr(bn, name), getattr(ref, name), getattr(low, name), name,
+                                   torch.bfloat16)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_promoted_term(impl, kernels_module):
+    """term_dtype fp64 for an fp32 z (terms of mixed dtypes): the term is promoted, z's gradient comes back in
+    fp32, computed in fp64 (the module is fp64)."""
+    z = _z((2, 3, 4, 5), torch.float32)
+    bn, ref = _bn(3)
+    zk, zr = z.clone().requires_grad_(), z.double().requires_grad_()
+    term, y = _fold(bn, zk, impl, kernels_module, term_dtype=torch.float64)
+    assert term.dtype == torch.float64
+    y_ref = ref(zr)
+    g = torch.randn_like(y_ref)
+    (y * g).sum().backward()
+    (y_ref * g).sum().backward()
+    assert zk.grad.dtype == torch.float32
+    assert_rel_close(y, y_ref, tolerance(torch.float64), "output")
+    assert_rel_close(zk.grad, zr.grad.float(), tolerance(torch.float32), "grad z")
+    assert_rel_close(bn.weight.grad, ref.weight.grad, tolerance(torch.float64), "grad weight")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_grad_forward(impl, kernels_module):
+    """Training forward without autograd (z does not require grad, no_grad): same output and side effects."""
+    z = _z((2, 3, 4, 5))
+    bn, ref = _bn(3)
+    with torch.no_grad():
+        term, y = _fold(bn, z, impl, kernels_module)
+        y_ref = ref(z)
+    assert not y.requires_grad
+    assert_rel_close(y, y_ref, tolerance(torch.float64), "output")
+    assert_rel_close(bn.running_var, ref.running_var, tolerance(torch.float64), "running_var")
+    assert bn.num_batches_tracked.item() == ref.num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_one_value_per_channel(impl):
+    bn, _ = _bn(3)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        fold_batch_norm(bn, _z((1, 3, 1, 1)), use_kernels=impl == "kernels")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradcheck(impl):
+    z = _z((2, 2, 3, 3)).requires_grad_()
+    w = torch.rand(2, dtype=torch.float64).add_(0.5).requires_grad_()
+    b = torch.randn(2, dtype=torch.float64).requires_grad_()
+
+    def fold(z, w, b):
+        return _BatchStatsFold.apply(z, w, b, torch.float64, torch.float64, 1e-5, None, None, 0.0,
+                                     impl == "kernels")
+
+    assert torch.autograd.gradcheck(fold, (z, w, b))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_double_backward_raises(impl):
+    z = _z((2, 2, 3, 3)).requires_grad_()
+    bn, _ = _bn(2)
+    term, scale, shift = fold_batch_norm(bn, z, use_kernels=impl == "kernels")
+    (gz,) = torch.autograd.grad((term * scale[:, None, None]).square().sum(), z, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|double backward"):
+        gz.sum().backward()
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_kernels_deterministic(channels_last, kernels_module, small_tiles):
+    """Two runs give bitwise equal statistics, running statistics and gradients (no atomics, fixed order)."""
+    z = _z((3, 5, 6, 7), torch.float32, channels_last)
+    g = torch.randn(z.shape)
+    results = []
+    for _ in range(2):
+        torch.manual_seed(0)  # the same module both times
+        bn, _ = _bn(5, dtype=torch.float32)
+        zi = z.clone().requires_grad_()
+        _, y = _fold(bn, zi, "kernels", kernels_module)
+        (y * g).sum().backward()
+        results.append([y, zi.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

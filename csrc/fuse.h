@@ -13,7 +13,8 @@
 // The affine map (scale, shift) is applied after the gather, in the accumulation type; it commutes with Up
 // because Up's weights sum to 1.
 //
-// Offsets are 64-bit everywhere (strides are int64_t); per-axis indices are 64-bit too.
+// Index helpers are templated on the index type: int64_t in the generic kernels, int32_t in the kernels'
+// int32 variants (chosen by the launchers when every offset fits); the values are the same either way.
 #pragma once
 
 #include <cstdint>
@@ -78,15 +79,16 @@ HRFAST_INLINE int64_t offset4(int64_t n, int64_t c, int64_t y, int64_t x, int64_
 // ---------------------------------------------------------------------------------------------- indices
 
 // ATen nearest_neighbor_compute_source_index: min(floorf(dst * scale), in - 1), in float32.
-HRFAST_INLINE int64_t nearest_source(int64_t d, float r32, int64_t n_in) {
+// I: the index type (int64_t, or int32_t in the kernels' int32 variants; the same values either way).
+template <typename I>
+HRFAST_INLINE I nearest_source(I d, float r32, I n_in) {
   float real = static_cast<float>(d) * r32;
-  return min_(static_cast<int64_t>(real), n_in - 1);
+  return min_(static_cast<I>(real), n_in - 1);
 }
 
 // ATen's bilinear taps (i0, i1) and weights (l0, l1) of output index d along one axis.
-template <typename acc_t>
-HRFAST_INLINE void linear_source(int64_t d, acc_t r, int64_t n_in, bool align, int64_t& i0, int64_t& i1,
-                                 acc_t& l0, acc_t& l1) {
+template <typename acc_t, typename I>
+HRFAST_INLINE void linear_source(I d, acc_t r, I n_in, bool align, I& i0, I& i1, acc_t& l0, acc_t& l1) {
   const acc_t df = static_cast<acc_t>(d);
   acc_t real;
   if (align) {
@@ -95,7 +97,7 @@ HRFAST_INLINE void linear_source(int64_t d, acc_t r, int64_t n_in, bool align, i
     real = r * (df + static_cast<acc_t>(0.5)) - static_cast<acc_t>(0.5);
     real = real < static_cast<acc_t>(0) ? static_cast<acc_t>(0) : real;
   }
-  i0 = min_(static_cast<int64_t>(real), n_in - 1);
+  i0 = min_(static_cast<I>(real), n_in - 1);
   acc_t lam = real - static_cast<acc_t>(i0);
   lam = min_(max_(lam, static_cast<acc_t>(0)), static_cast<acc_t>(1));
   const bool resized = r != static_cast<acc_t>(1);  // ratio exactly 1: ATen copies that axis
@@ -188,14 +190,13 @@ HRFAST_INLINE int64_t first_reader(int64_t s, acc_t r, int32_t step, int32_t off
 }
 
 // Weight with which output index d reads source index s, with the forward's exact index rules.
-template <typename acc_t>
-HRFAST_INLINE acc_t adjoint_weight(int64_t d, int64_t s, float r32, acc_t r, int64_t n_in, int64_t n_out,
-                                   int32_t mode, bool align) {
+template <typename acc_t, typename I>
+HRFAST_INLINE acc_t adjoint_weight(I d, I s, float r32, acc_t r, I n_in, I n_out, int32_t mode, bool align) {
   if (d >= n_out) return static_cast<acc_t>(0);
-  if (mode == NEAREST) return nearest_source(d, r32, n_in) == s ? static_cast<acc_t>(1) : static_cast<acc_t>(0);
-  int64_t i0, i1;
+  if (mode == NEAREST) return nearest_source<I>(d, r32, n_in) == s ? static_cast<acc_t>(1) : static_cast<acc_t>(0);
+  I i0, i1;
   acc_t l0, l1;
-  linear_source<acc_t>(d, r, n_in, align, i0, i1, l0, l1);
+  linear_source<acc_t, I>(d, r, n_in, align, i0, i1, l0, l1);
   return (i0 == s ? l0 : static_cast<acc_t>(0)) + (i1 == s ? l1 : static_cast<acc_t>(0));
 }
 
@@ -219,11 +220,11 @@ HRFAST_INLINE acc_t adjoint_element(const TermView<scalar_t, acc_t>& t, const sc
   acc_t u = static_cast<acc_t>(0);
   for (int32_t ky = 0; ky < t.k_h; ++ky) {
     const int64_t dy = lo_y + ky;
-    const acc_t wy = adjoint_weight<acc_t>(dy, sy, t.r32_h, t.r_h, t.h, H, t.mode, align);
+    const acc_t wy = adjoint_weight<acc_t, int64_t>(dy, sy, t.r32_h, t.r_h, t.h, H, t.mode, align);
     if (wy == static_cast<acc_t>(0)) continue;  // weights are finite: wy * wx would be 0 too
     for (int32_t kx = 0; kx < t.k_w; ++kx) {
       const int64_t dx = lo_x + kx;
-      const acc_t wgt = wy * adjoint_weight<acc_t>(dx, sx, t.r32_w, t.r_w, t.w, W, t.mode, align);
+      const acc_t wgt = wy * adjoint_weight<acc_t, int64_t>(dx, sx, t.r32_w, t.r_w, t.w, W, t.mode, align);
       if (wgt == static_cast<acc_t>(0)) continue;
       const acc_t g = masked_grad<scalar_t, acc_t>(gy, gbase + dy * gsh + dx * gsw, y, ybase + dy * ysh + dx * ysw,
                                                    relu);

@@ -42,7 +42,7 @@ struct DeviceBlock {
 
 // Kernels without block reductions (forward): no shared memory.
 template <class K>
-__global__ void __launch_bounds__(kThreads) elementwise_kernel(const typename K::Params p) {
+__global__ void __launch_bounds__(kThreads, 1) elementwise_kernel(const typename K::Params p) {
   DeviceBlock<K> blk;
   blk.ti = this_thread();
   blk.red_ = nullptr;
@@ -51,7 +51,7 @@ __global__ void __launch_bounds__(kThreads) elementwise_kernel(const typename K:
 
 // Kernels with block reductions (backward): phase 0, then per reduction store / barrier / reduce / barrier.
 template <class K>
-__global__ void __launch_bounds__(kThreads) block_reduce_kernel(const typename K::Params p) {
+__global__ void __launch_bounds__(kThreads, 1) block_reduce_kernel(const typename K::Params p) {
   __shared__ typename K::acc_type red[kBY][kBX];
   DeviceBlock<K> blk;
   blk.ti = this_thread();

@@ -13,10 +13,13 @@
 // calling thread (`each` runs the phase for it, `barrier` is __syncthreads()), on the host all 32 x 8 threads
 // (`each` runs the phase for every thread before returning, in place of the barrier).
 //
-// Thread mapping (all kernels): blocks of 32 x 8 threads over a [channels x pixels] tile of one image
-// (grid z = image). The 32-wide dimension is the tensor's contiguous one: pixels for NCHW (threadIdx.x ->
-// pixel), channels for channels_last (threadIdx.x -> channel), so a warp's loads and stores of same-size
-// tensors are coalesced in either layout. One thread per element; offsets are 64-bit (int64 strides).
+// Thread mapping: blocks of 32 x 8 threads, grid z = image. The generic kernels (ForwardKernel,
+// AdjointKernel<.., 0, 0>) run one element per thread over a [channels x pixels] tile of one image, the
+// 32-wide dimension the tensor's contiguous one (pixels for NCHW: threadIdx.x -> pixel; channels for
+// channels_last: threadIdx.x -> channel), so a warp's accesses are coalesced in either layout, with 64-bit
+// offsets. ForwardTileKernel (kPX pixels of a row per thread, compile-time mode pack, int32 offsets),
+// BackwardSameKernel (kPB pixels of a row per thread) and the register AdjointKernel<.., KMAX > 0, MODE>
+// (int32 offsets) are described where they are defined.
 #pragma once
 
 #include <cstdint>
@@ -189,9 +192,186 @@ struct ForwardKernel {
   static HRFAST_INLINE acc_t* dst(const Params&, const ThreadIdx&, int) { return nullptr; }
 };
 
+// ----------------------------------------------------------------------------- forward, mode-pack tiles
+
+// A term pack known at compile time: bits 0-3 the term count, bits 4 + 2k the mode of term k. The launchers
+// instantiate the packs of kForwardPacks (HRNet's fusions: output-size terms, then bilinear ones) and run the
+// generic ForwardKernel for any other combination, for more than kMaxPackTerms terms, or when an offset may
+// not fit in int32.
+constexpr int kMaxPackTerms = 4;
+constexpr uint32_t pack_code(const char* modes) {  // "sbbb": s same, n nearest, b bilinear
+  uint32_t code = 0;
+  int k = 0;
+  for (; modes[k] != 0; ++k) code |= static_cast<uint32_t>(modes[k] == 's' ? SAME : modes[k] == 'n' ? NEAREST
+                                                                                                   : BILINEAR)
+                                     << (4 + 2 * k);
+  return code | static_cast<uint32_t>(k);
+}
+constexpr int pack_count(uint32_t code) { return static_cast<int>(code & 15u); }
+constexpr int pack_mode(uint32_t code, int k) { return static_cast<int>((code >> (4 + 2 * k)) & 3u); }
+// keep in step with hrfast/perf/cuda_cpp.py FORWARD_PACKS
+constexpr uint32_t kForwardPacks[] = {pack_code("s"),    pack_code("ss"),   pack_code("sb"),  pack_code("sss"),
+                                      pack_code("ssb"),  pack_code("sbb"),  pack_code("ssss"), pack_code("sssb"),
+                                      pack_code("ssbb"), pack_code("sbbb")};
+
+constexpr int kPX = 8;  // output pixels per thread along a row in ForwardTileKernel
+
+// One term with int32 strides (every offset of the tensor < 2^31, checked by the launcher).
+template <typename scalar_t, typename acc_t>
+struct TermView32 {
+  const scalar_t* x;
+  const acc_t* scale;
+  const acc_t* shift;
+  int32_t h, w;
+  int32_t sn, sc, sh, sw;
+  int32_t align;
+  float r32_h, r32_w;
+  acc_t r_h, r_w;
+};
+
+// base + off for a non-negative int32 offset (the int32 variants: every offset in [0, 2^30)): zero-extended,
+// one wide multiply-add on a GPU instead of a sign extension and a 64-bit add.
+template <typename T>
+HRFAST_INLINE T* at32(T* base, int32_t off) {
+  return base + static_cast<uint32_t>(off);
+}
+
+template <typename scalar_t, typename acc_t>
+struct ForwardTileParams {
+  TermView32<scalar_t, acc_t> t[kMaxPackTerms];
+  scalar_t* out;
+  int32_t so_n, so_c, so_h, so_w;
+  int32_t C, H, W, S;  // S = ceil(W / kPX) row segments
+  int32_t per_image;   // C * H * S threads per image
+  bool cl, relu;
+};
+
+// One term of the pack at the kPX output pixels (oy, xs[i]) of (n, c): the row's source rows and weights once,
+// each pixel's column taps; the same arithmetic as load_term (same bits).
+template <int MODE, typename scalar_t, typename acc_t>
+HRFAST_INLINE void tile_term(const TermView32<scalar_t, acc_t>& t, int32_t n, int32_t c, int32_t oy,
+                             const int32_t (&xs)[kPX], acc_t (&v)[kPX]) {
+  const int32_t base = n * t.sn + c * t.sc;  // int32 offsets, one wide add per load (at32)
+  if constexpr (MODE == SAME) {
+    const int32_t row = base + oy * t.sh;
+#pragma unroll
+    for (int i = 0; i < kPX; ++i) v[i] = static_cast<acc_t>(load_ro(at32(t.x, row + xs[i] * t.sw)));
+  } else if constexpr (MODE == NEAREST) {
+    const int32_t row = base + nearest_source<int32_t>(oy, t.r32_h, t.h) * t.sh;
+#pragma unroll
+    for (int i = 0; i < kPX; ++i) {
+      v[i] = static_cast<acc_t>(load_ro(at32(t.x, row + nearest_source<int32_t>(xs[i], t.r32_w, t.w) * t.sw)));
+    }
+  } else {
+    const bool align = t.align != 0;
+    int32_t y0, y1;
+    acc_t ly0, ly1;
+    linear_source<acc_t, int32_t>(oy, t.r_h, t.h, align, y0, y1, ly0, ly1);
+    const int32_t r0 = base + y0 * t.sh;
+    const int32_t r1 = base + y1 * t.sh;
+#pragma unroll
+    for (int i = 0; i < kPX; ++i) {
+      int32_t x0, x1;
+      acc_t lx0, lx1;
+      linear_source<acc_t, int32_t>(xs[i], t.r_w, t.w, align, x0, x1, lx0, lx1);
+      const int32_t c0 = x0 * t.sw, c1 = x1 * t.sw;
+      const acc_t v00 = static_cast<acc_t>(load_ro(at32(t.x, r0 + c0)));
+      const acc_t v01 = static_cast<acc_t>(load_ro(at32(t.x, r0 + c1)));
+      const acc_t v10 = static_cast<acc_t>(load_ro(at32(t.x, r1 + c0)));
+      const acc_t v11 = static_cast<acc_t>(load_ro(at32(t.x, r1 + c1)));
+      v[i] = ly0 * (lx0 * v00 + lx1 * v01) + ly1 * (lx0 * v10 + lx1 * v11);
+    }
+  }
+  if (t.scale != nullptr) {
+    const acc_t a = load_ro(t.scale + c);
+#pragma unroll
+    for (int i = 0; i < kPX; ++i) v[i] = v[i] * a;
+  }
+  if (t.shift != nullptr) {
+    const acc_t b = load_ro(t.shift + c);
+#pragma unroll
+    for (int i = 0; i < kPX; ++i) v[i] = v[i] + b;
+  }
+}
+
+template <uint32_t PACK, int K, typename scalar_t, typename acc_t>
+HRFAST_INLINE void tile_terms(const ForwardTileParams<scalar_t, acc_t>& p, int32_t n, int32_t c, int32_t oy,
+                              const int32_t (&xs)[kPX], acc_t (&acc)[kPX]) {
+  if constexpr (K < pack_count(PACK)) {
+    acc_t v[kPX];
+    tile_term<pack_mode(PACK, K), scalar_t, acc_t>(p.t[K], n, c, oy, xs, v);
+    if constexpr (K == 0) {
+#pragma unroll
+      for (int i = 0; i < kPX; ++i) acc[i] = v[i];
+    } else {
+#pragma unroll
+      for (int i = 0; i < kPX; ++i) acc[i] = acc[i] + v[i];  // left to right, as forward_sum
+    }
+    tile_terms<PACK, K + 1, scalar_t, acc_t>(p, n, c, oy, xs, acc);
+  }
+}
+
+// y = ReLU(sum of the terms of PACK), kPX consecutive output pixels of one row and channel per thread: the
+// source rows and vertical weights of each term once per thread, the modes resolved at compile time, int32
+// offsets. Threads over (channel, row, segment), the segment fastest in NCHW (a warp reads and writes
+// along rows) and the channel fastest in channels_last (a warp covers consecutive channels of a pixel, every
+// lane busy whatever C is); grid x over one image's threads (blocks of kThreads), grid z = image. Pixels
+// past the row's end load the last column (a valid address) and are not stored.
+template <typename scalar_t, typename acc_t, uint32_t PACK>
+struct ForwardTileKernel {
+  using acc_type = acc_t;
+  using Params = ForwardTileParams<scalar_t, acc_t>;
+  struct State {
+    int64_t c;
+  };
+  static constexpr int kSlots = 0;
+
+  static HRFAST_INLINE void start(const Params& p, const ThreadIdx& ti, State& s) {
+    s.c = 0;
+    const int32_t id = static_cast<int32_t>(ti.bx) * kThreads + static_cast<int32_t>(ti.ty * kBX + ti.tx);
+    if (id >= p.per_image) return;
+    int32_t c, oy, seg;
+    if (p.cl) {
+      c = id % p.C;
+      const int32_t r = id / p.C;
+      seg = r % p.S;
+      oy = r / p.S;
+    } else {
+      seg = id % p.S;
+      const int32_t r = id / p.S;
+      oy = r % p.H;
+      c = r / p.H;
+    }
+    const int32_t n = static_cast<int32_t>(ti.bz);
+    int32_t xs[kPX];
+#pragma unroll
+    for (int i = 0; i < kPX; ++i) xs[i] = min_(seg * kPX + i, p.W - 1);
+    acc_t acc[kPX];
+    tile_terms<PACK, 0, scalar_t, acc_t>(p, n, c, oy, xs, acc);
+    const int32_t row = n * p.so_n + c * p.so_c + oy * p.so_h;
+#pragma unroll
+    for (int i = 0; i < kPX; ++i) {
+      if (seg * kPX + i >= p.W) break;
+      const acc_t v = p.relu ? relu_keep_nan(acc[i]) : acc[i];
+      *at32(p.out, row + xs[i] * p.so_w) = static_cast<scalar_t>(v);
+    }
+  }
+  static HRFAST_INLINE bool reduces(const Params&, int) { return false; }
+  static HRFAST_INLINE acc_t value(const Params&, const State&, int) { return acc_t(0); }
+  static HRFAST_INLINE acc_t* dst(const Params&, const ThreadIdx&, int) { return nullptr; }
+};
+
+constexpr int kPB = 8;  // output pixels per thread along a row in BackwardSameKernel
+
 // Output-size terms: g = grad_y zeroed where y <= 0; dx_k = g * scale_k; per-tile partials of sum(g) (reduction 0,
 // slot `sum_slot`, when >= 0) and of sum(g * x_k) (reduction 1 + k, slot slot0 + k, where dscale_mask has
 // bit k).
+// Thread mapping: kPB consecutive pixels of one row per thread (the row's offsets once, the per-element cost
+// of the index arithmetic and of the block reductions shared by kPB pixels). A row is S = ceil(W / kPB)
+// segments; the segments of all rows are numbered row-major (segment q: row q / S, pixels from
+// (q % S) * kPB). NCHW: threadIdx.x -> segment (kBX consecutive segments per block, across rows when W is
+// small), threadIdx.y -> channel; channels_last: threadIdx.x -> channel, threadIdx.y -> segment. Grid x =
+// segment block, y = channel block, z = image. A thread sums its pixels (in order) before the block reduction.
 template <typename scalar_t, typename acc_t>
 struct BackwardSameKernel {
   using acc_type = acc_t;
@@ -206,30 +386,53 @@ struct BackwardSameKernel {
     acc_t* parts;  // [slots, R, C]
     int64_t R, C;
     int32_t H, W;
+    int32_t S;  // segments per row, ceil(W / kPB); H * S < 2^31
     bool cl;
   };
   struct State {
-    int64_t n, c, oy, ox;
-    acc_t g;
-    bool active;
+    int64_t n, c;
+    int32_t oy, x0, valid;  // valid: pixels x0 .. x0 + valid - 1 of row oy (0: none)
+    acc_t g[kPB];
   };
   static constexpr int kSlots = 1 + kMaxTerms;
 
   static HRFAST_INLINE void start(const Params& p, const ThreadIdx& ti, State& s) {
-    s.active = tile_element(ti, p.cl, p.C, p.H, p.W, s.c, s.oy, s.ox);
+    const int32_t q = p.cl ? static_cast<int32_t>(ti.bx * kBY + ti.ty) : static_cast<int32_t>(ti.bx * kBX + ti.tx);
+    s.c = p.cl ? static_cast<int64_t>(ti.by) * kBX + ti.tx : static_cast<int64_t>(ti.by) * kBY + ti.ty;
     s.n = ti.bz;
-    s.g = acc_t(0);
-    if (!s.active) return;
+    s.oy = q / p.S;
+    s.x0 = (q - s.oy * p.S) * kPB;
+    s.valid = s.c < p.C && s.oy < p.H ? min_(p.W - s.x0, kPB) : 0;
+    if (s.valid == 0) s.oy = s.x0 = 0;  // a thread past the plane still takes part in the reductions
+#pragma unroll
+    for (int i = 0; i < kPB; ++i) s.g[i] = acc_t(0);
+    if (s.valid == 0) return;
     const int64_t n = s.n, c = s.c;
     const GradIn<scalar_t>& g = p.g;
-    s.g = masked_grad<scalar_t, acc_t>(g.gy, offset4(n, c, s.oy, s.ox, g.sg), g.y, offset4(n, c, s.oy, s.ox, g.sy),
-                                       g.relu);
+    const scalar_t* gy = g.gy + offset4(n, c, s.oy, s.x0, g.sg);
+    const scalar_t* yy = g.y + offset4(n, c, s.oy, s.x0, g.sy);
+#pragma unroll
+    for (int i = 0; i < kPB; ++i) {
+      if (i < s.valid) s.g[i] = masked_grad<scalar_t, acc_t>(gy, i * g.sg.w, yy, i * g.sy.w, g.relu);
+    }
     for (int k = 0; k < p.count; ++k) {
       scalar_t* dx = p.grads.dx[k];
       if (dx == nullptr) continue;
+      const Strides& sd = p.grads.s[k];
+      dx += offset4(n, c, s.oy, s.x0, sd);
       const acc_t* scale = p.pack.t[k].scale;
-      const acc_t v = scale != nullptr ? s.g * load_ro(scale + c) : s.g;
-      dx[offset4(n, c, s.oy, s.ox, p.grads.s[k])] = static_cast<scalar_t>(v);
+      if (scale != nullptr) {
+        const acc_t a = load_ro(scale + c);
+#pragma unroll
+        for (int i = 0; i < kPB; ++i) {
+          if (i < s.valid) dx[i * sd.w] = static_cast<scalar_t>(s.g[i] * a);
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < kPB; ++i) {
+          if (i < s.valid) dx[i * sd.w] = static_cast<scalar_t>(s.g[i]);
+        }
+      }
     }
   }
   static HRFAST_INLINE bool reduces(const Params& p, int r) {
@@ -237,10 +440,20 @@ struct BackwardSameKernel {
     return r - 1 < p.count && ((p.dscale_mask >> (r - 1)) & 1u) != 0;
   }
   static HRFAST_INLINE acc_t value(const Params& p, const State& s, int r) {
-    if (!s.active) return acc_t(0);
-    if (r == 0) return s.g;
+    acc_t v = acc_t(0);
+    if (s.valid == 0) return v;
+    if (r == 0) {
+#pragma unroll
+      for (int i = 0; i < kPB; ++i) v += s.g[i];  // +0 past the row's end
+      return v;
+    }
     const TermView<scalar_t, acc_t>& t = p.pack.t[r - 1];
-    return s.g * static_cast<acc_t>(load_ro(t.x + offset4(s.n, s.c, s.oy, s.ox, t.sn, t.sc, t.sh, t.sw)));
+    const scalar_t* x = t.x + offset4(s.n, s.c, s.oy, s.x0, t.sn, t.sc, t.sh, t.sw);
+#pragma unroll
+    for (int i = 0; i < kPB; ++i) {
+      if (i < s.valid) v += s.g[i] * static_cast<acc_t>(load_ro(x + i * t.sw));
+    }
+    return v;
   }
   static HRFAST_INLINE acc_t* dst(const Params& p, const ThreadIdx& ti, int r) {
     const int64_t slot = r == 0 ? p.sum_slot : p.slot0 + (r - 1);
@@ -248,10 +461,77 @@ struct BackwardSameKernel {
   }
 };
 
-// An upsampled term, one source pixel per thread: u = Up^T(g) (a gather, fuse.h adjoint_element),
-// dz = u * scale; per-tile partials of sum(u * z) (reduction 0, slot 0, when need_dscale) and sum(u)
-// (reduction 1, slot 1, when need_dshift).
-template <typename scalar_t, typename acc_t>
+constexpr int kPS = 4;  // source pixels of a row per thread in the register AdjointKernel
+
+// u = Up^T(g) at the source pixels (sy, sx0 + j), j < kPS, for an exact window (the host found the ratio to be
+// 1/step: first reader s * step - offset) of at most KMAX taps per axis and a compile-time MODE: the per-axis
+// weights and clamped offsets once into registers (the window's rows once for the kPS pixels), the gather
+// separable (each window row summed over its columns, then the rows), int32 offsets (the launcher checks that
+// every offset fits) and the mask always applied (without relu the launcher passes a one-element y of 1,
+// strides 0). The window may reach past the readers (KMAX above the window, or the last rows): every weight
+// is the forward's own, 0 for an output that does not read the source, and a tap of zero weight adds
+// nothing (its g, read at a clamped address, may be inf). Deterministic (a fixed order); not the order of
+// adjoint_element (the rows are summed first, as the Triton adjoint does), so the two agree to rounding.
+// Pixels past the row's end (sx0 + j >= w) compute the last one's value, which the caller drops.
+template <int KMAX, int MODE, typename scalar_t, typename acc_t>
+HRFAST_INLINE void adjoint_row_fixed(const TermView<scalar_t, acc_t>& t, const GradIn<scalar_t>& g, int32_t H,
+                                     int32_t W, int32_t n, int32_t c, int32_t sy, int32_t sx0, acc_t (&u)[kPS]) {
+  constexpr bool align = false;  // exact windows: bilinear without align_corners, or nearest (which ignores it)
+  const int32_t h = static_cast<int32_t>(t.h), w = static_cast<int32_t>(t.w);
+  const int32_t gsh = static_cast<int32_t>(g.sg.h), gsw = static_cast<int32_t>(g.sg.w);
+  const int32_t ysh = static_cast<int32_t>(g.sy.h), ysw = static_cast<int32_t>(g.sy.w);
+  const int32_t lo_y = max_(sy * t.step_h - t.off_h, 0);
+  const int32_t gbase = n * static_cast<int32_t>(g.sg.n) + c * static_cast<int32_t>(g.sg.c);
+  const int32_t ybase = n * static_cast<int32_t>(g.sy.n) + c * static_cast<int32_t>(g.sy.c);
+  acc_t wy[KMAX];
+  int32_t gy_off[KMAX], yy_off[KMAX];
+#pragma unroll
+  for (int k = 0; k < KMAX; ++k) {
+    wy[k] = adjoint_weight<acc_t, int32_t>(lo_y + k, sy, t.r32_h, t.r_h, h, H, MODE, align);
+    const int32_t dy = min_(lo_y + k, H - 1);
+    gy_off[k] = gbase + dy * gsh;
+    yy_off[k] = ybase + dy * ysh;
+  }
+#pragma unroll
+  for (int j = 0; j < kPS; ++j) {
+    const int32_t sx = min_(sx0 + j, w - 1);
+    const int32_t lo_x = max_(sx * t.step_w - t.off_w, 0);
+    acc_t wx[KMAX];
+    int32_t gx_off[KMAX], yx_off[KMAX];
+#pragma unroll
+    for (int k = 0; k < KMAX; ++k) {
+      wx[k] = adjoint_weight<acc_t, int32_t>(lo_x + k, sx, t.r32_w, t.r_w, w, W, MODE, align);
+      const int32_t dx = min_(lo_x + k, W - 1);
+      gx_off[k] = dx * gsw;
+      yx_off[k] = dx * ysw;
+    }
+    acc_t v = static_cast<acc_t>(0);
+#pragma unroll
+    for (int ky = 0; ky < KMAX; ++ky) {
+      if (wy[ky] == static_cast<acc_t>(0)) continue;  // a row that does not read this source
+      acc_t row = static_cast<acc_t>(0);
+#pragma unroll
+      for (int kx = 0; kx < KMAX; ++kx) {
+        const acc_t gv = static_cast<acc_t>(load_ro(at32(g.gy, gy_off[ky] + gx_off[kx])));
+        const acc_t yv = static_cast<acc_t>(load_ro(at32(g.y, yy_off[ky] + yx_off[kx])));
+        const bool off = yv <= static_cast<acc_t>(0) || wx[kx] == static_cast<acc_t>(0);
+        row += wx[kx] * (off ? static_cast<acc_t>(0) : gv);
+      }
+      v += wy[ky] * row;
+    }
+    u[j] = v;
+  }
+}
+
+// An upsampled term: u = Up^T(g) (a gather), dz = u * scale; per-tile partials of sum(u * z) (reduction 0,
+// slot 0, when need_dscale) and sum(u) (reduction 1, slot 1, when need_dshift).
+//   - KMAX > 0 (exact windows of at most KMAX taps per axis in mode MODE, int32 offsets): kPS source pixels
+//     of a row per thread (adjoint_row_fixed), mapped as BackwardSameKernel's segments: S = ceil(w / kPS)
+//     per row, numbered row-major; NCHW threadIdx.x -> segment, threadIdx.y -> channel; channels_last the
+//     other way round; grid x = segment block. A thread sums its pixels in order before the block reduction.
+//   - KMAX = 0: the generic gather (fuse.h adjoint_element), one source pixel per thread over a [channels x
+//     pixels] tile (tile_element).
+template <typename scalar_t, typename acc_t, int KMAX, int MODE>
 struct AdjointKernel {
   using acc_type = acc_t;
   struct Params {
@@ -262,36 +542,68 @@ struct AdjointKernel {
     int64_t H, W;  // output size
     acc_t* parts;  // [2, R, C]
     int64_t R, C;
+    int32_t S;  // KMAX > 0: segments per source row, ceil(w / kPS)
     bool need_dscale, need_dshift, cl;
   };
   struct State {
-    int64_t n, c, sy, sx;
-    acc_t u;
-    bool active;
+    int64_t n, c, sy, sx;  // the first pixel
+    int32_t valid;         // pixels sx .. sx + valid - 1 (0: none)
+    acc_t u[kPS];
   };
   static constexpr int kSlots = 2;
 
   static HRFAST_INLINE void start(const Params& p, const ThreadIdx& ti, State& s) {
     const TermView<scalar_t, acc_t>& t = p.t;
-    s.active = tile_element(ti, p.cl, p.C, t.h, static_cast<int32_t>(t.w), s.c, s.sy, s.sx);  // h * w <= H * W
     s.n = ti.bz;
-    s.u = acc_t(0);
-    if (!s.active) return;
-    const int64_t n = s.n, c = s.c;
+#pragma unroll
+    for (int j = 0; j < kPS; ++j) s.u[j] = acc_t(0);
     const GradIn<scalar_t>& g = p.g;
-    s.u = adjoint_element<scalar_t, acc_t>(t, g.gy, g.sg.n, g.sg.c, g.sg.h, g.sg.w, g.y, g.sy.n, g.sy.c, g.sy.h,
-                                           g.sy.w, g.relu, p.H, p.W, n, c, s.sy, s.sx);
+    if constexpr (KMAX > 0) {
+      const int32_t q = p.cl ? static_cast<int32_t>(ti.bx * kBY + ti.ty) : static_cast<int32_t>(ti.bx * kBX + ti.tx);
+      s.c = p.cl ? static_cast<int64_t>(ti.by) * kBX + ti.tx : static_cast<int64_t>(ti.by) * kBY + ti.ty;
+      const int32_t sy = q / p.S, sx0 = (q - sy * p.S) * kPS;
+      s.valid = s.c < p.C && sy < t.h ? min_(static_cast<int32_t>(t.w) - sx0, kPS) : 0;
+      s.sy = s.valid > 0 ? sy : 0;
+      s.sx = s.valid > 0 ? sx0 : 0;
+      if (s.valid == 0) return;
+      adjoint_row_fixed<KMAX, MODE, scalar_t, acc_t>(t, g, static_cast<int32_t>(p.H), static_cast<int32_t>(p.W),
+                                                     static_cast<int32_t>(s.n), static_cast<int32_t>(s.c), sy, sx0,
+                                                     s.u);
+#pragma unroll
+      for (int j = 0; j < kPS; ++j) {
+        if (j >= s.valid) s.u[j] = acc_t(0);
+      }
+    } else {
+      s.valid = tile_element(ti, p.cl, p.C, t.h, static_cast<int32_t>(t.w), s.c, s.sy, s.sx) ? 1 : 0;  // h*w <= H*W
+      if (s.valid == 0) return;
+      s.u[0] = adjoint_element<scalar_t, acc_t>(t, g.gy, g.sg.n, g.sg.c, g.sg.h, g.sg.w, g.y, g.sy.n, g.sy.c,
+                                                g.sy.h, g.sy.w, g.relu, p.H, p.W, s.n, s.c, s.sy, s.sx);
+    }
     if (p.dz != nullptr) {
-      const acc_t v = t.scale != nullptr ? s.u * load_ro(t.scale + c) : s.u;
-      p.dz[offset4(n, c, s.sy, s.sx, p.sd)] = static_cast<scalar_t>(v);
+      const acc_t a = t.scale != nullptr ? load_ro(t.scale + s.c) : acc_t(1);
+      scalar_t* dz = p.dz + offset4(s.n, s.c, s.sy, s.sx, p.sd);
+#pragma unroll
+      for (int j = 0; j < kPS; ++j) {
+        if (j < s.valid) dz[j * p.sd.w] = static_cast<scalar_t>(t.scale != nullptr ? s.u[j] * a : s.u[j]);
+      }
     }
   }
   static HRFAST_INLINE bool reduces(const Params& p, int r) { return r == 0 ? p.need_dscale : p.need_dshift; }
   static HRFAST_INLINE acc_t value(const Params& p, const State& s, int r) {
-    if (!s.active) return acc_t(0);
-    if (r == 1) return s.u;
+    acc_t v = acc_t(0);
+    if (s.valid == 0) return v;
+    if (r == 1) {
+#pragma unroll
+      for (int j = 0; j < kPS; ++j) v += s.u[j];  // +0 past the row's end
+      return v;
+    }
     const TermView<scalar_t, acc_t>& t = p.t;
-    return s.u * static_cast<acc_t>(load_ro(t.x + offset4(s.n, s.c, s.sy, s.sx, t.sn, t.sc, t.sh, t.sw)));
+    const scalar_t* z = t.x + offset4(s.n, s.c, s.sy, s.sx, t.sn, t.sc, t.sh, t.sw);
+#pragma unroll
+    for (int j = 0; j < kPS; ++j) {
+      if (j < s.valid) v += s.u[j] * static_cast<acc_t>(load_ro(z + j * t.sw));
+    }
+    return v;
   }
   static HRFAST_INLINE acc_t* dst(const Params& p, const ThreadIdx& ti, int r) {
     return p.parts + (static_cast<int64_t>(r) * p.R + partial_row(ti)) * p.C;

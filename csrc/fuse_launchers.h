@@ -17,6 +17,7 @@
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "fuse_kernels.h"
@@ -29,6 +30,11 @@ constexpr int64_t kMaxGridYZ = 65535;
 
 struct Grid {
   int64_t x, y, z;
+};
+
+template <class T>
+struct type_tag {
+  using type = T;
 };
 
 inline Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
@@ -67,6 +73,85 @@ inline Grid grid_for(bool cl, int64_t C, int64_t P, int64_t N) {
   return {gx, gy, N};
 }
 
+// Whether every element offset of `t` (and of offsets up to twice its span, the slack the adjoint's window
+// pointers take) fits in int32: the kernels' int32 variants.
+inline bool fits_int32(const at::Tensor& t) {
+  int64_t span = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.stride(d) < 0) return false;
+    span += (t.size(d) - 1) * t.stride(d);
+  }
+  return span < (int64_t{1} << 30);
+}
+
+// The compile-time pack of `terms` when ForwardTileKernel has it (kForwardPacks), else 0 (generic kernel).
+inline uint32_t forward_pack(const std::vector<TermSpec>& terms) {
+  if (terms.empty() || terms.size() > static_cast<size_t>(kMaxPackTerms)) return 0;
+  uint32_t code = static_cast<uint32_t>(terms.size());
+  for (size_t k = 0; k < terms.size(); ++k) {
+    if (!fits_int32(terms[k].x)) return 0;
+    code |= static_cast<uint32_t>(terms[k].desc.mode) << (4 + 2 * k);
+  }
+  for (uint32_t known : kForwardPacks) {
+    if (known == code) return code;
+  }
+  return 0;
+}
+
+template <typename scalar_t, typename acc_t>
+TermView32<scalar_t, acc_t> view32(const TermView<scalar_t, acc_t>& v) {
+  TermView32<scalar_t, acc_t> r;
+  r.x = v.x;
+  r.scale = v.scale;
+  r.shift = v.shift;
+  r.h = static_cast<int32_t>(v.h);
+  r.w = static_cast<int32_t>(v.w);
+  r.sn = static_cast<int32_t>(v.sn);
+  r.sc = static_cast<int32_t>(v.sc);
+  r.sh = static_cast<int32_t>(v.sh);
+  r.sw = static_cast<int32_t>(v.sw);
+  r.align = v.align;
+  r.r32_h = v.r32_h;
+  r.r32_w = v.r32_w;
+  r.r_h = v.r_h;
+  r.r_w = v.r_w;
+  return r;
+}
+
+// ForwardTileKernel<PACK> for the runtime `code` (one of kForwardPacks).
+template <class Exec, typename scalar_t, typename acc_t, size_t... I>
+void run_forward_tile(uint32_t code, const Grid& grid, const ForwardTileParams<scalar_t, acc_t>& p,
+                      std::index_sequence<I...>) {
+  const bool ran = ((code == kForwardPacks[I]
+                         ? (Exec::template run<ForwardTileKernel<scalar_t, acc_t, kForwardPacks[I]>>(grid, p), true)
+                         : false) ||
+                    ...);
+  TORCH_CHECK(ran, "hrfast fuse: no forward kernel for pack ", code);
+}
+
+// The tiled forward (ForwardTileKernel): one launch for all terms.
+template <class Exec, typename scalar_t, typename acc_t>
+void forward_tile_launch(const at::Tensor& out, const std::vector<TermSpec>& terms, bool relu, uint32_t code) {
+  const int64_t N = out.size(0), C = out.size(1), H = out.size(2), W = out.size(3);
+  ForwardTileParams<scalar_t, acc_t> p;
+  for (size_t k = 0; k < terms.size(); ++k) p.t[k] = view32(make_view<scalar_t, acc_t>(terms[k], H, W));
+  p.out = out.data_ptr<scalar_t>();
+  p.so_n = static_cast<int32_t>(out.stride(0));
+  p.so_c = static_cast<int32_t>(out.stride(1));
+  p.so_h = static_cast<int32_t>(out.stride(2));
+  p.so_w = static_cast<int32_t>(out.stride(3));
+  p.C = static_cast<int32_t>(C);
+  p.H = static_cast<int32_t>(H);
+  p.W = static_cast<int32_t>(W);
+  p.S = static_cast<int32_t>((W + kPX - 1) / kPX);
+  p.per_image = static_cast<int32_t>(C * H * p.S);
+  p.cl = channels_last_like(out);
+  p.relu = relu;
+  const Grid grid{(p.per_image + kThreads - 1) / kThreads, 1, N};
+  run_forward_tile<Exec, scalar_t, acc_t>(code, grid, p,
+                                          std::make_index_sequence<sizeof(kForwardPacks) / sizeof(uint32_t)>{});
+}
+
 // y = ReLU(sum_k Up_k(x_k) * scale_k + shift_k) into `out`; more than kMaxTerms terms are chained through a
 // partial sum in the accumulation type, laid out like `out` (empty_like keeps its strides), read and
 // rewritten in place element by element.
@@ -76,8 +161,15 @@ void forward_launch(const at::Tensor& out, const std::vector<TermSpec>& terms, b
   const typename Exec::Guard guard(out.device());
   const int64_t N = out.size(0), C = out.size(1), H = out.size(2), W = out.size(3);
   const bool cl = channels_last_like(out);
-  const Grid grid = grid_for(cl, C, H * W, N);
+  const Grid grid = grid_for(cl, C, H * W, N);  // its limits hold for every path
   const int64_t K = static_cast<int64_t>(terms.size());
+  const uint32_t code = fits_int32(out) ? forward_pack(terms) : 0;
+  if (code != 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "hrfast_fuse_forward_tile", [&] {
+      forward_tile_launch<Exec, scalar_t, at::opmath_type<scalar_t>>(out, terms, relu, code);
+    });
+    return;
+  }
   at::Tensor partial;
   if (K > kMaxTerms) partial = at::empty_like(out, out.options().dtype(acc_dtype_of(out)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "hrfast_fuse_forward", [&] {
@@ -114,7 +206,11 @@ at::Tensor backward_same_launch(const at::Tensor& grad_y, const at::Tensor& y, b
   const int64_t N = grad_y.size(0), C = grad_y.size(1), H = grad_y.size(2), W = grad_y.size(3);
   const int64_t K = static_cast<int64_t>(terms.size());
   const bool cl = channels_last_like(grad_y);
-  const Grid grid = grid_for(cl, C, H * W, N);
+  const Grid limits = grid_for(cl, C, H * W, N);  // the limits' errors, as every launcher gives them
+  // fuse_kernels.h BackwardSameKernel: kPB pixels of a row per thread, grid x over the rows' segments
+  const int64_t S = (W + kPB - 1) / kPB;
+  const int64_t along = cl ? kBY : kBX;
+  const Grid grid{(H * S + along - 1) / along, limits.y, limits.z};
   const int64_t R = N * grid.x;
   at::Tensor parts = at::zeros({K + 1, R, C}, grad_y.options().dtype(acc_dtype_of(grad_y)));
   if (grad_y.numel() == 0) return parts;
@@ -145,6 +241,7 @@ at::Tensor backward_same_launch(const at::Tensor& grad_y, const at::Tensor& y, b
       p.C = C;
       p.H = static_cast<int32_t>(H);
       p.W = static_cast<int32_t>(W);
+      p.S = static_cast<int32_t>(S);
       p.cl = cl;
       Exec::template run<Kernel>(grid, p);
     }
@@ -164,27 +261,66 @@ at::Tensor backward_adjoint_launch(const at::Tensor& grad_y, const at::Tensor& y
   const int64_t H = grad_y.size(2), W = grad_y.size(3);
   const at::Tensor& layout = dz.defined() ? dz : (has_zero_stride(z) ? grad_y : z);
   const bool cl = channels_last_like(layout);
-  const Grid grid = grid_for(cl, C, h * w, N);
+  const Grid limits = grid_for(cl, C, h * w, N);  // the generic mapping's grid; its limits hold for both
+  // the register variant of an exact window (int32 offsets) when one fits, else the generic gather
+  const TermDesc& d = term.desc;
+  int32_t k_h, k_w, step_h, step_w, off_h, off_w;
+  window(d.ratio_h, d.mode, d.align_corners, H, k_h, step_h, off_h);
+  window(d.ratio_w, d.mode, d.align_corners, W, k_w, step_w, off_w);
+  const int32_t k = std::max(k_h, k_w);
+  const bool fast = step_h > 0 && step_w > 0 && fits_int32(grad_y) && (!relu || fits_int32(y)) &&
+                    (dz.defined() ? fits_int32(dz) : true) && fits_int32(z);
+  int kmax = 0;
+  if (fast && d.mode == BILINEAR) kmax = k <= 4 ? 4 : k <= 8 ? 8 : k <= 16 ? 16 : 0;
+  if (fast && d.mode == NEAREST) kmax = k <= 2 ? 2 : k <= 4 ? 4 : k <= 8 ? 8 : 0;
+  // the register variant: kPS source pixels of a row per thread, grid x over the rows' segments
+  const int64_t S = (w + kPS - 1) / kPS;
+  const int64_t along = cl ? kBY : kBX;
+  const Grid grid = kmax > 0 ? Grid{(h * S + along - 1) / along, limits.y, limits.z} : limits;
   const int64_t R = N * grid.x;
   at::Tensor parts = at::zeros({2, R, C}, grad_y.options().dtype(acc_dtype_of(grad_y)));
   if (z.numel() == 0 || grad_y.numel() == 0) return parts;
+  // the register variant always applies the mask: without relu, a y of 1 (strides 0) passes every g
+  const at::Tensor one = kmax > 0 && !relu ? at::ones({1, 1, 1, 1}, grad_y.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_y.scalar_type(), "hrfast_fuse_bwd_adjoint", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    using Kernel = AdjointKernel<scalar_t, acc_t>;
-    typename Kernel::Params p;
-    p.t = make_view<scalar_t, acc_t>(term, H, W);
-    p.dz = dz.defined() ? dz.data_ptr<scalar_t>() : nullptr;
-    p.sd = dz.defined() ? strides_of(dz) : Strides{0, 0, 0, 0};
-    p.g = grad_in<scalar_t>(grad_y, y, relu);
-    p.H = H;
-    p.W = W;
-    p.parts = parts.data_ptr<acc_t>();
-    p.R = R;
-    p.C = C;
-    p.need_dscale = need_dscale;
-    p.need_dshift = need_dshift;
-    p.cl = cl;
-    Exec::template run<Kernel>(grid, p);
+    auto launch = [&](auto kernel_tag) {
+      using Kernel = typename decltype(kernel_tag)::type;
+      typename Kernel::Params p;
+      p.t = make_view<scalar_t, acc_t>(term, H, W);
+      p.dz = dz.defined() ? dz.data_ptr<scalar_t>() : nullptr;
+      p.sd = dz.defined() ? strides_of(dz) : Strides{0, 0, 0, 0};
+      p.g = grad_in<scalar_t>(grad_y, y, relu);
+      if (one.defined()) {
+        p.g.y = one.data_ptr<scalar_t>();
+        p.g.sy = Strides{0, 0, 0, 0};
+      }
+      p.H = H;
+      p.W = W;
+      p.parts = parts.data_ptr<acc_t>();
+      p.R = R;
+      p.C = C;
+      p.S = static_cast<int32_t>(S);
+      p.need_dscale = need_dscale;
+      p.need_dshift = need_dshift;
+      p.cl = cl;
+      Exec::template run<Kernel>(grid, p);
+    };
+    if (d.mode == BILINEAR && kmax == 4) {
+      launch(type_tag<AdjointKernel<scalar_t, acc_t, 4, BILINEAR>>{});
+    } else if (d.mode == BILINEAR && kmax == 8) {
+      launch(type_tag<AdjointKernel<scalar_t, acc_t, 8, BILINEAR>>{});
+    } else if (d.mode == BILINEAR && kmax == 16) {
+      launch(type_tag<AdjointKernel<scalar_t, acc_t, 16, BILINEAR>>{});
+    } else if (d.mode == NEAREST && kmax == 2) {
+      launch(type_tag<AdjointKernel<scalar_t, acc_t, 2, NEAREST>>{});
+    } else if (d.mode == NEAREST && kmax == 4) {
+      launch(type_tag<AdjointKernel<scalar_t, acc_t, 4, NEAREST>>{});
+    } else if (d.mode == NEAREST && kmax == 8) {
+      launch(type_tag<AdjointKernel<scalar_t, acc_t, 8, NEAREST>>{});
+    } else {
+      launch(type_tag<AdjointKernel<scalar_t, acc_t, 0, 0>>{});
+    }
   });
   return parts;
 }

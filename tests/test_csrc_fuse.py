@@ -85,6 +85,29 @@ def test_extra_shapes(case, dtype, layout, param_dtype):
     base.check_fuse(case, dtype, layout, param_dtype, backend="cuda")
 
 
+# The compiled fast paths (csrc/README.md): a forward mode pack of kForwardPacks runs ForwardTileKernel (kPX = 8
+# pixels of a row per thread; widths 20 and 13 end inside a segment), exact 1/2^k windows the register
+# AdjointKernel (bilinear 2x and 4x, nearest 2x and 4x; the 1x3 -> 8x20 term is exact along h only: the generic
+# gather), without the ReLU through the stand-in mask, kPS = 4 source pixels per thread (widths 10, 5, 7 end
+# inside a segment); BackwardSameKernel's kPB = 8 pixel segments run across rows (13 = 8 + 5, 20 = 16 + 4).
+PACK_SBBB = [((8, 20), None), ((4, 10), bil()), ((2, 5), bil()), ((1, 3), bil())]
+FAST_PATH_CASES = [
+    pytest.param(Case((8, 20), PACK_SBBB, N=2, C=37, affine="mixed"), F64, "channels_last", None, id="sbbb_cl_fp64"),
+    pytest.param(Case((8, 20), PACK_SBBB, N=1, C=3, relu=False), F64, "nchw", None, id="sbbb_no_relu_fp64"),
+    pytest.param(Case((6, 13), [((6, 13), None), ((6, 13), None), ((3, 7), bil())], N=2, C=5, affine="mixed"), F32,
+                 "nchw", None, id="ssb_odd_fp32"),
+    pytest.param(Case((8, 8), [((8, 8), None), ((4, 4), near()), ((2, 2), near())], N=1, C=3, relu=False), F64,
+                 "channels_last", None, id="nearest_pow2_no_relu_fp64"),
+    pytest.param(Case((8, 20), PACK_SBBB[:3], N=2, C=33, affine="mixed"), BF16, "channels_last", F32,
+                 id="sbb_bf16_cl"),
+]
+
+
+@pytest.mark.parametrize("case, dtype, layout, param_dtype", FAST_PATH_CASES)
+def test_fast_paths(case, dtype, layout, param_dtype):
+    base.check_fuse(case, dtype, layout, param_dtype, backend="cuda")
+
+
 # ------------------------------------------------------------------------------------- the launch structure
 
 # More terms than one launch takes (kMaxTerms = 8). 11 terms, 5 of output size: a forward chain of 2 launches
@@ -236,12 +259,14 @@ DETERMINISM_CASES = {
                              ((9, 7), None), ((1, 1), bil())], N=2, C=5, affine="mixed"),
     # many blocks along every grid axis, and chained / several launches
     "11_terms_c40": Case((6, 7), TERMS_11, N=3, C=40, affine="mixed"),
+    # the fast paths: ForwardTileKernel, the register AdjointKernel, BackwardSameKernel's segments
+    "sbbb": Case((8, 20), PACK_SBBB, N=2, C=9, affine="mixed"),
 }
 
 
 @pytest.mark.parametrize("dtype, layout, name", [(F32, "nchw", "6_terms"), (F16, "channels_last", "6_terms"),
                                                  (F64, "strided", "6_terms"), (F32, "channels_last", "11_terms_c40"),
-                                                 (F32, "nchw", "11_terms_c40")])
+                                                 (F32, "nchw", "11_terms_c40"), (F32, "nchw", "sbbb")])
 def test_bitwise_deterministic(dtype, layout, name):
     """Same inputs, same bits: on a GPU over repeated runs, on CPU also with 1 and 2 threads (the host build
     runs the grid's blocks in parallel; each block writes its own outputs and partial rows, and the partials

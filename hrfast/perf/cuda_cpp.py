@@ -1,13 +1,20 @@
 """The CUDA C++ fusion kernels (csrc/, backend "cuda_cpp") for the same fusion op calls, modelled.
 
 Their launches are made by C++ (csrc/fuse_launchers.h), so they are derived here from each recorded op call's
-plan and shapes, following csrc/README.md's thread mapping: blocks of 32 x 8 threads over a [channels x
-pixels] tile of one image (32 along the contiguous dimension), one output element per thread, grid z = image;
-forward: one launch per 8 terms; backward (training): one launch for the output-size terms (dx_k = g * scale_k,
-block reductions for dscale / dshift), and one per upsampled term gathering its window of grad_y (masked by
-y > 0 on the fly: grad_y and y are read, no g buffer). Compulsory bytes are counted as for the Triton kernels
-(each tensor once). The kernels are compiled with nvcc for the target (`compile.compile_cuda`, the extension's
-own flags); their trip counts are `workload.CUDA_KERNELS`'.
+plan and shapes, following csrc/README.md: blocks of 32 x 8 threads, grid z = image.
+- forward: `ForwardTileKernel<PACK>` when the terms' modes are one of the compiled packs (FORWARD_PACKS, at
+  most 4 terms) and the offsets fit in int32: kPX = 8 output pixels of a row per thread, one launch; else the
+  generic `ForwardKernel` (one element per thread over a [channels x pixels] tile, one launch per 8 terms);
+- backward (training): one `BackwardSameKernel` launch for the output-size terms (kPB = 8 pixels of a row
+  per thread; dx_k = g * scale_k, block reductions for dscale / dshift), and one `AdjointKernel<KMAX, MODE>`
+  per upsampled term gathering its window of grad_y (masked by y > 0 on the fly: grad_y and y are read, no g
+  buffer): KMAX the register variant for exact windows (ratio 1/2^k, bilinear without align_corners, or
+  nearest) of at most 4 / 8 / 16 taps per axis (2 / 4 / 8 for nearest), int32 offsets, kPS = 4 source pixels
+  of a row per thread; KMAX 0 the generic one (one source pixel per thread).
+The kernel names are `KernelName`s: the struct (the workload.CUDA_KERNELS key) carrying its extra template
+arguments as mangled (`mangled_name` finds the instantiation). Compulsory bytes are counted as for the Triton
+kernels (each tensor once). The kernels are compiled with nvcc for the target (`compile.compile_cuda`, the
+extension's own flags); their trip counts are `workload.CUDA_KERNELS`'.
 """
 from __future__ import annotations
 
@@ -22,10 +29,37 @@ from .opcalls import OpCall
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc" / "fuse_cuda.cu"
 BLOCK_X, BLOCK_Y, MAX_TERMS = 32, 8, 8  # csrc/fuse_kernels.h kBX, kBY, kMaxTerms
+PX = 8  # csrc/fuse_kernels.h kPX: output pixels per thread in ForwardTileKernel
+PB = 8  # csrc/fuse_kernels.h kPB: output pixels per thread in BackwardSameKernel
+PS = 4  # csrc/fuse_kernels.h kPS: source pixels per thread in the register AdjointKernel
+# csrc/fuse_kernels.h kForwardPacks (s same, n nearest, b bilinear), and AdjointKernel's register windows
+FORWARD_PACKS = ("s", "ss", "sb", "sss", "ssb", "sbb", "ssss", "sssb", "ssbb", "sbbb")
+ADJOINT_WINDOWS = {2: (4, 8, 16), 1: (2, 4, 8)}  # by mode: bilinear, nearest (exact windows)
+INT32_SPAN = 1 << 30  # csrc/fuse_launchers.h fits_int32
 
 # the template arguments <scalar_t, acc_t> as they appear in the mangled kernel names
 _MANGLED_TYPES = {torch.float32: "IffEE", torch.float64: "IddEE", torch.bfloat16: "IN3c108BFloat16EfEE",
                   torch.float16: "IN3c104HalfEfEE"}
+
+
+class KernelName(str):
+    """A kernel struct's name (the workload.CUDA_KERNELS key) with its extra template arguments as nvcc mangles
+    them (e.g. "Lj37E" for the uint32 37), "" for none."""
+
+    template_args: str
+
+    def __new__(cls, name: str, template_args: str = ""):
+        obj = super().__new__(cls, name)
+        obj.template_args = template_args
+        return obj
+
+
+def pack_code(modes: str) -> int:
+    """csrc/fuse_kernels.h pack_code: the count in bits 0-3, term k's mode in bits 4 + 2k."""
+    code = len(modes)
+    for k, m in enumerate(modes):
+        code |= "snb".index(m) << (4 + 2 * k)
+    return code
 
 
 @dataclass
@@ -40,8 +74,10 @@ class CudaLaunch:
 
 
 def mangled_name(names: Sequence[str], kernel: str, dtype: torch.dtype) -> str:
-    """The compiled kernel of struct `kernel` for `dtype` among nvcc's (mangled) names."""
-    token = kernel + _MANGLED_TYPES[dtype]
+    """The compiled kernel of struct `kernel` (a KernelName: with its extra template arguments) for `dtype`
+    among nvcc's (mangled) names."""
+    types = _MANGLED_TYPES[dtype]
+    token = kernel + types[:-2] + getattr(kernel, "template_args", "") + types[-2:]
     matches = [n for n in names if token in n]
     if len(matches) != 1:
         raise LookupError(f"{len(matches)} compiled kernels match {token}: csrc changed, update cuda_cpp.py")
@@ -77,33 +113,65 @@ def launches(call: OpCall, training: bool) -> List[CudaLaunch]:
     warps = _warps(cl, C, H * W, N)
     terms = list(zip(shapes, plan.terms))
     result = []
-    for start in range(0, len(terms), MAX_TERMS):
+    modes = "".join("snb"[t.mode] for t in plan.terms)
+    fits = all(_span(s) < INT32_SPAN for s in [*shapes, (N, C, H, W)])
+    if modes in FORWARD_PACKS and fits:
+        threads = C * H * math.ceil(W / PX)
+        elems = sum(math.prod(s) for s in shapes) + out
+        result.append(CudaLaunch(KernelName("ForwardTileKernel", f"Lj{pack_code(modes)}E"), "forward",
+                                 math.ceil(threads / (BLOCK_X * BLOCK_Y)) * N * (BLOCK_X * BLOCK_Y // 32),
+                                 elems * size, dict(count=len(modes), elements=out)))
+        starts = []
+    else:
+        starts = range(0, len(terms), MAX_TERMS)
+    for start in starts:
         group = terms[start:start + MAX_TERMS]
         elems = sum(math.prod(s) for s, _ in group) + out * (2 if start else 1)
-        result.append(CudaLaunch("ForwardKernel", "forward", warps, elems * size,
+        result.append(CudaLaunch(KernelName("ForwardKernel"), "forward", warps, elems * size,
                                  dict(count=len(group), elements=out)))
     if training:
-        result += _backward(terms, N, C, H, W, cl, out, size)
+        result += _backward(terms, N, C, H, W, cl, out, size, fits)
     return result
 
 
-def _backward(terms, N, C, H, W, cl, out, size) -> List[CudaLaunch]:
+def _span(shape) -> int:
+    """Elements spanned by a dense tensor of `shape` (either layout)."""
+    return math.prod(shape)
+
+
+def _backward(terms, N, C, H, W, cl, out, size, fits) -> List[CudaLaunch]:
     same = [(s, t) for s, t in terms if t.mode == 0]
     result = []
     if same:
         dscale = sum(t.has_scale for _, t in same)
         slots = dscale + any(t.has_shift for _, t in same)
         elems = 2 * out + out * (len(same) + dscale)  # grad_y, y, every dx_k, x_k for dscale
-        result.append(CudaLaunch("BackwardSameKernel", "backward", _warps(cl, C, H * W, N), elems * size,
+        segments = H * math.ceil(W / PB)
+        blocks = math.ceil(segments / (BLOCK_Y if cl else BLOCK_X)) * math.ceil(C / (BLOCK_X if cl else BLOCK_Y)) * N
+        result.append(CudaLaunch(KernelName("BackwardSameKernel"), "backward", blocks * BLOCK_X * BLOCK_Y // 32,
+                                 elems * size,
                                  dict(count=len(same), slots=slots, elements=out)))
     for shape, t in terms:
         if t.mode == 0:
             continue
         e = math.prod(shape)
         elems = 2 * out + e * (2 if t.has_scale else 1)  # grad_y, y, dz, z for dscale
-        result.append(CudaLaunch("AdjointKernel", "backward", _warps(cl, C, shape[2] * shape[3], N), elems * size,
-                                 dict(k_h=_window(t.ratio_h, t.mode, t.align_corners, H),
-                                      k_w=_window(t.ratio_w, t.mode, t.align_corners, W), elements=e)))
+        k_h = _window(t.ratio_h, t.mode, t.align_corners, H)
+        k_w = _window(t.ratio_w, t.mode, t.align_corners, W)
+        exact = all(num == 1 and den & (den - 1) == 0 for num, den in (t.ratio_h, t.ratio_w)) and not (
+            t.mode == 2 and t.align_corners)
+        windows = ADJOINT_WINDOWS.get(t.mode, ()) if fits and exact else ()
+        kmax = next((k for k in windows if max(k_h, k_w) <= k), 0)
+        mode = t.mode if kmax else 0
+        if kmax:  # PS source pixels of a row per thread, segments numbered row-major
+            segments = shape[2] * math.ceil(shape[3] / PS)
+            blocks = (math.ceil(segments / (BLOCK_Y if cl else BLOCK_X)) * math.ceil(C / (BLOCK_X if cl else BLOCK_Y))
+                      * N)
+            warps = blocks * BLOCK_X * BLOCK_Y // 32
+        else:
+            warps = _warps(cl, C, shape[2] * shape[3], N)
+        result.append(CudaLaunch(KernelName("AdjointKernel", f"Li{kmax}ELi{mode}E"), "backward", warps, elems * size,
+                                 dict(k_h=k_h, k_w=k_w, kmax=kmax, elements=e)))
     return result
 
 

@@ -192,16 +192,22 @@ KERNELS: Dict[str, KernelWork] = {
                                       unread=_bn_backward_unread),
 }
 
-# csrc/fuse_kernels.h, one element per thread (params: see cuda_cpp.py). ptxas keeps the loops over runtime
-# counts: the forward's loop over the terms after the first (peeled), the backward's dx loop unrolled by 4 with
-# its remainder, then the loop over the reduction slots; the adjoint's window loops (ky outer, kx inner).
-# Every term's loop body holds the code of every resample mode (a run-time switch), so these counts are upper
-# bounds of what a thread executes.
+# csrc/fuse_kernels.h (params: see cuda_cpp.py). ptxas keeps the loops over runtime counts: the generic
+# forward's loop over the terms after the first (peeled), the backward's dx loop, then the loop over the
+# reduction slots; the generic adjoint's window loops (ky outer, kx inner). The generic kernels' loop bodies
+# hold the code of every resample mode (a run-time switch): upper bounds of what a thread executes; the
+# tiled forward (ForwardTileKernel<PACK>) and the register adjoint (AdjointKernel<KMAX > 0, MODE>) resolve
+# the modes at compile time and unroll everything.
 CUDA_KERNELS: Dict[str, KernelWork] = {
     "ForwardKernel": KernelWork(trips=lambda p: [p["count"] - 1], elements=lambda p: p["elements"]),
-    "BackwardSameKernel": KernelWork(trips=lambda p: [p["count"] // 4, p["count"] % 4, p["slots"]],
+    # compile-time term pack, kPX pixels per thread: straight-line code
+    "ForwardTileKernel": KernelWork(trips=lambda p: [], elements=lambda p: p["elements"]),
+    # kPB pixels per thread: the dx loop over the terms unrolled by 2 (remainder peeled), the slots loop
+    "BackwardSameKernel": KernelWork(trips=lambda p: [p["count"] // 2, p["slots"]],
                                      elements=lambda p: p["elements"]),
-    "AdjointKernel": KernelWork(trips=lambda p: [p["k_h"] * p["k_w"], p["k_h"]], elements=lambda p: p["elements"]),
+    # KMAX > 0: the window unrolled (no loops); 0: the generic gather's two loops
+    "AdjointKernel": KernelWork(trips=lambda p: [] if p.get("kmax") else [p["k_h"] * p["k_w"], p["k_h"]],
+                                elements=lambda p: p["elements"]),
 }
 
 # kernels deliberately without an entry (reported with "trip counts unknown"), with the reason

@@ -2,21 +2,21 @@
 
     logits = Wc . ReLU(BN(W0 x0 + sum_j Up(P_j) + b)) + bc,     P_j = W_j x_j at branch j's resolution
 
-(the 1x1 conv commutes with Up, whose weights sum to 1). Every kernel works on chunks of BLOCK_M of the M
-head channels over a tile of BLOCK_P pixels of one image, recomputing the pre-BN chunk
-s = W0[m] . x0 + sum_j Up(P_j)[m] (conv bias excluded: it only shifts BN's mean) from x0 and the
-low-resolution projections:
+(the 1x1 conv commutes with Up, whose weights sum to 1). Every kernel works on the forward's 2-D tiles of
+TILE_H x TILE_W pixels of one image, looping over the M head channels in chunks of BLOCK_M and recomputing the
+pre-BN chunk s = x0^T W0[m]^T + sum_j U_j patch_j (conv bias excluded: it only shifts BN's mean) with tensor-core
+dots: U_j is the tile's interpolation matrix (built once per tile, `_tile_plans`) and patch_j the source pixels
+the tile reads (a plain 2-D block per chunk instead of 4 gathers per output element). The dense U multiplies
+zero weights by every patch value, so a non-finite value would spread NaN over the tile: a tile whose dense
+result holds NaN, or whose patches miss a tap, is redone with ATen's exact per-pixel gathers (a second loop).
 
 - `_head_stats_kernel`: per-tile sum and centred sum of squares of s (BN batch statistics, training);
-- `_head_forward_kernel`: logits = Wc . ReLU(s * scale + shift) + bc over a 2-D pixel tile, accumulated over M
-  chunks, every product a tensor-core dot: each low branch is upsampled as U_j . patch_j, U_j the tile's
-  interpolation matrix (built once per tile) and patch_j the source pixels the tile reads (a plain 2-D block
-  per chunk instead of 4 gathers per output element); exact per-pixel gathers redo a tile only where NaN or a
-  missed tap makes the dense product differ from ATen's;
-- `_head_backward_reduce_kernel`: over pixel splits, dWc = sum dlogits a^T, sum dA and sum dA * s, where
-  dA = Wc^T dlogits, zeroed where a <= 0 (ReLU's backward: NaN passes);
+- `_head_forward_kernel`: logits = Wc . ReLU(s * scale + shift) + bc, accumulated over M chunks;
+- `_head_backward_reduce_kernel`: over splits of the tiles, dWc = sum g a^T, sum dA and sum dA * s, where
+  dA = g Wc, zeroed where a <= 0 (ReLU's backward: NaN passes), each split adding into its own rows;
 - `_head_backward_ds_kernel`: ds = dA * scale + alpha + beta * s (alpha, beta: BN's batch-statistics terms),
-  written once; the launcher turns it into dx0 and dW0 (GEMMs) and dP_j (the fusion op's adjoint gather).
+  written once; the op turns it into dx0 and dW0 (GEMMs) and dP_j (`upsample_adjoint`, the fusion op's
+  deterministic adjoint gather).
 
 Per-split and per-tile partial sums are reduced on the host in a fixed order: deterministic, no atomics.
 """
@@ -34,67 +34,138 @@ from hrfast.plan import HeadPlan
 
 from .fuse import _device_context, _empty, needs_int64, relu, relu_backward, upsample_term_backward
 from .limits import device_limits, first_fitting
-from .resample import (BILINEAR, NEAREST, SAME, bilinear_ratio, cdiv, launch_grid, linear_source, nearest_source,
-                       next_power_of_2, source_args, tile_offsets, upsampled_tile)
+from .resample import (BILINEAR, NEAREST, SAME, bilinear_ratio, cdiv, launch_grid, linear_source,  # noqa: F401
+                       nearest_source, next_power_of_2, source_args, upsampled_tile)
 
 
 @triton.jit
-def _pre_bn_chunk(w0, x0, n, m, m_mask, oy, ox, p_mask, lows, MODES: tl.constexpr, ALIGNS: tl.constexpr,
-                  F64: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr):
-    """s[m, p] = W0[m, :] . x0[:, p] + sum_j Up(P_j)[m, p] for a [BLOCK_M, BLOCK_P] chunk, in fp32 (fp64);
-    `lows`: the sources of the P_j (`resample.source_args`), MODES / ALIGNS: their resampling."""
+def _tile_pixels(pid, H, W, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """Program pid's TILE_H x TILE_W output tile (row-major over the image's tiles): (oy, ox, p_mask) and the
+    indices clamped into the image (cy, cx), whose taps lie inside every patch bound."""
+    tiles_w = tl.cdiv(W, TILE_W)
+    p = tl.arange(0, TILE_H * TILE_W)
+    oy = (pid // tiles_w) * TILE_H + p // TILE_W
+    ox = (pid % tiles_w) * TILE_W + p % TILE_W
+    return oy, ox, (oy < H) & (ox < W), tl.minimum(oy, H - 1), tl.minimum(ox, W - 1)
+
+
+@triton.jit
+def _load_x0_tile(x0_ptr, n, cy, cx, p_mask, C0, strides, INT64: tl.constexpr, C0P: tl.constexpr):
+    """x0 on the tile as the dot's A operand, [pixels, C0P] (padded pixels and channels 0)."""
+    c = tl.arange(0, C0P)
+    return tl.load(x0_ptr + _offsets(n, c, cy, cx, strides, INT64), mask=p_mask[:, None] & (c < C0)[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _tile_plans(n, oy, ox, lows, MODES: tl.constexpr, ALIGNS: tl.constexpr, PATCH_H: tl.constexpr,
+                PATCH_W: tl.constexpr, SRC: tl.constexpr, GATHER: tl.constexpr, F64: tl.constexpr,
+                INT64: tl.constexpr, DTYPE: tl.constexpr):
+    """Per low branch (U_j, patch pixel offsets), built once per tile, and whether every patch covers its taps
+    (GATHER: none built, covered)."""
+    covered = True
+    plans = ()
+    if not GATHER:
+        for j in tl.static_range(len(lows)):
+            if MODES[j] != 0:
+                x_ptr, h, w, strides, _, _ = lows[j]
+                u, rows, cols, ok = _patch_plan(oy, ox, lows[j], tl.arange(0, SRC[j]), MODES[j], ALIGNS[j],
+                                                PATCH_H[j], PATCH_W[j], F64, DTYPE)
+                covered = covered & ok
+                plans = plans + ((u, _pixel_offsets(n, rows, cols, strides, INT64)),)
+            else:
+                plans = plans + ((0, 0),)
+    return plans, covered
+
+
+@triton.jit
+def _chunk_pre_bn(x0, n, oy, ox, p_mask, m, m_mask, m_c, w0_ptr, w0_strides, C0, plans, lows,
+                  MODES: tl.constexpr, ALIGNS: tl.constexpr, CL: tl.constexpr, GATHER: tl.constexpr,
+                  F64: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr, C0P: tl.constexpr):
+    """s [pixels, BLOCK_M] = x0^T W0[m]^T + sum_j Up(P_j)[m] on the tile, in the accumulation dtype: U_j . patch_j
+    dots (`_tile_plans`) or, GATHER, ATen's per-pixel taps. (oy, ox) clamped into the image, m_c = m clamped
+    to M - 1: padded pixels and channels hold copies of real ones, finite where those are."""
     acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
-    s = tl.dot(w0, x0, out_dtype=acc_t, input_precision=PRECISION)
+    c = tl.arange(0, C0P)
+    w0 = tl.load(w0_ptr + c[:, None] * w0_strides[1] + m_c[None, :] * w0_strides[0], mask=(c < C0)[:, None],
+                 other=0.0)
+    s = tl.dot(x0, w0, out_dtype=acc_t, input_precision=PRECISION)
     for j in tl.static_range(len(lows)):
-        s += upsampled_tile(n, m, m_mask, oy, ox, p_mask, lows[j], MODES[j], ALIGNS[j], F64, INT64)
+        x_ptr, h, w, strides, _, _ = lows[j]
+        if MODES[j] == 0:
+            s += tl.load(x_ptr + _offsets(n, m_c, oy, ox, strides, INT64)).to(acc_t)
+        elif GATHER:
+            s += tl.trans(upsampled_tile(n, m_c, m_mask, oy, ox, p_mask, lows[j], MODES[j], ALIGNS[j], F64, INT64))
+        else:
+            u, patch_offsets = plans[j]
+            if CL[j]:  # channels contiguous: masked, so the copies stay vectorised
+                patch = tl.load(x_ptr + (patch_offsets[:, None] + _channel_offsets(m, strides, INT64)[None, :]),
+                                mask=m_mask[None, :], other=0.0)
+            else:  # scalar loads either way: clamped, no mask to compute
+                patch = tl.load(x_ptr + (patch_offsets[:, None] + _channel_offsets(m_c, strides, INT64)[None, :]))
+            s = tl.dot(u, patch, acc=s, out_dtype=acc_t, input_precision=PRECISION)
     return s
 
 
-@triton.jit
-def _load_x0(x0_ptr, n, oy, ox, p_mask, C0, strides, C0P: tl.constexpr, INT64: tl.constexpr):
-    c = tl.arange(0, C0P)
-    mask = (c < C0)[:, None] & p_mask[None, :]
-    return tl.load(x0_ptr + tile_offsets(n, c, oy, ox, strides, INT64), mask=mask, other=0.0)
+# the exact gathers' chunk of M channels (they hold 4 taps per bilinear branch at once)
+GATHER_M = tl.constexpr(16)
 
 
 @triton.jit
-def _load_matrix(ptr, rows, cols, n_rows, n_cols, strides):
-    s_r, s_c = strides
-    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-    return tl.load(ptr + rows[:, None] * s_r + cols[None, :] * s_c, mask=mask, other=0.0)
+def _redo_from(probe, covered, M):
+    """Where the exact-gather loop starts: M (no trips) unless the probe (sums of s over the tile) holds NaN or a
+    patch missed a tap, then 0."""
+    nan_seen = tl.sum(tl.where(probe != probe, 1, 0), axis=0)
+    return tl.where((nan_seen > 0) | (covered == 0), 0, M)
 
 
 @triton.jit
-def _pixels(pid_p, H, W, BLOCK_P: tl.constexpr):
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    return p < H * W, p // W, p % W
+def _stats_chunk(x0, n, cy, cx, p_mask, count, m0, M, w0_ptr, w0_strides, C0, plans, lows, part_ptr, row, R,
+                 MODES: tl.constexpr, ALIGNS: tl.constexpr, CL: tl.constexpr, GATHER: tl.constexpr,
+                 F64: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr, C0P: tl.constexpr,
+                 BLOCK_M: tl.constexpr):
+    """Stores the tile's sum and centred sum of squares of s for channels m0 + [0, BLOCK_M); returns the sums
+    (NaN where s has one: the caller's probe)."""
+    m = m0 + tl.arange(0, BLOCK_M)
+    m_mask = m < M
+    s = _chunk_pre_bn(x0, n, cy, cx, p_mask, m, m_mask, tl.minimum(m, M - 1), w0_ptr, w0_strides, C0, plans, lows,
+                      MODES, ALIGNS, CL, GATHER, F64, INT64, PRECISION, C0P)
+    s = tl.where(p_mask[:, None], s, 0.0)
+    total = tl.sum(s, axis=0)
+    centred = tl.where(p_mask[:, None], s - (total / count)[None, :], 0.0)
+    tl.store(part_ptr + row * M + m, total, mask=m_mask)
+    tl.store(part_ptr + (R + row) * M + m, tl.sum(centred * centred, axis=0), mask=m_mask)
+    return total
 
 
 @triton.jit
 def _head_stats_kernel(
     x0_ptr, x0_strides, C0, H, W,
     w0_ptr, w0_strides, M, part_ptr, R,
-    lows, MODES: tl.constexpr, ALIGNS: tl.constexpr,
-    F64: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr,
-    C0P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+    lows, MODES: tl.constexpr, ALIGNS: tl.constexpr, PATCH_H: tl.constexpr, PATCH_W: tl.constexpr,
+    SRC: tl.constexpr, CL: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr,
+    C0P: tl.constexpr, BLOCK_M: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
 ):
-    """Per tile and channel: sum of s (slot 0) and sum of (s - tile mean)^2 (slot 1), for Chan's merge."""
-    pid_p = tl.program_id(0)
+    """Per TILE_H x TILE_W tile (the forward's) and channel: sum of s (slot 0) and sum of (s - tile mean)^2
+    (slot 1), for Chan's merge on the host. As in the forward, a tile whose dense s holds NaN (a non-finite
+    patch value times a zero weight spreads over the tile; or NaN in the data) or whose patches miss a tap is
+    redone with ATen's per-pixel gathers (second loop, 16-channel chunks; no trips on finite inputs)."""
+    acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
+    pid = tl.program_id(0)
     n = tl.program_id(1)
-    p_mask, oy, ox = _pixels(pid_p, H, W, BLOCK_P)
+    oy, ox, p_mask, cy, cx = _tile_pixels(pid, H, W, TILE_H, TILE_W)
     count = tl.sum(p_mask.to(tl.float32), axis=0)
-    x0 = _load_x0(x0_ptr, n, oy, ox, p_mask, C0, x0_strides, C0P, INT64)
-    row = n * tl.num_programs(0) + pid_p
+    x0 = _load_x0_tile(x0_ptr, n, cy, cx, p_mask, C0, x0_strides, INT64, C0P)
+    plans, covered = _tile_plans(n, cy, cx, lows, MODES, ALIGNS, PATCH_H, PATCH_W, SRC, False, F64, INT64, x0.dtype)
+    row = n * tl.num_programs(0) + pid
+    probe = tl.zeros([BLOCK_M], dtype=acc_t)
     for m0 in range(0, M, BLOCK_M):
-        m = m0 + tl.arange(0, BLOCK_M)
-        m_mask = m < M
-        w0 = _load_matrix(w0_ptr, m, tl.arange(0, C0P), M, C0, w0_strides)
-        s = _pre_bn_chunk(w0, x0, n, m, m_mask, oy, ox, p_mask, lows, MODES, ALIGNS, F64, INT64, PRECISION)
-        s = tl.where(p_mask[None, :], s, 0.0)
-        total = tl.sum(s, axis=1)
-        centred = tl.where(p_mask[None, :], s - (total / count)[:, None], 0.0)
-        tl.store(part_ptr + row * M + m, total, mask=m_mask)
-        tl.store(part_ptr + (R + row) * M + m, tl.sum(centred * centred, axis=1), mask=m_mask)
+        probe += _stats_chunk(x0, n, cy, cx, p_mask, count, m0, M, w0_ptr, w0_strides, C0, plans, lows, part_ptr,
+                              row, R, MODES, ALIGNS, CL, False, F64, INT64, PRECISION, C0P, BLOCK_M)
+    redo = _redo_from(probe, covered, M)
+    for m0 in range(redo, M, GATHER_M):
+        _stats_chunk(x0, n, cy, cx, p_mask, count, m0, M, w0_ptr, w0_strides, C0, plans, lows, part_ptr, row, R,
+                     MODES, ALIGNS, CL, True, F64, INT64, PRECISION, C0P, GATHER_M)
 
 
 @triton.jit
@@ -187,19 +258,9 @@ def _head_forward_kernel(
     NaN over the tile: a tile whose logits hold NaN, or whose patches miss a tap (a bound the host derived from
     the ratio, checked here), is recomputed with the exact per-pixel gathers, which reproduce ATen's NaN/inf."""
     acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
-    pid = tl.program_id(0)
     n = tl.program_id(1)
-    tiles_w = tl.cdiv(W, TILE_W)
-    p = tl.arange(0, TILE_H * TILE_W)
-    oy = (pid // tiles_w) * TILE_H + p // TILE_W
-    ox = (pid % tiles_w) * TILE_W + p % TILE_W
-    p_mask = (oy < H) & (ox < W)
-    # taps of the tail pixels from the last row / column: inside every patch bound
-    cy = tl.minimum(oy, H - 1)
-    cx = tl.minimum(ox, W - 1)
-    c = tl.arange(0, C0P)
-    x0 = tl.load(x0_ptr + _offsets(n, c, cy, cx, x0_strides, INT64), mask=p_mask[:, None] & (c < C0)[None, :],
-                 other=0.0)
+    oy, ox, p_mask, cy, cx = _tile_pixels(tl.program_id(0), H, W, TILE_H, TILE_W)
+    x0 = _load_x0_tile(x0_ptr, n, cy, cx, p_mask, C0, x0_strides, INT64, C0P)
     logits, covered = _tile_logits(x0, n, cy, cx, p_mask, w0_ptr, w0_strides, C0, M, scale_ptr, shift_ptr,
                                    wc_ptr, wc_strides, K, lows, MODES, ALIGNS, PATCH_H, PATCH_W, SRC, CL, False,
                                    F64, INT64, PRECISION, C0P, KP, BLOCK_M)
@@ -226,19 +287,7 @@ def _tile_logits(x0, n, oy, ox, p_mask, w0_ptr, w0_strides, C0, M, scale_ptr, sh
     GATHER: the low branches through the exact per-pixel gathers instead of the patch dots."""
     acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
     dtype: tl.constexpr = x0.dtype
-    covered = True
-    plans = ()
-    if not GATHER:
-        for j in tl.static_range(len(lows)):
-            if MODES[j] != 0:
-                x_ptr, h, w, strides, _, _ = lows[j]
-                u, rows, cols, ok = _patch_plan(oy, ox, lows[j], tl.arange(0, SRC[j]), MODES[j], ALIGNS[j],
-                                                PATCH_H[j], PATCH_W[j], F64, dtype)
-                covered = covered & ok
-                plans = plans + ((u, _pixel_offsets(n, rows, cols, strides, INT64)),)
-            else:
-                plans = plans + ((0, 0),)
-    c = tl.arange(0, C0P)
+    plans, covered = _tile_plans(n, oy, ox, lows, MODES, ALIGNS, PATCH_H, PATCH_W, SRC, GATHER, F64, INT64, dtype)
     k = tl.arange(0, KP)
     k_c = tl.minimum(k, K - 1)
     logits = tl.zeros([x0.shape[0], KP], dtype=acc_t)
@@ -247,24 +296,8 @@ def _tile_logits(x0, n, oy, ox, p_mask, w0_ptr, w0_strides, C0, M, scale_ptr, sh
         m_mask = m < M
         # clamped to the last channel / class where that keeps loads unmasked: the padding is zeroed below
         m_c = tl.minimum(m, M - 1)
-        w0 = tl.load(w0_ptr + c[:, None] * w0_strides[1] + m_c[None, :] * w0_strides[0], mask=(c < C0)[:, None],
-                     other=0.0)
-        s = tl.dot(x0, w0, out_dtype=acc_t, input_precision=PRECISION)
-        for j in tl.static_range(len(lows)):
-            x_ptr, h, w, strides, _, _ = lows[j]
-            if MODES[j] == 0:
-                s += tl.load(x_ptr + _offsets(n, m_c, oy, ox, strides, INT64)).to(acc_t)
-            elif GATHER:
-                s += tl.trans(upsampled_tile(n, m_c, m_mask, oy, ox, p_mask, lows[j], MODES[j], ALIGNS[j], F64,
-                                             INT64))
-            else:
-                u, patch_offsets = plans[j]
-                if CL[j]:  # channels contiguous: masked, so the copies stay vectorised
-                    patch = tl.load(x_ptr + (patch_offsets[:, None] + _channel_offsets(m, strides, INT64)[None, :]),
-                                    mask=m_mask[None, :], other=0.0)
-                else:  # scalar loads either way: clamped, no mask to compute
-                    patch = tl.load(x_ptr + (patch_offsets[:, None] + _channel_offsets(m_c, strides, INT64)[None, :]))
-                s = tl.dot(u, patch, acc=s, out_dtype=acc_t, input_precision=PRECISION)
+        s = _chunk_pre_bn(x0, n, oy, ox, p_mask, m, m_mask, m_c, w0_ptr, w0_strides, C0, plans, lows, MODES, ALIGNS,
+                          CL, GATHER, F64, INT64, PRECISION, C0P)
         scale = tl.load(scale_ptr + m_c).to(acc_t)
         shift = tl.load(shift_ptr + m_c).to(acc_t)
         # padded channels are 0 (their s duplicates the last channel's; the classifier sums over m)
@@ -277,49 +310,135 @@ def _tile_logits(x0, n, oy, ox, p_mask, w0_ptr, w0_strides, C0, M, scale_ptr, sh
 
 
 @triton.jit
+def _activation_grad(x0, g, n, cy, cx, p_mask, m, m_mask, m_c, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr,
+                     wc_ptr, wc_strides, K, plans, lows, MODES: tl.constexpr, ALIGNS: tl.constexpr,
+                     CL: tl.constexpr, GATHER: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr,
+                     PRECISION: tl.constexpr, C0P: tl.constexpr, KP: tl.constexpr):
+    """On one tile and M chunk: (s, a_pre = s * scale + shift, dA = ReLU'(a_pre) (g Wc[:, m]), scale), all
+    [pixels, BLOCK_M] in the accumulation dtype; g [pixels, KP] is the logits' gradient in Wc's dtype (eager's
+    classifier backward multiplies in the input dtype)."""
+    acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
+    s = _chunk_pre_bn(x0, n, cy, cx, p_mask, m, m_mask, m_c, w0_ptr, w0_strides, C0, plans, lows, MODES, ALIGNS, CL,
+                      GATHER, F64, INT64, PRECISION, C0P)
+    scale = tl.load(scale_ptr + m_c).to(acc_t)
+    shift = tl.load(shift_ptr + m_c).to(acc_t)
+    a_pre = s * scale[None, :] + shift[None, :]
+    k = tl.arange(0, KP)
+    wc = tl.load(wc_ptr + tl.minimum(k, K - 1)[:, None] * wc_strides[0] + m_c[None, :] * wc_strides[1],
+                 mask=(k < K)[:, None], other=0.0)
+    da = relu_backward(a_pre, tl.dot(g, wc, out_dtype=acc_t, input_precision=PRECISION))
+    return s, a_pre, da, scale
+
+
+@triton.jit
+def _load_grad_tile(g_ptr, g_strides, n, oy, ox, p_mask, K, INT64: tl.constexpr, KP: tl.constexpr,
+                    DTYPE: tl.constexpr):
+    """The logits' gradient on the tile, [pixels, KP] in DTYPE (padded pixels and classes 0)."""
+    k = tl.arange(0, KP)
+    g = tl.load(g_ptr + _offsets(n, k, oy, ox, g_strides, INT64), mask=p_mask[:, None] & (k < K)[None, :], other=0.0)
+    return g.to(DTYPE)
+
+
+@triton.jit
+def _reduce_chunk(x0, g, n, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr, wc_ptr,
+                  wc_strides, K, plans, lows, rows, later, redo, MODES: tl.constexpr, ALIGNS: tl.constexpr,
+                  CL: tl.constexpr, GATHER: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr,
+                  PRECISION: tl.constexpr, C0P: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Adds the tile's dWc[:, chunk], sum_p dA and sum_p dA * s into the split's rows (`later`: rows hold earlier
+    tiles' sums, else overwritten). The patch dots (not GATHER) add nothing where the chunk's dWc holds NaN
+    (see `_head_stats_kernel`) and return the chunk's start as where the exact gathers must resume; else
+    `redo` is returned unchanged."""
+    acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
+    dtype: tl.constexpr = x0.dtype
+    m = m0 + tl.arange(0, BLOCK_M)
+    m_mask = m < M
+    s, a_pre, da, _ = _activation_grad(x0, g, n, cy, cx, p_mask, m, m_mask, tl.minimum(m, M - 1), w0_ptr,
+                                       w0_strides, C0, scale_ptr, shift_ptr, wc_ptr, wc_strides, K, plans, lows,
+                                       MODES, ALIGNS, CL, GATHER, F64, INT64, PRECISION, C0P, KP)
+    # padded pixels are 0: their activation relu(shift) may be inf or NaN, and every sum runs over pixels
+    a = tl.where(p_mask[:, None], relu(a_pre), 0.0)
+    da = tl.where(p_mask[:, None], da, 0.0)
+    # a NaN of s reaches dWc's column through a (0 * NaN is NaN in the dot)
+    dwc = tl.dot(tl.trans(g), a.to(dtype), out_dtype=acc_t, input_precision=PRECISION)
+    clean = True
+    if not GATHER:
+        clean = tl.sum(tl.sum(tl.where(dwc != dwc, 1, 0), axis=1), axis=0) == 0
+    if clean:
+        k = tl.arange(0, KP)
+        dwc_mask = (k < K)[:, None] & m_mask[None, :]
+        dwc_at = rows + k[:, None] * M + m[None, :]
+        dwc += tl.load(dwc_at, mask=dwc_mask & later, other=0.0)
+        tl.store(dwc_at, dwc, mask=dwc_mask)
+        sum_da = tl.sum(da, axis=0) + tl.load(rows + K * M + m, mask=m_mask & later, other=0.0)
+        tl.store(rows + K * M + m, sum_da, mask=m_mask)
+        sum_das = tl.sum(da * s, axis=0) + tl.load(rows + (K + 1) * M + m, mask=m_mask & later, other=0.0)
+        tl.store(rows + (K + 1) * M + m, sum_das, mask=m_mask)
+    else:
+        redo = m0
+    return redo
+
+
+@triton.jit
 def _head_backward_reduce_kernel(
     x0_ptr, x0_strides, C0, H, W,
     w0_ptr, w0_strides, M, scale_ptr, shift_ptr,
-    wc_ptr, wc_strides, K, g_ptr, g_strides,
-    dwc_ptr, part_ptr, SPLITS, TILES,
-    lows, MODES: tl.constexpr, ALIGNS: tl.constexpr,
-    F64: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr,
-    C0P: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+    wc_ptr, wc_strides, K, g_ptr, g_strides, part_ptr, SPLITS, TILES,
+    lows, MODES: tl.constexpr, ALIGNS: tl.constexpr, PATCH_H: tl.constexpr, PATCH_W: tl.constexpr,
+    SRC: tl.constexpr, CL: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr,
+    C0P: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
 ):
-    """Program (M chunk, split) visits tiles split, split + SPLITS, ...: partial dWc[:, chunk], sum dA, sum dA*s."""
-    acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
-    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    split = tl.program_id(1)
-    m_mask = m < M
-    k = tl.arange(0, KP)
-    w0 = _load_matrix(w0_ptr, m, tl.arange(0, C0P), M, C0, w0_strides)
-    wc = _load_matrix(wc_ptr, k, m, K, M, wc_strides)
-    wc_t = tl.trans(wc)
-    scale = tl.load(scale_ptr + m, mask=m_mask, other=0.0).to(acc_t)
-    shift = tl.load(shift_ptr + m, mask=m_mask, other=0.0).to(acc_t)
-    tiles_per_image = tl.cdiv(H * W, BLOCK_P)
-    dwc = tl.zeros([KP, BLOCK_M], dtype=acc_t)
-    sum_da = tl.zeros([BLOCK_M], dtype=acc_t)
-    sum_das = tl.zeros([BLOCK_M], dtype=acc_t)
+    """Program `split` visits the forward's tiles split, split + SPLITS, ... (of the whole batch) and, per
+    tile and M chunk, adds into its own rows part[split] = [dWc (K rows); sum_p dA; sum_p dA * s] ([K + 2, M],
+    accumulation dtype), dA = ReLU'(a) Wc^T g the gradient at BN's output. Each program owns its rows and
+    visits its tiles in a fixed order (the first overwrites them): deterministic, no atomics; the host sums
+    the splits. From the first chunk whose dWc holds NaN (or from 0 when a patch misses a tap), a tile's
+    chunks go through the exact gathers instead (second loop; no trips on finite inputs), as in the forward."""
+    dtype: tl.constexpr = x0_ptr.dtype.element_ty
+    split = tl.program_id(0)
+    tiles_per_image = tl.cdiv(H, TILE_H) * tl.cdiv(W, TILE_W)
+    rows = part_ptr + split * (K + 2) * M
     for t in range(split, TILES, SPLITS):
         n = t // tiles_per_image
-        p_mask, oy, ox = _pixels(t % tiles_per_image, H, W, BLOCK_P)
-        x0 = _load_x0(x0_ptr, n, oy, ox, p_mask, C0, x0_strides, C0P, INT64)
-        s = _pre_bn_chunk(w0, x0, n, m, m_mask, oy, ox, p_mask, lows, MODES, ALIGNS, F64, INT64, PRECISION)
-        a_pre = s * scale[:, None] + shift[:, None]
-        # padded pixels are 0: their activation relu(shift) may be inf or NaN, and dWc sums over pixels
-        a = tl.where(p_mask[None, :], relu(a_pre), 0.0)
-        g_mask = (k < K)[:, None] & p_mask[None, :]
-        g = tl.load(g_ptr + tile_offsets(n, k, oy, ox, g_strides, INT64), mask=g_mask, other=0.0)
-        g = g.to(wc.dtype)
-        da = tl.dot(wc_t, g, out_dtype=acc_t, input_precision=PRECISION)
-        da = tl.where(p_mask[None, :], relu_backward(a_pre, da), 0.0)
-        dwc += tl.dot(g, tl.trans(a.to(wc.dtype)), out_dtype=acc_t, input_precision=PRECISION)
-        sum_da += tl.sum(da, axis=1)
-        sum_das += tl.sum(da * s, axis=1)
-    tl.store(dwc_ptr + (split * KP + k[:, None]) * M + m[None, :], dwc, mask=(k < K)[:, None] & m_mask[None, :])
-    tl.store(part_ptr + split * M + m, sum_da, mask=m_mask)
-    tl.store(part_ptr + (SPLITS + split) * M + m, sum_das, mask=m_mask)
+        oy, ox, p_mask, cy, cx = _tile_pixels(t % tiles_per_image, H, W, TILE_H, TILE_W)
+        x0 = _load_x0_tile(x0_ptr, n, cy, cx, p_mask, C0, x0_strides, INT64, C0P)
+        g = _load_grad_tile(g_ptr, g_strides, n, cy, cx, p_mask, K, INT64, KP, dtype)
+        plans, covered = _tile_plans(n, cy, cx, lows, MODES, ALIGNS, PATCH_H, PATCH_W, SRC, False, F64, INT64,
+                                     dtype)
+        later = t != split  # the first tile overwrites the rows: no zero fill
+        redo = tl.where(covered == 0, 0, M)
+        for m0 in range(0, M, BLOCK_M):
+            if m0 < redo:
+                redo = _reduce_chunk(x0, g, n, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr,
+                                     wc_ptr, wc_strides, K, plans, lows, rows, later, redo, MODES, ALIGNS, CL, False,
+                                     F64, INT64, PRECISION, C0P, KP, BLOCK_M)
+        for m0 in range(redo, M, GATHER_M):
+            _reduce_chunk(x0, g, n, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr, wc_ptr,
+                          wc_strides, K, plans, lows, rows, later, redo, MODES, ALIGNS, CL, True, F64, INT64,
+                          PRECISION, C0P, KP, GATHER_M)
+
+
+@triton.jit
+def _ds_chunk(x0, g, n, oy, ox, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr, alpha_ptr,
+              beta_ptr, wc_ptr, wc_strides, K, plans, lows, ds_ptr, ds_strides, MODES: tl.constexpr,
+              ALIGNS: tl.constexpr, CL: tl.constexpr, GATHER: tl.constexpr, BATCH_STATS: tl.constexpr,
+              F64: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr, C0P: tl.constexpr, KP: tl.constexpr,
+              BLOCK_M: tl.constexpr):
+    """Stores ds for channels m0 + [0, BLOCK_M) of the tile; returns s summed over the chunk (the NaN probe)."""
+    acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
+    m = m0 + tl.arange(0, BLOCK_M)
+    m_mask = m < M
+    m_c = tl.minimum(m, M - 1)
+    s, a_pre, da, scale = _activation_grad(x0, g, n, cy, cx, p_mask, m, m_mask, m_c, w0_ptr, w0_strides, C0,
+                                           scale_ptr, shift_ptr, wc_ptr, wc_strides, K, plans, lows, MODES, ALIGNS,
+                                           CL, GATHER, F64, INT64, PRECISION, C0P, KP)
+    ds = da * scale[None, :]
+    if BATCH_STATS:
+        alpha = tl.load(alpha_ptr + m_c).to(acc_t)
+        beta = tl.load(beta_ptr + m_c).to(acc_t)
+        ds += alpha[None, :] + beta[None, :] * s
+    tl.store(ds_ptr + _offsets(n, m, oy, ox, ds_strides, INT64), ds.to(ds_ptr.dtype.element_ty),
+             mask=p_mask[:, None] & m_mask[None, :])
+    return tl.sum(s, axis=1)
 
 
 @triton.jit
@@ -327,36 +446,30 @@ def _head_backward_ds_kernel(
     x0_ptr, x0_strides, C0, H, W,
     w0_ptr, w0_strides, M, scale_ptr, shift_ptr, alpha_ptr, beta_ptr,
     wc_ptr, wc_strides, K, g_ptr, g_strides, ds_ptr, ds_strides,
-    lows, MODES: tl.constexpr, ALIGNS: tl.constexpr, BATCH_STATS: tl.constexpr,
-    F64: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr,
-    C0P: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+    lows, MODES: tl.constexpr, ALIGNS: tl.constexpr, PATCH_H: tl.constexpr, PATCH_W: tl.constexpr,
+    SRC: tl.constexpr, CL: tl.constexpr, BATCH_STATS: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr,
+    PRECISION: tl.constexpr, C0P: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, TILE_H: tl.constexpr,
+    TILE_W: tl.constexpr,
 ):
-    """ds = dA * scale (+ alpha + beta * s with batch statistics), the gradient of the pre-BN activation."""
+    """ds = dA * scale (+ alpha + beta * s with batch statistics), the gradient of the pre-BN activation, on the
+    forward's tiles, one tile per program, looping over the M chunks; a tile whose dense s holds NaN is redone
+    with the exact gathers (see `_head_stats_kernel`)."""
     acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
-    pid_p = tl.program_id(0)
-    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    n = tl.program_id(2)
-    m_mask = m < M
-    k = tl.arange(0, KP)
-    p_mask, oy, ox = _pixels(pid_p, H, W, BLOCK_P)
-    x0 = _load_x0(x0_ptr, n, oy, ox, p_mask, C0, x0_strides, C0P, INT64)
-    w0 = _load_matrix(w0_ptr, m, tl.arange(0, C0P), M, C0, w0_strides)
-    s = _pre_bn_chunk(w0, x0, n, m, m_mask, oy, ox, p_mask, lows, MODES, ALIGNS, F64, INT64, PRECISION)
-    scale = tl.load(scale_ptr + m, mask=m_mask, other=0.0).to(acc_t)
-    shift = tl.load(shift_ptr + m, mask=m_mask, other=0.0).to(acc_t)
-    a_pre = s * scale[:, None] + shift[:, None]
-    wc = _load_matrix(wc_ptr, k, m, K, M, wc_strides)
-    g_mask = (k < K)[:, None] & p_mask[None, :]
-    g = tl.load(g_ptr + tile_offsets(n, k, oy, ox, g_strides, INT64), mask=g_mask, other=0.0)
-    da = tl.dot(tl.trans(wc), g.to(wc.dtype), out_dtype=acc_t, input_precision=PRECISION)
-    ds = relu_backward(a_pre, da) * scale[:, None]
-    if BATCH_STATS:
-        alpha = tl.load(alpha_ptr + m, mask=m_mask, other=0.0).to(acc_t)
-        beta = tl.load(beta_ptr + m, mask=m_mask, other=0.0).to(acc_t)
-        ds += alpha[:, None] + beta[:, None] * s
-    mask = m_mask[:, None] & p_mask[None, :]
-    tl.store(ds_ptr + tile_offsets(n, m, oy, ox, ds_strides, INT64), ds.to(ds_ptr.dtype.element_ty),
-             mask=mask)
+    dtype: tl.constexpr = x0_ptr.dtype.element_ty
+    n = tl.program_id(1)
+    oy, ox, p_mask, cy, cx = _tile_pixels(tl.program_id(0), H, W, TILE_H, TILE_W)
+    x0 = _load_x0_tile(x0_ptr, n, cy, cx, p_mask, C0, x0_strides, INT64, C0P)
+    g = _load_grad_tile(g_ptr, g_strides, n, cy, cx, p_mask, K, INT64, KP, dtype)
+    plans, covered = _tile_plans(n, cy, cx, lows, MODES, ALIGNS, PATCH_H, PATCH_W, SRC, False, F64, INT64, dtype)
+    probe = tl.zeros([TILE_H * TILE_W], dtype=acc_t)
+    for m0 in range(0, M, BLOCK_M):
+        probe += _ds_chunk(x0, g, n, oy, ox, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr,
+                           alpha_ptr, beta_ptr, wc_ptr, wc_strides, K, plans, lows, ds_ptr, ds_strides, MODES, ALIGNS,
+                           CL, False, BATCH_STATS, F64, INT64, PRECISION, C0P, KP, BLOCK_M)
+    for m0 in range(_redo_from(probe, covered, M), M, GATHER_M):
+        _ds_chunk(x0, g, n, oy, ox, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr, alpha_ptr,
+                  beta_ptr, wc_ptr, wc_strides, K, plans, lows, ds_ptr, ds_strides, MODES, ALIGNS, CL, True,
+                  BATCH_STATS, F64, INT64, PRECISION, C0P, KP, GATHER_M)
 
 
 # ------------------------------------------------------------------------------------------------ launchers
@@ -378,100 +491,10 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _blocks(t: HeadTensors) -> dict:
-    """The padded channel counts, and the M chunk the configurations start from (`_candidates`)."""
+    """The padded channel counts, and the M chunk the tile configurations start from (`_forward_tile`)."""
     C0, M, K = t.x0.shape[1], t.w0.shape[0], t.wc.shape[0]
     return dict(C0P=max(16, next_power_of_2(C0)), KP=max(16, next_power_of_2(K)),
                 BLOCK_M=min(64, max(16, next_power_of_2(M))))
-
-
-# --------------------------------------------------------------------------------- block configurations
-
-
-class HeadConfig(NamedTuple):
-    """One head kernel's block configuration: M channels and pixels per chunk, software-pipeline stages."""
-
-    BLOCK_M: int
-    BLOCK_P: int
-    num_stages: int
-
-
-def _candidates(block_m: int) -> Tuple[HeadConfig, ...]:
-    """In order of preference: Triton's default pipelining (3 stages) over 64-pixel tiles, then fewer stages,
-    then smaller tiles, each needing less shared memory than the one before; the launchers take the first
-    whose `shared_bound` fits the device (`limits.first_fitting`)."""
-    return (HeadConfig(block_m, 64, 3), HeadConfig(block_m, 64, 2), HeadConfig(block_m, 64, 1),
-            HeadConfig(min(block_m, 32), 32, 1), HeadConfig(16, 16, 1))
-
-
-_TAPS = {SAME: 1, NEAREST: 1, BILINEAR: 4}  # tiles gathered per low branch and chunk
-
-
-def _dot_tiles(name: str, c0p: int, kp: int, bm: int, bp: int) -> int:
-    """Elements of the tiles the kernel's tl.dots read as operands (staged through shared memory)."""
-    pre_bn = bm * c0p + c0p * bp  # W0 chunk, x0 tile
-    return pre_bn + {"_head_stats_kernel": 0,
-                     "_head_backward_reduce_kernel": kp * bm + 2 * kp * bp + bm * bp,  # Wc^T, g twice, a^T
-                     "_head_backward_ds_kernel": kp * bm + kp * bp}[name]
-
-
-def _loop_tiles(name: str, c0p: int, kp: int, bm: int, bp: int) -> int:
-    """Elements the kernel's loop loads anew per iteration besides the gathers (0: no loop)."""
-    return {"_head_stats_kernel": bm * c0p,  # the W0 chunk
-            "_head_backward_reduce_kernel": c0p * bp + kp * bp,  # the x0 and gradient tiles
-            "_head_backward_ds_kernel": 0}[name]
-
-
-def _bound(name: str, elem: int, acc: int, c0p: int, kp: int, copied_taps: int, config: HeadConfig) -> int:
-    bm, bp, stages = config
-    scratch = acc * max(bm, kp) * bp  # one accumulator tile for layout conversions and reductions
-    base = elem * _dot_tiles(name, c0p, kp, bm, bp) + scratch
-    loop = _loop_tiles(name, c0p, kp, bm, bp)
-    if not loop:
-        return base
-    per_stage = elem * (loop + copied_taps * bm * bp)
-    return base + (stages - 1) * per_stage
-
-
-def _copied_taps(modes: Sequence[int], lows: Sequence[tuple], elem: int) -> int:
-    """Gathered low-resolution tiles per chunk that the pipeliner can copy asynchronously: cp.async moves 4
-    bytes or more, so 2-byte gathers qualify only where the channels (channels_last) or the pixels (a
-    same-size branch) are contiguous."""
-    return sum(_TAPS[mode] for mode, src in zip(modes, lows)
-               if elem >= 4 or mode == SAME or src[3][1] == 1)
-
-
-def shared_bound(name: str, params: dict, num_stages: int) -> int:
-    """An upper bound of the shared memory (bytes) Triton gives a head kernel launched with `params` (the
-    kernel's arguments by name, as `hrfast.perf.record.Launch.params` has them): its dot operands, one
-    accumulator tile of scratch, and per pipeline stage beyond the first a buffer for what its loop loads.
-    tests/test_launchability.py checks it against the compiler's figure for sm_80 and sm_90."""
-    x0 = params["x0_ptr"]
-    elem = x0.element_size()
-    acc = 8 if x0.dtype == torch.float64 else 4
-    if name == "_head_forward_kernel":
-        tile = ForwardTile(params["TILE_H"], params["TILE_W"], params["BLOCK_M"], num_stages, 0, params["PATCH_H"],
-                           params["PATCH_W"], params["SRC"])
-        return _forward_bound(elem, acc, params["C0P"], params["KP"], params["SRC"], tile)
-    return _bound(name, elem, 8 if x0.dtype == torch.float64 else 4, params["C0P"], params.get("KP", 0),
-                  _copied_taps(params["MODES"], params["lows"], elem),
-                  HeadConfig(params["BLOCK_M"], params["BLOCK_P"], num_stages))
-
-
-def _configure(name: str, t: HeadTensors, lows: tuple, consts: dict, low_consts: dict) -> dict:
-    """Sets the kernel's BLOCK_M and BLOCK_P in `consts` to the preferred configuration that fits the device
-    (`limits.device_limits`) and returns its launch options (num_stages)."""
-    elem = t.x0.element_size()
-    config = _fitting(name, elem, _acc_dtype(t).itemsize, consts["C0P"], consts.get("KP", 0), consts["BLOCK_M"],
-                      _copied_taps(low_consts["MODES"], lows, elem), device_limits(t.x0.device))
-    consts.update(BLOCK_M=config.BLOCK_M, BLOCK_P=config.BLOCK_P)
-    return dict(num_stages=config.num_stages)
-
-
-@functools.lru_cache(maxsize=1024)
-def _fitting(name: str, elem: int, acc: int, c0p: int, kp: int, block_m: int, copied_taps: int,
-             limits) -> HeadConfig:
-    """Cached: the launchers run on every op call, so their host time counts."""
-    return first_fitting(_candidates(block_m), lambda c: _bound(name, elem, acc, c0p, kp, copied_taps, c), limits)
 
 
 class ForwardTile(NamedTuple):
@@ -500,6 +523,18 @@ _FORWARD_CANDIDATES = {
 }
 
 
+# The backward kernels hold the logits' gradient tile and two more dot results per chunk: at the forward's
+# bf16 configuration (4 warps, 32 channels) ptxas spills (sm_90: reduce 164 B, ds 44 B). bf16: the reduce takes
+# 8 warps (255 registers, no spills: predicted 413 us against 287 us spilling), ds 16-channel chunks (205
+# registers: 206 us against 188 us spilling). fp32 spills in every configuration tried (sm_90: the forward's
+# 8x8 / 32 channels / 4 warps is fastest: reduce 1,481 us against 2,857 with 8 warps and 2,001 with 16-channel
+# chunks; ds 645 us against 764 with 16-channel chunks and 1,816 with 4x8 tiles).
+_TILE_CANDIDATES = {
+    "_head_backward_reduce_kernel": {**_FORWARD_CANDIDATES, 2: ((8, 16, 32, 2, 8),) + _FORWARD_CANDIDATES[2][1:]},
+    "_head_backward_ds_kernel": {**_FORWARD_CANDIDATES, 2: ((8, 16, 16, 2, 4),) + _FORWARD_CANDIDATES[2][1:]},
+}
+
+
 def _patch_extent(mode: int, ratio: Tuple[int, int], tile: int, size: int) -> int:
     """Most source indices one tile of `tile` consecutive output indices reads along an axis: the taps of its
     first and last index lie at most ceil(ratio * (tile - 1)) apart (+1 for the second bilinear tap, +1 for
@@ -509,20 +544,39 @@ def _patch_extent(mode: int, ratio: Tuple[int, int], tile: int, size: int) -> in
     return max(1, min(size, span))
 
 
-def _forward_bound(elem: int, acc: int, c0p: int, kp: int, srcs: Sequence[int], tile: ForwardTile) -> int:
-    """Upper bound of the forward's shared memory: the loop-invariant dot operands (x0 tile, the U_j), one
-    buffer per stage for what the loop loads (W0 and Wc chunks, the patches), the activation operand and one
-    accumulator tile of scratch."""
+def _tile_bound(name: str, elem: int, acc: int, c0p: int, kp: int, srcs: Sequence[int], tile: ForwardTile) -> int:
+    """Upper bound of a tile kernel's shared memory: the loop-invariant dot operands (x0 tile, the U_j; the
+    backward's gradient tile, as is and transposed), one buffer per stage for what the loop loads (W0 chunk,
+    the patches, the Wc chunk), the activation operand (forward, backward reduce) and accumulator tiles of
+    scratch (the backward reduce's dWc chunk besides)."""
     bp, bm = tile.tile_h * tile.tile_w, tile.block_m
-    invariant = elem * bp * (c0p + sum(srcs) + bm)
-    per_stage = elem * bm * (c0p + sum(srcs) + kp)
-    return invariant + tile.num_stages * per_stage + acc * bp * max(bm, kp)
+    classifier = name != "_head_stats_kernel"
+    invariant = elem * bp * (c0p + sum(srcs) + {"_head_stats_kernel": 0, "_head_forward_kernel": bm,
+                                                "_head_backward_reduce_kernel": bm + 2 * kp,
+                                                "_head_backward_ds_kernel": kp}[name])
+    per_stage = elem * bm * (c0p + sum(srcs) + (kp if classifier else 0))
+    scratch = acc * bp * max(bm, kp if classifier else 0)
+    if name == "_head_backward_reduce_kernel":
+        scratch += acc * kp * bm
+    return invariant + tile.num_stages * per_stage + scratch
+
+
+def shared_bound(name: str, params: dict, num_stages: int) -> int:
+    """An upper bound of the shared memory (bytes) Triton gives a head kernel launched with `params` (the
+    kernel's arguments by name, as `hrfast.perf.record.Launch.params` has them). tests/test_launchability.py
+    checks it against the compiler's figure for sm_80 and sm_90."""
+    x0 = params["x0_ptr"]
+    tile = ForwardTile(params["TILE_H"], params["TILE_W"], params["BLOCK_M"], num_stages, 0, params["PATCH_H"],
+                       params["PATCH_W"], params["SRC"])
+    return _tile_bound(name, x0.element_size(), 8 if x0.dtype == torch.float64 else 4, params["C0P"],
+                       params.get("KP", 0), params["SRC"], tile)
 
 
 @functools.lru_cache(maxsize=1024)
-def _forward_tile(elem: int, acc: int, c0p: int, kp: int, block_m: int, lows: Tuple, sizes: Tuple,
+def _forward_tile(name: str, elem: int, acc: int, c0p: int, kp: int, block_m: int, lows: Tuple, sizes: Tuple,
                   limits) -> ForwardTile:
-    """The first forward configuration that fits the device (cached: the launcher runs on every call)."""
+    """The first tile configuration that fits the device for kernel `name` (cached: the launchers run on every
+    call)."""
     def make(candidate):
         th, tw, bm, stages, warps = candidate
         ph = tuple(_patch_extent(low.mode, low.ratio_h, th, size[0]) for low, size in zip(lows, sizes))
@@ -530,8 +584,8 @@ def _forward_tile(elem: int, acc: int, c0p: int, kp: int, block_m: int, lows: Tu
         src = tuple(max(16, next_power_of_2(h * w)) if low.mode != SAME else 0 for h, w, low in zip(ph, pw, lows))
         return ForwardTile(th, tw, min(bm, block_m), stages, warps, ph, pw, src)
 
-    tiles = [make(c) for c in _FORWARD_CANDIDATES[elem]]
-    return first_fitting(tiles, lambda t: _forward_bound(elem, acc, c0p, kp, t.src, t), limits)
+    tiles = [make(c) for c in _TILE_CANDIDATES.get(name, _FORWARD_CANDIDATES)[elem]]
+    return first_fitting(tiles, lambda t: _tile_bound(name, elem, acc, c0p, kp, t.src, t), limits)
 
 
 def _lows(plan: HeadPlan, t: HeadTensors) -> Tuple[tuple, Dict[str, tuple]]:
@@ -549,35 +603,53 @@ def _common(t: HeadTensors, force_int64: bool) -> Tuple[list, dict]:
     return args, consts
 
 
+def _tiled(name: str, plan: HeadPlan, t: HeadTensors, consts: dict) -> Tuple[ForwardTile, int]:
+    """Sets the tile kernel's constexprs (tile, M chunk, patches, fp32's 3xTF32 dots) in `consts`; returns the
+    configuration and the number of tiles per image."""
+    H, W = t.x0.shape[2:]
+    tile = _forward_tile(name, t.x0.element_size(), _acc_dtype(t).itemsize, consts["C0P"], consts["KP"],
+                         consts["BLOCK_M"], plan.lows, tuple(p.shape[2:] for p in t.lows), device_limits(t.x0.device))
+    if t.x0.dtype == torch.float32:  # fp32 accuracy from the tensor cores: each operand split in two tf32
+        consts["PRECISION"] = "tf32x3"
+    consts.update(BLOCK_M=tile.block_m, TILE_H=tile.tile_h, TILE_W=tile.tile_w, PATCH_H=tile.patch_h,
+                  PATCH_W=tile.patch_w, SRC=tile.src, CL=tuple(p.stride(1) == 1 for p in t.lows))
+    return tile, cdiv(H, tile.tile_h) * cdiv(W, tile.tile_w)
+
+
 def _acc_dtype(t: HeadTensors) -> torch.dtype:
     return torch.float64 if t.x0.dtype == torch.float64 else torch.float32
 
 
 def head_batch_stats(plan: HeadPlan, t: HeadTensors, force_int64: bool = False) -> Tuple[Tensor, Tensor]:
     """(mean, biased var) over (N, H, W) of s = W0 x0 + sum_j Up(P_j), float64, from per-tile partials
-    merged with Chan's parallel formula (no E[s^2] - E[s]^2 cancellation)."""
+    merged with Chan's parallel formula (no E[s^2] - E[s]^2 cancellation), in a fixed order."""
     N, _, H, W = t.x0.shape
     M = t.w0.shape[0]
     common, consts = _common(t, force_int64)
     lows, low_consts = _lows(plan, t)
+    tile, tiles = _tiled("_head_stats_kernel", plan, t, consts)
     consts.pop("KP")
-    options = _configure("_head_stats_kernel", t, lows, consts, low_consts)
-    block_p = consts["BLOCK_P"]
-    tiles = cdiv(H * W, block_p)
     R = tiles * N
     parts = _empty((2, R, M), _acc_dtype(t), t.x0.device)
     with _device_context(t.x0):
-        _head_stats_kernel[launch_grid(tiles, N)](*common, parts, R, lows, **consts, **low_consts, num_warps=4,
-                                                  **options)
-    counts = torch.full((tiles,), float(block_p), dtype=torch.float64, device=t.x0.device)
-    counts[-1] = H * W - (tiles - 1) * block_p
-    counts = counts.repeat(N)[:, None]
+        _head_stats_kernel[launch_grid(tiles, N)](*common, parts, R, lows, **consts, **low_consts,
+                                                  num_warps=tile.num_warps, num_stages=tile.num_stages)
+    counts = _tile_counts(H, W, tile.tile_h, tile.tile_w, t.x0.device).repeat(N)[:, None]
     sums, m2 = parts[0].double(), parts[1].double()
-    total = counts.sum()
+    total = float(N * H * W)
     mean = sums.sum(0) / total
     tile_means = sums / counts
     var = (m2.sum(0) + (counts * (tile_means - mean) ** 2).sum(0)) / total
     return mean, var
+
+
+def _tile_counts(H: int, W: int, tile_h: int, tile_w: int, device) -> Tensor:
+    """Pixels in each tile of one image (row-major, as `_tile_pixels` numbers them), float64: built on the host
+    (the partial edge tiles have fewer), one copy to the device."""
+    rows = [min(tile_h, H - y) for y in range(0, H, tile_h)]
+    cols = [min(tile_w, W - x) for x in range(0, W, tile_w)]
+    counts = torch.tensor(rows, dtype=torch.float64)[:, None] * torch.tensor(cols, dtype=torch.float64)[None, :]
+    return counts.reshape(-1).to(device)
 
 
 def head_forward(plan: HeadPlan, t: HeadTensors, scale: Tensor, shift: Tensor, force_int64: bool = False) -> Tensor:
@@ -588,44 +660,37 @@ def head_forward(plan: HeadPlan, t: HeadTensors, scale: Tensor, shift: Tensor, f
     out = _empty((N, K, H, W), t.x0.dtype, t.x0.device, fmt)
     common, consts = _common(t, force_int64)
     lows, low_consts = _lows(plan, t)
-    tile = _forward_tile(t.x0.element_size(), _acc_dtype(t).itemsize, consts["C0P"], consts["KP"],
-                         consts["BLOCK_M"], plan.lows, tuple(p.shape[2:] for p in t.lows),
-                         device_limits(t.x0.device))
-    if t.x0.dtype == torch.float32:  # fp32 accuracy from the tensor cores: each operand split in two tf32
-        consts["PRECISION"] = "tf32x3"
-    consts.update(BLOCK_M=tile.block_m, TILE_H=tile.tile_h, TILE_W=tile.tile_w, PATCH_H=tile.patch_h,
-                  PATCH_W=tile.patch_w, SRC=tile.src, CL=tuple(p.stride(1) == 1 for p in t.lows))
-    grid = launch_grid(cdiv(H, tile.tile_h) * cdiv(W, tile.tile_w), N)
+    tile, tiles = _tiled("_head_forward_kernel", plan, t, consts)
     with _device_context(t.x0):
-        _head_forward_kernel[grid](*common, scale, shift, t.wc, tuple(t.wc.stride()), K,
-                                   t.bc if t.bc is not None else scale, out, tuple(out.stride()), lows,
-                                   HAS_BC=t.bc is not None, **consts, **low_consts, num_warps=tile.num_warps,
-                                   num_stages=tile.num_stages)
+        _head_forward_kernel[launch_grid(tiles, N)](*common, scale, shift, t.wc, tuple(t.wc.stride()), K,
+                                                    t.bc if t.bc is not None else scale, out, tuple(out.stride()),
+                                                    lows, HAS_BC=t.bc is not None, **consts, **low_consts,
+                                                    num_warps=tile.num_warps, num_stages=tile.num_stages)
     return out
+
+
+# splits of the backward reduction: enough programs for every SM of a large device a few times over, few enough
+# that the host's sum over their rows stays small (512 x (K + 2) x M floats: 40 MB at W48)
+_REDUCE_SPLITS = 512
 
 
 def head_backward_reduce(plan: HeadPlan, t: HeadTensors, scale: Tensor, shift: Tensor, grad: Tensor,
                          force_int64: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     """(dWc [K, M], sum_p dA, sum_p dA * s) where dA = Wc^T grad, zeroed where a <= 0, is the gradient at BN's
     output; the caller forms scale/shift (or BN weight/bias) gradients and BN's batch-statistics terms from them."""
-    N, C0, H, W = t.x0.shape
+    N = t.x0.shape[0]
     M, K = t.w0.shape[0], t.wc.shape[0]
     common, consts = _common(t, force_int64)
     lows, low_consts = _lows(plan, t)
-    options = _configure("_head_backward_reduce_kernel", t, lows, consts, low_consts)
-    acc = _acc_dtype(t)
-    block_m, block_p = consts["BLOCK_M"], consts["BLOCK_P"]
-    tiles = cdiv(H * W, block_p) * N
-    splits = max(1, min(tiles, 64))
-    dwc_parts = _empty((splits, consts["KP"], M), acc, t.x0.device)
-    sums = _empty((2, splits, M), acc, t.x0.device)
+    tile, tiles = _tiled("_head_backward_reduce_kernel", plan, t, consts)
+    splits = max(1, min(tiles * N, _REDUCE_SPLITS))  # every split visits at least one tile (it writes its rows)
+    parts = _empty((splits, K + 2, M), _acc_dtype(t), t.x0.device)
     with _device_context(t.x0):
-        _head_backward_reduce_kernel[launch_grid(cdiv(M, block_m), splits)](
-            *common, scale, shift, t.wc, tuple(t.wc.stride()), K, grad, tuple(grad.stride()), dwc_parts, sums, splits,
-            tiles, lows, **consts, **low_consts, num_warps=4, **options)
-    dwc = dwc_parts.sum(0)[:K]
-    sum_da, sum_da_s = sums[0].sum(0), sums[1].sum(0)
-    return dwc, sum_da, sum_da_s
+        _head_backward_reduce_kernel[launch_grid(splits)](
+            *common, scale, shift, t.wc, tuple(t.wc.stride()), K, grad, tuple(grad.stride()), parts, splits,
+            tiles * N, lows, **consts, **low_consts, num_warps=tile.num_warps, num_stages=tile.num_stages)
+    total = parts.sum(0)
+    return total[:K], total[K], total[K + 1]
 
 
 def head_backward_ds(plan: HeadPlan, t: HeadTensors, scale: Tensor, shift: Tensor, grad: Tensor,
@@ -640,13 +705,13 @@ def head_backward_ds(plan: HeadPlan, t: HeadTensors, scale: Tensor, shift: Tenso
     ds = _empty((N, M, H, W), t.x0.dtype, t.x0.device, fmt)
     if needs_int64(ds):
         consts["INT64"] = True
-    options = _configure("_head_backward_ds_kernel", t, lows, consts, low_consts)
-    grid = launch_grid(cdiv(H * W, consts["BLOCK_P"]), cdiv(M, consts["BLOCK_M"]), N)
+    tile, tiles = _tiled("_head_backward_ds_kernel", plan, t, consts)
     with _device_context(t.x0):
-        _head_backward_ds_kernel[grid](
+        _head_backward_ds_kernel[launch_grid(tiles, N)](
             *common, scale, shift, alpha if alpha is not None else scale, beta if beta is not None else scale,
             t.wc, tuple(t.wc.stride()), K, grad, tuple(grad.stride()), ds, tuple(ds.stride()), lows,
-            BATCH_STATS=alpha is not None, **consts, **low_consts, num_warps=4, **options)
+            BATCH_STATS=alpha is not None, **consts, **low_consts, num_warps=tile.num_warps,
+            num_stages=tile.num_stages)
     return ds
 
 

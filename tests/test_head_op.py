@@ -679,6 +679,16 @@ def test_forward_over_tiles(case, dtype, layout, fused):
     check_head(case, dtype, layout, False, backend=fused)
 
 
+@pytest.mark.parametrize("case, dtype, layout", [TILED_CASES[0], TILED_CASES[2]])
+def test_training_over_tiles_and_splits(case, dtype, layout, monkeypatch, fused):
+    """The training kernels on the forward's tiles: partial edge tiles (the statistics' per-tile counts), and
+    the backward reduce with fewer splits than tiles, so each split adds several tiles (of both images) into
+    its rows after the first overwrote them."""
+    from hrfast.kernels import head as KH
+    monkeypatch.setattr(KH, "_REDUCE_SPLITS", 3)
+    check_head(case, dtype, layout, True, backend=fused)
+
+
 def _aten_taps(mode: str, align: bool, n_in: int, n_out: int, d: int) -> Tuple[int, int]:
     """ATen's first and last source index read by output index d (float32, as the kernels)."""
     r = torch.tensor(n_in / n_out, dtype=torch.float32)
@@ -714,14 +724,15 @@ def test_patch_extent_covers_every_tile(mode, align):
                     assert last_tap - first_tap < bound, (n_in, n_out, tile, start)
 
 
-def test_forward_exact_fallback_when_a_patch_misses_taps(monkeypatch, fused):
-    """Patches too small for their tiles (the bound forced to 1): every tile takes the exact gathers and the
-    logits still match the reference."""
+def test_exact_fallback_when_a_patch_misses_taps(monkeypatch, fused):
+    """Patches too small for their tiles (the bound forced to 1): every tile of every kernel (training: the
+    statistics, forward and both backward kernels) takes the exact gathers; logits, statistics and gradients
+    still match the reference."""
     from hrfast.kernels import head as KH
     monkeypatch.setattr(KH, "_patch_extent", lambda mode, ratio, tile, size: 1)
     KH._forward_tile.cache_clear()
     try:
-        check_head(Case(C3, [(9, 18), (5, 9), (3, 5)], [bil(), near()], N=2), F64, "nchw", False, backend=fused)
+        check_head(Case(C3, [(9, 18), (5, 9), (3, 5)], [bil(), near()], N=2), F64, "nchw", True, backend=fused)
     finally:
         KH._forward_tile.cache_clear()
 

@@ -17,9 +17,9 @@
 // AdjointKernel<.., 0, 0>) run one element per thread over a [channels x pixels] tile of one image, the
 // 32-wide dimension the tensor's contiguous one (pixels for NCHW: threadIdx.x -> pixel; channels for
 // channels_last: threadIdx.x -> channel), so a warp's accesses are coalesced in either layout, with 64-bit
-// offsets. ForwardTileKernel (kPX pixels of a row per thread, compile-time mode pack, int32 offsets),
+// offsets. ForwardTileKernel (kRows x kPX pixels per thread, compile-time mode pack, int32 offsets),
 // BackwardSameKernel (kPB pixels of a row per thread) and the register AdjointKernel<.., KMAX > 0, MODE>
-// (int32 offsets) are described where they are defined.
+// (32 / KMAX source pixels per thread, int32 offsets) are described where they are defined.
 #pragma once
 
 #include <cstdint>
@@ -214,7 +214,8 @@ constexpr uint32_t kForwardPacks[] = {pack_code("s"),    pack_code("ss"),   pack
                                       pack_code("ssb"),  pack_code("sbb"),  pack_code("ssss"), pack_code("sssb"),
                                       pack_code("ssbb"), pack_code("sbbb")};
 
-constexpr int kPX = 8;  // output pixels per thread along a row in ForwardTileKernel
+constexpr int kPX = 8;    // output pixels per thread along a row in ForwardTileKernel
+constexpr int kRows = 2;  // output rows per thread in ForwardTileKernel
 
 // One term with int32 strides (every offset of the tensor < 2^31, checked by the launcher).
 template <typename scalar_t, typename acc_t>
@@ -242,81 +243,110 @@ struct ForwardTileParams {
   scalar_t* out;
   int32_t so_n, so_c, so_h, so_w;
   int32_t C, H, W, S;  // S = ceil(W / kPX) row segments
-  int32_t per_image;   // C * H * S threads per image
+  int32_t HP;          // ceil(H / kRows) row groups
+  int32_t per_image;   // C * HP * S threads per image
   bool cl, relu;
 };
 
 // One term of the pack at the kPX output pixels (oy, xs[i]) of (n, c): the row's source rows and weights once,
 // each pixel's column taps; the same arithmetic as load_term (same bits).
+// One term of the pack at the kRows x kPX output pixels (oys[j], xs[i]) of (n, c): each row's source rows and
+// vertical weights once, each column's source taps and horizontal weights once for the kRows rows; the same
+// arithmetic as load_term (same bits).
 template <int MODE, typename scalar_t, typename acc_t>
-HRFAST_INLINE void tile_term(const TermView32<scalar_t, acc_t>& t, int32_t n, int32_t c, int32_t oy,
-                             const int32_t (&xs)[kPX], acc_t (&v)[kPX]) {
+HRFAST_INLINE void tile_term(const TermView32<scalar_t, acc_t>& t, int32_t n, int32_t c, const int32_t (&oys)[kRows],
+                             const int32_t (&xs)[kPX], acc_t (&v)[kRows][kPX]) {
   const int32_t base = n * t.sn + c * t.sc;  // int32 offsets, one wide add per load (at32)
   if constexpr (MODE == SAME) {
-    const int32_t row = base + oy * t.sh;
 #pragma unroll
-    for (int i = 0; i < kPX; ++i) v[i] = static_cast<acc_t>(load_ro(at32(t.x, row + xs[i] * t.sw)));
+    for (int j = 0; j < kRows; ++j) {
+      const int32_t row = base + oys[j] * t.sh;
+#pragma unroll
+      for (int i = 0; i < kPX; ++i) v[j][i] = static_cast<acc_t>(load_ro(at32(t.x, row + xs[i] * t.sw)));
+    }
   } else if constexpr (MODE == NEAREST) {
-    const int32_t row = base + nearest_source<int32_t>(oy, t.r32_h, t.h) * t.sh;
+    int32_t rows[kRows];
+#pragma unroll
+    for (int j = 0; j < kRows; ++j) rows[j] = base + nearest_source<int32_t>(oys[j], t.r32_h, t.h) * t.sh;
 #pragma unroll
     for (int i = 0; i < kPX; ++i) {
-      v[i] = static_cast<acc_t>(load_ro(at32(t.x, row + nearest_source<int32_t>(xs[i], t.r32_w, t.w) * t.sw)));
+      const int32_t col = nearest_source<int32_t>(xs[i], t.r32_w, t.w) * t.sw;
+#pragma unroll
+      for (int j = 0; j < kRows; ++j) v[j][i] = static_cast<acc_t>(load_ro(at32(t.x, rows[j] + col)));
     }
   } else {
     const bool align = t.align != 0;
-    int32_t y0, y1;
-    acc_t ly0, ly1;
-    linear_source<acc_t, int32_t>(oy, t.r_h, t.h, align, y0, y1, ly0, ly1);
-    const int32_t r0 = base + y0 * t.sh;
-    const int32_t r1 = base + y1 * t.sh;
+    int32_t r0[kRows], r1[kRows];
+    acc_t ly0[kRows], ly1[kRows];
+#pragma unroll
+    for (int j = 0; j < kRows; ++j) {
+      int32_t y0, y1;
+      linear_source<acc_t, int32_t>(oys[j], t.r_h, t.h, align, y0, y1, ly0[j], ly1[j]);
+      r0[j] = base + y0 * t.sh;
+      r1[j] = base + y1 * t.sh;
+    }
 #pragma unroll
     for (int i = 0; i < kPX; ++i) {
       int32_t x0, x1;
       acc_t lx0, lx1;
       linear_source<acc_t, int32_t>(xs[i], t.r_w, t.w, align, x0, x1, lx0, lx1);
       const int32_t c0 = x0 * t.sw, c1 = x1 * t.sw;
-      const acc_t v00 = static_cast<acc_t>(load_ro(at32(t.x, r0 + c0)));
-      const acc_t v01 = static_cast<acc_t>(load_ro(at32(t.x, r0 + c1)));
-      const acc_t v10 = static_cast<acc_t>(load_ro(at32(t.x, r1 + c0)));
-      const acc_t v11 = static_cast<acc_t>(load_ro(at32(t.x, r1 + c1)));
-      v[i] = ly0 * (lx0 * v00 + lx1 * v01) + ly1 * (lx0 * v10 + lx1 * v11);
+#pragma unroll
+      for (int j = 0; j < kRows; ++j) {
+        const acc_t v00 = static_cast<acc_t>(load_ro(at32(t.x, r0[j] + c0)));
+        const acc_t v01 = static_cast<acc_t>(load_ro(at32(t.x, r0[j] + c1)));
+        const acc_t v10 = static_cast<acc_t>(load_ro(at32(t.x, r1[j] + c0)));
+        const acc_t v11 = static_cast<acc_t>(load_ro(at32(t.x, r1[j] + c1)));
+        v[j][i] = ly0[j] * (lx0 * v00 + lx1 * v01) + ly1[j] * (lx0 * v10 + lx1 * v11);
+      }
     }
   }
   if (t.scale != nullptr) {
     const acc_t a = load_ro(t.scale + c);
 #pragma unroll
-    for (int i = 0; i < kPX; ++i) v[i] = v[i] * a;
+    for (int j = 0; j < kRows; ++j) {
+#pragma unroll
+      for (int i = 0; i < kPX; ++i) v[j][i] = v[j][i] * a;
+    }
   }
   if (t.shift != nullptr) {
     const acc_t b = load_ro(t.shift + c);
 #pragma unroll
-    for (int i = 0; i < kPX; ++i) v[i] = v[i] + b;
+    for (int j = 0; j < kRows; ++j) {
+#pragma unroll
+      for (int i = 0; i < kPX; ++i) v[j][i] = v[j][i] + b;
+    }
   }
 }
 
 template <uint32_t PACK, int K, typename scalar_t, typename acc_t>
-HRFAST_INLINE void tile_terms(const ForwardTileParams<scalar_t, acc_t>& p, int32_t n, int32_t c, int32_t oy,
-                              const int32_t (&xs)[kPX], acc_t (&acc)[kPX]) {
+HRFAST_INLINE void tile_terms(const ForwardTileParams<scalar_t, acc_t>& p, int32_t n, int32_t c,
+                              const int32_t (&oys)[kRows], const int32_t (&xs)[kPX], acc_t (&acc)[kRows][kPX]) {
   if constexpr (K < pack_count(PACK)) {
-    acc_t v[kPX];
-    tile_term<pack_mode(PACK, K), scalar_t, acc_t>(p.t[K], n, c, oy, xs, v);
-    if constexpr (K == 0) {
+    acc_t v[kRows][kPX];
+    tile_term<pack_mode(PACK, K), scalar_t, acc_t>(p.t[K], n, c, oys, xs, v);
 #pragma unroll
-      for (int i = 0; i < kPX; ++i) acc[i] = v[i];
-    } else {
+    for (int j = 0; j < kRows; ++j) {
 #pragma unroll
-      for (int i = 0; i < kPX; ++i) acc[i] = acc[i] + v[i];  // left to right, as forward_sum
+      for (int i = 0; i < kPX; ++i) {
+        if constexpr (K == 0) {
+          acc[j][i] = v[j][i];
+        } else {
+          acc[j][i] = acc[j][i] + v[j][i];  // left to right, as forward_sum
+        }
+      }
     }
-    tile_terms<PACK, K + 1, scalar_t, acc_t>(p, n, c, oy, xs, acc);
+    tile_terms<PACK, K + 1, scalar_t, acc_t>(p, n, c, oys, xs, acc);
   }
 }
 
-// y = ReLU(sum of the terms of PACK), kPX consecutive output pixels of one row and channel per thread: the
-// source rows and vertical weights of each term once per thread, the modes resolved at compile time, int32
-// offsets. Threads over (channel, row, segment), the segment fastest in NCHW (a warp reads and writes
-// along rows) and the channel fastest in channels_last (a warp covers consecutive channels of a pixel, every
-// lane busy whatever C is); grid x over one image's threads (blocks of kThreads), grid z = image. Pixels
-// past the row's end load the last column (a valid address) and are not stored.
+// y = ReLU(sum of the terms of PACK), kRows x kPX output pixels of one channel per thread (kPX consecutive
+// pixels of kRows consecutive rows): per term the source rows and vertical weights once per row, the column
+// taps and horizontal weights once per column, the modes resolved at compile time, int32 offsets. Threads
+// over (channel, row pair, segment), the segment fastest in NCHW (a warp reads and writes along rows) and
+// the channel fastest in channels_last (a warp covers consecutive channels of a pixel, every lane busy
+// whatever C is); grid x over one image's threads (blocks of kThreads), grid z = image. Pixels past the
+// row's end or the last row load a valid (clamped) address and are not stored.
 template <typename scalar_t, typename acc_t, uint32_t PACK>
 struct ForwardTileKernel {
   using acc_type = acc_t;
@@ -330,30 +360,36 @@ struct ForwardTileKernel {
     s.c = 0;
     const int32_t id = static_cast<int32_t>(ti.bx) * kThreads + static_cast<int32_t>(ti.ty * kBX + ti.tx);
     if (id >= p.per_image) return;
-    int32_t c, oy, seg;
+    int32_t c, rp, seg;
     if (p.cl) {
       c = id % p.C;
       const int32_t r = id / p.C;
       seg = r % p.S;
-      oy = r / p.S;
+      rp = r / p.S;
     } else {
       seg = id % p.S;
       const int32_t r = id / p.S;
-      oy = r % p.H;
-      c = r / p.H;
+      rp = r % p.HP;
+      c = r / p.HP;
     }
     const int32_t n = static_cast<int32_t>(ti.bz);
-    int32_t xs[kPX];
+    int32_t xs[kPX], oys[kRows];
 #pragma unroll
     for (int i = 0; i < kPX; ++i) xs[i] = min_(seg * kPX + i, p.W - 1);
-    acc_t acc[kPX];
-    tile_terms<PACK, 0, scalar_t, acc_t>(p, n, c, oy, xs, acc);
-    const int32_t row = n * p.so_n + c * p.so_c + oy * p.so_h;
 #pragma unroll
-    for (int i = 0; i < kPX; ++i) {
-      if (seg * kPX + i >= p.W) break;
-      const acc_t v = p.relu ? relu_keep_nan(acc[i]) : acc[i];
-      *at32(p.out, row + xs[i] * p.so_w) = static_cast<scalar_t>(v);
+    for (int j = 0; j < kRows; ++j) oys[j] = min_(rp * kRows + j, p.H - 1);
+    acc_t acc[kRows][kPX];
+    tile_terms<PACK, 0, scalar_t, acc_t>(p, n, c, oys, xs, acc);
+#pragma unroll
+    for (int j = 0; j < kRows; ++j) {
+      if (rp * kRows + j >= p.H) break;
+      const int32_t row = n * p.so_n + c * p.so_c + oys[j] * p.so_h;
+#pragma unroll
+      for (int i = 0; i < kPX; ++i) {
+        if (seg * kPX + i >= p.W) break;
+        const acc_t v = p.relu ? relu_keep_nan(acc[j][i]) : acc[j][i];
+        *at32(p.out, row + xs[i] * p.so_w) = static_cast<scalar_t>(v);
+      }
     }
   }
   static HRFAST_INLINE bool reduces(const Params&, int) { return false; }
@@ -361,7 +397,7 @@ struct ForwardTileKernel {
   static HRFAST_INLINE acc_t* dst(const Params&, const ThreadIdx&, int) { return nullptr; }
 };
 
-constexpr int kPB = 8;  // output pixels per thread along a row in BackwardSameKernel
+constexpr int kPB = 16;  // output pixels per thread along a row in BackwardSameKernel
 
 // Output-size terms: g = grad_y zeroed where y <= 0; dx_k = g * scale_k; per-tile partials of sum(g) (reduction 0,
 // slot `sum_slot`, when >= 0) and of sum(g * x_k) (reduction 1 + k, slot slot0 + k, where dscale_mask has
@@ -461,21 +497,32 @@ struct BackwardSameKernel {
   }
 };
 
-constexpr int kPS = 4;  // source pixels of a row per thread in the register AdjointKernel
+// The register AdjointKernel<KMAX, MODE> runs exact windows whose width along x is KMAX (KMAX = 2 * step for
+// bilinear, = step for nearest; see window()) and whose height is at most KMAX. Source pixels of a row per
+// thread: 32 / KMAX (at most 8), so that the union of their windows fits in registers.
+constexpr int kPS = 8;
+constexpr int adjoint_ps(int kmax) { return kmax >= 8 ? 32 / kmax : kPS; }
 
-// u = Up^T(g) at the source pixels (sy, sx0 + j), j < kPS, for an exact window (the host found the ratio to be
-// 1/step: first reader s * step - offset) of at most KMAX taps per axis and a compile-time MODE: the per-axis
-// weights and clamped offsets once into registers (the window's rows once for the kPS pixels), the gather
-// separable (each window row summed over its columns, then the rows), int32 offsets (the launcher checks that
-// every offset fits) and the mask always applied (without relu the launcher passes a one-element y of 1,
-// strides 0). The window may reach past the readers (KMAX above the window, or the last rows): every weight
-// is the forward's own, 0 for an output that does not read the source, and a tap of zero weight adds
-// nothing (its g, read at a clamped address, may be inf). Deterministic (a fixed order); not the order of
-// adjoint_element (the rows are summed first, as the Triton adjoint does), so the two agree to rounding.
-// Pixels past the row's end (sx0 + j >= w) compute the last one's value, which the caller drops.
+// u = Up^T(g) at the source pixels (sy, sx0 + j), j < PS = adjoint_ps(KMAX), for an exact window (the host
+// found the ratio to be 1/step: first reader s * step - offset) KMAX taps wide (the launcher checks it) and at
+// most KMAX high, in a compile-time MODE. Along y the window's weights and clamped row offsets once per
+// thread; along x the PS windows overlap (pixel j's starts step * j after pixel 0's): the union of their
+// columns, NC = (PS - 1) * step + KMAX, is read once per window row (grad_y and y, the ReLU mask applied
+// once per value) and each column's source taps and weights (the forward's rule, fuse.h linear_source /
+// nearest_source) computed once; pixel j sums its KMAX columns of each row in order, then the rows. int32
+// offsets (the launcher checks that every offset fits); the mask always applied (without relu the
+// launcher passes a one-element y of 1, strides 0). Columns and rows outside the output (before 0, past
+// the end: read at clamped addresses) and outputs that do not read the source have weight 0 and add
+// nothing (a masked or zero-weight tap adds +0: the sums are never -0, and an inf or NaN g there is not
+// multiplied). Deterministic (a fixed order); not the order of adjoint_element (rows summed first, as the
+// Triton adjoint does), so the two agree to rounding. Pixels past the row's end (sx0 + j >= w) compute
+// values the caller drops.
 template <int KMAX, int MODE, typename scalar_t, typename acc_t>
 HRFAST_INLINE void adjoint_row_fixed(const TermView<scalar_t, acc_t>& t, const GradIn<scalar_t>& g, int32_t H,
-                                     int32_t W, int32_t n, int32_t c, int32_t sy, int32_t sx0, acc_t (&u)[kPS]) {
+                                     int32_t W, int32_t n, int32_t c, int32_t sy, int32_t sx0, acc_t* u) {
+  constexpr int PS = adjoint_ps(KMAX);
+  constexpr int STEP = MODE == BILINEAR ? KMAX / 2 : KMAX;
+  constexpr int NC = (PS - 1) * STEP + KMAX;
   constexpr bool align = false;  // exact windows: bilinear without align_corners, or nearest (which ignores it)
   const int32_t h = static_cast<int32_t>(t.h), w = static_cast<int32_t>(t.w);
   const int32_t gsh = static_cast<int32_t>(g.sg.h), gsw = static_cast<int32_t>(g.sg.w);
@@ -492,41 +539,68 @@ HRFAST_INLINE void adjoint_row_fixed(const TermView<scalar_t, acc_t>& t, const G
     gy_off[k] = gbase + dy * gsh;
     yy_off[k] = ybase + dy * ysh;
   }
+  // the union of the PS windows along x: column m is output d0 + m
+  const int32_t d0 = sx0 * STEP - t.off_w;
+  acc_t wx[PS][KMAX];
+  int32_t gx_off[NC], yx_off[NC];
 #pragma unroll
-  for (int j = 0; j < kPS; ++j) {
-    const int32_t sx = min_(sx0 + j, w - 1);
-    const int32_t lo_x = max_(sx * t.step_w - t.off_w, 0);
-    acc_t wx[KMAX];
-    int32_t gx_off[KMAX], yx_off[KMAX];
-#pragma unroll
-    for (int k = 0; k < KMAX; ++k) {
-      wx[k] = adjoint_weight<acc_t, int32_t>(lo_x + k, sx, t.r32_w, t.r_w, w, W, MODE, align);
-      const int32_t dx = min_(lo_x + k, W - 1);
-      gx_off[k] = dx * gsw;
-      yx_off[k] = dx * ysw;
+  for (int m = 0; m < NC; ++m) {
+    const int32_t d = d0 + m;
+    const int32_t dc = min_(max_(d, 0), W - 1);
+    const bool inside = d >= 0 && d < W;
+    gx_off[m] = dc * gsw;
+    yx_off[m] = dc * ysw;
+    int32_t i0, i1;
+    acc_t l0, l1;
+    if constexpr (MODE == BILINEAR) {
+      linear_source<acc_t, int32_t>(dc, t.r_w, w, align, i0, i1, l0, l1);
+    } else {
+      i0 = i1 = nearest_source<int32_t>(dc, t.r32_w, w);
+      l0 = static_cast<acc_t>(1);
+      l1 = static_cast<acc_t>(0);
     }
-    acc_t v = static_cast<acc_t>(0);
 #pragma unroll
-    for (int ky = 0; ky < KMAX; ++ky) {
-      if (wy[ky] == static_cast<acc_t>(0)) continue;  // a row that does not read this source
+    for (int j = 0; j < PS; ++j) {
+      const int k = m - j * STEP;
+      if (k < 0 || k >= KMAX) continue;  // compile time
+      const int32_t sx = min_(sx0 + j, w - 1);
+      // adjoint_weight's rule: (i0 == s ? l0 : 0) + (i1 == s ? l1 : 0), 1 for nearest's one tap
+      const acc_t wgt = MODE == BILINEAR ? (i0 == sx ? l0 : static_cast<acc_t>(0)) + (i1 == sx ? l1 : static_cast<acc_t>(0))
+                                         : (i0 == sx ? static_cast<acc_t>(1) : static_cast<acc_t>(0));
+      wx[j][k] = inside ? wgt : static_cast<acc_t>(0);
+    }
+  }
+  acc_t v[PS];
+#pragma unroll
+  for (int j = 0; j < PS; ++j) v[j] = static_cast<acc_t>(0);
+#pragma unroll
+  for (int ky = 0; ky < KMAX; ++ky) {
+    if (wy[ky] == static_cast<acc_t>(0)) continue;  // a row that reads none of these sources
+    acc_t gm[NC];  // the row's g, masked by y > 0
+#pragma unroll
+    for (int m = 0; m < NC; ++m) {
+      const acc_t gv = static_cast<acc_t>(load_ro(at32(g.gy, gy_off[ky] + gx_off[m])));
+      const acc_t yv = static_cast<acc_t>(load_ro(at32(g.y, yy_off[ky] + yx_off[m])));
+      gm[m] = yv <= static_cast<acc_t>(0) ? static_cast<acc_t>(0) : gv;
+    }
+#pragma unroll
+    for (int j = 0; j < PS; ++j) {
       acc_t row = static_cast<acc_t>(0);
 #pragma unroll
-      for (int kx = 0; kx < KMAX; ++kx) {
-        const acc_t gv = static_cast<acc_t>(load_ro(at32(g.gy, gy_off[ky] + gx_off[kx])));
-        const acc_t yv = static_cast<acc_t>(load_ro(at32(g.y, yy_off[ky] + yx_off[kx])));
-        const bool off = yv <= static_cast<acc_t>(0) || wx[kx] == static_cast<acc_t>(0);
-        row += wx[kx] * (off ? static_cast<acc_t>(0) : gv);
+      for (int k = 0; k < KMAX; ++k) {
+        row += wx[j][k] * (wx[j][k] == static_cast<acc_t>(0) ? static_cast<acc_t>(0) : gm[j * STEP + k]);
       }
-      v += wy[ky] * row;
+      v[j] += wy[ky] * row;
     }
-    u[j] = v;
   }
+#pragma unroll
+  for (int j = 0; j < PS; ++j) u[j] = v[j];
 }
 
 // An upsampled term: u = Up^T(g) (a gather), dz = u * scale; per-tile partials of sum(u * z) (reduction 0,
 // slot 0, when need_dscale) and sum(u) (reduction 1, slot 1, when need_dshift).
-//   - KMAX > 0 (exact windows of at most KMAX taps per axis in mode MODE, int32 offsets): kPS source pixels
-//     of a row per thread (adjoint_row_fixed), mapped as BackwardSameKernel's segments: S = ceil(w / kPS)
+//   - KMAX > 0 (exact windows of at most KMAX taps per axis in mode MODE, int32 offsets): adjoint_ps(KMAX)
+//     source pixels of a row per thread (adjoint_row_fixed), mapped as BackwardSameKernel's segments: S = ceil(w / PS)
 //     per row, numbered row-major; NCHW threadIdx.x -> segment, threadIdx.y -> channel; channels_last the
 //     other way round; grid x = segment block. A thread sums its pixels in order before the block reduction.
 //   - KMAX = 0: the generic gather (fuse.h adjoint_element), one source pixel per thread over a [channels x
@@ -534,6 +608,7 @@ HRFAST_INLINE void adjoint_row_fixed(const TermView<scalar_t, acc_t>& t, const G
 template <typename scalar_t, typename acc_t, int KMAX, int MODE>
 struct AdjointKernel {
   using acc_type = acc_t;
+  static constexpr int kPix = KMAX > 0 ? adjoint_ps(KMAX) : 1;  // source pixels per thread
   struct Params {
     TermView<scalar_t, acc_t> t;
     scalar_t* dz;  // null: not needed
@@ -542,13 +617,13 @@ struct AdjointKernel {
     int64_t H, W;  // output size
     acc_t* parts;  // [2, R, C]
     int64_t R, C;
-    int32_t S;  // KMAX > 0: segments per source row, ceil(w / kPS)
+    int32_t S;  // KMAX > 0: segments per source row, ceil(w / adjoint_ps(KMAX))
     bool need_dscale, need_dshift, cl;
   };
   struct State {
     int64_t n, c, sy, sx;  // the first pixel
     int32_t valid;         // pixels sx .. sx + valid - 1 (0: none)
-    acc_t u[kPS];
+    acc_t u[kPix];
   };
   static constexpr int kSlots = 2;
 
@@ -556,13 +631,14 @@ struct AdjointKernel {
     const TermView<scalar_t, acc_t>& t = p.t;
     s.n = ti.bz;
 #pragma unroll
-    for (int j = 0; j < kPS; ++j) s.u[j] = acc_t(0);
+    for (int j = 0; j < kPix; ++j) s.u[j] = acc_t(0);
     const GradIn<scalar_t>& g = p.g;
     if constexpr (KMAX > 0) {
       const int32_t q = p.cl ? static_cast<int32_t>(ti.bx * kBY + ti.ty) : static_cast<int32_t>(ti.bx * kBX + ti.tx);
       s.c = p.cl ? static_cast<int64_t>(ti.by) * kBX + ti.tx : static_cast<int64_t>(ti.by) * kBY + ti.ty;
-      const int32_t sy = q / p.S, sx0 = (q - sy * p.S) * kPS;
-      s.valid = s.c < p.C && sy < t.h ? min_(static_cast<int32_t>(t.w) - sx0, kPS) : 0;
+      constexpr int PS = adjoint_ps(KMAX);
+      const int32_t sy = q / p.S, sx0 = (q - sy * p.S) * PS;
+      s.valid = s.c < p.C && sy < t.h ? min_(static_cast<int32_t>(t.w) - sx0, PS) : 0;
       s.sy = s.valid > 0 ? sy : 0;
       s.sx = s.valid > 0 ? sx0 : 0;
       if (s.valid == 0) return;
@@ -570,7 +646,7 @@ struct AdjointKernel {
                                                      static_cast<int32_t>(s.n), static_cast<int32_t>(s.c), sy, sx0,
                                                      s.u);
 #pragma unroll
-      for (int j = 0; j < kPS; ++j) {
+      for (int j = 0; j < kPix; ++j) {
         if (j >= s.valid) s.u[j] = acc_t(0);
       }
     } else {
@@ -583,7 +659,7 @@ struct AdjointKernel {
       const acc_t a = t.scale != nullptr ? load_ro(t.scale + s.c) : acc_t(1);
       scalar_t* dz = p.dz + offset4(s.n, s.c, s.sy, s.sx, p.sd);
 #pragma unroll
-      for (int j = 0; j < kPS; ++j) {
+      for (int j = 0; j < kPix; ++j) {
         if (j < s.valid) dz[j * p.sd.w] = static_cast<scalar_t>(t.scale != nullptr ? s.u[j] * a : s.u[j]);
       }
     }
@@ -594,13 +670,13 @@ struct AdjointKernel {
     if (s.valid == 0) return v;
     if (r == 1) {
 #pragma unroll
-      for (int j = 0; j < kPS; ++j) v += s.u[j];  // +0 past the row's end
+      for (int j = 0; j < kPix; ++j) v += s.u[j];  // +0 past the row's end
       return v;
     }
     const TermView<scalar_t, acc_t>& t = p.t;
     const scalar_t* z = t.x + offset4(s.n, s.c, s.sy, s.sx, t.sn, t.sc, t.sh, t.sw);
 #pragma unroll
-    for (int j = 0; j < kPS; ++j) {
+    for (int j = 0; j < kPix; ++j) {
       if (j < s.valid) v += s.u[j] * static_cast<acc_t>(load_ro(z + j * t.sw));
     }
     return v;

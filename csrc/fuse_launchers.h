@@ -144,7 +144,8 @@ void forward_tile_launch(const at::Tensor& out, const std::vector<TermSpec>& ter
   p.H = static_cast<int32_t>(H);
   p.W = static_cast<int32_t>(W);
   p.S = static_cast<int32_t>((W + kPX - 1) / kPX);
-  p.per_image = static_cast<int32_t>(C * H * p.S);
+  p.HP = static_cast<int32_t>((H + kRows - 1) / kRows);
+  p.per_image = static_cast<int32_t>(C * p.HP * p.S);
   p.cl = channels_last_like(out);
   p.relu = relu;
   const Grid grid{(p.per_image + kThreads - 1) / kThreads, 1, N};
@@ -267,14 +268,15 @@ at::Tensor backward_adjoint_launch(const at::Tensor& grad_y, const at::Tensor& y
   int32_t k_h, k_w, step_h, step_w, off_h, off_w;
   window(d.ratio_h, d.mode, d.align_corners, H, k_h, step_h, off_h);
   window(d.ratio_w, d.mode, d.align_corners, W, k_w, step_w, off_w);
-  const int32_t k = std::max(k_h, k_w);
-  const bool fast = step_h > 0 && step_w > 0 && fits_int32(grad_y) && (!relu || fits_int32(y)) &&
+  // (fuse_kernels.h adjoint_row_fixed: exact on both axes, the window exactly KMAX wide, at most KMAX high)
+  const bool fast = step_h > 0 && step_w > 0 && k_h <= k_w && fits_int32(grad_y) && (!relu || fits_int32(y)) &&
                     (dz.defined() ? fits_int32(dz) : true) && fits_int32(z);
   int kmax = 0;
-  if (fast && d.mode == BILINEAR) kmax = k <= 4 ? 4 : k <= 8 ? 8 : k <= 16 ? 16 : 0;
-  if (fast && d.mode == NEAREST) kmax = k <= 2 ? 2 : k <= 4 ? 4 : k <= 8 ? 8 : 0;
-  // the register variant: kPS source pixels of a row per thread, grid x over the rows' segments
-  const int64_t S = (w + kPS - 1) / kPS;
+  if (fast && d.mode == BILINEAR && (k_w == 4 || k_w == 8 || k_w == 16)) kmax = k_w;
+  if (fast && d.mode == NEAREST && (k_w == 2 || k_w == 4 || k_w == 8)) kmax = k_w;
+  // the register variant: adjoint_ps(kmax) source pixels of a row per thread, grid x over the rows' segments
+  const int64_t ps = adjoint_ps(kmax);
+  const int64_t S = (w + ps - 1) / ps;
   const int64_t along = cl ? kBY : kBX;
   const Grid grid = kmax > 0 ? Grid{(h * S + along - 1) / along, limits.y, limits.z} : limits;
   const int64_t R = N * grid.x;

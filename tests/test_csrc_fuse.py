@@ -85,16 +85,17 @@ def test_extra_shapes(case, dtype, layout, param_dtype):
     base.check_fuse(case, dtype, layout, param_dtype, backend="cuda")
 
 
-# The compiled fast paths (csrc/README.md): a forward mode pack of kForwardPacks runs ForwardTileKernel (kPX = 8
-# pixels of a row per thread; widths 20 and 13 end inside a segment), exact 1/2^k windows the register
-# AdjointKernel (bilinear 2x and 4x, nearest 2x and 4x; the 1x3 -> 8x20 term is exact along h only: the generic
-# gather), without the ReLU through the stand-in mask, kPS = 4 source pixels per thread (widths 10, 5, 7 end
-# inside a segment); BackwardSameKernel's kPB = 8 pixel segments run across rows (13 = 8 + 5, 20 = 16 + 4).
+# The compiled fast paths (csrc/README.md): a forward mode pack of kForwardPacks runs ForwardTileKernel (2 rows x
+# 8 pixels per thread; heights 8 and 6 fill the row pairs, 13 = 6 pairs + 1 row and widths 20 and 13 end inside a
+# segment), exact 1/2^k windows the register AdjointKernel (bilinear 2x and 4x, nearest 2x and 4x; the 1x3 ->
+# 8x20 term is exact along h only: the generic gather), without the ReLU through the stand-in mask, 32 / KMAX
+# source pixels per thread (widths 10, 5, 7 and 4 end inside a segment or fill one); BackwardSameKernel's
+# kPB = 16 pixel segments run across rows (13 and 20 are not multiples of 16).
 PACK_SBBB = [((8, 20), None), ((4, 10), bil()), ((2, 5), bil()), ((1, 3), bil())]
 FAST_PATH_CASES = [
     pytest.param(Case((8, 20), PACK_SBBB, N=2, C=37, affine="mixed"), F64, "channels_last", None, id="sbbb_cl_fp64"),
     pytest.param(Case((8, 20), PACK_SBBB, N=1, C=3, relu=False), F64, "nchw", None, id="sbbb_no_relu_fp64"),
-    pytest.param(Case((6, 13), [((6, 13), None), ((6, 13), None), ((3, 7), bil())], N=2, C=5, affine="mixed"), F32,
+    pytest.param(Case((13, 13), [((13, 13), None), ((13, 13), None), ((7, 7), bil())], N=2, C=5, affine="mixed"), F32,
                  "nchw", None, id="ssb_odd_fp32"),
     pytest.param(Case((8, 8), [((8, 8), None), ((4, 4), near()), ((2, 2), near())], N=1, C=3, relu=False), F64,
                  "channels_last", None, id="nearest_pow2_no_relu_fp64"),

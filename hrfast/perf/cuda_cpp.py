@@ -3,14 +3,15 @@
 Their launches are made by C++ (csrc/fuse_launchers.h), so they are derived here from each recorded op call's
 plan and shapes, following csrc/README.md: blocks of 32 x 8 threads, grid z = image.
 - forward: `ForwardTileKernel<PACK>` when the terms' modes are one of the compiled packs (FORWARD_PACKS, at
-  most 4 terms) and the offsets fit in int32: kPX = 8 output pixels of a row per thread, one launch; else the
+  most 4 terms) and the offsets fit in int32: 2 x 8 output pixels (2 rows) per thread, one launch; else the
   generic `ForwardKernel` (one element per thread over a [channels x pixels] tile, one launch per 8 terms);
 - backward (training): one `BackwardSameKernel` launch for the output-size terms (kPB = 8 pixels of a row
   per thread; dx_k = g * scale_k, block reductions for dscale / dshift), and one `AdjointKernel<KMAX, MODE>`
   per upsampled term gathering its window of grad_y (masked by y > 0 on the fly: grad_y and y are read, no g
   buffer): KMAX the register variant for exact windows (ratio 1/2^k, bilinear without align_corners, or
-  nearest) of at most 4 / 8 / 16 taps per axis (2 / 4 / 8 for nearest), int32 offsets, kPS = 4 source pixels
-  of a row per thread; KMAX 0 the generic one (one source pixel per thread).
+  nearest) exactly KMAX = 4 / 8 / 16 taps wide (2 / 4 / 8 for nearest) and at most as high, int32 offsets,
+  32 / KMAX (at most 8) source pixels of a row per thread sharing the union of their windows; KMAX 0 the
+  generic one (one source pixel per thread).
 The kernel names are `KernelName`s: the struct (the workload.CUDA_KERNELS key) carrying its extra template
 arguments as mangled (`mangled_name` finds the instantiation). Compulsory bytes are counted as for the Triton
 kernels (each tensor once). The kernels are compiled with nvcc for the target (`compile.compile_cuda`, the
@@ -29,9 +30,9 @@ from .opcalls import OpCall
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc" / "fuse_cuda.cu"
 BLOCK_X, BLOCK_Y, MAX_TERMS = 32, 8, 8  # csrc/fuse_kernels.h kBX, kBY, kMaxTerms
-PX = 8  # csrc/fuse_kernels.h kPX: output pixels per thread in ForwardTileKernel
-PB = 8  # csrc/fuse_kernels.h kPB: output pixels per thread in BackwardSameKernel
-PS = 4  # csrc/fuse_kernels.h kPS: source pixels per thread in the register AdjointKernel
+PX, ROWS = 8, 2  # csrc/fuse_kernels.h kPX, kRows: output pixels per row and rows per thread, ForwardTileKernel
+PB = 16  # csrc/fuse_kernels.h kPB: output pixels per thread in BackwardSameKernel
+PS = 8  # csrc/fuse_kernels.h adjoint_ps: source pixels per thread in the register AdjointKernel (32 / KMAX from 8)
 # csrc/fuse_kernels.h kForwardPacks (s same, n nearest, b bilinear), and AdjointKernel's register windows
 FORWARD_PACKS = ("s", "ss", "sb", "sss", "ssb", "sbb", "ssss", "sssb", "ssbb", "sbbb")
 ADJOINT_WINDOWS = {2: (4, 8, 16), 1: (2, 4, 8)}  # by mode: bilinear, nearest (exact windows)
@@ -116,7 +117,7 @@ def launches(call: OpCall, training: bool) -> List[CudaLaunch]:
     modes = "".join("snb"[t.mode] for t in plan.terms)
     fits = all(_span(s) < INT32_SPAN for s in [*shapes, (N, C, H, W)])
     if modes in FORWARD_PACKS and fits:
-        threads = C * H * math.ceil(W / PX)
+        threads = C * math.ceil(H / ROWS) * math.ceil(W / PX)
         elems = sum(math.prod(s) for s in shapes) + out
         result.append(CudaLaunch(KernelName("ForwardTileKernel", f"Lj{pack_code(modes)}E"), "forward",
                                  math.ceil(threads / (BLOCK_X * BLOCK_Y)) * N * (BLOCK_X * BLOCK_Y // 32),
@@ -160,11 +161,11 @@ def _backward(terms, N, C, H, W, cl, out, size, fits) -> List[CudaLaunch]:
         k_w = _window(t.ratio_w, t.mode, t.align_corners, W)
         exact = all(num == 1 and den & (den - 1) == 0 for num, den in (t.ratio_h, t.ratio_w)) and not (
             t.mode == 2 and t.align_corners)
-        windows = ADJOINT_WINDOWS.get(t.mode, ()) if fits and exact else ()
-        kmax = next((k for k in windows if max(k_h, k_w) <= k), 0)
+        windows = ADJOINT_WINDOWS.get(t.mode, ()) if fits and exact and k_h <= k_w else ()
+        kmax = k_w if k_w in windows else 0  # the window exactly KMAX wide
         mode = t.mode if kmax else 0
-        if kmax:  # PS source pixels of a row per thread, segments numbered row-major
-            segments = shape[2] * math.ceil(shape[3] / PS)
+        if kmax:  # adjoint_ps(KMAX) source pixels of a row per thread, segments numbered row-major
+            segments = shape[2] * math.ceil(shape[3] / (32 // kmax if kmax >= 8 else PS))
             blocks = (math.ceil(segments / (BLOCK_Y if cl else BLOCK_X)) * math.ceil(C / (BLOCK_X if cl else BLOCK_Y))
                       * N)
             warps = blocks * BLOCK_X * BLOCK_Y // 32

@@ -95,6 +95,9 @@ PACK_SBBB = [((8, 20), None), ((4, 10), bil()), ((2, 5), bil()), ((1, 3), bil())
 FAST_PATH_CASES = [
     pytest.param(Case((8, 20), PACK_SBBB, N=2, C=37, affine="mixed"), F64, "channels_last", None, id="sbbb_cl_fp64"),
     pytest.param(Case((8, 20), PACK_SBBB, N=1, C=3, relu=False), F64, "nchw", None, id="sbbb_no_relu_fp64"),
+    # every bilinear register window: 2x, 4x and 8x on both axes (KMAX 4, 8, 16)
+    pytest.param(Case((8, 24), [((8, 24), None), ((4, 12), bil()), ((2, 6), bil()), ((1, 3), bil())], N=2, C=3,
+                      affine="mixed"), F64, "nchw", None, id="sbbb_2x_4x_8x_fp64"),
     pytest.param(Case((13, 13), [((13, 13), None), ((13, 13), None), ((7, 7), bil())], N=2, C=5, affine="mixed"), F32,
                  "nchw", None, id="ssb_odd_fp32"),
     pytest.param(Case((8, 8), [((8, 8), None), ((4, 4), near()), ((2, 2), near())], N=1, C=3, relu=False), F64,

@@ -375,8 +375,8 @@ def cuda_compiled(sm: int) -> Dict[str, Compiled]:
 
 
 def cuda_launch_row(arch: Arch, op: str, launch: cuda_cpp.CudaLaunch, name: str, compiled: Compiled) -> dict:
-    """One modelled CUDA C++ launch: compiler facts, issued instructions per element (an upper bound, see
-    workload.CUDA_KERNELS), prediction."""
+    """One modelled CUDA C++ launch: compiler facts, issued instructions per element (an upper bound for the
+    generic kernels, see workload.CUDA_KERNELS), prediction."""
     kernel = parse_sass(compiled.sass)[name]
     trips = workload.CUDA_KERNELS[launch.kernel].trips(launch.params)
     known = len(trips) == len(kernel.loops)
@@ -411,8 +411,10 @@ def cuda_section(arch: Arch, groups: List[List[OpCall]], training: bool,
         rows += mine
         per_op.append({"op": describe(call), "calls": len(calls), "kernels_s": sum(r["predicted_s"] for r in mine)})
     return {"launches": rows, "op_calls": per_op,
-            "note": "modelled launches (C++ launchers); instruction counts are upper bounds (every resample "
-                    "mode's code counted per term); kernels only, the binding's partial-sum reductions left out"}
+            "note": "modelled launches (C++ launchers); instruction counts of the generic kernels (ForwardKernel, "
+                    "the generic AdjointKernel) are upper bounds (every resample mode's code counted per term), the "
+                    "tiled ones resolve the modes at compile time; kernels only, the binding's partial-sum "
+                    "reductions left out"}
 
 
 # ------------------------------------------------------------------------------------------------ analyse

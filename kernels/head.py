@@ -547,17 +547,18 @@ def _patch_extent(mode: int, ratio: Tuple[int, int], tile: int, size: int) -> in
 def _tile_bound(name: str, elem: int, acc: int, c0p: int, kp: int, srcs: Sequence[int], tile: ForwardTile) -> int:
     """Upper bound of a tile kernel's shared memory: the loop-invariant dot operands (x0 tile, the U_j; the
     backward's gradient tile, as is and transposed), one buffer per stage for what the loop loads (W0 chunk,
-    the patches, the Wc chunk), the activation operand (forward, backward reduce) and accumulator tiles of
-    scratch (the backward reduce's dWc chunk besides)."""
+    the patches, the Wc chunk), the activation operand (forward; the backward reduce also a second [pixels,
+    BLOCK_M] tile: fp32 W48 needs 129,152 B on sm_80 / sm_90) and accumulator tiles of scratch (the backward
+    reduce's dWc chunk besides)."""
     bp, bm = tile.tile_h * tile.tile_w, tile.block_m
     classifier = name != "_head_stats_kernel"
     invariant = elem * bp * (c0p + sum(srcs) + {"_head_stats_kernel": 0, "_head_forward_kernel": bm,
-                                                "_head_backward_reduce_kernel": bm + 2 * kp,
+                                                "_head_backward_reduce_kernel": 2 * bm + 2 * kp,
                                                 "_head_backward_ds_kernel": kp}[name])
     per_stage = elem * bm * (c0p + sum(srcs) + (kp if classifier else 0))
     scratch = acc * bp * max(bm, kp if classifier else 0)
-    if name == "_head_backward_reduce_kernel":
-        scratch += acc * kp * bm
+    if name == "_head_backward_reduce_kernel":  # a second accumulator tile, the dWc chunk (fp32: 98,432 B at C0 32)
+        scratch = 2 * scratch + acc * kp * bm
     return invariant + tile.num_stages * per_stage + scratch
 
 

@@ -102,13 +102,8 @@ def _same_elements(p: Params) -> int:
 # ----------------------------------------------------------------------------------------- head kernels
 
 
-def _head_tiles(p: Params) -> int:
-    """Pixel tiles of the whole batch."""
-    return _cdiv(p["H"] * p["W"], p["BLOCK_P"]) * p["x0_ptr"].shape[0]
-
-
 def _forward_tiles(p: Params) -> int:
-    """The head forward's 2-D pixel tiles of the whole batch."""
+    """The head kernels' 2-D pixel tiles (the forward's) of the whole batch."""
     return _cdiv(p["H"], p["TILE_H"]) * _cdiv(p["W"], p["TILE_W"]) * p["x0_ptr"].shape[0]
 
 
@@ -116,14 +111,15 @@ def _chunks(p: Params) -> int:
     return _cdiv(p["M"], p["BLOCK_M"])
 
 
-def _pre_bn_flops(p: Params) -> float:
-    """One [BLOCK_M, C0P] x [C0P, BLOCK_P] dot: W0 x0 on one chunk of one tile."""
-    return 2.0 * p["BLOCK_M"] * p["C0P"] * p["BLOCK_P"]
+def _tile_dot_flops(p: Params, width: int) -> float:
+    """Dot FLOPs of one M chunk on one tile: [pixels, width] x [width, BLOCK_M] (or transposes of that size),
+    width = the summed inner sizes; 3xTF32 runs three dots per product."""
+    return (2.0 * p["TILE_H"] * p["TILE_W"] * p["BLOCK_M"] * width
+            * (3 if p["PRECISION"] == "tf32x3" else 1))
 
 
-def _logit_flops(p: Params) -> float:
-    """One [KP, BLOCK_M] x [BLOCK_M, BLOCK_P] dot (or its transposes): classifier-sized."""
-    return 2.0 * p["KP"] * p["BLOCK_M"] * p["BLOCK_P"]
+def _tile_dot_unit(p: Params) -> str:
+    return "tf32" if p["PRECISION"] == "tf32x3" else _dot_unit(p)
 
 
 def _head_pixels_out(p: Params, channels: int) -> int:
@@ -157,28 +153,31 @@ KERNELS: Dict[str, KernelWork] = {
     # per program a [BLOCK_C x BLOCK_H x BLOCK_W] tile of source pixels; loops kx < KW (outer), ky < KH
     "_upsample_adjoint_kernel": KernelWork(trips=_adjoint_trips, elements=_adjoint_elements,
                                            unread=_adjoint_unread),
-    # per program one pixel tile; loop over the M chunks: one W0 x0 dot each
-    "_head_stats_kernel": KernelWork(trips=lambda p: [_chunks(p)], elements=lambda p: _head_pixels_out(p, p["M"]),
-                                     dots=lambda p: _head_tiles(p) * _chunks(p) * _pre_bn_flops(p)),
-    # per program one TILE_H x TILE_W pixel tile; loop over the M chunks: x0^T W0^T, one U_j patch_j dot per
-    # upsampled branch and the classifier dot; the second loop (exact gathers) runs only for a tile with NaN
-    # in its logits or a patch that misses a tap: 0 trips on finite inputs
+    # The head's tile kernels: one TILE_H x TILE_W pixel tile per program (the backward reduce: a split of them),
+    # a loop over the M chunks through the patch dots (x0^T W0^T and one U_j patch_j per upsampled branch), then
+    # a second loop over 16-channel chunks with the exact gathers that runs only for a tile whose dense s held
+    # NaN or whose patch missed a tap: 0 trips on finite inputs. Statistics: no further dot.
+    "_head_stats_kernel": KernelWork(
+        trips=lambda p: [_chunks(p), 0], elements=lambda p: _head_pixels_out(p, p["M"]),
+        dots=lambda p: _forward_tiles(p) * _chunks(p) * _tile_dot_flops(p, p["C0P"] + sum(p["SRC"])),
+        dot_unit=_tile_dot_unit),
+    # + the classifier dot
     "_head_forward_kernel": KernelWork(
         trips=lambda p: [_chunks(p), 0], elements=lambda p: _head_pixels_out(p, p["K"]),
-        dots=lambda p: _forward_tiles(p) * _chunks(p) * 2.0 * p["TILE_H"] * p["TILE_W"] * p["BLOCK_M"]
-        * (p["C0P"] + sum(p["SRC"]) + p["KP"]) * (3 if p["PRECISION"] == "tf32x3" else 1),
-        unread=lambda p: [] if p["HAS_BC"] else ["bc_ptr"],
-        dot_unit=lambda p: "tf32" if p["PRECISION"] == "tf32x3" else _dot_unit(p)),
-    # program (M chunk, split) loops over tiles split, split + SPLITS, ...: TILES / SPLITS on average; per tile
-    # W0 x0, Wc^T g and g a^T
+        dots=lambda p: _forward_tiles(p) * _chunks(p) * _tile_dot_flops(p, p["C0P"] + sum(p["SRC"]) + p["KP"]),
+        unread=lambda p: [] if p["HAS_BC"] else ["bc_ptr"], dot_unit=_tile_dot_unit),
+    # program `split` visits TILES / SPLITS tiles (outer loop, innermost last): per tile and chunk also g Wc
+    # and g^T a
     "_head_backward_reduce_kernel": KernelWork(
-        trips=lambda p: [p["TILES"] / p["SPLITS"]], elements=lambda p: _head_pixels_out(p, p["M"]),
-        dots=lambda p: _chunks(p) * p["TILES"] * (_pre_bn_flops(p) + 2 * _logit_flops(p))),
-    # one (pixel tile, M chunk) per program, no loop: W0 x0 and Wc^T g
+        trips=lambda p: [p["TILES"] / p["SPLITS"] * _chunks(p), 0, p["TILES"] / p["SPLITS"]],
+        elements=lambda p: _head_pixels_out(p, p["M"]),
+        dots=lambda p: _forward_tiles(p) * _chunks(p) * _tile_dot_flops(p, p["C0P"] + sum(p["SRC"]) + 2 * p["KP"]),
+        dot_unit=_tile_dot_unit),
+    # per tile and chunk also g Wc; ds written
     "_head_backward_ds_kernel": KernelWork(
-        trips=lambda p: [], elements=lambda p: _head_pixels_out(p, p["M"]),
-        dots=lambda p: _head_tiles(p) * _chunks(p) * (_pre_bn_flops(p) + _logit_flops(p)),
-        unread=lambda p: [] if p["BATCH_STATS"] else ["alpha_ptr", "beta_ptr"]),
+        trips=lambda p: [_chunks(p), 0], elements=lambda p: _head_pixels_out(p, p["M"]),
+        dots=lambda p: _forward_tiles(p) * _chunks(p) * _tile_dot_flops(p, p["C0P"] + sum(p["SRC"]) + p["KP"]),
+        unread=lambda p: [] if p["BATCH_STATS"] else ["alpha_ptr", "beta_ptr"], dot_unit=_tile_dot_unit),
     # batch norm (kernels/batch_norm.py). Statistics: program (channel block, split, image) loops over the
     # BLOCK_P tiles of its chunk: cdiv(P, BLOCK_P) / SPLITS on average; elements: the values of z it reduces
     "_bn_stats_kernel": KernelWork(trips=lambda p: [_cdiv(p["P"], p["BLOCK_P"]) / p["SPLITS"]],

@@ -31,6 +31,7 @@ to 1 become compile-time constants (Triton's specialisation), so the contiguous 
 """
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 from typing import Optional, Tuple
 
@@ -219,9 +220,8 @@ def can_launch(device: torch.device) -> bool:
     tensors while `hrfast.perf.record` has replaced the kernels by recorders (no launch happens)."""
     if device.type == "cuda":
         return True
-    if device.type == "cpu":
-        from hrfast.backends import triton_interpreter_enabled
-        return triton_interpreter_enabled()
+    if device.type == "cpu":  # hrfast.backends.triton_interpreter_enabled's rule (kernels/ imports only the plan)
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
     if device.type == "meta":
         from triton.runtime.interpreter import InterpretedFunction
         from triton.runtime.jit import JITFunction

@@ -168,13 +168,32 @@ def _run(forward, module, xs, seed):
     return res
 
 
-def _assert_same(actual: dict, expected: dict, rtol: float) -> None:
+def _biases_before_batch_stats(model: nn.Module) -> list:
+    """Names of conv biases followed by a batch norm in training: their gradient is 0 in exact arithmetic (the
+    batch mean removes the bias), so computed values are rounding noise, compared against the weight's scale."""
+    names = []
+    for prefix, seq in model.named_modules():
+        if isinstance(seq, nn.Sequential):
+            children = list(seq.named_children())
+            for (name, conv), (_, bn) in zip(children, children[1:]):
+                if isinstance(conv, nn.Conv2d) and conv.bias is not None and isinstance(bn, nn.BatchNorm2d) \
+                        and bn.training:
+                    names.append(f"{prefix}.{name}" if prefix else name)
+    return names
+
+
+def _assert_same(actual: dict, expected: dict, rtol: float, noise_biases=()) -> None:
     assert actual.keys() == expected.keys()
     for name, exp in expected.items():
         act = actual[name]
         assert act is not None and exp is not None, f"{name}: missing gradient"
         assert act.dtype == exp.dtype and act.shape == exp.shape, name
-        if exp.is_floating_point():
+        module = name[len("grad "):-len(".bias")] if name.startswith("grad ") and name.endswith(".bias") else None
+        if module in noise_biases:  # ~0: bounded by rtol x the norm of the conv weight's gradient
+            scale = expected[f"grad {module}.weight"].double().norm().item()
+            err = (act.double() - exp.double()).norm().item()
+            assert scale > 0 and err <= rtol * scale, f"{name}: {err:.3e} exceeds {rtol:.1e} x {scale:.3e}"
+        elif exp.is_floating_point():
             assert_rel_close(act, exp, rtol, name)
         else:
             assert torch.equal(act, exp), name
@@ -279,7 +298,10 @@ def test_compile_patched_timm_model(timm_model, train):
                                                                                 nn.ModuleList))
     assert _calls(graphs["dynamo"], OPS.fuse_forward.default) == fused_rows
     assert _calls(graphs["bw"], OPS.fuse_backward.default) == fused_rows
-    _assert_same(actual, expected, FP32_RTOL)
+    # eager runs the training BN folds on the kernels, the compiled graph their PyTorch twin: equal up to rounding
+    noise = _biases_before_batch_stats(model) if train else []
+    assert not train or noise  # timm's classifier: conv (bias) -> BN in downsamp_modules and final_layer
+    _assert_same(actual, expected, FP32_RTOL, noise)
 
 
 # ------------------------------------------------------------------------------------------------- autocast

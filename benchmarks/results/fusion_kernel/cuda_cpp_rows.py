@@ -10,9 +10,7 @@ hrfast inspect` does; the Triton kernels of the same call priced as stage4_rows.
 the same rows for csrc/, cuda_cpp.py and workload.CUDA_KERNELS as they were at COMMIT (extracted with git
 show into a temporary folder) come first. Predictions for the named architecture, not measurements.
 """
-import argparse
 import importlib.util
-import os
 import subprocess
 import sys
 import tempfile
@@ -24,10 +22,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
 sys.path.insert(0, str(HERE))
 
-from stage4_rows import DTYPES, branch_problem, cost_rows, record_branch  # noqa: E402
+from stage4_rows import branch_problem, cost_rows, record_branch, step_arguments, step_setup  # noqa: E402
 
 from hrfast.perf import cuda_cpp, inspect, workload  # noqa: E402
-from hrfast.perf.arch import get_arch  # noqa: E402
 from hrfast.perf.compile import compile_cuda  # noqa: E402
 from hrfast.perf.opcalls import OpCall  # noqa: E402
 
@@ -95,18 +92,10 @@ def table(title, launch_rows, triton):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", default="sm_90")
-    ap.add_argument("--dtype", default="bf16", choices=DTYPES)
-    ap.add_argument("--channels-last", action="store_true")
-    ap.add_argument("--training", action="store_true")
+    ap = step_arguments()
     ap.add_argument("--before", default=None, help="a commit: also the rows of csrc/ as it was there")
     args = ap.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        sys.exit("run without TRITON_INTERPRET")
-    arch = get_arch(args.arch)
-    H, W, N = (128, 256, 8) if args.training else (256, 512, 1)
-    dtype = DTYPES[args.dtype]
+    arch, H, W, N, dtype = step_setup(args)
     print(f"# CUDA C++ fusion kernels, {arch.name}, {args.dtype}, {'channels_last' if args.channels_last else 'NCHW'}, "
           f"{'512x1024 b8 training' if args.training else '1024x2048 b1 inference'} (predictions)")
     print("\n    env -u TRITON_INTERPRET python benchmarks/results/fusion_kernel/cuda_cpp_rows.py "

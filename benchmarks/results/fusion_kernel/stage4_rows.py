@@ -68,19 +68,29 @@ def cost_rows(arch, launches):
     return rows
 
 
-def main(argv=None):
+def step_arguments() -> argparse.ArgumentParser:
+    """The options every stage-4 row script takes (this one and cuda_cpp_rows.py)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--dtype", default="bf16", choices=DTYPES)
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--training", action="store_true")
-    ap.add_argument("--branches", type=int, nargs="*", default=[0, 1, 2, 3])
-    args = ap.parse_args(argv)
+    return ap
+
+
+def step_setup(args):
+    """(arch, branch 0's H, W, batch N, dtype) of the parsed options; refuses the Triton interpreter."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("run without TRITON_INTERPRET")
-    arch = get_arch(args.arch)
     H, W, N = (128, 256, 8) if args.training else (256, 512, 1)
-    dtype = DTYPES[args.dtype]
+    return get_arch(args.arch), H, W, N, DTYPES[args.dtype]
+
+
+def main(argv=None):
+    ap = step_arguments()
+    ap.add_argument("--branches", type=int, nargs="*", default=[0, 1, 2, 3])
+    args = ap.parse_args(argv)
+    arch, H, W, N, dtype = step_setup(args)
     print(f"# {arch.name}, {args.dtype}, {'channels_last' if args.channels_last else 'NCHW'}, "
           f"{'512x1024 b8 training' if args.training else '1024x2048 b1 inference'}")
     print("| branch | phase | kernel | key | regs | SASS/elem | MB | bytes us | issue us | issue/bytes | warps/SM "

@@ -40,8 +40,8 @@ from .batchnorm import fold_into_conv
 from .ops.reference import resample_ref
 from .plan import Resample
 
-__all__ = ["Inference", "as_inference", "unit_applies", "conv_unit", "reordered_head", "LayoutChoice", "EPILOGUES",
-           "EXPLORE_CALLS", "layout_choices"]
+__all__ = ["Inference", "as_inference", "unit_applies", "conv_unit", "unit_step", "UnitChain", "reordered_head",
+           "LayoutChoice", "EPILOGUES", "EXPLORE_CALLS", "layout_choices"]
 
 EPILOGUES = ("auto", "aten")
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
@@ -169,28 +169,41 @@ def _conv_epilogue(x, weight, bias, conv, relu, residual):
     return out.relu_() if relu else out
 
 
-def _aten(x, unit, bias, conv, relu, residual):
-    return _conv_epilogue(x, unit.weight_like(x), bias, conv, relu, residual)
+# Each implementation binds, for inputs like (x, residual), the folded weights in the form it needs (layout,
+# packed) and the conv's arguments into one call ``step(x[, residual])``: what an eval forward runs per conv.
 
 
-def _onednn(x, unit, bias, conv, relu, residual, weight=None):
+def _aten(x, unit, bias, conv, relu, residual) -> Callable:
+    args = (unit.weight_like(x), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    conv2d = torch.conv2d
+
+    def step(x, residual=None):
+        out = conv2d(x, *args)
+        if residual is not None:
+            out = out.add_(residual)
+        return out.relu_() if relu else out
+    return step
+
+
+def _onednn(x, unit, bias, conv, relu, residual, weight=None) -> Callable:
     args = (unit.weight_like(x) if weight is None else weight, bias, *_conv_args(conv))
     if residual is None:
-        return torch.ops.mkldnn._convolution_pointwise(x, *args, "relu" if relu else "none", [], "")
-    return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, *args, "add", 1.0,
-                                                          "relu" if relu else None, [], "")
+        unary, attr = torch.ops.mkldnn._convolution_pointwise.default, "relu" if relu else "none"
+        return lambda x: unary(x, *args, attr, [], "")
+    binary, attr = torch.ops.mkldnn._convolution_pointwise.binary, "relu" if relu else None
+    return lambda x, residual: binary(x, residual, *args, "add", 1.0, attr, [], "")
 
 
-def _packed(x, unit, bias, conv, relu, residual):
+def _packed(x, unit, bias, conv, relu, residual) -> Callable:
     """oneDNN with the weights reordered once for this input size (see `_Unit.packed`)."""
     return _onednn(x, unit, bias, conv, relu, residual, unit.packed(x, conv))
 
 
-def _cudnn(x, unit, bias, conv, relu, residual):
+def _cudnn(x, unit, bias, conv, relu, residual) -> Callable:
     args = (conv.stride, conv.padding, conv.dilation, conv.groups)
     if residual is None:
-        return torch.cudnn_convolution_relu(x, unit.weight, bias, *args)
-    return torch.cudnn_convolution_add_relu(x, unit.weight, residual, 1.0, bias, *args)
+        return lambda x: torch.cudnn_convolution_relu(x, unit.weight, bias, *args)
+    return lambda x, residual: torch.cudnn_convolution_add_relu(x, unit.weight, residual, 1.0, bias, *args)
 
 
 _IMPLS: Dict[str, Callable] = {"aten": _aten, "onednn": _onednn, "onednn_packed": _packed, "cudnn": _cudnn}
@@ -205,14 +218,14 @@ def _measuring(device: torch.device) -> bool:
 
 
 class _Unit:
-    """What the inference mode derived for one conv from its current folded weights: the implementation chosen
-    per call signature, and derived forms of the weights (channels_last, packed per input size, column blocks).
+    """What the inference mode derived for one conv from its current folded weights: the bound step chosen per
+    call signature, and derived forms of the weights (channels_last, packed per input size, column blocks).
     Replaced when the folded weights are (a parameter changed)."""
 
-    __slots__ = ("weight", "choices", "forms", "__weakref__")
+    __slots__ = ("weight", "steps", "forms", "__weakref__")
 
     def __init__(self, weight: Tensor):
-        self.weight, self.choices, self.forms = weight, {}, {}
+        self.weight, self.steps, self.forms = weight, {}, {}
 
     def form(self, key: Hashable, make: Callable[[], Any]):
         found = self.forms.get(key)
@@ -256,28 +269,114 @@ def _choose(x: Tensor, unit: _Unit, bias: Tensor, conv: nn.Conv2d, relu: bool, r
         return names[0]
 
     def run(candidate: str) -> None:
-        _IMPLS[candidate](x, unit, bias, conv, relu, residual)
+        step = _IMPLS[candidate](x, unit, bias, conv, relu, residual)
+        step(x) if residual is None else step(x, residual)
 
     return _autotune.choose("conv_unit", _signature(x, residual, conv, relu), x.device, names[0], names, run)
+
+
+def unit_step(x: Tensor, conv: nn.Conv2d, bn: nn.Module, relu: bool, residual: Optional[Tensor] = None,
+              options: Inference = Inference()) -> Callable:
+    """``relu?(bn(conv(x)) + residual?)`` prepared for inputs like `x` / `residual` (shape, strides, dtype,
+    device): the BN folded into the conv's weights (`fold_into_conv`), the implementation chosen, the weights in
+    its form, all bound into ``step(x)`` (``step(x, residual)`` with a residual). Valid while the modules'
+    parameters and buffers are unchanged; the caller checked `unit_applies`."""
+    weight, bias = fold_into_conv(conv, bn)
+    unit = _unit(conv, weight)
+    key = (x.shape, x.stride(), x.dtype, x.device, None if residual is None else residual.stride(), relu,
+           _needs_grad(x, residual), torch.get_num_threads(), options, _FORWARD_EPILOGUE.get())
+    step = unit.steps.get(key)
+    if step is None:
+        name = _choose(x, unit, bias, conv, relu, residual, options)
+        step = unit.steps[key] = _IMPLS[name](x, unit, bias, conv, relu, residual)
+    return step
 
 
 def conv_unit(x: Tensor, conv: nn.Conv2d, bn: nn.Module, relu: bool, residual: Optional[Tensor] = None,
               options: Inference = Inference()) -> Tensor:
     """``relu?(bn(conv(x)) + residual?)`` with the BN folded into the conv; the caller checked `unit_applies`.
 
-    Never writes to `x` or `residual` (every in-place step acts on the conv's own fresh output). The per-call
-    work is a few dictionary lookups: the fold is cached (`fold_into_conv`), and so is the choice per call
-    signature."""
-    weight, bias = fold_into_conv(conv, bn)
+    Never writes to `x` or `residual` (every in-place step acts on the conv's own fresh output). Per call: the
+    fold's cache check and one lookup of the step bound for this signature (`unit_step`); a run of several
+    units is cheaper as a `UnitChain`."""
     if torch.compiler.is_compiling():
+        weight, bias = fold_into_conv(conv, bn)
         return _conv_epilogue(x, weight, bias, conv, relu, residual)
-    unit = _unit(conv, weight)
-    key = (x.shape, x.stride(), x.dtype, None if residual is None else residual.stride(), relu,
-           _needs_grad(x, residual), torch.get_num_threads(), options, _FORWARD_EPILOGUE.get())
-    name = unit.choices.get(key)
-    if name is None:
-        name = unit.choices[key] = _choose(x, unit, bias, conv, relu, residual, options)
-    return _IMPLS[name](x, unit, bias, conv, relu, residual)
+    step = unit_step(x, conv, bn, relu, residual, options)
+    return step(x) if residual is None else step(x, residual)
+
+
+# ---------------------------------------------------------------------------------- plan once, run many
+
+
+def _guard(units: Sequence[Any]) -> tuple:
+    """Identity, version counter and storage of every parameter and buffer the folds of `units` read, and each
+    BN's eps: what a bound step depends on (in-place updates bump versions, `.to()` brings new storage)."""
+    state = []
+    for u in units:
+        conv, bn = u.conv, u.norm
+        p, q, b = conv._parameters, bn._parameters, bn._buffers
+        for t in (p["weight"], p.get("bias"), q.get("weight"), q.get("bias"), b["running_mean"], b["running_var"]):
+            state.append(None if t is None else (id(t), t._version, t.data_ptr()))
+        state.append(bn.eps)
+    return tuple(state)
+
+
+class UnitChain:
+    """Conv units in a row (``hrfast.hrnet.blocks.ConvUnit``; plain modules between them run as they are), the
+    last one optionally adding a residual: a residual block's main path, an nn.Sequential's steps.
+
+    Planned once per input signature, run many times (FlashInfer's split): the first call binds every unit's
+    step (`unit_step`: fold, choice, weight forms) while it runs; later calls with the same signature check one
+    guard over all the units' parameters and buffers, then call the bound steps, with none of `conv_unit`'s
+    per-unit lookups. Programs are kept per signature, the oldest dropped past `MAX_PROGRAMS`."""
+
+    MAX_PROGRAMS = 8
+    __slots__ = ("items", "units", "programs")
+
+    def __init__(self, items: Sequence[Any], relus: Optional[Sequence[bool]] = None):
+        """`items`: ConvUnits and modules, in order; `relus`: per ConvUnit whether a ReLU ends it (default:
+        whether it has an act)."""
+        units = [item for item in items if _is_unit(item)]
+        relus = [u.act is not None for u in units] if relus is None else list(relus)
+        relu_of = dict(zip(map(id, units), relus))
+        self.items = tuple((item, relu_of[id(item)]) if _is_unit(item) else (item, None) for item in items)
+        self.units = tuple(units)
+        self.programs: Dict[Hashable, Tuple[tuple, tuple]] = {}
+
+    def __call__(self, x: Tensor, residual: Optional[Tensor] = None, options: Inference = Inference()) -> Tensor:
+        """The chain on x (the caller checked `unit_applies` for every unit); `residual` enters the last unit."""
+        key = (x.shape, x.stride(), x.dtype, x.device, None if residual is None else residual.stride(),
+               x.requires_grad, torch.is_grad_enabled(), torch.get_num_threads(), options, _FORWARD_EPILOGUE.get())
+        guard = _guard(self.units)
+        program = self.programs.get(key)
+        if program is None or program[0] != guard:
+            return self._plan(key, guard, x, residual, options)
+        steps = program[1]
+        for step in steps[:-1]:
+            x = step(x)
+        return steps[-1](x) if residual is None else steps[-1](x, residual)
+
+    def _plan(self, key, guard, x: Tensor, residual: Optional[Tensor], options: Inference) -> Tensor:
+        steps = []
+        last = len(self.items) - 1
+        for k, (item, relu) in enumerate(self.items):
+            r = residual if k == last else None
+            if relu is None:  # a module between the units
+                step = item
+            else:
+                step = unit_step(x, item.conv, item.norm, relu, r, options)
+            x = step(x) if r is None else step(x, r)
+            steps.append(step)
+        self.programs.pop(key, None)
+        while len(self.programs) >= self.MAX_PROGRAMS:
+            self.programs.pop(next(iter(self.programs)))
+        self.programs[key] = (guard, tuple(steps))
+        return x
+
+
+def _is_unit(item: Any) -> bool:
+    return hasattr(item, "conv") and hasattr(item, "norm") and not isinstance(item, nn.Module)
 
 
 def reordered_head(xs: Sequence[Tensor], conv: nn.Conv2d, bn: nn.Module, classifier: nn.Module,

@@ -165,15 +165,16 @@ def _assert_exact_and_within_budget(model, x, calls=inference.EXPLORE_CALLS + 1,
 
 @pytest.fixture
 def unit_calls(monkeypatch):
-    """Counts the conv units that ran folded."""
+    """Counts the conv units that ran folded: every run of a step that `unit_step` bound (the stem's
+    `conv_unit` and the chains' planned steps), so the steps a UnitChain replays count too."""
     calls = []
-    original = patch_inference.conv_unit
+    original = inference.unit_step
 
-    def counting(*args, **kwargs):
-        calls.append(args[1])
-        return original(*args, **kwargs)
+    def counting(x, conv, *args, **kwargs):
+        step = original(x, conv, *args, **kwargs)
+        return lambda *a: calls.append(conv) or step(*a)
 
-    monkeypatch.setattr(patch_inference, "conv_unit", counting)
+    monkeypatch.setattr(inference, "unit_step", counting)
     return calls
 
 
@@ -278,6 +279,35 @@ def test_fold_into_conv_low_precision_computes_in_fp32():
     assert rel_error(w16, w32) <= torch.finfo(torch.bfloat16).eps  # one rounding, not a bf16 computation
 
 
+@pytest.mark.parametrize("change", ["in_place", "new_parameter", "data", "eps"])
+def test_planned_chains_replay_and_follow_parameter_changes(change, monkeypatch):
+    """A block binds its steps on its first call of a signature and replays them (no new binding) while its
+    parameters are unchanged; any change (in place, a new Parameter, new storage, eps) plans again."""
+    block = _randomized(BLOCKS["hrfast_bottleneck"]()).double()
+    hrfast.patch(block, inference=inference.Inference(channels_last=False, epilogue="aten"))  # one configuration
+    bindings = []
+    original = inference.unit_step
+    monkeypatch.setattr(inference, "unit_step", lambda *a, **k: bindings.append(a[1]) or original(*a, **k))
+    x = torch.randn(2, 8, 7, 5, dtype=torch.float64)
+    unpatched = copy.deepcopy(block)
+    hrfast.unpatch(unpatched)
+    for _ in range(2):
+        assert rel_error(_run(block, x), _run(unpatched, x)) <= FP64_TOL
+    assert len(bindings) == 4  # the three units and the shortcut's, bound once
+    for m in (block, unpatched):
+        with torch.no_grad():
+            if change == "in_place":
+                m.bn2.running_mean.add_(1)
+            elif change == "new_parameter":
+                m.conv3.weight = nn.Parameter(m.conv3.weight * 2)
+            elif change == "data":
+                m.bn1.weight.data = m.bn1.weight.data * 3
+            else:
+                m.bn3.eps = 0.5
+    assert rel_error(_run(block, x), _run(unpatched, x)) <= FP64_TOL
+    assert len(bindings) == 4 + 3  # the main path planned again, the shortcut replayed
+
+
 # --------------------------------------------------------------------------------- the conv epilogues
 
 
@@ -303,7 +333,8 @@ def test_every_epilogue_implementation_agrees(dtype, layout, residual, relu):
     tol = FP32_RTOL if dtype == torch.float32 else 4 * torch.finfo(dtype).eps
     for name in names:
         with torch.no_grad():
-            out = inference._IMPLS[name](x, inference._unit(conv, weight), bias, conv, relu, r)
+            step = inference._IMPLS[name](x, inference._unit(conv, weight), bias, conv, relu, r)
+            out = step(x) if r is None else step(x, r)
         assert rel_error(out, expected) <= tol, name
     assert torch.equal(x, x_before) and (r is None or torch.equal(r, r_before))  # inputs never written
 

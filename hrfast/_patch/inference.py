@@ -38,7 +38,8 @@ from torch.nn.modules import module as module_globals
 from ..backends import resolve
 from ..hrnet.blocks import ConvUnit, describe_residual_block, describe_stem, sequential_steps
 from ..hrnet.head import head_layers
-from ..inference import Inference, LayoutChoice, as_inference, conv_unit, reordered_head, unit_applies
+from ..inference import (Inference, LayoutChoice, UnitChain, as_inference, conv_unit, reordered_head,
+                         unit_applies)
 from .core import Adapter, PatchedForward, PatchRow
 from .head import HeadConfig, _fusable, _replay_trunk
 
@@ -56,7 +57,10 @@ def _hooks_free(modules: Sequence[nn.Module]) -> bool:
     """No forward hook that the folded path would skip: none on these modules, no global module hook."""
     if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
         return False
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    for m in modules:  # a plain loop: this runs for every block of every eval forward
+        if m._forward_hooks or m._forward_pre_hooks:
+            return False
+    return True
 
 
 def _ready(units: Sequence[ConvUnit], modules: Sequence[nn.Module]) -> bool:
@@ -65,7 +69,10 @@ def _ready(units: Sequence[ConvUnit], modules: Sequence[nn.Module]) -> bool:
     (measured on CPU: 0.45x eager for W18-small), while inductor fuses BN + ReLU into one pass itself."""
     if torch.compiler.is_compiling():
         return False
-    return all(unit_applies(u.conv, u.norm) for u in units) and _hooks_free(modules)
+    for u in units:
+        if not unit_applies(u.conv, u.norm):
+            return False
+    return _hooks_free(modules)
 
 
 def _unfolded(module: nn.Module) -> bool:
@@ -82,7 +89,7 @@ _READINGS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictio
 def _reading(module: nn.Module, read: Callable[[nn.Module], Any]):
     """The cached structural reading of `module`. Eager only: callers check `torch.compiler.is_compiling()`
     first (dynamo tracing a WeakKeyDictionary lookup keyed by module ids failed in CI's full run)."""
-    stamp = tuple(map(id, module._modules.values()))
+    stamp = tuple(module._modules.values())  # compared by identity (modules compare as objects)
     hit = _READINGS.get(module)
     if hit is None or hit[0] != stamp:
         hit = (stamp, read(module))
@@ -91,6 +98,22 @@ def _reading(module: nn.Module, read: Callable[[nn.Module], Any]):
 
 
 # ------------------------------------------------------------------------------------------------ configs
+
+
+def _read_block(module: nn.Module):
+    """(the block's reading, the UnitChain of its main path) or the reason it is left alone (a str)."""
+    block = describe_residual_block(module)
+    if isinstance(block, str):
+        return block
+    return block, UnitChain(block.units, relus=[True] * len(block.units))
+
+
+def _read_sequential(module: nn.Module):
+    """(the Sequential's steps, their UnitChain, every module they fold) or None."""
+    steps = sequential_steps(module)
+    if steps is None:
+        return None
+    return steps, UnitChain(steps), tuple(m for s in steps if isinstance(s, ConvUnit) for m in s.modules)
 
 
 @dataclass(frozen=True)
@@ -103,15 +126,13 @@ class BlockConfig:
         # nothing folds under compile (`_ready`), nor while training with gradients: the original forward at once
         if _unfolded(module):
             return type(module).forward(module, x)
-        block = _reading(module, describe_residual_block)
-        if isinstance(block, str) or not isinstance(x, Tensor) or not _ready(block.units, block.folded_modules):
+        reading = _reading(module, _read_block)
+        if isinstance(reading, str) or not isinstance(x, Tensor):
             return type(module).forward(module, x)
-        residual = x if block.shortcut is None else block.shortcut(x)
-        out = x
-        for unit in block.units[:-1]:
-            out = conv_unit(out, unit.conv, unit.norm, True, options=self.options)
-        last = block.units[-1]
-        return conv_unit(out, last.conv, last.norm, True, residual, self.options)
+        block, chain = reading
+        if not _ready(block.units, block.folded_modules):
+            return type(module).forward(module, x)
+        return chain(x, x if block.shortcut is None else block.shortcut(x), self.options)
 
 
 @dataclass(frozen=True)
@@ -121,10 +142,14 @@ class SequentialConfig:
     options: Inference
 
     def run(self, module: nn.Sequential, x):
-        steps = None if _unfolded(module) else _reading(module, sequential_steps)
-        if steps is None:
+        reading = None if _unfolded(module) else _reading(module, _read_sequential)
+        if reading is None or not isinstance(x, Tensor):
             return nn.Sequential.forward(module, x)
-        for step in steps:
+        steps, chain, folded = reading
+        units = chain.units
+        if _ready(units, folded):
+            return chain(x, None, self.options)
+        for step in steps:  # some unit cannot fold now (a hook on it): unit by unit
             if not isinstance(step, ConvUnit):
                 x = step(x)
             elif isinstance(x, Tensor) and _ready((step,), step.modules):

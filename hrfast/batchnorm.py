@@ -183,11 +183,14 @@ class BNStep(NamedTuple):
     running_var: Optional[Tensor]
 
 
-def bn_step(bn: _BatchNorm) -> BNStep:
-    """`_BatchNorm.forward`'s bookkeeping, side effect included (num_batches_tracked += 1 in training)."""
+def bn_step(bn: _BatchNorm, count: bool = True) -> BNStep:
+    """`_BatchNorm.forward`'s bookkeeping, side effect included (num_batches_tracked += 1 in training).
+    `count=False`: the caller increments num_batches_tracked itself (the statistics kernels do, saving the
+    add's launch); only with a momentum, where the factor does not read the counter."""
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
+        if count or bn.momentum is None:
+            bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
     tracked = not bn.training or bn.track_running_stats
@@ -234,12 +237,15 @@ class _BatchStatsFold(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], term_dtype: torch.dtype,
                 dtype: torch.dtype, eps: float, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                factor: float, use_kernels: bool):
+                factor: float, use_kernels: bool, counter: Optional[Tensor] = None):
         count = z.shape[0] * z.shape[2] * z.shape[3]
         if use_kernels:
             from hrfast.kernels import batch_norm as kernels
-            stats, scale, shift = kernels.batch_stats(z, weight, bias, eps, dtype, running_mean, running_var, factor)
+            stats, scale, shift = kernels.batch_stats(z, weight, bias, eps, dtype, running_mean, running_var, factor,
+                                                      counter)
         else:
+            if counter is not None:
+                counter.add_(1)
             stats, scale, shift = _reference_stats(z, weight, bias, eps, dtype, running_mean, running_var, factor,
                                                    count)
         ctx.use_kernels, ctx.count = use_kernels, count
@@ -270,7 +276,7 @@ class _BatchStatsFold(torch.autograd.Function):
         elif need_dz or need_dw:
             dz, g_weight = _reference_backward(z, g_term, stats, weight, scale, g_scale, g_shift, ctx.count)
         return (dz if need_dz else None, g_weight if need_dw else None, g_bias,
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 def _reference_stats(z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, dtype: torch.dtype,
@@ -329,16 +335,22 @@ def fold_batch_norm(bn: nn.Module, z: Tensor, term_dtype: Optional[torch.dtype] 
     bn._check_input_dim(z)
     if z.dim() != 4:
         raise ValueError(f"expected a 4-D input [N, C, H, W] for {type(bn).__name__}, got shape {tuple(z.shape)}")
-    step = bn_step(bn)
+    count = z.shape[0] * math.prod(z.shape[2:])
+    # the statistics kernels increment num_batches_tracked (no add launch of its own) where the factor does not
+    # read it, and not for a batch too small (batch norm increments it before raising)
+    counter = None
+    if bn.training and use_kernels and bn.momentum is not None and bn.track_running_stats and count > 1 \
+            and bn.num_batches_tracked is not None and _kernels_run(z):
+        counter = bn.num_batches_tracked
+    step = bn_step(bn, count=counter is None)
     dt = accumulation_dtype(z, bn.weight, bn.bias, bn.running_mean, bn.running_var)
     if not step.batch_stats:
         scale, shift = eval_affine(bn, dt)
         return (z if z.dtype == term_dtype else z.to(term_dtype)), scale, shift
-    count = z.shape[0] * math.prod(z.shape[2:])
     check_batch_size(count, z.size())
-    kernels = use_kernels and _kernels_run(z)
+    kernels = counter is not None or (use_kernels and _kernels_run(z))
     term, scale, shift = _BatchStatsFold.apply(z, bn.weight, bn.bias, term_dtype, dt, bn.eps, step.running_mean,
-                                               step.running_var, step.factor, kernels)
+                                               step.running_var, step.factor, kernels, counter)
     return term, scale, shift
 
 

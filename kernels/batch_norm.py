@@ -12,7 +12,9 @@ no sum of squares of uncentred values ever forms (z = 1000 + noise keeps its var
 merges the partials in a fixed order (a tile of partials at a time: the pooled mean and the pooled M2 plus the
 between-partial term, then Chan's formula across tiles) and writes mean and r (saved for the backward), scale
 and shift, and the running-statistics update `running = factor * batch + keep * running` (unbiased variance)
-straight into the module's buffers. Two launches, no atomics: bitwise deterministic for a given shape.
+straight into the module's buffers, and `num_batches_tracked += 1` when given the counter (where the factor is
+the momentum: the fold saves that add's launch). Two launches, no atomics: bitwise deterministic for a given
+shape.
 
 Backward (`batch_norm_backward`): given the gradients (g_term, g_scale, g_shift) of the fold's outputs,
 
@@ -104,12 +106,16 @@ def _bn_stats_kernel(z_ptr, part_ptr, C, P, s_n, s_c, s_p, S, SPLITS, CHUNK,
 
 @triton.jit
 def _bn_finalize_kernel(part_ptr, C, P, S, SPLITS, CHUNK, weight_ptr, bias_ptr, stats_ptr, scale_ptr, shift_ptr,
-                        run_mean_ptr, run_var_ptr, eps: tl.float64, factor: tl.float64, keep: tl.float64,
-                        unbias: tl.float64,
+                        run_mean_ptr, run_var_ptr, counter_ptr, eps: tl.float64, factor: tl.float64,
+                        keep: tl.float64, unbias: tl.float64,
                         HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, UPDATE: tl.constexpr,
-                        F64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+                        COUNT: tl.constexpr, F64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     """Program: BLOCK_C channels. Merges the S partials in order, BLOCK_S at a time; writes stats [2, C] = (mean,
-    r), scale, shift and, with UPDATE, the running statistics (in their own dtype)."""
+    r), scale, shift and, with UPDATE, the running statistics (in their own dtype); with COUNT program 0 adds 1
+    to the module's num_batches_tracked (batch norm's own counter, no launch of its own)."""
+    if COUNT:
+        if tl.program_id(0) == 0:
+            tl.store(counter_ptr, tl.load(counter_ptr) + 1)
     acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
@@ -278,11 +284,12 @@ def _device_context(t: Tensor):
 
 def batch_stats(z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, dtype: torch.dtype,
                 running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
-                factor: float = 0.0) -> Tuple[Tensor, Tensor, Tensor]:
+                factor: float = 0.0, counter: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """(stats, scale, shift) of z [N, C, H, W] over (N, H, W), in `dtype` (float32, or float64):
     stats [2, C] = (mean, 1 / sqrt(var + eps)) with the biased variance, scale = weight * r,
     shift = bias - mean * scale (weight / bias None: 1 / 0). With running buffers given, they are updated in
     place as F.batch_norm does: running = factor * batch + (1 - factor) * running, unbiased variance.
+    `counter`: a one-element integer tensor (the module's num_batches_tracked) incremented by 1.
     The caller checks that there is more than one value per channel."""
     z = _collapsible(z)
     N, C, H, W = z.shape
@@ -304,8 +311,10 @@ def batch_stats(z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps
         _bn_finalize_kernel[(cdiv(C, FINALIZE_BLOCK_C),)](
             part, C, P, S, splits, chunk, scale if weight is None else weight, scale if bias is None else bias,
             stats, scale, shift, running_mean if update else scale, running_var if update else scale,
+            scale if counter is None else counter,
             float(eps), float(factor), float(1.0 - factor), float(count / (count - 1)),
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, UPDATE=update, F64=f64,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, UPDATE=update, COUNT=counter is not None,
+            F64=f64,
             BLOCK_C=FINALIZE_BLOCK_C, BLOCK_S=FINALIZE_BLOCK_S)
     return stats, scale, shift
 

@@ -142,7 +142,8 @@ def _bn_backward_unread(p: Params) -> Sequence[str]:
 
 def _bn_finalize_unread(p: Params) -> Sequence[str]:
     return [name for flag, name in (("HAS_WEIGHT", "weight_ptr"), ("HAS_BIAS", "bias_ptr"),
-                                    ("UPDATE", "run_mean_ptr"), ("UPDATE", "run_var_ptr")) if not p[flag]]
+                                    ("UPDATE", "run_mean_ptr"), ("UPDATE", "run_var_ptr"),
+                                    ("COUNT", "counter_ptr")) if not p[flag]]
 
 
 KERNELS: Dict[str, KernelWork] = {

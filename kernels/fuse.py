@@ -23,8 +23,9 @@ terms in one launch and, if there are upsampled terms, the masked gradient g (wh
 an unscaled output-size term: that term gets g itself, not a copy). `_upsample_adjoint_kernel` then runs per
 upsampled term on [channels x rows x columns] tiles of source pixels: the adjoint of Up as a gather (each
 source pixel sums the output pixels that read it, with their weights, computed per tile row and column). No
-atomics anywhere: per-channel gradients are per-tile partial sums reduced by the launcher in a fixed order, so
-results are bitwise deterministic.
+atomics anywhere: per-channel gradients are per-tile partial sums, all of a backward call in one buffer, reduced
+in a fixed order by one `_reduce_partials_kernel` launch straight into each gradient's own [C] tensor (no ATen
+sums or copies), so results are bitwise deterministic.
 """
 from __future__ import annotations
 
@@ -255,6 +256,40 @@ def _adjoint_epilogue(u, n, c, cc, qy, qx, sy, sx, h, w, C, R, z_ptr, z_strides,
         tl.store(part_ptr + (R + row) * C + c, tl.sum(tl.sum(u, axis=2), axis=1), mask=c_mask)
 
 
+@triton.jit
+def _reduce_partials_kernel(part_ptr, C, sources, outs, F64: tl.constexpr, INT64: tl.constexpr,
+                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (channel block, output i): outs[i][c] = the sum of the R_i rows [R_i, C] of partial sums at
+    element `offset_i` of `part_ptr` (sources[i] = (offset_i, R_i)), in a fixed order (BLOCK_R rows at a time
+    into a [BLOCK_R, BLOCK_C] accumulator, then its rows summed): every per-channel gradient of a backward call
+    in one launch, each into its own [C] tensor in its own dtype."""
+    acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
+    i = tl.program_id(1)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    offset = sources[0][0]
+    rows = sources[0][1]
+    for j in tl.static_range(1, len(sources)):
+        offset = tl.where(i == j, sources[j][0], offset)
+        rows = tl.where(i == j, sources[j][1], rows)
+    if INT64:
+        base = part_ptr + offset.to(tl.int64)
+    else:
+        base = part_ptr + offset
+    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=acc_t)
+    for r0 in range(0, rows, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        if INT64:
+            offs = r.to(tl.int64)[:, None] * C + c[None, :]
+        else:
+            offs = r[:, None] * C + c[None, :]
+        acc += tl.load(base + offs, mask=(r < rows)[:, None] & c_mask[None, :], other=0.0).to(acc_t)
+    total = tl.sum(acc, axis=0)
+    for j in tl.static_range(len(outs)):
+        if i == j:
+            tl.store(outs[j] + c, total.to(outs[j].dtype.element_ty), mask=c_mask)
+
+
 # ------------------------------------------------------------------------------------------------ launchers
 
 
@@ -408,23 +443,90 @@ def fuse_backward(plan: FusePlan, grad_y: Tensor, y: Optional[Tensor], xs: Seque
                   needs: Sequence[Tuple[bool, bool, bool]], force_int64: bool = False) -> List[Grads]:
     """Gradients (dx, dscale, dshift) of every term, None where `needs[k]` says it is not needed. `y` is the
     forward output (its sign is the ReLU mask), None without ReLU; xs[k] may be a stride-0 stand-in with x's
-    shape (x not kept), then dx takes grad_y's layout."""
+    shape (x not kept), then dx takes grad_y's layout.
+
+    Every kernel writes its per-tile partial sums into one buffer; one `_reduce_partials_kernel` launch then
+    sums them (fixed order) into every per-channel gradient, each its own tensor in its parameter's dtype."""
     upsampled = [k for k, t in enumerate(plan.terms) if t.mode != SAME and any(needs[k])]
     if not upsampled and all(t.mode != SAME for t in plan.terms):
         return [(None, None, None)] * len(xs)
     int64 = force_int64 or needs_int64(grad_y, y, *xs)
-    g, grads = _output_size_backward(plan, grad_y, y, xs, scales, shifts, needs, bool(upsampled), int64)
-    for k in upsampled:
-        grads[k] = upsample_term_backward(plan.terms[k], g, xs[k], scales[k], shifts[k], needs[k], int64)
+    N, C, H, W = grad_y.shape
+    same = [k for k, t in enumerate(plan.terms) if t.mode == SAME]
+    same_cfg = _same_config(C, H * W, N, _is_channels_last(grad_y))
+    adjoint_cfgs = {k: _adjoint_config(xs[k]) for k in upsampled}
+    # the partial-sum buffer: the output-size kernel's slots (one per output-size term, then sum(g)), then two
+    # (sum(u * z), sum(u)) per upsampled term; each kernel gets its [slots, R, C] view
+    sizes = [(len(same) + 1) * same_cfg[3] * C] + [2 * adjoint_cfgs[k][3] * C for k in upsampled]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    parts = _empty((sum(sizes),), _accumulation_dtype(xs[0].dtype), grad_y.device)
+    same_parts = parts[:sizes[0]].view(len(same) + 1, same_cfg[3], C)
+    g, grads = _output_size_backward(plan, grad_y, y, xs, scales, needs, bool(upsampled), int64, same_cfg,
+                                     same_parts)
+    sources, outs = [], []
+
+    def reduced(param: Optional[Tensor], offset: int, rows: int) -> Optional[Tensor]:
+        if param is None:
+            return None
+        out = _empty(param.shape, param.dtype, param.device)
+        sources.append((offset, rows))
+        outs.append(out)
+        return out
+
+    R0 = same_cfg[3]
+    for slot, k in enumerate(same):
+        dx = grads[k][0]
+        dscale = reduced(scales[k], slot * R0 * C, R0) if needs[k][1] and plan.terms[k].has_scale else None
+        dshift = reduced(shifts[k], len(same) * R0 * C, R0) if needs[k][2] and plan.terms[k].has_shift else None
+        grads[k] = (dx, dscale, dshift)
+    for k, start in zip(upsampled, starts[1:]):
+        cfg = adjoint_cfgs[k]
+        R = cfg[3]
+        need_dz, need_dscale, need_dshift = needs[k]
+        need_dscale = need_dscale and plan.terms[k].has_scale
+        need_dshift = need_dshift and plan.terms[k].has_shift
+        dz = _adjoint_launch(plan.terms[k], g, xs[k], scales[k], (need_dz, need_dscale, need_dshift), int64, cfg,
+                             parts[start:start + 2 * R * C].view(2, R, C))
+        grads[k] = (dz, reduced(scales[k], start, R) if need_dscale else None,
+                    reduced(shifts[k], start + R * C, R) if need_dshift else None)
+    _reduce_partials(parts, C, sources, outs, int64)
     return [grads.get(k, (None, None, None)) for k in range(len(xs))]
 
 
+# rows x channels per program of `_reduce_partials_kernel` (4 warps)
+REDUCE_TILE = 2048
+REDUCE_MAX_C = 64
+
+
+def _reduce_partials(parts: Tensor, C: int, sources: List[Tuple[int, int]], outs: List[Tensor],
+                     int64: bool = False) -> None:
+    """One launch of `_reduce_partials_kernel`: outs[i] = the sum over its rows of the [R_i, C] partials at
+    parts[offset_i:] (sources[i] = (offset_i, R_i))."""
+    if not outs or C == 0:
+        return
+    block_c = min(next_power_of_2(C), REDUCE_MAX_C)
+    block_r = max(1, min(REDUCE_TILE // block_c, next_power_of_2(max(r for _, r in sources))))
+    with _device_context(parts):
+        _reduce_partials_kernel[launch_grid(cdiv(C, block_c), len(outs))](
+            parts, C, tuple(sources), tuple(outs), F64=parts.dtype == torch.float64,
+            INT64=int64 or parts.numel() > INT32_LIMIT - REDUCE_TILE * C, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+
+
+def _same_config(C: int, pixels: int, N: int, channels_last: bool) -> Tuple[int, int, Tuple[int, int, int], int]:
+    """(BLOCK_C, BLOCK_P, grid, R) of `_fuse_backward_same_kernel`: R = rows of partial sums (one per program
+    along pixels and image)."""
+    block_c, block_p = _tile(C, pixels, channels_last, budget=2048)
+    grid = launch_grid(cdiv(pixels, block_p), cdiv(C, block_c), N)
+    return block_c, block_p, grid, grid[0] * N
+
+
 def _output_size_backward(plan: FusePlan, grad_y: Tensor, y: Optional[Tensor], xs: Sequence[Tensor],
-                          scales: Sequence[Optional[Tensor]], shifts: Sequence[Optional[Tensor]],
-                          needs: Sequence[Tuple[bool, bool, bool]], need_g: bool,
-                          int64: bool) -> Tuple[Optional[Tensor], Dict[int, Grads]]:
-    """One launch of `_fuse_backward_same_kernel`: the output-size terms' gradients by term index, and (when
-    `need_g`, for the upsampled terms) g, the gradient behind the ReLU (grad_y itself without ReLU)."""
+                          scales: Sequence[Optional[Tensor]], needs: Sequence[Tuple[bool, bool, bool]],
+                          need_g: bool, int64: bool, config,
+                          parts: Tensor) -> Tuple[Optional[Tensor], Dict[int, Grads]]:
+    """One launch of `_fuse_backward_same_kernel`: the output-size terms' dx by term index (dscale, dshift
+    None: their partial sums are in `parts` [terms + 1, R, C], slot k for sum(g * x_k), the last for sum(g)),
+    and (when `need_g`, for the upsampled terms) g, the gradient behind the ReLU (grad_y itself without ReLU)."""
     N, C, H, W = grad_y.shape
     same = [k for k, t in enumerate(plan.terms) if t.mode == SAME]
     channels_last = _is_channels_last(grad_y)
@@ -440,10 +542,7 @@ def _output_size_backward(plan: FusePlan, grad_y: Tensor, y: Optional[Tensor], x
     dxs = [_empty_grad(xs[k], grad_y) if needs[k][0] and k != g_is_dx else None for k in same]
     need_dscale = [needs[k][1] and plan.terms[k].has_scale for k in same]
     need_sum_g = any(needs[k][2] for k in same)
-    block_c, block_p = _tile(C, H * W, channels_last, budget=2048)
-    grid = launch_grid(cdiv(H * W, block_p), cdiv(C, block_c), N)
-    R = grid[0] * N
-    parts = _empty((len(same) + 1, R, C), _accumulation_dtype(xs[0].dtype), grad_y.device)
+    block_c, block_p, grid, R = config
     busy = write_g or need_sum_g or any(dx is not None for dx in dxs) or any(need_dscale)
     if busy and grad_y.numel() > 0:
         y_arg, g_arg = _or(y, grad_y), g if write_g else grad_y
@@ -451,19 +550,13 @@ def _output_size_backward(plan: FusePlan, grad_y: Tensor, y: Optional[Tensor], x
             _fuse_backward_same_kernel[grid](
                 grad_y, tuple(grad_y.stride()), y_arg, tuple(y_arg.stride()), g_arg, tuple(g_arg.stride()),
                 parts, R, C, H, W, tuple(_same_term_args(xs[k], scales[k], dx, read, grad_y)
-                                               for k, dx, read in zip(same, dxs, need_dscale)),
+                                         for k, dx, read in zip(same, dxs, need_dscale)),
                 HAS_SCALE=tuple(plan.terms[k].has_scale for k in same), NEED_DX=tuple(dx is not None for dx in dxs),
                 NEED_DSCALE=tuple(need_dscale), RELU=plan.relu, WRITE_G=write_g, NEED_SUM_G=need_sum_g,
                 F64=parts.dtype == torch.float64, INT64=int64, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=4)
-    else:
+    elif busy and parts.numel() > 0:
         parts.zero_()  # empty tensors: the sums are zero
-    totals = parts.sum(dim=1)  # fixed-order reduction over tiles: deterministic
-    grads = {}
-    for slot, (k, dx) in enumerate(zip(same, dxs)):
-        dscale = totals[slot].to(scales[k].dtype) if need_dscale[slot] else None
-        dshift = totals[-1].to(shifts[k].dtype) if needs[k][2] and plan.terms[k].has_shift else None
-        grads[k] = (g if k == g_is_dx else dx, dscale, dshift)
-    return g, grads
+    return g, {k: (g if k == g_is_dx else dx, None, None) for k, dx in zip(same, dxs)}
 
 
 def _grad_layout_of(x: Tensor, g: Tensor) -> bool:
@@ -483,23 +576,26 @@ def _same_term_args(x: Tensor, scale: Optional[Tensor], dx: Optional[Tensor], re
     return (x, tuple(x.stride()), _or(scale, stand_in), dx, tuple(dx.stride()))
 
 
-def upsample_term_backward(term: TermPlan, g: Tensor, z: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
-                           needs: Tuple[bool, bool, bool], int64: bool = False) -> Grads:
-    """(dz, dscale, dshift) of one upsampled term Up(z * scale + shift) from g, the gradient at the output size
-    (None where `needs` says so or the plan gives the term no such parameter), through the adjoint of Up as a
-    gather. The fusion op's backward and the head's (dP_j) both use it."""
+def _adjoint_config(z: Tensor) -> Tuple[int, int, int, int, Tuple[int, int, int]]:
+    """(BLOCK_C, BLOCK_H, BLOCK_W, R, grid) of `_upsample_adjoint_kernel` over source z: R = rows of partial
+    sums (one per program along pixels and image)."""
     N, C, h, w = z.shape
-    H, W = g.shape[2:]
-    need_dz, need_dscale, need_dshift = needs
-    need_dscale = need_dscale and term.has_scale
-    need_dshift = need_dshift and term.has_shift
-    dz = _empty_grad(z, g) if need_dz else None
     block_c, block_h, block_w = _grid_tile(C, h, w, _is_channels_last(z), budget=ADJOINT_TILE, max_w=ADJOINT_MAX_W)
     grid = launch_grid(cdiv(h, block_h) * cdiv(w, block_w), cdiv(C, block_c), N)
-    R = grid[0] * N
-    parts = _empty((2, R, C), _accumulation_dtype(z.dtype), z.device)
+    return block_c, block_h, block_w, grid[0] * N, grid
+
+
+def _adjoint_launch(term: TermPlan, g: Tensor, z: Tensor, scale: Optional[Tensor],
+                    needs: Tuple[bool, bool, bool], int64: bool, config, parts: Tensor) -> Optional[Tensor]:
+    """dz (None unless needs[0]) of one upsampled term; the partials of sum(u * z) and sum(u) into parts
+    [2, R, C] where needs[1] / needs[2] ask for them (the caller checked the term has the parameter)."""
+    need_dz, need_dscale, need_dshift = needs
+    N, C, h, w = z.shape
+    H, W = g.shape[2:]
+    dz = _empty_grad(z, g) if need_dz else None
+    block_c, block_h, block_w, R, grid = config
     dz_arg = _or(dz, z)
-    if z.numel() > 0:
+    if z.numel() > 0 and (need_dz or need_dscale or need_dshift):
         with _device_context(z):
             _upsample_adjoint_kernel[grid](
                 g, tuple(g.stride()), H, W, _or(scale, z), dz_arg, tuple(dz_arg.stride()), parts, R, C,
@@ -509,7 +605,26 @@ def upsample_term_backward(term: TermPlan, g: Tensor, z: Tensor, scale: Optional
                 NEED_DSCALE=need_dscale, NEED_DSHIFT=need_dshift, F64=parts.dtype == torch.float64,
                 INT64=int64 or needs_int64(z, dz), BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w,
                 num_warps=4)
-    totals = parts.sum(dim=1)
-    dscale = totals[0].to(scale.dtype) if need_dscale else None
-    dshift = totals[1].to(shift.dtype) if need_dshift else None
+    return dz
+
+
+def upsample_term_backward(term: TermPlan, g: Tensor, z: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+                           needs: Tuple[bool, bool, bool], int64: bool = False) -> Grads:
+    """(dz, dscale, dshift) of one upsampled term Up(z * scale + shift) from g, the gradient at the output size
+    (None where `needs` says so or the plan gives the term no such parameter), through the adjoint of Up as a
+    gather. The head's backward (dP_j) uses it; the fusion op's backward launches the same kernel
+    (`_adjoint_launch`) and reduces all its partial sums in one launch."""
+    C = z.shape[1]
+    need_dz, need_dscale, need_dshift = needs
+    need_dscale = need_dscale and term.has_scale
+    need_dshift = need_dshift and term.has_shift
+    config = _adjoint_config(z)
+    R = config[3]
+    parts = _empty((2, R, C), _accumulation_dtype(z.dtype), z.device)
+    dz = _adjoint_launch(term, g, z, scale, (need_dz, need_dscale, need_dshift), int64, config, parts)
+    dscale = dshift = None
+    if need_dscale or need_dshift:
+        totals = parts.sum(dim=1)
+        dscale = totals[0].to(scale.dtype) if need_dscale else None
+        dshift = totals[1].to(shift.dtype) if need_dshift else None
     return dz, dscale, dshift

@@ -524,6 +524,32 @@ def test_int64_path_matches_int32(dtype, layout, relu):
         assert (g32[k][1] is None) == (scales[k] is None) and (g32[k][2] is None) == (shifts[k] is None)
 
 
+def test_partial_sums_reduced_in_row_blocks(monkeypatch):
+    """One launch reduces every per-channel gradient's partial sums: with a small REDUCE_TILE it loops over
+    several BLOCK_R row blocks with a masked tail, and the gradients' row counts differ (2 tiles per image for
+    the output-size terms, 1 for the upsampled ones); against autograd through fuse_ref in float64."""
+    from hrfast.kernels import fuse as fuse_kernels
+
+    monkeypatch.setattr(fuse_kernels, "REDUCE_TILE", 8)
+    case = Case((24, 30), [((24, 30), None), ((12, 15), bil()), ((7, 9), near()), ((24, 30), None)], N=3, C=3,
+                affine="mixed")
+    xs, scales, shifts, resamples, _ = _build(case, F64, "nchw")
+    plan, kxs, kscales, kshifts = _kernel_args(xs, scales, shifts, resamples, case.size, True, False)
+    y = fuse_kernels.fuse_forward(plan, kxs, kscales, kshifts)
+    grad_y = torch.randn_like(y)
+    grads = fuse_kernels.fuse_backward(plan, grad_y, y, kxs, kscales, kshifts, [(True, True, True)] * len(kxs))
+    params = [[None if t is None else t.detach().clone().requires_grad_() for t in ts] for ts in (kscales, kshifts)]
+    fuse_ref(list(kxs), params[0], params[1], resamples, case.size, True).backward(grad_y)
+    checked = 0
+    for k, (_, dscale, dshift) in enumerate(grads):
+        for got, leaf in ((dscale, params[0][k]), (dshift, params[1][k])):
+            assert (got is None) == (leaf is None), k
+            if got is not None:
+                assert_rel_close(got, leaf.grad, FP64_RTOL, f"term {k}")
+                checked += 1
+    assert checked >= 4
+
+
 @pytest.mark.parametrize("ratio, mode, align_corners", [
     ((1, m), mode, False) for m in (1, 2, 4, 8, 16) for mode in ("nearest", "bilinear")
 ])

@@ -99,6 +99,12 @@ def _same_elements(p: Params) -> int:
     return p["gy_ptr"].numel()
 
 
+def _reduce_trips(p: Params) -> List[float]:
+    """The row loop: output i's program runs cdiv(R_i, BLOCK_R) trips; the mean over the outputs."""
+    rows = [r for _, r in p["sources"]]
+    return [sum(_cdiv(r, p["BLOCK_R"]) for r in rows) / len(rows)]
+
+
 # ----------------------------------------------------------------------------------------- head kernels
 
 
@@ -154,6 +160,9 @@ KERNELS: Dict[str, KernelWork] = {
     # per program a [BLOCK_C x BLOCK_H x BLOCK_W] tile of source pixels; loops kx < KW (outer), ky < KH
     "_upsample_adjoint_kernel": KernelWork(trips=_adjoint_trips, elements=_adjoint_elements,
                                            unread=_adjoint_unread),
+    # program (channel block, output): a loop over its [R_i, C] partials BLOCK_R rows at a time
+    "_reduce_partials_kernel": KernelWork(trips=_reduce_trips,
+                                          elements=lambda p: len(p["outs"]) * p["C"]),
     # The head's tile kernels: one TILE_H x TILE_W pixel tile per program (the backward reduce: a split of them),
     # a loop over the M chunks through the patch dots (x0^T W0^T and one U_j patch_j per upsampled branch), then
     # a second loop over 16-channel chunks with the exact gathers that runs only for a tile whose dense s held

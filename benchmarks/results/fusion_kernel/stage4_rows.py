@@ -4,7 +4,8 @@
         [--training] [--branches 0 1 2 3]
 
 Records the Triton launchers' launches on meta tensors (HRNetV2-W48 stage 4: 1024x2048 b1 inference, 512x1024
-b8 training), compiles each variant with Triton's real compiler (`hrfast.perf.compile`, cached) and prices it
+b8 training; training as the patched model runs the step, `record_training_step`: the batch-norm folds' kernels
+and hrfast's own ATen ops included, as eager's BNs are), compiles each variant with Triton's real compiler (`hrfast.perf.compile`, cached) and prices it
 with `hrfast.perf.model` exactly as `python -m hrfast inspect` does, next to eager and torch.compile
 (`hrfast.perf.eager`). Predictions, not measurements. Run without TRITON_INTERPRET.
 """
@@ -54,6 +55,30 @@ def record_branch(problem, training):
     return launches[:forward], launches[forward:]
 
 
+def record_training_step(dtype, channels_last):
+    """Per output branch (plan, input shapes, launches by phase, hrfast's ATen ops by phase) of the W48 stage-4
+    fusion step in training as the patched model runs it: `hrfast.nn.fusion.fusion_forward` over the model's own
+    fuse_layers (the convolutions in front of the BNs are the eager model's too and are not recorded), so with
+    the batch-norm folds' kernels (batch statistics, their backward) and every ATen op hrfast runs besides its
+    kernels, recorded by `hrfast.perf.opcalls.recording` as `python -m hrfast inspect` does."""
+    from hrfast.models import build_model
+    from hrfast.nn.fusion import fusion_forward
+    from hrfast.perf.opcalls import BACKWARD, FORWARD, recording
+
+    with torch.device("meta"):
+        model = build_model("hrnetv2_w48_seg")
+    stage4 = [m for m in model.modules() if getattr(m, "fuse_layers", None) is not None and len(m.fuse_layers) == 4]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    layers = stage4[-1].fuse_layers.to(dtype=dtype, memory_format=fmt).train()
+    xs = [torch.empty((8, c, 128 >> j, 256 >> j), dtype=dtype, device="meta", requires_grad=True,
+                      memory_format=fmt) for j, c in enumerate(CHANNELS)]
+    with recording() as attribution:
+        ys = fusion_forward(layers, xs, default=Resample("bilinear", align_corners=False), backend="triton")
+        torch.autograd.backward(ys, [torch.empty_like(y) for y in ys])
+    return [(c.plan, c.inputs, {"forward": c.launches[FORWARD], "backward": c.launches[BACKWARD]},
+             {"forward": c.ops[FORWARD], "backward": c.ops[BACKWARD]}) for c in attribution.calls]
+
+
 def cost_rows(arch, launches):
     rows = []
     for launch in launches:
@@ -97,13 +122,16 @@ def main(argv=None):
           "| predicted us | limiter |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     totals = {}
+    step = record_training_step(dtype, args.channels_last) if args.training else None
     for b in args.branches:
-        problem = branch_problem(b, H, W, N, dtype, args.channels_last)
-        fwd, bwd = record_branch(problem, args.training)
-        phases = {"forward": fwd, "backward": bwd} if args.training else {"forward": fwd}
-        shapes = [tuple(x.shape) for x in problem[1]]
-        ops_e = eager.eager_fuse(problem[0], shapes, dtype, args.training)
-        ops_c = eager.compiled_fuse(problem[0], shapes, dtype, args.training)
+        if step is not None:  # the module's step: BN folds and hrfast's ATen ops included
+            plan, shapes, phases, aten = step[b]
+        else:
+            problem = branch_problem(b, H, W, N, dtype, args.channels_last)
+            fwd, bwd = record_branch(problem, args.training)
+            plan, shapes, phases, aten = problem[0], [tuple(x.shape) for x in problem[1]], {"forward": fwd}, {}
+        ops_e = eager.eager_fuse(plan, shapes, dtype, args.training)
+        ops_c = eager.compiled_fuse(plan, shapes, dtype, args.training)
         for phase, launches in phases.items():
             us = 0.0
             for r in cost_rows(arch, launches):
@@ -112,10 +140,17 @@ def main(argv=None):
                       f"{r['mb']:.1f} | {r['bytes_us']:.2f} | {r['issue_us']:.2f} | "
                       f"{r['issue_us'] / max(r['bytes_us'], 1e-12):.2f} | {r['warps']} | {r['us']:.2f} | "
                       f"{r['limiter']}{' FAILS ' + r['fail'] if r['fail'] else ''} |")
+            ops = aten.get(phase, [])
+            if ops:  # costed like eager's ops (bytes once, 4 us per launch)
+                aten_us = eager.seconds(arch, ops) * 1e6
+                us += aten_us
+                names = ", ".join(f"{n} x{sum(o.name == n for o in ops)}" for n in dict.fromkeys(o.name for o in ops))
+                print(f"| {b} | {phase} | ATen ops: {names} | | | | {sum(o.bytes for o in ops) / 1e6:.1f} | | | | | "
+                      f"{aten_us:.2f} | launches |")
             e_us = eager.seconds(arch, ops_e[phase]) * 1e6
             c_us = eager.seconds(arch, ops_c[phase]) * 1e6
             totals[(b, phase)] = (us, e_us, c_us)
-    print("\n| branch | phase | hrfast kernels us | eager us | compile us | vs eager | vs compile |")
+    print("\n| branch | phase | hrfast us | eager us | compile us | vs eager | vs compile |")
     print("|---|---|---|---|---|---|---|")
     for (b, phase), (us, e_us, c_us) in totals.items():
         print(f"| {b} | {phase} | {us:.1f} | {e_us:.1f} | {c_us:.1f} | {e_us / us:.2f}x | {c_us / us:.2f}x |")

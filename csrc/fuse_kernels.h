@@ -23,6 +23,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include "fuse.h"
 
@@ -390,6 +391,162 @@ struct ForwardTileKernel {
         const acc_t v = p.relu ? relu_keep_nan(acc[j][i]) : acc[j][i];
         *at32(p.out, row + xs[i] * p.so_w) = static_cast<scalar_t>(v);
       }
+    }
+  }
+  static HRFAST_INLINE bool reduces(const Params&, int) { return false; }
+  static HRFAST_INLINE acc_t value(const Params&, const State&, int) { return acc_t(0); }
+  static HRFAST_INLINE acc_t* dst(const Params&, const ThreadIdx&, int) { return nullptr; }
+};
+
+// --------------------------------------------------------------- forward, channels_last channel vectors
+
+// channels_last with the channels a multiple of kVec<scalar_t> (16 bytes: 8 half/bf16, 4 float, 2 double), every
+// tensor's non-channel strides multiples of it and 16-byte aligned (the launcher checks): each thread computes
+// kVec consecutive channels of kVPX consecutive pixels of one row, with 16-byte loads and stores, the source
+// rows, columns and interpolation weights once for all kVec channels.
+constexpr int kVPX = 4;  // output pixels per thread along a row in ForwardVecKernel
+template <typename scalar_t>
+constexpr int kVec = static_cast<int>(16 / sizeof(scalar_t));
+
+// kVec consecutive elements from a 16-byte aligned address (one 16-byte load on a GPU), converted.
+template <typename scalar_t, typename acc_t>
+HRFAST_INLINE void load_vec(const scalar_t* p, acc_t (&out)[kVec<scalar_t>]) {
+  scalar_t v[kVec<scalar_t>];
+#if defined(__CUDA_ARCH__)
+  const uint4 bits = __ldg(reinterpret_cast<const uint4*>(p));
+  memcpy(v, &bits, sizeof(v));
+#else
+  memcpy(v, p, sizeof(v));
+#endif
+#pragma unroll
+  for (int k = 0; k < kVec<scalar_t>; ++k) out[k] = static_cast<acc_t>(v[k]);
+}
+
+template <typename scalar_t, typename acc_t>
+HRFAST_INLINE void store_vec(scalar_t* p, const acc_t (&in)[kVec<scalar_t>]) {
+  scalar_t v[kVec<scalar_t>];
+#pragma unroll
+  for (int k = 0; k < kVec<scalar_t>; ++k) v[k] = static_cast<scalar_t>(in[k]);
+#if defined(__CUDA_ARCH__)
+  uint4 bits;
+  memcpy(&bits, v, sizeof(v));
+  *reinterpret_cast<uint4*>(p) = bits;
+#else
+  memcpy(p, v, sizeof(v));
+#endif
+}
+
+// One term at kVPX pixels (oy, xs[i]) of the kVec channels from c0: the same arithmetic as tile_term (same bits).
+template <int MODE, typename scalar_t, typename acc_t>
+HRFAST_INLINE void vec_term(const TermView32<scalar_t, acc_t>& t, int32_t n, int32_t c0, int32_t oy,
+                            const int32_t (&xs)[kVPX], acc_t (&v)[kVPX][kVec<scalar_t>]) {
+  constexpr int V = kVec<scalar_t>;
+  const int32_t base = n * t.sn + c0;  // channel stride 1
+  if constexpr (MODE == SAME) {
+    const int32_t row = base + oy * t.sh;
+#pragma unroll
+    for (int i = 0; i < kVPX; ++i) load_vec(at32(t.x, row + xs[i] * t.sw), v[i]);
+  } else if constexpr (MODE == NEAREST) {
+    const int32_t row = base + nearest_source<int32_t>(oy, t.r32_h, t.h) * t.sh;
+#pragma unroll
+    for (int i = 0; i < kVPX; ++i) load_vec(at32(t.x, row + nearest_source<int32_t>(xs[i], t.r32_w, t.w) * t.sw), v[i]);
+  } else {
+    const bool align = t.align != 0;
+    int32_t y0, y1;
+    acc_t ly0, ly1;
+    linear_source<acc_t, int32_t>(oy, t.r_h, t.h, align, y0, y1, ly0, ly1);
+    const int32_t r0 = base + y0 * t.sh, r1 = base + y1 * t.sh;
+#pragma unroll
+    for (int i = 0; i < kVPX; ++i) {
+      int32_t x0, x1;
+      acc_t lx0, lx1;
+      linear_source<acc_t, int32_t>(xs[i], t.r_w, t.w, align, x0, x1, lx0, lx1);
+      const int32_t c0w = x0 * t.sw, c1w = x1 * t.sw;
+      acc_t v00[V], v01[V], v10[V], v11[V];
+      load_vec(at32(t.x, r0 + c0w), v00);
+      load_vec(at32(t.x, r0 + c1w), v01);
+      load_vec(at32(t.x, r1 + c0w), v10);
+      load_vec(at32(t.x, r1 + c1w), v11);
+#pragma unroll
+      for (int k = 0; k < V; ++k) v[i][k] = ly0 * (lx0 * v00[k] + lx1 * v01[k]) + ly1 * (lx0 * v10[k] + lx1 * v11[k]);
+    }
+  }
+  if (t.scale != nullptr) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const acc_t a = load_ro(t.scale + c0 + k);
+#pragma unroll
+      for (int i = 0; i < kVPX; ++i) v[i][k] = v[i][k] * a;
+    }
+  }
+  if (t.shift != nullptr) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const acc_t b = load_ro(t.shift + c0 + k);
+#pragma unroll
+      for (int i = 0; i < kVPX; ++i) v[i][k] = v[i][k] + b;
+    }
+  }
+}
+
+template <uint32_t PACK, int K, typename scalar_t, typename acc_t>
+HRFAST_INLINE void vec_terms(const ForwardTileParams<scalar_t, acc_t>& p, int32_t n, int32_t c0, int32_t oy,
+                             const int32_t (&xs)[kVPX], acc_t (&acc)[kVPX][kVec<scalar_t>]) {
+  if constexpr (K < pack_count(PACK)) {
+    acc_t v[kVPX][kVec<scalar_t>];
+    vec_term<pack_mode(PACK, K), scalar_t, acc_t>(p.t[K], n, c0, oy, xs, v);
+#pragma unroll
+    for (int i = 0; i < kVPX; ++i) {
+#pragma unroll
+      for (int k = 0; k < kVec<scalar_t>; ++k) {
+        if constexpr (K == 0) {
+          acc[i][k] = v[i][k];
+        } else {
+          acc[i][k] = acc[i][k] + v[i][k];  // left to right, as forward_sum
+        }
+      }
+    }
+    vec_terms<PACK, K + 1, scalar_t, acc_t>(p, n, c0, oy, xs, acc);
+  }
+}
+
+// y = ReLU(sum of the terms of PACK) in channels_last, kVec channels x kVPX pixels of one row per thread.
+// Threads over (channel group, row, segment), the channel group fastest (a warp's 16-byte accesses cover
+// consecutive channel groups of a pixel, then the next segment's); ForwardTileParams with S = ceil(W / kVPX)
+// segments and HP = H rows. Pixels past the row's end load a valid (clamped) address and are not stored.
+template <typename scalar_t, typename acc_t, uint32_t PACK>
+struct ForwardVecKernel {
+  using acc_type = acc_t;
+  using Params = ForwardTileParams<scalar_t, acc_t>;
+  struct State {
+    int64_t c;
+  };
+  static constexpr int kSlots = 0;
+
+  static HRFAST_INLINE void start(const Params& p, const ThreadIdx& ti, State& s) {
+    constexpr int V = kVec<scalar_t>;
+    s.c = 0;
+    const int32_t id = static_cast<int32_t>(ti.bx) * kThreads + static_cast<int32_t>(ti.ty * kBX + ti.tx);
+    if (id >= p.per_image) return;
+    const int32_t groups = p.C / V;
+    const int32_t c0 = (id % groups) * V;
+    const int32_t r = id / groups;
+    const int32_t seg = r % p.S, oy = r / p.S;
+    const int32_t n = static_cast<int32_t>(ti.bz);
+    int32_t xs[kVPX];
+#pragma unroll
+    for (int i = 0; i < kVPX; ++i) xs[i] = min_(seg * kVPX + i, p.W - 1);
+    acc_t acc[kVPX][V];
+    vec_terms<PACK, 0, scalar_t, acc_t>(p, n, c0, oy, xs, acc);
+    const int32_t row = n * p.so_n + c0 + oy * p.so_h;
+#pragma unroll
+    for (int i = 0; i < kVPX; ++i) {
+      if (seg * kVPX + i >= p.W) break;
+      if (p.relu) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) acc[i][k] = relu_keep_nan(acc[i][k]);
+      }
+      store_vec(at32(p.out, row + xs[i] * p.so_w), acc[i]);
     }
   }
   static HRFAST_INLINE bool reduces(const Params&, int) { return false; }

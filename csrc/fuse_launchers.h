@@ -153,6 +153,60 @@ void forward_tile_launch(const at::Tensor& out, const std::vector<TermSpec>& ter
                                           std::make_index_sequence<sizeof(kForwardPacks) / sizeof(uint32_t)>{});
 }
 
+// Whether ForwardVecKernel can run `out` and `terms`: channels_last with the channels a multiple of kVec, every
+// tensor's channel stride 1, its other strides multiples of kVec and its data 16-byte aligned.
+template <typename scalar_t>
+bool vec_ok(const at::Tensor& out, const std::vector<TermSpec>& terms) {
+  constexpr int64_t V = kVec<scalar_t>;
+  auto fits = [](const at::Tensor& t) {
+    if (t.stride(1) != 1 || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+    for (int64_t d : {0, 2, 3}) {
+      if (t.stride(d) % V != 0) return false;
+    }
+    return true;
+  };
+  if (out.size(1) % V != 0 || !fits(out)) return false;
+  for (const TermSpec& t : terms) {
+    if (!fits(t.x)) return false;
+  }
+  return true;
+}
+
+// ForwardVecKernel<PACK> for the runtime `code` (one of kForwardPacks).
+template <class Exec, typename scalar_t, typename acc_t, size_t... I>
+void run_forward_vec(uint32_t code, const Grid& grid, const ForwardTileParams<scalar_t, acc_t>& p,
+                     std::index_sequence<I...>) {
+  const bool ran = ((code == kForwardPacks[I]
+                         ? (Exec::template run<ForwardVecKernel<scalar_t, acc_t, kForwardPacks[I]>>(grid, p), true)
+                         : false) ||
+                    ...);
+  TORCH_CHECK(ran, "hrfast fuse: no forward kernel for pack ", code);
+}
+
+// The channels_last vector forward (ForwardVecKernel): one launch for all terms.
+template <class Exec, typename scalar_t, typename acc_t>
+void forward_vec_launch(const at::Tensor& out, const std::vector<TermSpec>& terms, bool relu, uint32_t code) {
+  const int64_t N = out.size(0), C = out.size(1), H = out.size(2), W = out.size(3);
+  ForwardTileParams<scalar_t, acc_t> p;
+  for (size_t k = 0; k < terms.size(); ++k) p.t[k] = view32(make_view<scalar_t, acc_t>(terms[k], H, W));
+  p.out = out.data_ptr<scalar_t>();
+  p.so_n = static_cast<int32_t>(out.stride(0));
+  p.so_c = 1;
+  p.so_h = static_cast<int32_t>(out.stride(2));
+  p.so_w = static_cast<int32_t>(out.stride(3));
+  p.C = static_cast<int32_t>(C);
+  p.H = static_cast<int32_t>(H);
+  p.W = static_cast<int32_t>(W);
+  p.S = static_cast<int32_t>((W + kVPX - 1) / kVPX);
+  p.HP = static_cast<int32_t>(H);
+  p.per_image = static_cast<int32_t>(C / kVec<scalar_t> * H * p.S);
+  p.cl = true;
+  p.relu = relu;
+  const Grid grid{(p.per_image + kThreads - 1) / kThreads, 1, N};
+  run_forward_vec<Exec, scalar_t, acc_t>(code, grid, p,
+                                         std::make_index_sequence<sizeof(kForwardPacks) / sizeof(uint32_t)>{});
+}
+
 // y = ReLU(sum_k Up_k(x_k) * scale_k + shift_k) into `out`; more than kMaxTerms terms are chained through a
 // partial sum in the accumulation type, laid out like `out` (empty_like keeps its strides), read and
 // rewritten in place element by element.
@@ -167,7 +221,11 @@ void forward_launch(const at::Tensor& out, const std::vector<TermSpec>& terms, b
   const uint32_t code = fits_int32(out) ? forward_pack(terms) : 0;
   if (code != 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "hrfast_fuse_forward_tile", [&] {
-      forward_tile_launch<Exec, scalar_t, at::opmath_type<scalar_t>>(out, terms, relu, code);
+      if (vec_ok<scalar_t>(out, terms)) {
+        forward_vec_launch<Exec, scalar_t, at::opmath_type<scalar_t>>(out, terms, relu, code);
+      } else {
+        forward_tile_launch<Exec, scalar_t, at::opmath_type<scalar_t>>(out, terms, relu, code);
+      }
     });
     return;
   }

@@ -104,6 +104,14 @@ FAST_PATH_CASES = [
                  "channels_last", None, id="nearest_pow2_no_relu_fp64"),
     pytest.param(Case((8, 20), PACK_SBBB[:3], N=2, C=33, affine="mixed"), BF16, "channels_last", F32,
                  id="sbb_bf16_cl"),
+    # channels_last with C a multiple of 16 bytes' worth: ForwardVecKernel (kVec = 8 bf16 / 4 float / 2 double
+    # channels x kVPX = 4 pixels per thread; widths 13 and 7 end inside a segment)
+    pytest.param(Case((7, 13), [((7, 13), None), ((4, 7), bil()), ((2, 4), bil(align_corners=True)), ((1, 2), bil())],
+                      N=2, C=6, affine="mixed"), F64, "channels_last", None, id="sbbb_vec_fp64"),
+    pytest.param(Case((5, 7), [((5, 7), None), ((5, 7), None), ((3, 4), bil())], N=1, C=12, relu=False), F32,
+                 "channels_last", None, id="ssb_vec_no_relu_fp32"),
+    pytest.param(Case((8, 13), [((8, 13), None), ((4, 7), bil()), ((2, 4), bil())], N=2, C=16, affine="mixed"), BF16,
+                 "channels_last", F32, id="sbb_vec_bf16"),
 ]
 
 

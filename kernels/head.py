@@ -14,15 +14,21 @@ result holds NaN, or whose patches miss a tap, is redone with ATen's exact per-p
 - `_head_forward_kernel`: logits = Wc . ReLU(s * scale + shift) + bc, accumulated over M chunks;
 - `_head_backward_reduce_kernel`: over splits of the tiles, dWc = sum g a^T, sum dA and sum dA * s, where
   dA = g Wc, zeroed where a <= 0 (ReLU's backward: NaN passes), each split adding into its own rows;
-- `_head_backward_ds_kernel`: ds = dA * scale + alpha + beta * s (alpha, beta: BN's batch-statistics terms),
-  written once; the op turns it into dx0 and dW0 (GEMMs) and dP_j (`upsample_adjoint`, the fusion op's
-  deterministic adjoint gather).
+- `_head_backward_ds_kernel`: over splits of the tiles, ds = dA * scale + alpha + beta * s (alpha, beta: BN's
+  batch-statistics terms) per chunk, never written: dx0 = W0^T ds accumulated per tile, dW0 = ds x0^T into
+  the split's rows, and per upsampled branch the tile's patch partial U_j^T ds (the transpose of the forward's
+  patch dot); `_head_patch_gather_kernel` sums the partials of the tiles whose patches hold each source pixel.
+  fp32 (3xTF32 dots: the fused chunk would spill kilobytes) writes ds instead, one tile per program, for the
+  op's GEMMs and the fusion op's adjoint gather (`upsample_adjoint`).
 
-Per-split and per-tile partial sums are reduced on the host in a fixed order: deterministic, no atomics.
+Per-split and per-tile partial sums are reduced in a fixed order (on the host, or by the gather): deterministic,
+no atomics.
 """
 from __future__ import annotations
 
 import functools
+import math
+from fractions import Fraction
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -418,6 +424,135 @@ def _head_backward_reduce_kernel(
 
 
 @triton.jit
+def _patch_taps(oy, ox, src, q, MODE: tl.constexpr, ALIGN: tl.constexpr, PATCH_H: tl.constexpr,
+                PATCH_W: tl.constexpr, F64: tl.constexpr):
+    """[pixels, SRC] whether each output pixel reads patch index q as one of its taps (`_patch_plan`'s U without
+    the weights: a tap of weight 0 counts, ATen's backward adds 0 times the gradient there)."""
+    _, h, w, _, ratio_h, ratio_w = src
+    y0, y1, _, _ = _axis_taps(oy, h, ratio_h, MODE, ALIGN, F64)
+    x0, x1, _, _ = _axis_taps(ox, w, ratio_w, MODE, ALIGN, F64)
+    rows = q // PATCH_W + tl.min(y0, axis=0)
+    cols = q % PATCH_W + tl.min(x0, axis=0)
+    on_row = (rows[None, :] == y0[:, None]) | (rows[None, :] == y1[:, None])
+    on_col = (cols[None, :] == x0[:, None]) | (cols[None, :] == x1[:, None])
+    return on_row & on_col & (q < PATCH_H * PATCH_W)[None, :]
+
+
+@triton.jit
+def _exact_adjoint(u, taps, ds, PRECISION: tl.constexpr):
+    """U^T ds [SRC, BLOCK_M] with ATen's non-finite semantics: each pixel adds weight x gradient to its taps only
+    (the dense dot would add 0 x NaN from every other pixel), so NaN reaches a source pixel from a NaN tap, or
+    an inf one of weight 0; +inf and -inf from taps of positive weight (both: NaN). The flags are counted by
+    dots of 0/1 tap matrices with powers of two (NaN 1, +inf 2^8, -inf 2^16; below 256 pixels per count, so
+    every sum is an integer below 2^24: exact in the float32 accumulator), in bf16, fp64, or for fp16 (which has
+    no 2^16) one tf32 pass (exact for these values)."""
+    acc_t: tl.constexpr = ds.dtype
+    dtype: tl.constexpr = u.dtype
+    flag_t: tl.constexpr = tl.float32 if dtype == tl.float16 else dtype
+    flag_precision: tl.constexpr = "ieee" if acc_t == tl.float64 else "tf32"
+    finite = (ds - ds) == 0.0
+    part = tl.dot(tl.trans(u), tl.where(finite, ds, 0.0).to(dtype), out_dtype=acc_t, input_precision=PRECISION)
+    flags = tl.where(ds != ds, 1.0, tl.where(ds == float("inf"), 256.0, tl.where(ds == float("-inf"), 65536.0, 0.0)))
+    flags = flags.to(flag_t)
+    weighted = tl.dot(tl.trans((u != 0.0).to(flag_t)), flags, out_dtype=acc_t, input_precision=flag_precision)
+    unweighted = tl.dot(tl.trans((taps & (u == 0.0)).to(flag_t)), flags, out_dtype=acc_t,
+                        input_precision=flag_precision)
+    neg = tl.floor(weighted / 65536.0)
+    pos = tl.floor((weighted - neg * 65536.0) / 256.0)
+    nan = (weighted - neg * 65536.0 - pos * 256.0 > 0.0) | (unweighted > 0.0) | ((pos > 0.0) & (neg > 0.0))
+    part = tl.where(pos > 0.0, float("inf"), tl.where(neg > 0.0, float("-inf"), part))
+    return tl.where(nan, float("nan"), part)
+
+
+@triton.jit
+def _grads_chunk(x0, g, t, n, oy, ox, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr,
+                 alpha_ptr, beta_ptr, wc_ptr, wc_strides, K, plans, lows, outs, dx0, rows, later, covered, redo,
+                 MODES: tl.constexpr, ALIGNS: tl.constexpr, PATCH_H: tl.constexpr, PATCH_W: tl.constexpr,
+                 SRC: tl.constexpr, CL: tl.constexpr, GATHER: tl.constexpr, BATCH_STATS: tl.constexpr,
+                 F64: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr, C0P: tl.constexpr,
+                 KP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Channels m0 + [0, BLOCK_M) of tile t: ds = dA * scale (+ alpha + beta * s) on the tile, never stored;
+    returns (dx0 + ds W0[m], redo), having added ds^T x0 into the split's dW0 rows and stored the tile's patch
+    partials U_j^T ds (a same-size branch: ds itself, its gradient). The patch dots (not GATHER) commit nothing
+    where s or ds holds a non-finite value (the dense U spreads it over the tile: `_head_stats_kernel`) and
+    return the chunk's start as where the exact loop resumes; else `redo` comes back unchanged."""
+    acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
+    dtype: tl.constexpr = x0.dtype
+    m = m0 + tl.arange(0, BLOCK_M)
+    m_mask = m < M
+    m_c = tl.minimum(m, M - 1)
+    s, a_pre, da, scale = _activation_grad(x0, g, n, cy, cx, p_mask, m, m_mask, m_c, w0_ptr, w0_strides, C0,
+                                           scale_ptr, shift_ptr, wc_ptr, wc_strides, K, plans, lows, MODES, ALIGNS,
+                                           CL, GATHER, F64, INT64, PRECISION, C0P, KP)
+    ds = da * scale[None, :]
+    if BATCH_STATS:
+        alpha = tl.load(alpha_ptr + m_c).to(acc_t)
+        beta = tl.load(beta_ptr + m_c).to(acc_t)
+        ds += alpha[None, :] + beta[None, :] * s
+    # padded pixels and channels are 0: every dot below sums over pixels or channels
+    ds = tl.where(p_mask[:, None] & m_mask[None, :], ds, 0.0)
+    clean = True
+    if not GATHER:
+        clean = tl.sum(tl.sum(s * 0.0 + ds * 0.0, axis=1), axis=0) == 0.0  # inf * 0 and NaN * 0 are NaN
+    if clean:
+        # the gradients multiply ds in the input dtype, as eager's GEMMs and upsample backward read it
+        dsd = ds.to(dtype)
+        c = tl.arange(0, C0P)
+        c_mask = c < C0
+        w0t = tl.load(w0_ptr + m_c[:, None] * w0_strides[0] + c[None, :] * w0_strides[1], mask=c_mask[None, :],
+                      other=0.0)
+        dx0 = tl.dot(dsd, w0t, acc=dx0, out_dtype=acc_t, input_precision=PRECISION)
+        dw0 = tl.dot(tl.trans(dsd), x0, out_dtype=acc_t, input_precision=PRECISION)
+        dw0_at = rows + m[:, None] * C0 + c[None, :]
+        dw0_mask = m_mask[:, None] & c_mask[None, :]
+        dw0 += tl.load(dw0_at, mask=dw0_mask & later, other=0.0)
+        tl.store(dw0_at, dw0, mask=dw0_mask)
+        for j in tl.static_range(len(lows)):
+            out_ptr, out_strides = outs[j]
+            if MODES[j] == 0:
+                tl.store(out_ptr + _offsets(n, m, oy, ox, out_strides, INT64), dsd.to(out_ptr.dtype.element_ty),
+                         mask=p_mask[:, None] & m_mask[None, :])
+            else:
+                u, _ = plans[j]
+                if GATHER:
+                    taps = _patch_taps(cy, cx, lows[j], tl.arange(0, SRC[j]), MODES[j], ALIGNS[j], PATCH_H[j],
+                                       PATCH_W[j], F64)
+                    part = _exact_adjoint(u, taps, ds, PRECISION)
+                    # a patch missing a tap (unreachable with the host's bound) cannot hold the tile's sum: NaN
+                    # partials, a visible failure rather than a wrong gradient
+                    part = tl.where(covered != 0, part, float("nan"))
+                else:
+                    part = tl.dot(tl.trans(u), dsd, out_dtype=acc_t, input_precision=PRECISION)
+                q = tl.arange(0, SRC[j])
+                at = t * (PATCH_H[j] * PATCH_W[j]) + q
+                if INT64:
+                    at = at.to(tl.int64)
+                tl.store(out_ptr + (at[:, None] * M + m[None, :]), part.to(out_ptr.dtype.element_ty),
+                         mask=(q < PATCH_H[j] * PATCH_W[j])[:, None] & m_mask[None, :])
+    else:
+        redo = m0
+    return dx0, redo
+
+
+@triton.jit
+def _store_origins(origin_ptr, n, pid, tiles_w, TILES_H, TILES_W, cy, cx, lows, MODES: tl.constexpr,
+                   ALIGNS: tl.constexpr, F64: tl.constexpr):
+    """The first image's first tile column stores each tile row's patch origin (the first source row it reads,
+    as `_patch_plan` finds it), its first tile row each column's: the gather's map from a source pixel to the
+    patches that hold it (bitwise this kernel's arithmetic)."""
+    for j in tl.static_range(len(lows)):
+        if MODES[j] != 0:
+            src = lows[j]
+            base = origin_ptr + j * (TILES_H + TILES_W)
+            if (n == 0) & (pid % tiles_w == 0):
+                rows = _axis_taps(cy, src[1], src[4], MODES[j], ALIGNS[j], F64)
+                tl.store(base + pid // tiles_w, tl.min(rows[0], axis=0))
+            if (n == 0) & (pid < tiles_w):
+                cols = _axis_taps(cx, src[2], src[5], MODES[j], ALIGNS[j], F64)
+                tl.store(base + TILES_H + pid, tl.min(cols[0], axis=0))
+
+
+@triton.jit
 def _ds_chunk(x0, g, n, oy, ox, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr, alpha_ptr,
               beta_ptr, wc_ptr, wc_strides, K, plans, lows, ds_ptr, ds_strides, MODES: tl.constexpr,
               ALIGNS: tl.constexpr, CL: tl.constexpr, GATHER: tl.constexpr, BATCH_STATS: tl.constexpr,
@@ -441,35 +576,139 @@ def _ds_chunk(x0, g, n, oy, ox, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, s
     return tl.sum(s, axis=1)
 
 
+
+
 @triton.jit
 def _head_backward_ds_kernel(
     x0_ptr, x0_strides, C0, H, W,
     w0_ptr, w0_strides, M, scale_ptr, shift_ptr, alpha_ptr, beta_ptr,
-    wc_ptr, wc_strides, K, g_ptr, g_strides, ds_ptr, ds_strides,
-    lows, MODES: tl.constexpr, ALIGNS: tl.constexpr, PATCH_H: tl.constexpr, PATCH_W: tl.constexpr,
-    SRC: tl.constexpr, CL: tl.constexpr, BATCH_STATS: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr,
-    PRECISION: tl.constexpr, C0P: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, TILE_H: tl.constexpr,
-    TILE_W: tl.constexpr,
+    wc_ptr, wc_strides, K, g_ptr, g_strides, dx0_ptr, dx0_strides, dw0_ptr, origin_ptr, SPLITS, TILES,
+    lows, outs, MODES: tl.constexpr, ALIGNS: tl.constexpr, PATCH_H: tl.constexpr, PATCH_W: tl.constexpr,
+    SRC: tl.constexpr, CL: tl.constexpr, BATCH_STATS: tl.constexpr, FUSED: tl.constexpr, F64: tl.constexpr,
+    INT64: tl.constexpr, PRECISION: tl.constexpr, C0P: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr,
 ):
-    """ds = dA * scale (+ alpha + beta * s with batch statistics), the gradient of the pre-BN activation, on the
-    forward's tiles, one tile per program, looping over the M chunks; a tile whose dense s holds NaN is redone
-    with the exact gathers (see `_head_stats_kernel`)."""
+    """The head's input gradients from ds = dA * scale (+ alpha + beta * s with batch statistics), the gradient
+    of the pre-BN activation. Program `split` visits the forward's tiles split, split + SPLITS, ... of the
+    whole batch and per tile and M chunk recomputes the ds chunk. FUSED (fp16 / bf16 / fp64), ds is not written:
+    - dx0 = W0^T ds accumulates over the chunks in registers, stored once per tile;
+    - dW0 = ds x0^T adds into the split's own [M, C0] rows (the first tile overwrites them; the host sums the
+      splits in order: deterministic, no atomics);
+    - per upsampled branch the tile's patch partial U_j^T ds (the transpose of the forward's patch dot) is
+      stored, [PATCH_H * PATCH_W, M] per tile, summed by `_head_patch_gather_kernel`; a same-size branch's
+      gradient, ds itself, is stored as is.
+    Else (fp32, whose 3xTF32 dots triple every operand: the fused chunk spills kilobytes) ds is stored, [N, M,
+    H, W] in outs[0], for the op's GEMMs and the fusion op's adjoint.
+    From the first chunk whose s or ds holds a non-finite value, a tile's chunks go through the exact gathers and
+    the exact adjoint instead (second loop; no trips on finite inputs). The host's patch bound for this kernel
+    holds every tap (`_backward_patch_extent`); a tile it would miss stores NaN partials, never a wrong sum."""
+    tl.static_assert(TILE_H * TILE_W < 256)  # `_exact_adjoint`'s flag counts
     acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
     dtype: tl.constexpr = x0_ptr.dtype.element_ty
-    n = tl.program_id(1)
-    oy, ox, p_mask, cy, cx = _tile_pixels(tl.program_id(0), H, W, TILE_H, TILE_W)
-    x0 = _load_x0_tile(x0_ptr, n, cy, cx, p_mask, C0, x0_strides, INT64, C0P)
-    g = _load_grad_tile(g_ptr, g_strides, n, cy, cx, p_mask, K, INT64, KP, dtype)
-    plans, covered = _tile_plans(n, cy, cx, lows, MODES, ALIGNS, PATCH_H, PATCH_W, SRC, False, F64, INT64, dtype)
-    probe = tl.zeros([TILE_H * TILE_W], dtype=acc_t)
-    for m0 in range(0, M, BLOCK_M):
-        probe += _ds_chunk(x0, g, n, oy, ox, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr,
-                           alpha_ptr, beta_ptr, wc_ptr, wc_strides, K, plans, lows, ds_ptr, ds_strides, MODES, ALIGNS,
-                           CL, False, BATCH_STATS, F64, INT64, PRECISION, C0P, KP, BLOCK_M)
-    for m0 in range(_redo_from(probe, covered, M), M, GATHER_M):
-        _ds_chunk(x0, g, n, oy, ox, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr, alpha_ptr,
-                  beta_ptr, wc_ptr, wc_strides, K, plans, lows, ds_ptr, ds_strides, MODES, ALIGNS, CL, True,
-                  BATCH_STATS, F64, INT64, PRECISION, C0P, KP, GATHER_M)
+    if not FUSED:  # one tile per program (grid: tiles, N), ds stored
+        n = tl.program_id(1)
+        oy, ox, p_mask, cy, cx = _tile_pixels(tl.program_id(0), H, W, TILE_H, TILE_W)
+        x0 = _load_x0_tile(x0_ptr, n, cy, cx, p_mask, C0, x0_strides, INT64, C0P)
+        g = _load_grad_tile(g_ptr, g_strides, n, cy, cx, p_mask, K, INT64, KP, dtype)
+        plans, covered = _tile_plans(n, cy, cx, lows, MODES, ALIGNS, PATCH_H, PATCH_W, SRC, False, F64, INT64,
+                                     dtype)
+        ds_ptr, ds_strides = outs[0]
+        probe = tl.zeros([TILE_H * TILE_W], dtype=acc_t)
+        for m0 in range(0, M, BLOCK_M):
+            probe += _ds_chunk(x0, g, n, oy, ox, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr,
+                               shift_ptr, alpha_ptr, beta_ptr, wc_ptr, wc_strides, K, plans, lows, ds_ptr, ds_strides,
+                               MODES, ALIGNS, CL, False, BATCH_STATS, F64, INT64, PRECISION, C0P, KP, BLOCK_M)
+        for m0 in range(_redo_from(probe, covered, M), M, GATHER_M):
+            _ds_chunk(x0, g, n, oy, ox, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr,
+                      alpha_ptr, beta_ptr, wc_ptr, wc_strides, K, plans, lows, ds_ptr, ds_strides, MODES, ALIGNS,
+                      CL, True, BATCH_STATS, F64, INT64, PRECISION, C0P, KP, GATHER_M)
+    else:
+        tiles_w = tl.cdiv(W, TILE_W)
+        tiles_h = tl.cdiv(H, TILE_H)
+        tiles_per_image = tiles_h * tiles_w
+        split = tl.program_id(0)
+        rows = dw0_ptr + split * M * C0
+        for t in range(split, TILES, SPLITS):
+            n = t // tiles_per_image
+            pid = t % tiles_per_image
+            oy, ox, p_mask, cy, cx = _tile_pixels(pid, H, W, TILE_H, TILE_W)
+            x0 = _load_x0_tile(x0_ptr, n, cy, cx, p_mask, C0, x0_strides, INT64, C0P)
+            g = _load_grad_tile(g_ptr, g_strides, n, cy, cx, p_mask, K, INT64, KP, dtype)
+            plans, covered = _tile_plans(n, cy, cx, lows, MODES, ALIGNS, PATCH_H, PATCH_W, SRC, False, F64, INT64,
+                                         dtype)
+            _store_origins(origin_ptr, n, pid, tiles_w, tiles_h, tiles_w, cy, cx, lows, MODES, ALIGNS, F64)
+            later = t != split  # the first tile overwrites the split's dW0 rows: no zero fill
+            dx0 = tl.zeros([TILE_H * TILE_W, C0P], dtype=acc_t)
+            redo = tl.where(covered == 0, 0, M)
+            for m0 in range(0, M, BLOCK_M):
+                if m0 < redo:
+                    dx0, redo = _grads_chunk(x0, g, t, n, oy, ox, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0,
+                                             scale_ptr, shift_ptr, alpha_ptr, beta_ptr, wc_ptr, wc_strides, K, plans,
+                                             lows, outs, dx0, rows, later, covered, redo, MODES, ALIGNS, PATCH_H,
+                                             PATCH_W, SRC, CL, False, BATCH_STATS, F64, INT64, PRECISION, C0P, KP,
+                                             BLOCK_M)
+            for m0 in range(redo, M, GATHER_M):
+                dx0, redo = _grads_chunk(x0, g, t, n, oy, ox, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr,
+                                         shift_ptr, alpha_ptr, beta_ptr, wc_ptr, wc_strides, K, plans, lows, outs, dx0,
+                                         rows, later, covered, redo, MODES, ALIGNS, PATCH_H, PATCH_W, SRC, CL, True,
+                                         BATCH_STATS, F64, INT64, PRECISION, C0P, KP, GATHER_M)
+            c = tl.arange(0, C0P)
+            tl.store(dx0_ptr + _offsets(n, c, oy, ox, dx0_strides, INT64), dx0.to(dx0_ptr.dtype.element_ty),
+                     mask=p_mask[:, None] & (c < C0)[None, :])
+
+
+@triton.jit
+def _last_origin_at_or_before(origin_ptr, v, count, LOG: tl.constexpr):
+    """Per v, the last index i < count whose origin (non-decreasing in i) is <= v (0 where none is: the caller
+    checks), by bisection."""
+    lo = tl.zeros(v.shape, tl.int32)
+    hi = tl.zeros(v.shape, tl.int32) + (count - 1)
+    for _ in tl.static_range(LOG):
+        mid = (lo + hi + 1) // 2
+        ok = tl.load(origin_ptr + mid) <= v
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    return lo
+
+
+@triton.jit
+def _head_patch_gather_kernel(
+    part_ptr, origin_ptr, out_ptr, out_strides, M, h, w, TILES_H, TILES_W,
+    PATCH_H: tl.constexpr, PATCH_W: tl.constexpr, NA: tl.constexpr, NB: tl.constexpr, LOG_H: tl.constexpr,
+    LOG_W: tl.constexpr, INT64: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """dP [N, M, h, w] of one upsampled branch: per source pixel, the sum of the patch partials of the (at most
+    NA x NB) tiles whose patch holds it, in a fixed order (tile rows, then columns, from the last): deterministic,
+    no atomics. The tiles are found from the patch origins `_head_backward_ds_kernel` stored."""
+    acc_t: tl.constexpr = tl.float64 if part_ptr.dtype.element_ty == tl.float64 else tl.float32
+    n = tl.program_id(2)
+    blocks_w = tl.cdiv(w, BLOCK_X)
+    p = tl.arange(0, BLOCK_Y * BLOCK_X)
+    y = (tl.program_id(0) // blocks_w) * BLOCK_Y + p // BLOCK_X
+    x = (tl.program_id(0) % blocks_w) * BLOCK_X + p % BLOCK_X
+    p_mask = (y < h) & (x < w)
+    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = m < M
+    rows0 = origin_ptr
+    cols0 = origin_ptr + TILES_H
+    last_a = _last_origin_at_or_before(rows0, y, TILES_H, LOG_H)
+    last_b = _last_origin_at_or_before(cols0, x, TILES_W, LOG_W)
+    acc = tl.zeros([BLOCK_Y * BLOCK_X, BLOCK_M], dtype=acc_t)
+    for da in tl.static_range(NA):
+        a = last_a - da
+        row0 = tl.load(rows0 + tl.maximum(a, 0))
+        in_a = (a >= 0) & (row0 <= y) & (y - row0 < PATCH_H) & p_mask
+        for db in tl.static_range(NB):
+            b = last_b - db
+            col0 = tl.load(cols0 + tl.maximum(b, 0))
+            valid = in_a & (b >= 0) & (col0 <= x) & (x - col0 < PATCH_W)
+            at = ((n * TILES_H + a) * TILES_W + b) * (PATCH_H * PATCH_W) + (y - row0) * PATCH_W + (x - col0)
+            if INT64:
+                at = at.to(tl.int64)
+            v = tl.load(part_ptr + (at[:, None] * M + m[None, :]), mask=valid[:, None] & m_mask[None, :], other=0.0)
+            acc += v.to(acc_t)
+    tl.store(out_ptr + _offsets(n, m, y, x, out_strides, INT64), acc.to(out_ptr.dtype.element_ty),
+             mask=p_mask[:, None] & m_mask[None, :])
 
 
 # ------------------------------------------------------------------------------------------------ launchers
@@ -524,14 +763,16 @@ _FORWARD_CANDIDATES = {
 
 
 # The backward kernels hold the logits' gradient tile and two more dot results per chunk: at the forward's
-# bf16 configuration (4 warps, 32 channels) ptxas spills (sm_90: reduce 164 B, ds 44 B). bf16: the reduce takes
-# 8 warps (255 registers, no spills: predicted 413 us against 287 us spilling), ds 16-channel chunks (205
-# registers: 206 us against 188 us spilling). fp32 spills in every configuration tried (sm_90: the forward's
+# bf16 configuration (4 warps, 32 channels) ptxas spills (sm_90: reduce 164 B). bf16: the reduce takes 8 warps
+# (255 registers, no spills: predicted 413 us against 287 us spilling). The fused ds kernel also holds the dx0
+# accumulator [pixels, C0P] and the exact adjoint's code: 8 warps, 32 channels (sm_90 W48, predicted: 409 us,
+# 228 B spills; 16 channels 697 us, 128 B; 4 warps spill kilobytes; without the exact loop it would need no
+# spill, its 0/1 flag dots cost the rest). fp32 spills in every configuration tried (sm_90: the forward's
 # 8x8 / 32 channels / 4 warps is fastest: reduce 1,481 us against 2,857 with 8 warps and 2,001 with 16-channel
-# chunks; ds 645 us against 764 with 16-channel chunks and 1,816 with 4x8 tiles).
+# chunks; ds (writing ds, `_FUSED_DTYPES`) 645 us against 764 with 16-channel chunks and 1,816 with 4x8 tiles).
 _TILE_CANDIDATES = {
     "_head_backward_reduce_kernel": {**_FORWARD_CANDIDATES, 2: ((8, 16, 32, 2, 8),) + _FORWARD_CANDIDATES[2][1:]},
-    "_head_backward_ds_kernel": {**_FORWARD_CANDIDATES, 2: ((8, 16, 16, 2, 4),) + _FORWARD_CANDIDATES[2][1:]},
+    "_head_backward_ds_kernel": {**_FORWARD_CANDIDATES, 2: ((8, 16, 32, 2, 8),) + _FORWARD_CANDIDATES[2][1:]},
 }
 
 
@@ -544,7 +785,45 @@ def _patch_extent(mode: int, ratio: Tuple[int, int], tile: int, size: int) -> in
     return max(1, min(size, span))
 
 
-def _tile_bound(name: str, elem: int, acc: int, c0p: int, kp: int, srcs: Sequence[int], tile: ForwardTile) -> int:
+def _backward_patch_extent(mode: int, ratio: Tuple[int, int], tile: int, size: int) -> int:
+    """`_patch_extent` with a proof that it holds the taps the kernel computes in floating point: the first and
+    last index's taps lie floor(b) - floor(a) <= ceil(b - a) apart, and b - a exceeds ratio * (tile - 1) only
+    by the rounding of the source coordinates (below (size + tile) * 2^-21 in float32 for ATen's formulas), so
+    one more index where ratio * (tile - 1) is that close under an integer. The backward's patch partials cannot
+    fall back to gathers (they hold the tile's whole contribution): its patches must hold every tap."""
+    num, den = ratio
+    rem = num * (tile - 1) % den
+    slack = (den - rem) / den if rem else 0.0
+    margin = 1 if slack <= (size + tile) * 2.0 ** -21 else 0
+    span = -(-num * (tile - 1) // den) + margin + (2 if mode == BILINEAR else 1)
+    return max(1, min(size, span))
+
+
+@functools.lru_cache(maxsize=1024)
+def _covering_tiles(mode: int, align: bool, ratio: Tuple[int, int], tile: int, n_out: int, n_in: int,
+                    patch: int) -> int:
+    """Most tiles (along one axis) whose patch of `patch` source indices, starting at the first tap of the
+    tile's first output index, holds one source index: exact rationals, +1 for the kernels' rounding unless the
+    ratio's denominator is a power of two (2x, 4x, 8x: every source coordinate is then exact in float32 below
+    2^20 outputs). The gather checks each candidate against the origins the kernel stored: a bound too large
+    is only slower."""
+    r = Fraction(*ratio)
+    exact = r.denominator & (r.denominator - 1) == 0 and n_out < 2 ** 20
+    origins = []
+    for o in range(0, n_out, tile):
+        if mode == NEAREST:
+            real = o * r
+        elif align:
+            real = r * o
+        else:
+            real = max(r * (o + Fraction(1, 2)) - Fraction(1, 2), Fraction(0))
+        origins.append(min(math.floor(real), n_in - 1))
+    most = max(sum(1 for a in origins if a <= y < a + patch) for y in range(n_in))
+    return most + (0 if exact else 1)
+
+
+def _tile_bound(name: str, elem: int, acc: int, c0p: int, kp: int, srcs: Sequence[int], tile: ForwardTile,
+                fused: bool = False) -> int:
     """Upper bound of a tile kernel's shared memory: the loop-invariant dot operands (x0 tile, the U_j; the
     backward's gradient tile, as is and transposed), one buffer per stage for what the loop loads (W0 chunk,
     the patches, the Wc chunk), the activation operand (forward; the backward reduce also a second [pixels,
@@ -559,6 +838,9 @@ def _tile_bound(name: str, elem: int, acc: int, c0p: int, kp: int, srcs: Sequenc
     scratch = acc * bp * max(bm, kp if classifier else 0)
     if name == "_head_backward_reduce_kernel":  # a second accumulator tile, the dWc chunk (fp32: 98,432 B at C0 32)
         scratch = 2 * scratch + acc * kp * bm
+    if fused:  # the transposed operands of dx0, dW0 and the patch partials, and the exact adjoint's 0/1 matrices
+        # (bf16 W48 8x16 / 32 channels / 2 stages: 147,712 B on sm_90, 119,040 B on sm_80, bound 157,696 B)
+        scratch += elem * bp * (sum(srcs) + c0p + kp + bm)
     return invariant + tile.num_stages * per_stage + scratch
 
 
@@ -570,7 +852,7 @@ def shared_bound(name: str, params: dict, num_stages: int) -> int:
     tile = ForwardTile(params["TILE_H"], params["TILE_W"], params["BLOCK_M"], num_stages, 0, params["PATCH_H"],
                        params["PATCH_W"], params["SRC"])
     return _tile_bound(name, x0.element_size(), 8 if x0.dtype == torch.float64 else 4, params["C0P"],
-                       params.get("KP", 0), params["SRC"], tile)
+                       params.get("KP", 0), params["SRC"], tile, bool(params.get("FUSED", False)))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -580,13 +862,15 @@ def _forward_tile(name: str, elem: int, acc: int, c0p: int, kp: int, block_m: in
     call)."""
     def make(candidate):
         th, tw, bm, stages, warps = candidate
-        ph = tuple(_patch_extent(low.mode, low.ratio_h, th, size[0]) for low, size in zip(lows, sizes))
-        pw = tuple(_patch_extent(low.mode, low.ratio_w, tw, size[1]) for low, size in zip(lows, sizes))
+        extent = _backward_patch_extent if name == "_head_backward_ds_kernel" else _patch_extent
+        ph = tuple(extent(low.mode, low.ratio_h, th, size[0]) for low, size in zip(lows, sizes))
+        pw = tuple(extent(low.mode, low.ratio_w, tw, size[1]) for low, size in zip(lows, sizes))
         src = tuple(max(16, next_power_of_2(h * w)) if low.mode != SAME else 0 for h, w, low in zip(ph, pw, lows))
         return ForwardTile(th, tw, min(bm, block_m), stages, warps, ph, pw, src)
 
     tiles = [make(c) for c in _TILE_CANDIDATES.get(name, _FORWARD_CANDIDATES)[elem]]
-    return first_fitting(tiles, lambda t: _tile_bound(name, elem, acc, c0p, kp, t.src, t), limits)
+    fused = name == "_head_backward_ds_kernel" and (elem, acc) != (4, 4)  # `_FUSED_DTYPES`: all but fp32
+    return first_fitting(tiles, lambda t: _tile_bound(name, elem, acc, c0p, kp, t.src, t, fused), limits)
 
 
 def _lows(plan: HeadPlan, t: HeadTensors) -> Tuple[tuple, Dict[str, tuple]]:
@@ -694,26 +978,78 @@ def head_backward_reduce(plan: HeadPlan, t: HeadTensors, scale: Tensor, shift: T
     return total[:K], total[K], total[K + 1]
 
 
+# splits of the backward's tiles: each adds its tiles' dW0 into its own [M, C0] rows (the host sums them: 256 x
+# M x C0 floats, 35 MB at W48); two programs per SM of an H100 (132 SMs) with a few to spare
+_GRAD_SPLITS = 256
+
+# the dtypes whose backward never writes ds (`head_backward_ds`): fp32's 3xTF32 dots triple the fused chunk's
+# operands (sm_90, W48: 5 KB spills, 2.2 ms against 0.65 ms for the kernel that writes ds)
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float64)
+
+# the gather's tile: 8 x 8 source pixels of 32 channels (a load per candidate patch of 16-byte rows, bf16)
+_GATHER_BLOCK = (8, 8, 32)
+
+
 def head_backward_ds(plan: HeadPlan, t: HeadTensors, scale: Tensor, shift: Tensor, grad: Tensor,
                      alpha: Optional[Tensor] = None, beta: Optional[Tensor] = None,
-                     force_int64: bool = False) -> Tensor:
-    """ds [N, M, H, W] (x0's dtype): dA * scale, plus alpha + beta * s when BN used batch statistics."""
+                     force_int64: bool = False) -> Tuple[Tensor, Tensor, List[Tensor]]:
+    """(dx0 [N, C0, H, W] in x0's dtype and layout, dW0 [M, C0] in the accumulation dtype, dP_j per low branch
+    like P_j, a same-size branch's [N, M, H, W] in the logits' layout) from ds = dA * scale (+ alpha + beta * s
+    when BN used batch statistics). fp16 / bf16 / fp64: never materialising ds, `_head_backward_ds_kernel` on
+    the forward's tiles, then per upsampled branch `_head_patch_gather_kernel` over the tiles' patch partials.
+    fp32 (`_FUSED_DTYPES`): the kernel writes ds, then GEMMs (dx0, dW0) and the fusion op's adjoint gather."""
     N, C0, H, W = t.x0.shape
     M, K = t.w0.shape[0], t.wc.shape[0]
     common, consts = _common(t, force_int64)
     lows, low_consts = _lows(plan, t)
     fmt = torch.channels_last if t.x0.stride(1) == 1 and C0 > 1 else torch.contiguous_format
-    ds = _empty((N, M, H, W), t.x0.dtype, t.x0.device, fmt)
-    if needs_int64(ds):
-        consts["INT64"] = True
     tile, tiles = _tiled("_head_backward_ds_kernel", plan, t, consts)
+    dtype, acc, device = t.x0.dtype, _acc_dtype(t), t.x0.device
+    fused = dtype in _FUSED_DTYPES
+    splits = max(1, min(tiles * N, _GRAD_SPLITS))  # every split visits at least one tile (it writes its rows)
+    tiles_h, tiles_w = cdiv(H, tile.tile_h), cdiv(W, tile.tile_w)
+    if fused:
+        dx0 = _empty((N, C0, H, W), dtype, device, fmt)
+        dw0 = _empty((splits, M, C0), acc, device)
+        origins = torch.empty((len(t.lows), tiles_h + tiles_w), dtype=torch.int32, device=device)  # the kernel's
+        # per upsampled branch the tiles' patch partials [tiles, PATCH_H * PATCH_W, M] in x0's dtype (each
+        # rounded once, then at most NA x NB of them summed in the accumulation dtype); a same-size branch's
+        # gradient is ds
+        outs = [_empty((N, M, H, W), p.dtype, device, fmt) if low.mode == SAME
+                else _empty((N * tiles, ph * pw, M), dtype, device)
+                for p, low, ph, pw in zip(t.lows, plan.lows, tile.patch_h, tile.patch_w)]
+    else:
+        dx0 = dw0 = origins = scale  # unread
+        outs = [_empty((N, M, H, W), dtype, device, fmt)]  # ds
+    if needs_int64(*outs):
+        consts["INT64"] = True
     with _device_context(t.x0):
-        _head_backward_ds_kernel[launch_grid(tiles, N)](
+        _head_backward_ds_kernel[launch_grid(splits) if fused else launch_grid(tiles, N)](
             *common, scale, shift, alpha if alpha is not None else scale, beta if beta is not None else scale,
-            t.wc, tuple(t.wc.stride()), K, grad, tuple(grad.stride()), ds, tuple(ds.stride()), lows,
-            BATCH_STATS=alpha is not None, **consts, **low_consts, num_warps=tile.num_warps,
-            num_stages=tile.num_stages)
-    return ds
+            t.wc, tuple(t.wc.stride()), K, grad, tuple(grad.stride()), dx0, tuple(dx0.stride()), dw0, origins,
+            splits, tiles * N, lows, tuple((o, tuple(o.stride())) for o in outs), BATCH_STATS=alpha is not None,
+            FUSED=fused, **consts, **low_consts, num_warps=tile.num_warps, num_stages=tile.num_stages)
+        if not fused:
+            ds = outs[0]
+            return (torch.einsum("mc,nmhw->nchw", t.w0, ds).contiguous(memory_format=fmt),
+                    torch.einsum("nmhw,nchw->mc", ds, t.x0), upsample_adjoint(plan, ds, t.lows))
+        dlows = []
+        by, bx, bm = _GATHER_BLOCK
+        for j, (p, low, part) in enumerate(zip(t.lows, plan.lows, outs)):
+            if low.mode == SAME:
+                dlows.append(part)
+                continue
+            h, w = p.shape[2:]
+            dp = torch.empty_like(p)
+            _head_patch_gather_kernel[launch_grid(cdiv(h, by) * cdiv(w, bx), cdiv(M, bm), N)](
+                part, origins[j], dp, tuple(dp.stride()), M, h, w, tiles_h, tiles_w,
+                PATCH_H=tile.patch_h[j], PATCH_W=tile.patch_w[j],
+                NA=_covering_tiles(low.mode, bool(low.align_corners), low.ratio_h, tile.tile_h, H, h, tile.patch_h[j]),
+                NB=_covering_tiles(low.mode, bool(low.align_corners), low.ratio_w, tile.tile_w, W, w, tile.patch_w[j]),
+                LOG_H=max(1, (tiles_h - 1).bit_length() + 1), LOG_W=max(1, (tiles_w - 1).bit_length() + 1),
+                INT64=force_int64 or needs_int64(part, dp), BLOCK_Y=by, BLOCK_X=bx, BLOCK_M=bm, num_warps=4)
+            dlows.append(dp)
+    return dx0, dw0.sum(0), dlows
 
 
 def upsample_adjoint(plan: HeadPlan, ds: Tensor, lows: Sequence[Tensor]) -> List[Tensor]:

@@ -493,8 +493,9 @@ def test_int64_path_matches_int32(dtype, layout):
     for a, b in zip(*reduced):
         assert torch.isfinite(a).all() and torch.equal(a, b)
     alpha, beta = torch.randn(case.width, device=DEV).to(acc), torch.randn(case.width, device=DEV).to(acc)
-    ds32, ds64 = (head_backward_ds(plan, t, scale, shift, grad, alpha, beta, force_int64=f) for f in (False, True))
-    assert torch.isfinite(ds32).all() and torch.equal(ds32, ds64)
+    grads = [head_backward_ds(plan, t, scale, shift, grad, alpha, beta, force_int64=f) for f in (False, True)]
+    for a, b in zip(*[[dx0, dw0, *dlows] for dx0, dw0, dlows in grads]):
+        assert torch.isfinite(a).all() and torch.equal(a, b)
 
 
 # ---------------------------------------------------------------------------------------------- determinism
@@ -682,10 +683,11 @@ def test_forward_over_tiles(case, dtype, layout, fused):
 @pytest.mark.parametrize("case, dtype, layout", [TILED_CASES[0], TILED_CASES[2]])
 def test_training_over_tiles_and_splits(case, dtype, layout, monkeypatch, fused):
     """The training kernels on the forward's tiles: partial edge tiles (the statistics' per-tile counts), and
-    the backward reduce with fewer splits than tiles, so each split adds several tiles (of both images) into
-    its rows after the first overwrote them."""
+    the backward reduce and the backward's dW0 with fewer splits than tiles, so each split adds several tiles
+    (of both images) into its rows after the first overwrote them."""
     from hrfast.kernels import head as KH
     monkeypatch.setattr(KH, "_REDUCE_SPLITS", 3)
+    monkeypatch.setattr(KH, "_GRAD_SPLITS", 3)
     check_head(case, dtype, layout, True, backend=fused)
 
 
@@ -717,17 +719,26 @@ def test_patch_extent_covers_every_tile(mode, align):
                               (n_in, n_in), (n_out, n_out)).ratio_h
             for tile in (4, 8, 16):
                 bound = KH._patch_extent(code, ratio, tile, n_in)
+                backward = KH._backward_patch_extent(code, ratio, tile, n_in)
+                assert bound <= backward <= bound + 1
+                origins = []
                 for start in range(0, n_out, tile):
                     last = min(start + tile, n_out) - 1
                     first_tap = _aten_taps(mode, align, n_in, n_out, start)[0]
                     last_tap = _aten_taps(mode, align, n_in, n_out, last)[1]
                     assert last_tap - first_tap < bound, (n_in, n_out, tile, start)
+                    origins.append(first_tap)
+                # the backward gather's candidates: every tile whose patch holds a source index
+                covering = KH._covering_tiles(code, align, ratio, tile, n_out, n_in, backward)
+                for y in range(n_in):
+                    assert sum(a <= y < a + backward for a in origins) <= covering, (n_in, n_out, tile, y)
 
 
 def test_exact_fallback_when_a_patch_misses_taps(monkeypatch, fused):
-    """Patches too small for their tiles (the bound forced to 1): every tile of every kernel (training: the
-    statistics, forward and both backward kernels) takes the exact gathers; logits, statistics and gradients
-    still match the reference."""
+    """Patches too small for their tiles (the bound forced to 1): every tile of the statistics, forward and
+    backward reduce kernels takes the exact gathers; logits, statistics and gradients still match the
+    reference. (The backward ds kernel's patch partials must hold every tap: its own bound,
+    `_backward_patch_extent`, is not forced.)"""
     from hrfast.kernels import head as KH
     monkeypatch.setattr(KH, "_patch_extent", lambda mode, ratio, tile, size: 1)
     KH._forward_tile.cache_clear()
@@ -752,6 +763,30 @@ def test_forward_nan_in_a_low_branch_stays_local(fused):
     assert 0 < int(torch.isnan(expected).sum()) < expected.numel() // 4
     finite = ~torch.isnan(expected)
     assert_rel_close(y[finite], expected[finite], 1e-12, "finite logits")
+
+
+def test_backward_nan_in_the_gradient_stays_local(fused):
+    """NaN at one pixel of the logits' gradient (eval: folded BN) reaches exactly the gradient elements eager's
+    backward spreads it to: ds is NaN there, and each branch's patch partial takes it only at that pixel's taps
+    (the exact adjoint; the dense U^T ds would spread it over the tile's whole patch), over several tiles."""
+    case = Case(C3, [(12, 40), (6, 20), (3, 10)], [bil(), near()], N=1)
+    args = _build(case, F64)
+    with torch.no_grad():
+        y = _call(args, case, False, backend=fused)
+    grad_y = torch.randn_like(y)
+    grad_y[0, 1, 5, 17] = float("nan")
+    before = _copy(args)
+    named = _leaves(args)
+    grads = gradients(_call(args, case, False, backend=fused), named, grad_y)
+    expected = gradients(_call(before, case, False, backend="reference"), _leaves(before), grad_y)
+    spread = 0
+    for (name, _), g, e in zip(named, grads, expected):
+        assert torch.equal(torch.isnan(g), torch.isnan(e)), name
+        finite = ~torch.isnan(e)
+        assert_rel_close(g[finite], e[finite], 1e-12, f"finite d {name}")
+        if name.startswith("xs["):
+            spread += int(torch.isnan(e).any(dim=1).sum())
+    assert 0 < spread < sum(x.shape[2] * x.shape[3] for x in args["xs"]) // 4
 
 
 def test_eval_fold_cached_until_the_statistics_change(monkeypatch, fused):

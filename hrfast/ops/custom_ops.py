@@ -310,16 +310,16 @@ def _head_backward_impl(plan: List[int], grad: Tensor, x0: Tensor, w0: Tensor, a
             # BN's input gradient: scale * (dA - mean(dA) - s_hat * mean(dA * s_hat)) = scale*dA + alpha + beta*s
             alpha = (scale64 * (rstd * mean * dgamma - dbeta) / count).to(scale.dtype)
             beta = (-scale64 * rstd * dgamma / count).to(scale.dtype)
-            ds = launchers.head_backward_ds(p, t, scale, shift, grad, alpha, beta)
+            dx0, dw0, dlows = launchers.head_backward_ds(p, t, scale, shift, grad, alpha, beta)
             da, db = dgamma, dbeta
         else:
-            ds = launchers.head_backward_ds(p, t, scale, shift, grad)
+            dx0, dw0, dlows = launchers.head_backward_ds(p, t, scale, shift, grad)
             da, db = sum_da_s, sum_da
         out = []
         if needs[0]:
-            out.append(torch.einsum("mc,nmhw->nchw", w0, ds))
+            out.append(dx0)
         if needs[1]:
-            out.append(torch.einsum("nmhw,nchw->mc", ds, x0))
+            out.append(dw0.to(w0.dtype))
     for need, g, param in zip(needs[2:5], (da, db, dwc), (a, b, wc)):
         if need:
             out.append(g.to(param.dtype))
@@ -329,10 +329,7 @@ def _head_backward_impl(plan: List[int], grad: Tensor, x0: Tensor, w0: Tensor, a
         # the conv bias only shifts BN's batch mean: its gradient is zero, but eager's (the sum of BN's input
         # gradient) is NaN where a channel's is, which multiplying BN's parameter gradients by 0 keeps
         out.append((da + db).mul(0).to(w0.dtype) if p.batch_stats else w0.new_zeros(w0.shape[0]))
-    wanted = [j for j, need in enumerate(needs[7:]) if need]
-    if wanted:
-        out += launchers.upsample_adjoint(HeadPlan(tuple(p.lows[j] for j in wanted), p.batch_stats), ds,
-                                          [lows[j] for j in wanted])
+    out += [d for need, d in zip(needs[7:], dlows) if need]
     return _unaliased(out)
 
 
@@ -341,23 +338,23 @@ head_backward_op = torch.library.custom_op("hrfast::head_backward", _head_backwa
 
 @head_backward_op.register_fake
 def _(plan, grad, x0, w0, a, b, wc, bc, lows, mean, var, eps, needs, backend):
-    # the launchers' allocation contract: ds [N, M, H, W] in x0's dtype and logits' layout; dP_j like P_j
-    # (a same-size branch: like ds)
+    # the launchers' allocation contract: dx0 like x0 in the logits' layout, dW0 like w0; dP_j like P_j (a
+    # same-size branch: [N, M, H, W] in x0's dtype and the logits' layout, ds itself)
     p = HeadPlan.decode(plan)
-    N, _, H, W = x0.shape
-    ds = torch.empty((N, w0.shape[0], H, W), dtype=x0.dtype, device=x0.device, memory_format=_logits_format(x0))
+    N, C0, H, W = x0.shape
+    fmt = _logits_format(x0)
     out = []
-    with _no_autocast(x0):  # as the real implementation
-        if needs[0]:
-            out.append(torch.einsum("mc,nmhw->nchw", w0, ds))
-        if needs[1]:
-            out.append(torch.einsum("nmhw,nchw->mc", ds, x0))
+    if needs[0]:
+        out.append(torch.empty((N, C0, H, W), dtype=x0.dtype, device=x0.device, memory_format=fmt))
+    if needs[1]:
+        out.append(w0.new_empty(w0.shape))
     out += [param.new_empty(param.shape) for need, param in zip(needs[2:6], (a, b, wc, bc)) if need]
     if needs[6]:
         out.append(w0.new_empty(w0.shape[0]))
     for need, low, lp in zip(needs[7:], p.lows, lows):
         if need:
-            out.append(torch.empty_like(ds) if low.mode == SAME else torch.empty_like(lp))
+            out.append(torch.empty((N, w0.shape[0], H, W), dtype=x0.dtype, device=x0.device, memory_format=fmt)
+                       if low.mode == SAME else torch.empty_like(lp))
     return out
 
 

@@ -183,11 +183,20 @@ KERNELS: Dict[str, KernelWork] = {
         elements=lambda p: _head_pixels_out(p, p["M"]),
         dots=lambda p: _forward_tiles(p) * _chunks(p) * _tile_dot_flops(p, p["C0P"] + sum(p["SRC"]) + 2 * p["KP"]),
         dot_unit=_tile_dot_unit),
-    # per tile and chunk also g Wc; ds written
+    # FUSED: program `split` visits TILES / SPLITS tiles (outer loop, as the reduce); per tile and chunk also
+    # g Wc, then from ds: ds W0 (dx0), ds^T x0 (dW0) and U_j^T ds (the patch partials), ds never written. Else
+    # (fp32) one tile per program, ds written (dx0, dW0 and the origins are stand-ins)
     "_head_backward_ds_kernel": KernelWork(
-        trips=lambda p: [_chunks(p), 0], elements=lambda p: _head_pixels_out(p, p["M"]),
-        dots=lambda p: _forward_tiles(p) * _chunks(p) * _tile_dot_flops(p, p["C0P"] + sum(p["SRC"]) + p["KP"]),
-        unread=lambda p: [] if p["BATCH_STATS"] else ["alpha_ptr", "beta_ptr"], dot_unit=_tile_dot_unit),
+        trips=lambda p: ([p["TILES"] / p["SPLITS"] * _chunks(p), 0, p["TILES"] / p["SPLITS"]] if p["FUSED"]
+                         else [_chunks(p), 0]),
+        elements=lambda p: _head_pixels_out(p, p["M"]),
+        dots=lambda p: _forward_tiles(p) * _chunks(p) * _tile_dot_flops(
+            p, (3 * p["C0P"] + 2 * sum(p["SRC"]) if p["FUSED"] else p["C0P"] + sum(p["SRC"])) + p["KP"]),
+        unread=lambda p: ([] if p["BATCH_STATS"] else ["alpha_ptr", "beta_ptr"])
+        + ([] if p["FUSED"] else ["dx0_ptr", "dw0_ptr", "origin_ptr"]), dot_unit=_tile_dot_unit),
+    # one BLOCK_Y x BLOCK_X x BLOCK_M block of one branch's dP per program, the NA x NB candidate patches and the
+    # bisections unrolled: no loop
+    "_head_patch_gather_kernel": KernelWork(trips=lambda p: [], elements=lambda p: p["out_ptr"].numel()),
     # batch norm (kernels/batch_norm.py). Statistics: program (channel block, split, image) loops over the
     # BLOCK_P tiles of its chunk: cdiv(P, BLOCK_P) / SPLITS on average; elements: the values of z it reduces
     "_bn_stats_kernel": KernelWork(trips=lambda p: [_cdiv(p["P"], p["BLOCK_P"]) / p["SPLITS"]],

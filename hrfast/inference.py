@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextvars
 import os
-import statistics
 import time
 import weakref
 from dataclasses import dataclass
@@ -443,8 +442,9 @@ class LayoutChoice:
     (NCHW or channels_last) and epilogues ("aten" in every conv unit, or "auto": each conv's measured fastest).
 
     Measured online on CPU: the first calls of a signature alternate the open configurations (each one's first
-    call untimed: the per-conv measurements happen there), then the one with the smaller median stays. Only the
-    input is converted: the folded weights follow the activations' layout, so every conv, add and ReLU after it
+    call untimed: the per-conv measurements happen there), then the one with the smallest time stays (the
+    minimum of its timed calls: other processes only ever add time, and a median of two lets one slow call
+    decide). Only the input is converted: the folded weights follow the activations' layout, so every conv, add and ReLU after it
     runs in that layout; 4-D outputs are converted back when the input was NCHW (same strides as the eager
     model). On CUDA nothing is measured: the input's layout (or the one `Inference.channels_last` names), and
     the epilogues per `Inference`."""
@@ -503,11 +503,11 @@ class LayoutChoice:
     def _settle(self, key: Hashable) -> None:
         runs = self.times[key]
         if all(len(t) > LAYOUT_ROUNDS for t in runs.values()):
-            self.chosen[key] = min(runs, key=lambda name: statistics.median(runs[name][1:]))
+            self.chosen[key] = min(runs, key=lambda name: min(runs[name][1:]))
 
 
 def layout_choices(model: nn.Module) -> List[Tuple[Hashable, str, Dict[str, float]]]:
-    """(input signature, configuration "<layout>+<epilogue>", median seconds per configuration measured) of every
+    """(input signature, configuration "<layout>+<epilogue>", fastest seconds per configuration measured) of every
     configuration the inference-patched `model` chose by measurement."""
     out = []
     for module in model.modules():
@@ -515,5 +515,5 @@ def layout_choices(model: nn.Module) -> List[Tuple[Hashable, str, Dict[str, floa
         layout = getattr(config, "layout", None)
         if isinstance(layout, LayoutChoice):
             for key, name in layout.chosen.items():
-                out.append((key, name, {k: statistics.median(v[1:]) for k, v in layout.times[key].items()}))
+                out.append((key, name, {k: min(v[1:]) for k, v in layout.times[key].items()}))
     return out

@@ -217,7 +217,8 @@ class PatchedForward:
         self._warned = False
 
     def __call__(self, *args, **kwargs):
-        if not torch.compiler.is_compiling() and self._hook_added():
+        # once known to bypass nothing (most modules of the inference mode): no compile query, no hook check
+        if (self._bypassed is None or self._bypassed) and not torch.compiler.is_compiling() and self._hook_added():
             return self.original(*args, **kwargs)
         return self.adapter.forward(self.__self__, self.config, *args, **kwargs)
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -82,38 +82,72 @@ def _unfolded(module: nn.Module) -> bool:
     return (module.training and torch.is_grad_enabled()) or torch.compiler.is_compiling()
 
 
-# one structural reading per module, redone when its children change (a module swapped after patching)
-_READINGS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+# one structural reading per module, redone when its children change (a module swapped after patching): keyed by
+# id, each entry removed by its module's weakref callback (a WeakKeyDictionary lookup is Python code, and this
+# one runs for every block of every eval forward)
+_READINGS: Dict[int, tuple] = {}
+
+
+def _forget(key: int) -> Callable[[weakref.ref], None]:
+    return lambda ref: _READINGS.pop(key, None) if _READINGS.get(key, (None,))[0] is ref else None
 
 
 def _reading(module: nn.Module, read: Callable[[nn.Module], Any]):
     """The cached structural reading of `module`. Eager only: callers check `torch.compiler.is_compiling()`
-    first (dynamo tracing a WeakKeyDictionary lookup keyed by module ids failed in CI's full run)."""
+    first (dynamo tracing a lookup keyed by module ids failed in CI's full run)."""
     stamp = tuple(module._modules.values())  # compared by identity (modules compare as objects)
-    hit = _READINGS.get(module)
-    if hit is None or hit[0] != stamp:
-        hit = (stamp, read(module))
-        _READINGS[module] = hit
-    return hit[1]
+    hit = _READINGS.get(id(module))
+    if hit is None or hit[0]() is not module or hit[1] != stamp:
+        key = id(module)
+        hit = _READINGS[key] = (weakref.ref(module, _forget(key)), stamp, read(module))
+    return hit[2]
+
+
+class _Folded(NamedTuple):
+    """A block's or Sequential's reading for the folded path: the structure (`ResidualBlock` / the steps), the
+    chain of its units, their norms, and every module whose hooks the folded path would skip."""
+
+    structure: Any
+    chain: UnitChain
+    norms: Tuple[nn.Module, ...]
+    modules: Tuple[nn.Module, ...]
+
+
+def _ready_now(folded: _Folded) -> bool:
+    """`_ready` for a reading, the common case (no gradients, checked by the caller under torch.compile) without
+    per-unit calls."""
+    if torch.is_grad_enabled():
+        return _ready(folded.chain.units, folded.modules)
+    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+        return False
+    for norm in folded.norms:
+        if norm.training:
+            return False
+    for m in folded.modules:
+        if m._forward_hooks or m._forward_pre_hooks:
+            return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------------ configs
 
 
-def _read_block(module: nn.Module):
-    """(the block's reading, the UnitChain of its main path) or the reason it is left alone (a str)."""
+def _read_block(module: nn.Module) -> Union[_Folded, str, None]:
+    """The block's `_Folded` reading, or the reason it is left alone (a str)."""
     block = describe_residual_block(module)
     if isinstance(block, str):
         return block
-    return block, UnitChain(block.units, relus=[True] * len(block.units))
+    chain = UnitChain(block.units, relus=[True] * len(block.units))
+    return _Folded(block, chain, tuple(u.norm for u in block.units), block.folded_modules)
 
 
-def _read_sequential(module: nn.Module):
-    """(the Sequential's steps, their UnitChain, every module they fold) or None."""
+def _read_sequential(module: nn.Module) -> Optional[_Folded]:
+    """The Sequential's `_Folded` reading (its steps), or None."""
     steps = sequential_steps(module)
     if steps is None:
         return None
-    return steps, UnitChain(steps), tuple(m for s in steps if isinstance(s, ConvUnit) for m in s.modules)
+    units = [s for s in steps if isinstance(s, ConvUnit)]
+    return _Folded(steps, UnitChain(steps), tuple(u.norm for u in units), tuple(m for u in units for m in u.modules))
 
 
 @dataclass(frozen=True)
@@ -126,13 +160,11 @@ class BlockConfig:
         # nothing folds under compile (`_ready`), nor while training with gradients: the original forward at once
         if _unfolded(module):
             return type(module).forward(module, x)
-        reading = _reading(module, _read_block)
-        if isinstance(reading, str) or not isinstance(x, Tensor):
+        folded = _reading(module, _read_block)
+        if isinstance(folded, str) or not isinstance(x, Tensor) or not _ready_now(folded):
             return type(module).forward(module, x)
-        block, chain = reading
-        if not _ready(block.units, block.folded_modules):
-            return type(module).forward(module, x)
-        return chain(x, x if block.shortcut is None else block.shortcut(x), self.options)
+        shortcut = folded.structure.shortcut
+        return folded.chain(x, x if shortcut is None else shortcut(x), self.options)
 
 
 @dataclass(frozen=True)
@@ -142,14 +174,12 @@ class SequentialConfig:
     options: Inference
 
     def run(self, module: nn.Sequential, x):
-        reading = None if _unfolded(module) else _reading(module, _read_sequential)
-        if reading is None or not isinstance(x, Tensor):
+        folded = None if _unfolded(module) else _reading(module, _read_sequential)
+        if folded is None or not isinstance(x, Tensor):
             return nn.Sequential.forward(module, x)
-        steps, chain, folded = reading
-        units = chain.units
-        if _ready(units, folded):
-            return chain(x, None, self.options)
-        for step in steps:  # some unit cannot fold now (a hook on it): unit by unit
+        if _ready_now(folded):
+            return folded.chain(x, None, self.options)
+        for step in folded.structure:  # some unit cannot fold now (a hook on it): unit by unit
             if not isinstance(step, ConvUnit):
                 x = step(x)
             elif isinstance(x, Tensor) and _ready((step,), step.modules):

@@ -6,15 +6,17 @@ For z [N, C, H, W] the batch norm with batch statistics is, per channel c over t
     scale = w * r,          shift = b - mean * scale                     (the fold: bn(z) = z * scale + shift)
 
 Forward (`batch_stats`): one read of z in its own dtype, fp32 accumulation (fp64 for fp64), no copy.
-`_bn_stats_kernel` reduces [BLOCK_C x CHUNK] blocks of one image to (mean, M2) partials: each loaded
-[BLOCK_C x BLOCK_P] tile is centred on its own mean and merged into the running pair with Chan's formula, so
-no sum of squares of uncentred values ever forms (z = 1000 + noise keeps its variance). `_bn_finalize_kernel`
-merges the partials in a fixed order (a tile of partials at a time: the pooled mean and the pooled M2 plus the
-between-partial term, then Chan's formula across tiles) and writes mean and r (saved for the backward), scale
-and shift, and the running-statistics update `running = factor * batch + keep * running` (unbiased variance)
-straight into the module's buffers, and `num_batches_tracked += 1` when given the counter (where the factor is
-the momentum: the fold saves that add's launch). Two launches, no atomics: bitwise deterministic for a given
-shape.
+`_bn_stats_kernel` reduces [BLOCK_C x CHUNK] blocks of one image to (mean, M2) partials: each loaded [BLOCK_C x
+BLOCK_P] tile is centred on its own mean and merged into the running pair with Chan's formula, so no sum of
+squares of uncentred values ever forms (z = 1000 + noise keeps its variance). The finalize (`_finalize_channels`:
+in the statistics launch itself, by the last program of each channel block to finish, found by a ticket counter
+(an atomic on the ticket only, the values never go through atomics); `_bn_finalize_kernel`, a second launch, with
+MERGED_FINALIZE off) merges the partials in a fixed order (a tile of partials at a time: the pooled mean and the
+pooled M2 plus the between-partial term, then Chan's formula across tiles) and writes mean and r (saved for the
+backward), scale and shift, and the running-statistics update `running = factor * batch + keep * running`
+(unbiased variance) straight into the module's buffers, and `num_batches_tracked += 1` when given the counter
+(where the factor is the momentum: the fold saves that add's launch). One launch (two without MERGED_FINALIZE),
+the same fixed order whichever program finalizes: bitwise deterministic for a given shape.
 
 Backward (`batch_norm_backward`): given the gradients (g_term, g_scale, g_shift) of the fold's outputs,
 
@@ -35,7 +37,7 @@ from __future__ import annotations
 
 import os
 from contextlib import nullcontext
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
@@ -52,6 +54,8 @@ MAX_PARTIALS = 256  # at most this many partials per channel: the finalize loops
 MAX_CHANNELS_LAST_BLOCK = 64
 FINALIZE_BLOCK_C = 32
 FINALIZE_BLOCK_S = 64
+# the statistics launch finalizes too (its last program per channel block): one launch per fold, not two
+MERGED_FINALIZE = True
 
 
 @triton.jit
@@ -63,9 +67,15 @@ def _as(x, acc_t: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit
 def _bn_stats_kernel(z_ptr, part_ptr, C, P, s_n, s_c, s_p, S, SPLITS, CHUNK,
-                     F64: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+                     weight_ptr, bias_ptr, stats_ptr, scale_ptr, shift_ptr, run_mean_ptr, run_var_ptr, counter_ptr,
+                     tickets_ptr, eps: tl.float64, factor: tl.float64, keep: tl.float64, unbias: tl.float64,
+                     F64: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+                     MERGED: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, UPDATE: tl.constexpr,
+                     COUNT: tl.constexpr, BLOCK_S: tl.constexpr):
     """Program (channel block, image n, split sp): (mean, M2) of pixels [sp*CHUNK, (sp+1)*CHUNK) of image n,
-    stored at row n*SPLITS + sp of the [2, S, C] partials."""
+    stored at row n*SPLITS + sp of the [2, S, C] partials. MERGED: the last of the S programs of a channel block
+    to finish (a ticket per channel block, an atomic counter; the values never go through atomics) finalizes
+    the block's channels as `_bn_finalize_kernel` does, in the same fixed order, and resets its ticket."""
     acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
     pid_c = tl.program_id(0)
     sp = tl.program_id(1)
@@ -102,23 +112,29 @@ def _bn_stats_kernel(z_ptr, part_ptr, C, P, s_n, s_c, s_p, S, SPLITS, CHUNK,
     row = n * SPLITS + sp
     tl.store(part_ptr + row * C + c, mean, mask=c_mask)
     tl.store(part_ptr + (S + row) * C + c, m2, mask=c_mask)
+    if MERGED:
+        # every thread's partial stores before the ticket (released at GPU scope); the last program acquires
+        # them and reads the partials from L2 (.cg: never a line its SM's L1 cached before)
+        tl.debug_barrier()
+        ticket = tl.atomic_add(tickets_ptr + pid_c, 1, sem="acq_rel", scope="gpu")
+        if ticket == S - 1:
+            _finalize_channels(part_ptr, c, c_mask, P, S, SPLITS, CHUNK, C, weight_ptr, bias_ptr, stats_ptr,
+                               scale_ptr, shift_ptr, run_mean_ptr, run_var_ptr, eps, factor, keep, unbias,
+                               HAS_WEIGHT, HAS_BIAS, UPDATE, F64, BLOCK_C, BLOCK_S, ".cg")
+            if COUNT:
+                if pid_c == 0:
+                    tl.store(counter_ptr, tl.load(counter_ptr) + 1)
+            tl.atomic_xchg(tickets_ptr + pid_c, 0, sem="relaxed", scope="gpu")  # ready for the next launch
 
 
 @triton.jit
-def _bn_finalize_kernel(part_ptr, C, P, S, SPLITS, CHUNK, weight_ptr, bias_ptr, stats_ptr, scale_ptr, shift_ptr,
-                        run_mean_ptr, run_var_ptr, counter_ptr, eps: tl.float64, factor: tl.float64,
-                        keep: tl.float64, unbias: tl.float64,
-                        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, UPDATE: tl.constexpr,
-                        COUNT: tl.constexpr, F64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Program: BLOCK_C channels. Merges the S partials in order, BLOCK_S at a time; writes stats [2, C] = (mean,
-    r), scale, shift and, with UPDATE, the running statistics (in their own dtype); with COUNT program 0 adds 1
-    to the module's num_batches_tracked (batch norm's own counter, no launch of its own)."""
-    if COUNT:
-        if tl.program_id(0) == 0:
-            tl.store(counter_ptr, tl.load(counter_ptr) + 1)
+def _finalize_channels(part_ptr, c, c_mask, P, S, SPLITS, CHUNK, C, weight_ptr, bias_ptr, stats_ptr, scale_ptr,
+                       shift_ptr, run_mean_ptr, run_var_ptr, eps, factor, keep, unbias,
+                       HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, UPDATE: tl.constexpr, F64: tl.constexpr,
+                       BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, CACHE: tl.constexpr):
+    """Channels c: merges the S partials in order, BLOCK_S at a time; writes stats [2, C] = (mean, r), scale,
+    shift and, with UPDATE, the running statistics (in their own dtype)."""
     acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
     count = tl.zeros([BLOCK_C], dtype=acc_t)
     mean = tl.zeros([BLOCK_C], dtype=acc_t)
     m2 = tl.zeros([BLOCK_C], dtype=acc_t)
@@ -129,8 +145,8 @@ def _bn_finalize_kernel(part_ptr, C, P, S, SPLITS, CHUNK, weight_ptr, bias_ptr, 
         n_s = tl.where(s_mask, tl.minimum(CHUNK, P - (s % SPLITS) * CHUNK), 0).to(acc_t)
         mask = s_mask[:, None] & c_mask[None, :]
         offs = s[:, None] * C + c[None, :]
-        p_mean = tl.load(part_ptr + offs, mask=mask, other=0.0)
-        p_m2 = tl.load(part_ptr + S * C + offs, mask=mask, other=0.0)
+        p_mean = tl.load(part_ptr + offs, mask=mask, other=0.0, cache_modifier=CACHE)
+        p_m2 = tl.load(part_ptr + S * C + offs, mask=mask, other=0.0, cache_modifier=CACHE)
         # the block's pooled (count, mean, M2): centred on its own mean, then merged like one partial
         t_count = tl.sum(n_s, axis=0)
         t_mean = tl.sum(p_mean * n_s[:, None], axis=0) / t_count
@@ -165,6 +181,24 @@ def _bn_finalize_kernel(part_ptr, C, P, S, SPLITS, CHUNK, weight_ptr, bias_ptr, 
         new_var = f * (var * _as(unbias, acc_t, BLOCK_C)) + k * old_var
         tl.store(run_mean_ptr + c, new_mean.to(run_mean_ptr.dtype.element_ty), mask=c_mask)
         tl.store(run_var_ptr + c, new_var.to(run_var_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _bn_finalize_kernel(part_ptr, C, P, S, SPLITS, CHUNK, weight_ptr, bias_ptr, stats_ptr, scale_ptr, shift_ptr,
+                        run_mean_ptr, run_var_ptr, counter_ptr, eps: tl.float64, factor: tl.float64,
+                        keep: tl.float64, unbias: tl.float64,
+                        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, UPDATE: tl.constexpr,
+                        COUNT: tl.constexpr, F64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The finalize as a launch of its own (MERGED_FINALIZE off). Program: BLOCK_C channels
+    (`_finalize_channels`); with COUNT program 0 adds 1 to the module's num_batches_tracked (batch norm's own
+    counter, no launch of its own)."""
+    if COUNT:
+        if tl.program_id(0) == 0:
+            tl.store(counter_ptr, tl.load(counter_ptr) + 1)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    _finalize_channels(part_ptr, c, c < C, P, S, SPLITS, CHUNK, C, weight_ptr, bias_ptr, stats_ptr, scale_ptr,
+                       shift_ptr, run_mean_ptr, run_var_ptr, eps, factor, keep, unbias,
+                       HAS_WEIGHT, HAS_BIAS, UPDATE, F64, BLOCK_C, BLOCK_S, "")
 
 
 @triton.jit
@@ -304,19 +338,42 @@ def batch_stats(z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps
     scale = torch.empty((C,), dtype=dtype, device=z.device)
     shift = torch.empty((C,), dtype=dtype, device=z.device)
     update = running_mean is not None and running_var is not None
+    blocks = cdiv(C, block_c)
+    finalize_args = (scale if weight is None else weight, scale if bias is None else bias, stats, scale, shift,
+                     running_mean if update else scale, running_var if update else scale,
+                     scale if counter is None else counter)
+    scalars = (float(eps), float(factor), float(1.0 - factor), float(count / (count - 1)))
+    flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, UPDATE=update, COUNT=counter is not None)
     with _device_context(z):
-        _bn_stats_kernel[launch_grid(cdiv(C, block_c), splits, N)](
-            z, part, C, P, s_n, s_c, s_p, S, splits, chunk,
-            F64=f64, INT64=_int64(z), BLOCK_C=block_c, BLOCK_P=block_p)
+        if MERGED_FINALIZE:
+            _bn_stats_kernel[launch_grid(blocks, splits, N)](
+                z, part, C, P, s_n, s_c, s_p, S, splits, chunk, *finalize_args, _tickets(z.device, blocks),
+                *scalars, F64=f64, INT64=_int64(z), BLOCK_C=block_c, BLOCK_P=block_p, MERGED=True,
+                BLOCK_S=max(1, min(FINALIZE_BLOCK_S, TILE // 2 // block_c)), **flags)
+            return stats, scale, shift
+        _bn_stats_kernel[launch_grid(blocks, splits, N)](
+            z, part, C, P, s_n, s_c, s_p, S, splits, chunk, *([part] * 9), *scalars,
+            F64=f64, INT64=_int64(z), BLOCK_C=block_c, BLOCK_P=block_p, MERGED=False, HAS_WEIGHT=False,
+            HAS_BIAS=False, UPDATE=False, COUNT=False, BLOCK_S=1)
         _bn_finalize_kernel[(cdiv(C, FINALIZE_BLOCK_C),)](
-            part, C, P, S, splits, chunk, scale if weight is None else weight, scale if bias is None else bias,
-            stats, scale, shift, running_mean if update else scale, running_var if update else scale,
-            scale if counter is None else counter,
-            float(eps), float(factor), float(1.0 - factor), float(count / (count - 1)),
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, UPDATE=update, COUNT=counter is not None,
-            F64=f64,
-            BLOCK_C=FINALIZE_BLOCK_C, BLOCK_S=FINALIZE_BLOCK_S)
+            part, C, P, S, splits, chunk, *finalize_args, *scalars, F64=f64,
+            BLOCK_C=FINALIZE_BLOCK_C, BLOCK_S=FINALIZE_BLOCK_S, **flags)
     return stats, scale, shift
+
+
+# The statistics kernel's per-channel-block tickets: zeroed once per (device, stream), reset by the program that
+# finalizes (so zero again when a launch ends); a buffer of its own per stream, as launches on two streams may
+# run at once.
+_TICKETS: Dict[tuple, Tensor] = {}
+
+
+def _tickets(device: torch.device, n: int) -> Tensor:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    tickets = _TICKETS.get(key)
+    if tickets is None or tickets.numel() < n:
+        tickets = _TICKETS[key] = torch.zeros((max(n, 1024),), dtype=torch.int32, device=device)
+    return tickets
 
 
 def batch_norm_backward(z: Tensor, g_term: Optional[Tensor], stats: Tensor, weight: Optional[Tensor],

@@ -107,13 +107,16 @@ def test_matches_batchnorm2d(impl, shape, channels_last, kernels_module):
     _compare(bn, ref, impl, kernels_module, _z(shape, channels_last=channels_last))
 
 
-@pytest.mark.parametrize("int64", [False, True], ids=["int32", "int64"])
+@pytest.mark.parametrize("int64, merged", [(False, True), (True, True), (False, False)],
+                         ids=["int32", "int64", "two_launches"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-def test_kernel_loops(channels_last, int64, kernels_module, small_tiles, monkeypatch):
+def test_kernel_loops(channels_last, int64, merged, kernels_module, small_tiles, monkeypatch):
     """Several tiles per chunk, several chunks per image, several finalize steps (small_tiles); also with the
-    64-bit offsets tensors past 2**31 elements take."""
+    64-bit offsets tensors past 2**31 elements take, and with the finalize as a launch of its own. The merged
+    finalize leaves every ticket at 0 for the next launch."""
     if int64:
         monkeypatch.setattr(kernels_module, "_int64", lambda *tensors: True)
+    monkeypatch.setattr(kernels_module, "MERGED_FINALIZE", merged)
     shape = (3, 5, 6, 7)
     C, P = shape[1], shape[2] * shape[3]
     s_c = 1 if channels_last else P
@@ -121,6 +124,7 @@ def test_kernel_loops(channels_last, int64, kernels_module, small_tiles, monkeyp
     assert chunk > block_p and splits > 1 and P % block_p and shape[0] * splits > 2
     bn, ref = _bn(C)
     _compare(bn, ref, "kernels", kernels_module, _z(shape, channels_last=channels_last))
+    assert all(int(t.abs().sum()) == 0 for t in kernels_module._TICKETS.values())
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -72,6 +72,9 @@ def record_training_step(dtype, channels_last):
     layers = stage4[-1].fuse_layers.to(dtype=dtype, memory_format=fmt).train()
     xs = [torch.empty((8, c, 128 >> j, 256 >> j), dtype=dtype, device="meta", requires_grad=True,
                       memory_format=fmt) for j, c in enumerate(CHANNELS)]
+    from hrfast.kernels import batch_norm as bn_kernels
+    if hasattr(bn_kernels, "_tickets"):  # steady state: the statistics kernel's tickets exist from an earlier step
+        bn_kernels._tickets(torch.device("meta"), 1)
     with recording() as attribution:
         ys = fusion_forward(layers, xs, default=Resample("bilinear", align_corners=False), backend="triton")
         torch.autograd.backward(ys, [torch.empty_like(y) for y in ys])

@@ -15,7 +15,8 @@ MERGED_FINALIZE off) merges the partials in a fixed order (a tile of partials at
 pooled M2 plus the between-partial term, then Chan's formula across tiles) and writes mean and r (saved for the
 backward), scale and shift, and the running-statistics update `running = factor * batch + keep * running`
 (unbiased variance) straight into the module's buffers, and `num_batches_tracked += 1` when given the counter
-(where the factor is the momentum: the fold saves that add's launch). One launch (two without MERGED_FINALIZE),
+(where the factor is the momentum: the fold saves that add's launch). One launch (two without MERGED_FINALIZE,
+the default until a GPU has run the merged one),
 the same fixed order whichever program finalizes: bitwise deterministic for a given shape.
 
 Backward (`batch_norm_backward`): given the gradients (g_term, g_scale, g_shift) of the fold's outputs,
@@ -54,8 +55,11 @@ MAX_PARTIALS = 256  # at most this many partials per channel: the finalize loops
 MAX_CHANNELS_LAST_BLOCK = 64
 FINALIZE_BLOCK_C = 32
 FINALIZE_BLOCK_S = 64
-# the statistics launch finalizes too (its last program per channel block): one launch per fold, not two
-MERGED_FINALIZE = True
+# the statistics launch finalizes too (its last program per channel block): one launch per fold, not two. Off
+# until a GPU has run it: the Triton interpreter runs programs one at a time, so the tests cannot reach the
+# ticket's cross-program memory ordering (HRFAST_BN_MERGED_FINALIZE=1 turns it on; benchmarks/gpu_session.sh
+# unverified runs the batch-norm tests with it)
+MERGED_FINALIZE = os.environ.get("HRFAST_BN_MERGED_FINALIZE", "0") == "1"
 
 
 @triton.jit

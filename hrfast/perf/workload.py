@@ -152,6 +152,13 @@ def _bn_finalize_unread(p: Params) -> Sequence[str]:
                                     ("COUNT", "counter_ptr")) if not p[flag]]
 
 
+def _bn_stats_unread(p: Params) -> Sequence[str]:
+    if not p["MERGED"]:
+        return ["weight_ptr", "bias_ptr", "stats_ptr", "scale_ptr", "shift_ptr", "run_mean_ptr", "run_var_ptr",
+                "counter_ptr", "tickets_ptr"]
+    return _bn_finalize_unread(p)
+
+
 KERNELS: Dict[str, KernelWork] = {
     # one [BLOCK_C x BLOCK_P] tile per program, every term unrolled (static_range): no loop
     "_fuse_forward_kernel": KernelWork(trips=lambda p: [], elements=_fuse_forward_elements),
@@ -199,8 +206,11 @@ KERNELS: Dict[str, KernelWork] = {
     "_head_patch_gather_kernel": KernelWork(trips=lambda p: [], elements=lambda p: p["out_ptr"].numel()),
     # batch norm (kernels/batch_norm.py). Statistics: program (channel block, split, image) loops over the
     # BLOCK_P tiles of its chunk: cdiv(P, BLOCK_P) / SPLITS on average; elements: the values of z it reduces
-    "_bn_stats_kernel": KernelWork(trips=lambda p: [_cdiv(p["P"], p["BLOCK_P"]) / p["SPLITS"]],
-                                   elements=lambda p: p["z_ptr"].numel()),
+    # MERGED: then the finalize loop over the S partials (BLOCK_S at a time), run by one program of the S of a
+    # channel block (the last to finish): cdiv(S, BLOCK_S) / S on average
+    "_bn_stats_kernel": KernelWork(trips=lambda p: [_cdiv(p["P"], p["BLOCK_P"]) / p["SPLITS"]]
+                                   + ([_cdiv(p["S"], p["BLOCK_S"]) / p["S"]] if p["MERGED"] else []),
+                                   elements=lambda p: p["z_ptr"].numel(), unread=_bn_stats_unread),
     # one program per BLOCK_C channels, loop over the S partials BLOCK_S at a time
     "_bn_finalize_kernel": KernelWork(trips=lambda p: [_cdiv(p["S"], p["BLOCK_S"])],
                                       elements=lambda p: p["S"] * p["C"], unread=_bn_finalize_unread),

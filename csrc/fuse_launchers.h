@@ -118,39 +118,16 @@ TermView32<scalar_t, acc_t> view32(const TermView<scalar_t, acc_t>& v) {
   return r;
 }
 
-// ForwardTileKernel<PACK> for the runtime `code` (one of kForwardPacks).
-template <class Exec, typename scalar_t, typename acc_t, size_t... I>
-void run_forward_tile(uint32_t code, const Grid& grid, const ForwardTileParams<scalar_t, acc_t>& p,
+// Kernel<PACK> (ForwardTileKernel or ForwardVecKernel) for the runtime `code` (one of kForwardPacks).
+template <template <typename, typename, uint32_t> class Kernel, class Exec, typename scalar_t, typename acc_t,
+          size_t... I>
+void run_forward_pack(uint32_t code, const Grid& grid, const ForwardTileParams<scalar_t, acc_t>& p,
                       std::index_sequence<I...>) {
   const bool ran = ((code == kForwardPacks[I]
-                         ? (Exec::template run<ForwardTileKernel<scalar_t, acc_t, kForwardPacks[I]>>(grid, p), true)
+                         ? (Exec::template run<Kernel<scalar_t, acc_t, kForwardPacks[I]>>(grid, p), true)
                          : false) ||
                     ...);
   TORCH_CHECK(ran, "hrfast fuse: no forward kernel for pack ", code);
-}
-
-// The tiled forward (ForwardTileKernel): one launch for all terms.
-template <class Exec, typename scalar_t, typename acc_t>
-void forward_tile_launch(const at::Tensor& out, const std::vector<TermSpec>& terms, bool relu, uint32_t code) {
-  const int64_t N = out.size(0), C = out.size(1), H = out.size(2), W = out.size(3);
-  ForwardTileParams<scalar_t, acc_t> p;
-  for (size_t k = 0; k < terms.size(); ++k) p.t[k] = view32(make_view<scalar_t, acc_t>(terms[k], H, W));
-  p.out = out.data_ptr<scalar_t>();
-  p.so_n = static_cast<int32_t>(out.stride(0));
-  p.so_c = static_cast<int32_t>(out.stride(1));
-  p.so_h = static_cast<int32_t>(out.stride(2));
-  p.so_w = static_cast<int32_t>(out.stride(3));
-  p.C = static_cast<int32_t>(C);
-  p.H = static_cast<int32_t>(H);
-  p.W = static_cast<int32_t>(W);
-  p.S = static_cast<int32_t>((W + kPX - 1) / kPX);
-  p.HP = static_cast<int32_t>((H + kRows - 1) / kRows);
-  p.per_image = static_cast<int32_t>(C * p.HP * p.S);
-  p.cl = channels_last_like(out);
-  p.relu = relu;
-  const Grid grid{(p.per_image + kThreads - 1) / kThreads, 1, N};
-  run_forward_tile<Exec, scalar_t, acc_t>(code, grid, p,
-                                          std::make_index_sequence<sizeof(kForwardPacks) / sizeof(uint32_t)>{});
 }
 
 // Whether ForwardVecKernel can run `out` and `terms`: channels_last with the channels a multiple of kVec, every
@@ -172,39 +149,35 @@ bool vec_ok(const at::Tensor& out, const std::vector<TermSpec>& terms) {
   return true;
 }
 
-// ForwardVecKernel<PACK> for the runtime `code` (one of kForwardPacks).
-template <class Exec, typename scalar_t, typename acc_t, size_t... I>
-void run_forward_vec(uint32_t code, const Grid& grid, const ForwardTileParams<scalar_t, acc_t>& p,
-                     std::index_sequence<I...>) {
-  const bool ran = ((code == kForwardPacks[I]
-                         ? (Exec::template run<ForwardVecKernel<scalar_t, acc_t, kForwardPacks[I]>>(grid, p), true)
-                         : false) ||
-                    ...);
-  TORCH_CHECK(ran, "hrfast fuse: no forward kernel for pack ", code);
-}
-
-// The channels_last vector forward (ForwardVecKernel): one launch for all terms.
+// The compile-time pack forward, one launch for all terms: ForwardVecKernel where `vec_ok`, else
+// ForwardTileKernel.
 template <class Exec, typename scalar_t, typename acc_t>
-void forward_vec_launch(const at::Tensor& out, const std::vector<TermSpec>& terms, bool relu, uint32_t code) {
+void forward_pack_launch(const at::Tensor& out, const std::vector<TermSpec>& terms, bool relu, uint32_t code) {
   const int64_t N = out.size(0), C = out.size(1), H = out.size(2), W = out.size(3);
+  const bool vec = vec_ok<scalar_t>(out, terms);
   ForwardTileParams<scalar_t, acc_t> p;
   for (size_t k = 0; k < terms.size(); ++k) p.t[k] = view32(make_view<scalar_t, acc_t>(terms[k], H, W));
   p.out = out.data_ptr<scalar_t>();
   p.so_n = static_cast<int32_t>(out.stride(0));
-  p.so_c = 1;
+  p.so_c = static_cast<int32_t>(out.stride(1));
   p.so_h = static_cast<int32_t>(out.stride(2));
   p.so_w = static_cast<int32_t>(out.stride(3));
   p.C = static_cast<int32_t>(C);
   p.H = static_cast<int32_t>(H);
   p.W = static_cast<int32_t>(W);
-  p.S = static_cast<int32_t>((W + kVPX - 1) / kVPX);
-  p.HP = static_cast<int32_t>(H);
-  p.per_image = static_cast<int32_t>(C / kVec<scalar_t> * H * p.S);
-  p.cl = true;
+  // threads per image: (channel, row pair, kPX-pixel segment), or (kVec-channel group, row, kVPX-pixel segment)
+  p.S = static_cast<int32_t>(vec ? (W + kVPX - 1) / kVPX : (W + kPX - 1) / kPX);
+  p.HP = static_cast<int32_t>(vec ? H : (H + kRows - 1) / kRows);
+  p.per_image = static_cast<int32_t>((vec ? C / kVec<scalar_t> : C) * p.HP * p.S);
+  p.cl = channels_last_like(out);
   p.relu = relu;
   const Grid grid{(p.per_image + kThreads - 1) / kThreads, 1, N};
-  run_forward_vec<Exec, scalar_t, acc_t>(code, grid, p,
-                                         std::make_index_sequence<sizeof(kForwardPacks) / sizeof(uint32_t)>{});
+  const auto packs = std::make_index_sequence<sizeof(kForwardPacks) / sizeof(uint32_t)>{};
+  if (vec) {
+    run_forward_pack<ForwardVecKernel, Exec, scalar_t, acc_t>(code, grid, p, packs);
+  } else {
+    run_forward_pack<ForwardTileKernel, Exec, scalar_t, acc_t>(code, grid, p, packs);
+  }
 }
 
 // y = ReLU(sum_k Up_k(x_k) * scale_k + shift_k) into `out`; more than kMaxTerms terms are chained through a
@@ -221,11 +194,7 @@ void forward_launch(const at::Tensor& out, const std::vector<TermSpec>& terms, b
   const uint32_t code = fits_int32(out) ? forward_pack(terms) : 0;
   if (code != 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "hrfast_fuse_forward_tile", [&] {
-      if (vec_ok<scalar_t>(out, terms)) {
-        forward_vec_launch<Exec, scalar_t, at::opmath_type<scalar_t>>(out, terms, relu, code);
-      } else {
-        forward_tile_launch<Exec, scalar_t, at::opmath_type<scalar_t>>(out, terms, relu, code);
-      }
+      forward_pack_launch<Exec, scalar_t, at::opmath_type<scalar_t>>(out, terms, relu, code);
     });
     return;
   }

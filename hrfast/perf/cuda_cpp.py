@@ -3,8 +3,11 @@
 Their launches are made by C++ (csrc/fuse_launchers.h), so they are derived here from each recorded op call's
 plan and shapes, following csrc/README.md: blocks of 32 x 8 threads, grid z = image.
 - forward: `ForwardTileKernel<PACK>` when the terms' modes are one of the compiled packs (FORWARD_PACKS, at
-  most 4 terms) and the offsets fit in int32: 2 x 8 output pixels (2 rows) per thread, one launch; else the
-  generic `ForwardKernel` (one element per thread over a [channels x pixels] tile, one launch per 8 terms);
+  most 4 terms) and the offsets fit in int32: 2 x 8 output pixels (2 rows) per thread, one launch; in
+  channels_last with the channels a multiple of 16 bytes' worth (VEC_BYTES; strides and alignment are assumed
+  to follow, as for tensors from torch's allocator) `ForwardVecKernel<PACK>` instead: 16-byte channel vectors
+  of VPX pixels of a row per thread; else the generic `ForwardKernel` (one element per thread over a
+  [channels x pixels] tile, one launch per 8 terms);
 - backward (training): one `BackwardSameKernel` launch for the output-size terms (kPB = 8 pixels of a row
   per thread; dx_k = g * scale_k, block reductions for dscale / dshift), and one `AdjointKernel<KMAX, MODE>`
   per upsampled term gathering its window of grad_y (masked by y > 0 on the fly: grad_y and y are read, no g
@@ -31,6 +34,7 @@ from .opcalls import OpCall
 CSRC = Path(__file__).resolve().parents[2] / "csrc" / "fuse_cuda.cu"
 BLOCK_X, BLOCK_Y, MAX_TERMS = 32, 8, 8  # csrc/fuse_kernels.h kBX, kBY, kMaxTerms
 PX, ROWS = 8, 2  # csrc/fuse_kernels.h kPX, kRows: output pixels per row and rows per thread, ForwardTileKernel
+VPX, VEC_BYTES = 4, 16  # csrc/fuse_kernels.h kVPX, kVec: pixels per thread and vector bytes, ForwardVecKernel
 PB = 16  # csrc/fuse_kernels.h kPB: output pixels per thread in BackwardSameKernel
 PS = 8  # csrc/fuse_kernels.h adjoint_ps: source pixels per thread in the register AdjointKernel (32 / KMAX from 8)
 # csrc/fuse_kernels.h kForwardPacks (s same, n nearest, b bilinear), and AdjointKernel's register windows
@@ -116,7 +120,15 @@ def launches(call: OpCall, training: bool) -> List[CudaLaunch]:
     result = []
     modes = "".join("snb"[t.mode] for t in plan.terms)
     fits = all(_span(s) < INT32_SPAN for s in [*shapes, (N, C, H, W)])
-    if modes in FORWARD_PACKS and fits:
+    vec = VEC_BYTES // size
+    if modes in FORWARD_PACKS and fits and cl and C % vec == 0:
+        threads = C // vec * H * math.ceil(W / VPX)
+        elems = sum(math.prod(s) for s in shapes) + out
+        result.append(CudaLaunch(KernelName("ForwardVecKernel", f"Lj{pack_code(modes)}E"), "forward",
+                                 math.ceil(threads / (BLOCK_X * BLOCK_Y)) * N * (BLOCK_X * BLOCK_Y // 32),
+                                 elems * size, dict(count=len(modes), elements=out)))
+        starts = []
+    elif modes in FORWARD_PACKS and fits:
         threads = C * math.ceil(H / ROWS) * math.ceil(W / PX)
         elems = sum(math.prod(s) for s in shapes) + out
         result.append(CudaLaunch(KernelName("ForwardTileKernel", f"Lj{pack_code(modes)}E"), "forward",

@@ -869,7 +869,7 @@ def _forward_tile(name: str, elem: int, acc: int, c0p: int, kp: int, block_m: in
         return ForwardTile(th, tw, min(bm, block_m), stages, warps, ph, pw, src)
 
     tiles = [make(c) for c in _TILE_CANDIDATES.get(name, _FORWARD_CANDIDATES)[elem]]
-    fused = name == "_head_backward_ds_kernel" and (elem, acc) != (4, 4)  # `_FUSED_DTYPES`: all but fp32
+    fused = name == "_head_backward_ds_kernel" and (elem, acc) != (4, 4)  # bf16, fp64 (fp16: an upper bound)
     return first_fitting(tiles, lambda t: _tile_bound(name, elem, acc, c0p, kp, t.src, t, fused), limits)
 
 
@@ -984,7 +984,9 @@ _GRAD_SPLITS = 256
 
 # the dtypes whose backward never writes ds (`head_backward_ds`): fp32's 3xTF32 dots triple the fused chunk's
 # operands (sm_90, W48: 5 KB spills, 2.2 ms against 0.65 ms for the kernel that writes ds)
-_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float64)
+# fp16 too: its exact adjoint's flag dots (no 2^16 in fp16) run in tf32 and need 213,248 B of shared memory on
+# sm_90, 180,480 B on sm_80 (over the A100's limit): launchability, W48 / W18 training fp16
+_FUSED_DTYPES = (torch.bfloat16, torch.float64)
 
 # the gather's tile: 8 x 8 source pixels of 32 channels (a load per candidate patch of 16-byte rows, bf16)
 _GATHER_BLOCK = (8, 8, 32)

@@ -590,7 +590,7 @@ def _head_backward_ds_kernel(
 ):
     """The head's input gradients from ds = dA * scale (+ alpha + beta * s with batch statistics), the gradient
     of the pre-BN activation. Program `split` visits the forward's tiles split, split + SPLITS, ... of the
-    whole batch and per tile and M chunk recomputes the ds chunk. FUSED (fp16 / bf16 / fp64), ds is not written:
+    whole batch and per tile and M chunk recomputes the ds chunk. FUSED (bf16 / fp64), ds is not written:
     - dx0 = W0^T ds accumulates over the chunks in registers, stored once per tile;
     - dW0 = ds x0^T adds into the split's own [M, C0] rows (the first tile overwrites them; the host sums the
       splits in order: deterministic, no atomics);
@@ -997,9 +997,9 @@ def head_backward_ds(plan: HeadPlan, t: HeadTensors, scale: Tensor, shift: Tenso
                      force_int64: bool = False) -> Tuple[Tensor, Tensor, List[Tensor]]:
     """(dx0 [N, C0, H, W] in x0's dtype and layout, dW0 [M, C0] in the accumulation dtype, dP_j per low branch
     like P_j, a same-size branch's [N, M, H, W] in the logits' layout) from ds = dA * scale (+ alpha + beta * s
-    when BN used batch statistics). fp16 / bf16 / fp64: never materialising ds, `_head_backward_ds_kernel` on
+    when BN used batch statistics). bf16 / fp64: never materialising ds, `_head_backward_ds_kernel` on
     the forward's tiles, then per upsampled branch `_head_patch_gather_kernel` over the tiles' patch partials.
-    fp32 (`_FUSED_DTYPES`): the kernel writes ds, then GEMMs (dx0, dW0) and the fusion op's adjoint gather."""
+    fp32 / fp16 (`_FUSED_DTYPES`): the kernel writes ds, then GEMMs (dx0, dW0) and the fusion op's adjoint gather."""
     N, C0, H, W = t.x0.shape
     M, K = t.w0.shape[0], t.wc.shape[0]
     common, consts = _common(t, force_int64)

@@ -54,14 +54,15 @@ PATCHED, SKIPPED, UNPATCHED = "patched", "skipped", "unpatched"
 # ------------------------------------------------------------------------------------------ hook guard
 
 
+_TRAINING = operator.attrgetter("training")
+_FORWARD_HOOKS = operator.attrgetter("_forward_hooks", "_forward_pre_hooks")
+
+
 def _hooks_free(modules: Sequence[nn.Module]) -> bool:
     """No forward hook that the folded path would skip: none on these modules, no global module hook."""
     if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
         return False
-    for m in modules:  # a plain loop: this runs for every block of every eval forward
-        if m._forward_hooks or m._forward_pre_hooks:
-            return False
-    return True
+    return not any(map(any, map(_FORWARD_HOOKS, modules)))  # C-level maps: runs for every block of every forward
 
 
 def _ready(units: Sequence[ConvUnit], modules: Sequence[nn.Module]) -> bool:
@@ -104,10 +105,6 @@ def _reading(module: nn.Module, read: Callable[[nn.Module], Any]):
     return hit[2]
 
 
-_TRAINING = operator.attrgetter("training")
-_FORWARD_HOOKS = operator.attrgetter("_forward_hooks", "_forward_pre_hooks")
-
-
 class _Folded(NamedTuple):
     """A block's or Sequential's reading for the folded path: the structure (`ResidualBlock` / the steps), the
     chain of its units, their norms, and every module whose hooks the folded path would skip."""
@@ -123,10 +120,7 @@ def _ready_now(folded: _Folded) -> bool:
     per-unit calls."""
     if torch.is_grad_enabled():
         return _ready(folded.chain.units, folded.modules)
-    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
-        return False
-    # C-level maps, no Python loop: this runs for every block of every eval forward
-    return not any(map(_TRAINING, folded.norms)) and not any(map(any, map(_FORWARD_HOOKS, folded.modules)))
+    return not any(map(_TRAINING, folded.norms)) and _hooks_free(folded.modules)
 
 
 # ------------------------------------------------------------------------------------------------ configs

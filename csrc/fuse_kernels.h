@@ -320,26 +320,41 @@ HRFAST_INLINE void tile_term(const TermView32<scalar_t, acc_t>& t, int32_t n, in
   }
 }
 
-template <uint32_t PACK, int K, typename scalar_t, typename acc_t>
-HRFAST_INLINE void tile_terms(const ForwardTileParams<scalar_t, acc_t>& p, int32_t n, int32_t c,
-                              const int32_t (&oys)[kRows], const int32_t (&xs)[kPX], acc_t (&acc)[kRows][kPX]) {
+// acc = the sum over the terms of PACK of `terms.load<mode>(k, v)`, left to right as forward_sum, the modes
+// resolved at compile time: the one term loop of ForwardTileKernel and ForwardVecKernel (each thread's values
+// an A x B array: rows x pixels, or pixels x channels).
+template <uint32_t PACK, int K, class Terms, typename T, int A, int B>
+HRFAST_INLINE void sum_pack(const Terms& terms, T (&acc)[A][B]) {
   if constexpr (K < pack_count(PACK)) {
-    acc_t v[kRows][kPX];
-    tile_term<pack_mode(PACK, K), scalar_t, acc_t>(p.t[K], n, c, oys, xs, v);
+    T v[A][B];
+    terms.template load<pack_mode(PACK, K)>(K, v);
 #pragma unroll
-    for (int j = 0; j < kRows; ++j) {
+    for (int a = 0; a < A; ++a) {
 #pragma unroll
-      for (int i = 0; i < kPX; ++i) {
+      for (int b = 0; b < B; ++b) {
         if constexpr (K == 0) {
-          acc[j][i] = v[j][i];
+          acc[a][b] = v[a][b];
         } else {
-          acc[j][i] = acc[j][i] + v[j][i];  // left to right, as forward_sum
+          acc[a][b] = acc[a][b] + v[a][b];
         }
       }
     }
-    tile_terms<PACK, K + 1, scalar_t, acc_t>(p, n, c, oys, xs, acc);
+    sum_pack<PACK, K + 1>(terms, acc);
   }
 }
+
+// ForwardTileKernel's terms at kRows x kPX pixels (oys[j], xs[i]) of (n, c).
+template <typename scalar_t, typename acc_t>
+struct TileTerms {
+  const ForwardTileParams<scalar_t, acc_t>& p;
+  int32_t n, c;
+  const int32_t (&oys)[kRows];
+  const int32_t (&xs)[kPX];
+  template <int MODE>
+  HRFAST_INLINE void load(int k, acc_t (&v)[kRows][kPX]) const {
+    tile_term<MODE, scalar_t, acc_t>(p.t[k], n, c, oys, xs, v);
+  }
+};
 
 // y = ReLU(sum of the terms of PACK), kRows x kPX output pixels of one channel per thread (kPX consecutive
 // pixels of kRows consecutive rows): per term the source rows and vertical weights once per row, the column
@@ -380,7 +395,7 @@ struct ForwardTileKernel {
 #pragma unroll
     for (int j = 0; j < kRows; ++j) oys[j] = min_(rp * kRows + j, p.H - 1);
     acc_t acc[kRows][kPX];
-    tile_terms<PACK, 0, scalar_t, acc_t>(p, n, c, oys, xs, acc);
+    sum_pack<PACK, 0>(TileTerms<scalar_t, acc_t>{p, n, c, oys, xs}, acc);
 #pragma unroll
     for (int j = 0; j < kRows; ++j) {
       if (rp * kRows + j >= p.H) break;
@@ -489,26 +504,17 @@ HRFAST_INLINE void vec_term(const TermView32<scalar_t, acc_t>& t, int32_t n, int
   }
 }
 
-template <uint32_t PACK, int K, typename scalar_t, typename acc_t>
-HRFAST_INLINE void vec_terms(const ForwardTileParams<scalar_t, acc_t>& p, int32_t n, int32_t c0, int32_t oy,
-                             const int32_t (&xs)[kVPX], acc_t (&acc)[kVPX][kVec<scalar_t>]) {
-  if constexpr (K < pack_count(PACK)) {
-    acc_t v[kVPX][kVec<scalar_t>];
-    vec_term<pack_mode(PACK, K), scalar_t, acc_t>(p.t[K], n, c0, oy, xs, v);
-#pragma unroll
-    for (int i = 0; i < kVPX; ++i) {
-#pragma unroll
-      for (int k = 0; k < kVec<scalar_t>; ++k) {
-        if constexpr (K == 0) {
-          acc[i][k] = v[i][k];
-        } else {
-          acc[i][k] = acc[i][k] + v[i][k];  // left to right, as forward_sum
-        }
-      }
-    }
-    vec_terms<PACK, K + 1, scalar_t, acc_t>(p, n, c0, oy, xs, acc);
+// ForwardVecKernel's terms at kVPX pixels (oy, xs[i]) of the kVec channels from c0.
+template <typename scalar_t, typename acc_t>
+struct VecTerms {
+  const ForwardTileParams<scalar_t, acc_t>& p;
+  int32_t n, c0, oy;
+  const int32_t (&xs)[kVPX];
+  template <int MODE>
+  HRFAST_INLINE void load(int k, acc_t (&v)[kVPX][kVec<scalar_t>]) const {
+    vec_term<MODE, scalar_t, acc_t>(p.t[k], n, c0, oy, xs, v);
   }
-}
+};
 
 // y = ReLU(sum of the terms of PACK) in channels_last, kVec channels x kVPX pixels of one row per thread.
 // Threads over (channel group, row, segment), the channel group fastest (a warp's 16-byte accesses cover
@@ -537,7 +543,7 @@ struct ForwardVecKernel {
 #pragma unroll
     for (int i = 0; i < kVPX; ++i) xs[i] = min_(seg * kVPX + i, p.W - 1);
     acc_t acc[kVPX][V];
-    vec_terms<PACK, 0, scalar_t, acc_t>(p, n, c0, oy, xs, acc);
+    sum_pack<PACK, 0>(VecTerms<scalar_t, acc_t>{p, n, c0, oy, xs}, acc);
     const int32_t row = n * p.so_n + c0 + oy * p.so_h;
 #pragma unroll
     for (int i = 0; i < kVPX; ++i) {

@@ -337,6 +337,25 @@ def _activation_grad(x0, g, n, cy, cx, p_mask, m, m_mask, m_c, w0_ptr, w0_stride
 
 
 @triton.jit
+def _pre_bn_grad(x0, g, n, cy, cx, p_mask, m, m_mask, m_c, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr, alpha_ptr,
+                 beta_ptr, wc_ptr, wc_strides, K, plans, lows, MODES: tl.constexpr, ALIGNS: tl.constexpr,
+                 CL: tl.constexpr, GATHER: tl.constexpr, BATCH_STATS: tl.constexpr, F64: tl.constexpr,
+                 INT64: tl.constexpr, PRECISION: tl.constexpr, C0P: tl.constexpr, KP: tl.constexpr):
+    """(s, ds) on one tile and M chunk: ds = dA * scale, plus alpha + beta * s under batch statistics (BN's
+    input gradient, `_head_backward_impl`), both [pixels, BLOCK_M] in the accumulation dtype."""
+    acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
+    s, a_pre, da, scale = _activation_grad(x0, g, n, cy, cx, p_mask, m, m_mask, m_c, w0_ptr, w0_strides, C0,
+                                           scale_ptr, shift_ptr, wc_ptr, wc_strides, K, plans, lows, MODES, ALIGNS,
+                                           CL, GATHER, F64, INT64, PRECISION, C0P, KP)
+    ds = da * scale[None, :]
+    if BATCH_STATS:
+        alpha = tl.load(alpha_ptr + m_c).to(acc_t)
+        beta = tl.load(beta_ptr + m_c).to(acc_t)
+        ds += alpha[None, :] + beta[None, :] * s
+    return s, ds
+
+
+@triton.jit
 def _load_grad_tile(g_ptr, g_strides, n, oy, ox, p_mask, K, INT64: tl.constexpr, KP: tl.constexpr,
                     DTYPE: tl.constexpr):
     """The logits' gradient on the tile, [pixels, KP] in DTYPE (padded pixels and classes 0)."""
@@ -481,14 +500,9 @@ def _grads_chunk(x0, g, t, n, oy, ox, cy, cx, p_mask, m0, M, w0_ptr, w0_strides,
     m = m0 + tl.arange(0, BLOCK_M)
     m_mask = m < M
     m_c = tl.minimum(m, M - 1)
-    s, a_pre, da, scale = _activation_grad(x0, g, n, cy, cx, p_mask, m, m_mask, m_c, w0_ptr, w0_strides, C0,
-                                           scale_ptr, shift_ptr, wc_ptr, wc_strides, K, plans, lows, MODES, ALIGNS,
-                                           CL, GATHER, F64, INT64, PRECISION, C0P, KP)
-    ds = da * scale[None, :]
-    if BATCH_STATS:
-        alpha = tl.load(alpha_ptr + m_c).to(acc_t)
-        beta = tl.load(beta_ptr + m_c).to(acc_t)
-        ds += alpha[None, :] + beta[None, :] * s
+    s, ds = _pre_bn_grad(x0, g, n, cy, cx, p_mask, m, m_mask, m_c, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr,
+                         alpha_ptr, beta_ptr, wc_ptr, wc_strides, K, plans, lows, MODES, ALIGNS, CL, GATHER,
+                         BATCH_STATS, F64, INT64, PRECISION, C0P, KP)
     # padded pixels and channels are 0: every dot below sums over pixels or channels
     ds = tl.where(p_mask[:, None] & m_mask[None, :], ds, 0.0)
     clean = True
@@ -563,14 +577,9 @@ def _ds_chunk(x0, g, n, oy, ox, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, s
     m = m0 + tl.arange(0, BLOCK_M)
     m_mask = m < M
     m_c = tl.minimum(m, M - 1)
-    s, a_pre, da, scale = _activation_grad(x0, g, n, cy, cx, p_mask, m, m_mask, m_c, w0_ptr, w0_strides, C0,
-                                           scale_ptr, shift_ptr, wc_ptr, wc_strides, K, plans, lows, MODES, ALIGNS,
-                                           CL, GATHER, F64, INT64, PRECISION, C0P, KP)
-    ds = da * scale[None, :]
-    if BATCH_STATS:
-        alpha = tl.load(alpha_ptr + m_c).to(acc_t)
-        beta = tl.load(beta_ptr + m_c).to(acc_t)
-        ds += alpha[None, :] + beta[None, :] * s
+    s, ds = _pre_bn_grad(x0, g, n, cy, cx, p_mask, m, m_mask, m_c, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr,
+                         alpha_ptr, beta_ptr, wc_ptr, wc_strides, K, plans, lows, MODES, ALIGNS, CL, GATHER,
+                         BATCH_STATS, F64, INT64, PRECISION, C0P, KP)
     tl.store(ds_ptr + _offsets(n, m, oy, ox, ds_strides, INT64), ds.to(ds_ptr.dtype.element_ty),
              mask=p_mask[:, None] & m_mask[None, :])
     return tl.sum(s, axis=1)

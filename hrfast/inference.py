@@ -10,6 +10,9 @@ this module (the matching lives in `hrfast._patch.inference`, the structures in 
   everywhere), on CPU "onednn" (oneDNN's fused post-ops, ``torch.ops.mkldnn._convolution_pointwise``) and
   "onednn_packed" (the same with the weights reordered once into oneDNN's blocked layout), on CUDA "cudnn"
   (``torch.cudnn_convolution_add_relu``) only when asked for: it has not run on a GPU yet.
+- `UnitChain` / `FusionProgram`: plan once per input signature, run many: a residual block's or Sequential's
+  units, and a whole fusion module (its branches' blocks and its fusion rows, sums formed in place with the
+  downsample chains' adds as conv epilogues), as flat lists of bound steps behind one guard.
 - `reordered_head(xs, conv, bn, classifier, resample)`: the HRNetV2 head with its BN folded and its 1x1 conv
   applied per branch before the upsampling (what the fused head kernel computes, in plain PyTorch).
 - `LayoutChoice`: the whole model's configuration per input signature, measured on the model's own first calls:
@@ -27,7 +30,7 @@ import os
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Hashable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -36,11 +39,13 @@ from torch import Tensor
 
 from . import _autotune
 from .batchnorm import fold_into_conv
+from .hrnet.fusion import UP
 from .ops.reference import resample_ref
 from .plan import Resample
 
-__all__ = ["Inference", "as_inference", "unit_applies", "conv_unit", "unit_step", "UnitChain", "reordered_head",
-           "LayoutChoice", "EPILOGUES", "EXPLORE_CALLS", "layout_choices"]
+__all__ = ["Inference", "as_inference", "unit_applies", "conv_unit", "unit_step", "UnitChain", "BlockSteps",
+           "SumTerm", "FusionProgram", "reordered_head", "LayoutChoice", "EPILOGUES", "EXPLORE_CALLS",
+           "layout_choices"]
 
 EPILOGUES = ("auto", "aten")
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
@@ -376,6 +381,168 @@ class UnitChain:
 
 def _is_unit(item: Any) -> bool:
     return hasattr(item, "conv") and hasattr(item, "norm") and not isinstance(item, nn.Module)
+
+
+
+# ------------------------------------------------------------------------------ a fusion module as one program
+
+
+class BlockSteps(NamedTuple):
+    """A residual block in a `FusionProgram`: its main-path units (indices into the program's units; each ends in
+    a ReLU, the last one after adding the shortcut) and its shortcut's units (None: the identity)."""
+
+    main: Tuple[int, ...]
+    shortcut: Optional[Tuple[int, ...]]
+
+
+class SumTerm(NamedTuple):
+    """A term of one fusion row in a `FusionProgram`: "identity" (branch `source` as it is), "up" (one unit,
+    then `resample`; None: the module's forward-side default, given per call) or "down" (a chain of units, the
+    ReLU after each per `relus`; the last one adds the row's partial sum as its epilogue)."""
+
+    kind: str
+    source: int
+    units: Tuple[int, ...] = ()
+    relus: Tuple[bool, ...] = ()
+    resample: Optional[Resample] = None
+
+
+def _conv_output(conv: nn.Conv2d, shape: Tuple[int, int, int]) -> Tuple[int, int, int]:
+    """(C, H, W) of the conv's output for an input of (C, H, W) `shape` (numeric padding)."""
+    hw = ((n + 2 * p - d * (k - 1) - 1) // s + 1
+          for n, p, d, k, s in zip(shape[1:], conv.padding, conv.dilation, conv.kernel_size, conv.stride))
+    return (conv.out_channels, *hw)
+
+
+def _resampled(shape: Tuple[int, int, int], resample: Resample, size: Tuple[int, int]) -> Tuple[int, int, int]:
+    """(C, H, W) after `resample_ref(., resample, size)`: `size`, or floor(n * s) for a scale factor."""
+    if resample.scale_factor is None:
+        return (shape[0], *size)
+    s = resample.scale_factor
+    sy, sx = (s, s) if isinstance(s, (int, float)) else s
+    return (shape[0], int(shape[1] * sy), int(shape[2] * sx))
+
+
+class FusionProgram:
+    """An HRNet fusion module's eval forward, ``x[i] = branches[i](x[i])`` then ``out[i] = relu(sum_j
+    term_ij(x[j]))``, as one flat program of bound conv steps (`unit_step`), planned once per input signature
+    like `UnitChain`: one guard over all its units per call, and none of the per-block and per-entry module calls,
+    guards and readings that running the module's own forward costs (on CPU a few percent of a small model).
+
+    Each row's sum is formed in place on fresh tensors: it starts from the identity term, adds the upsampled
+    terms, then the downsample chains, whose last conv adds the partial sum as its epilogue (and the row's ReLU,
+    on the row's last term). The caller's tensors are never written (the list `xs` gets the branches' outputs,
+    as the original forward does)."""
+
+    MAX_PROGRAMS = 8
+    __slots__ = ("units", "branches", "rows", "programs")
+
+    def __init__(self, units: Sequence[Any], branches: Sequence[Sequence[BlockSteps]],
+                 rows: Sequence[Sequence[SumTerm]]):
+        """`units`: ConvUnits (``hrfast.hrnet.blocks``); `branches`: per branch its blocks; `rows`: per output its
+        terms, the identity first, then the "up" terms, then the "down" ones."""
+        self.units = tuple(units)
+        self.branches = tuple(map(tuple, branches))
+        self.rows = tuple(map(tuple, rows))
+        self.programs: Dict[Hashable, Tuple[tuple, Optional[list]]] = {}
+
+    def __call__(self, xs: List[Tensor], default: Optional[Resample], options: Inference = Inference()
+                 ) -> Optional[List[Tensor]]:
+        """The module's outputs for `xs` (updated in place with the branches' outputs), or None when these
+        inputs' shapes do not fit the module (the original forward then runs, and raises as it does). The caller
+        checked `unit_applies` for every unit and that no hook would be skipped."""
+        n = len(self.branches)
+        grad = torch.is_grad_enabled()
+        key = (tuple((x.shape, x.stride(), x.dtype, x.device, grad and x.requires_grad) for x in xs[:n]), grad,
+               torch.get_num_threads(), options, _FORWARD_EPILOGUE.get(), default)
+        guard = _guard(self.units)
+        program = self.programs.get(key)
+        if program is None or program[0] != guard:
+            steps = [None] * len(self.units) if self._fits(xs[:n], default) else None
+            self.programs.pop(key, None)
+            while len(self.programs) >= self.MAX_PROGRAMS:
+                self.programs.pop(next(iter(self.programs)))
+            program = self.programs[key] = (guard, steps)
+        steps = program[1]
+        return None if steps is None else self._run(xs, default, options, steps)
+
+    def _fits(self, xs: Sequence[Tensor], default: Optional[Resample]) -> bool:
+        """Whether every conv, residual and sum of the program gets the shapes it expects (a residual epilogue
+        with another shape would not raise as the original's ``+`` does): propagated from the input shapes."""
+        if any(x.dim() != 4 or x.dtype != xs[0].dtype or x.device != xs[0].device for x in xs):
+            return False
+        shapes = []
+        for x, blocks in zip(xs, self.branches):
+            shape = tuple(x.shape[1:])
+            for block in blocks:
+                short = self._through(block.shortcut or (), shape)
+                shape = self._through(block.main, shape)
+                if shape != short:
+                    return False
+            shapes.append(shape)
+        for i, terms in enumerate(self.rows):
+            for term in terms[1:]:
+                shape = self._through(term.units, shapes[term.source])
+                resample = term.resample or default
+                if term.kind == UP:
+                    if resample is None:
+                        return False
+                    shape = _resampled(shape, resample, shapes[i][1:])
+                if shape != shapes[i]:
+                    return False
+        return True
+
+    def _through(self, units: Sequence[int], shape: Tuple[int, int, int]) -> Optional[Tuple[int, int, int]]:
+        for k in units:
+            conv = self.units[k].conv
+            if shape is None or shape[0] != conv.in_channels:
+                return None
+            shape = _conv_output(conv, shape)
+        return shape
+
+    def _step(self, steps: list, k: int, x: Tensor, relu: bool, residual: Optional[Tensor],
+              options: Inference) -> Tensor:
+        """Unit k on x (bound on the first call of the signature)."""
+        step = steps[k]
+        if step is None:
+            unit = self.units[k]
+            step = steps[k] = unit_step(x, unit.conv, unit.norm, relu, residual, options)
+        return step(x) if residual is None else step(x, residual)
+
+    def _run(self, xs: List[Tensor], default: Optional[Resample], options: Inference, steps: list) -> List[Tensor]:
+        run = self._step
+        for i, blocks in enumerate(self.branches):
+            x = xs[i]
+            for main, shortcut in blocks:
+                r = x
+                for k in shortcut or ():
+                    r = run(steps, k, r, False, None, options)
+                for k in main[:-1]:
+                    x = run(steps, k, x, True, None, options)
+                x = run(steps, main[-1], x, True, r, options)
+            xs[i] = x
+        return [self._row(terms, xs, default, options, steps) for terms in self.rows]
+
+    def _row(self, terms: Sequence[SumTerm], xs: List[Tensor], default: Optional[Resample], options: Inference,
+             steps: list) -> Tensor:
+        total = xs[terms[0].source]  # the identity term: the caller's, never written
+        owned = relu_done = False
+        last = len(terms) - 1
+        for n, term in enumerate(terms[1:], 1):
+            h = xs[term.source]
+            if term.kind == UP:
+                up = resample_ref(self._step(steps, term.units[0], h, False, None, options),
+                                  term.resample or default, total.shape[-2:])
+                total = total.add_(up) if owned else up.add_(total)
+            else:
+                for k, relu in zip(term.units[:-1], term.relus):
+                    h = self._step(steps, k, h, relu, None, options)
+                relu_done = n == last
+                total = self._step(steps, term.units[-1], h, relu_done, total, options)
+            owned = True
+        if relu_done:
+            return total
+        return total.relu_() if owned else total.relu()
 
 
 def reordered_head(xs: Sequence[Tensor], conv: nn.Conv2d, bn: nn.Module, classifier: nn.Module,

@@ -389,12 +389,62 @@ def test_every_batch_norm_of_the_official_model_is_folded(unit_calls, monkeypatc
     assert len(unit_calls) == _bn_count(model) - 1
 
 
+@pytest.fixture
+def program_runs(monkeypatch):
+    """The fusion modules that ran as one `FusionProgram`, once per run."""
+    runs = []
+    original = inference.FusionProgram._run
+    monkeypatch.setattr(inference.FusionProgram, "_run", lambda self, *a: runs.append(self) or original(self, *a))
+    return runs
+
+
 @pytest.mark.parametrize("family", ["seg_ocr", "seg_master", "face", "openseg", "pose", "cls", "mmseg", "mmpose",
                                     "mmpose_bilinear", "mmseg_groupnorm"])
-def test_official_and_mm_layouts(family, unit_calls):
+def test_official_and_mm_layouts(family, unit_calls, program_runs):
     model = layouts.build(family).eval()
     _assert_exact_and_within_budget(model, torch.randn(2, 3, 32, 32), calls=3, **FORWARD_ARGS.get(family, {}))
     assert unit_calls
+    assert bool(program_runs) == (family != "mmseg_groupnorm")  # group norms do not fold: the module's forward
+
+
+def test_fusion_program_replays_and_follows_changes_below_the_module(program_runs, monkeypatch):
+    """An eval fusion module runs as one program, bound on its first call of a signature and replayed; it plans
+    again after a parameter change, reads the module again after a swap deep below it, lets a hook below it run
+    (the module's own forward then), and raises as unpatched where the branch sizes do not fit."""
+    model = _randomized(build_model("hrnetv2_w18_small_v1_seg")).double()
+    patched = copy.deepcopy(model)
+    hrfast.patch(patched, inference=inference.Inference(channels_last=False, epilogue="aten"))
+    inside = {id(m) for stage in (patched.stage2, patched.stage3, patched.stage4) for m in stage.modules()}
+    bindings = []
+    original = inference.unit_step
+    monkeypatch.setattr(inference, "unit_step",
+                        lambda *a, **k: (id(a[1]) in inside and bindings.append(a[1])) or original(*a, **k))
+    x = torch.randn(1, 3, 70, 90, dtype=torch.float64)  # odd branch sizes: 18x23 ... 3x3
+
+    def check():
+        assert rel_error(_run(patched, x), _run(model, x)) <= FP64_TOL
+
+    check()
+    programs, bound = len(program_runs), len(bindings)
+    check()
+    assert len(program_runs) == 2 * programs == 6 and len(bindings) == bound  # replayed: nothing bound again
+    bn = _randomized(nn.BatchNorm2d(model.stage3[0].branches[0][1].bn2.num_features).double(), seed=5)
+    for m in (model, patched):
+        with torch.no_grad():
+            m.stage3[0].fuse_layers[2][0][1][1].running_var.mul_(2)
+        m.stage3[0].branches[0][1].bn2 = copy.deepcopy(bn)  # two levels below the children of stage3[0]
+    check()
+    assert len(bindings) > bound
+    seen = []
+    patched.stage4[0].fuse_layers[3][0][2][1].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    runs = len(program_runs)
+    check()
+    assert len(seen) == 1 and len(program_runs) == runs + 2  # stage4 ran its own forward, the others the program
+    cls = layouts.build("cls").eval()
+    patched_cls = _patched(cls)
+    for m in (cls, patched_cls):
+        with pytest.raises(RuntimeError, match="must match the size"):
+            _run(m, torch.randn(1, 3, 36, 36))  # branch 1 at 9x9 upsampled x2 is not branch 0's 18x18
 
 
 @pytest.mark.parametrize("net", ["seg_ocr", "face", "mmseg", "mmpose"])

@@ -12,8 +12,9 @@ On top of what `patch` does anyway (fusion steps, heads), with instance-level fo
   and the BN passes its input through, both deciding from the same state at the same call;
 - fusion modules and heads that `patch` took over: where hrfast's fused ops would run their PyTorch reference
   (CPU), the module's own forward (in training: the same math as the reference, faster on CPU); in eval there a
-  fusion module runs its own forward, so each conv -> BN pair in it runs folded and the
-  last link of each downsample chain enters the sum with its BN folded (no separate BN pass), and a head runs
+  fusion module runs as one `hrfast.inference.FusionProgram` (its branches' blocks and its fusion rows as bound
+  conv steps, BN folded, the last link of each downsample chain adding the row's partial sum as its epilogue;
+  the module's own forward, with each piece folded on its own, where the program cannot run), and a head runs
   `hrfast.inference.reordered_head` (BN folded, the 1x1 conv per branch before the upsampling); on CUDA the
   fused ops run (chain links folded, the last BN as the op's per-channel affine, applied in the kernel);
 - the model itself: its memory layout and epilogue configuration per input signature
@@ -26,6 +27,7 @@ module runs as written, so `model.train()` computes exactly what it did before p
 """
 from __future__ import annotations
 
+import itertools
 import operator
 import weakref
 from dataclasses import dataclass, field
@@ -37,11 +39,14 @@ from torch import Tensor
 from torch.nn.modules import module as module_globals
 
 from ..backends import resolve
-from ..hrnet.blocks import ConvUnit, describe_residual_block, describe_stem, sequential_steps
+from ..hrnet.blocks import (ConvUnit, ResidualBlock, describe_residual_block, describe_stem, sequential_steps,
+                            unit_problem)
+from ..hrnet.fusion import DOWN, IDENTITY, UP, describe_fuse_layers
 from ..hrnet.head import head_layers
-from ..inference import (Inference, LayoutChoice, UnitChain, as_inference, conv_unit, reordered_head,
-                         unit_applies)
+from ..inference import (BlockSteps, FusionProgram, Inference, LayoutChoice, SumTerm, UnitChain, as_inference,
+                         conv_unit, reordered_head, unit_applies)
 from .core import Adapter, PatchedForward, PatchRow
+from .fusion import FusionConfig, _exact
 from .head import HeadConfig, _fusable, _replay_trunk
 
 __all__ = ["InferenceAdapter", "InferencePlanner", "BlockConfig", "SequentialConfig", "StemConfig", "EvalPath",
@@ -237,9 +242,13 @@ class EvalPath:
         device = _device_of(args)
         if device is None or resolve(self.base_config.backend, device) != "reference":
             return self.base_adapter.forward(module, self.base_config, *args, **kwargs)
-        # the V2 concat head only: HRFPN and mmpose's pair are "head" patches with configs of their own
-        if not module.training and isinstance(self.base_config, HeadConfig) and len(args) == 1 and not kwargs:
-            out = _eval_head(module, self.base_config, args[0])
+        if not module.training and len(args) == 1 and not kwargs:
+            out = None
+            # the V2 concat head only: HRFPN and mmpose's pair are "head" patches with configs of their own
+            if isinstance(self.base_config, HeadConfig):
+                out = _eval_head(module, self.base_config, args[0])
+            elif isinstance(self.base_config, FusionConfig):
+                out = _eval_fusion(module, self.base_config, args[0], self.options)
             if out is not None:
                 return out
         return type(module).forward(module, *args, **kwargs)
@@ -261,6 +270,119 @@ def _eval_head(module: nn.Module, config, inputs) -> Optional[Tensor]:
         xs = list(module.forward_backbone(inputs) if config.trunk == "forward_backbone"
                   else _replay_trunk(module, inputs))
     return reordered_head(xs, layers.conv, layers.norm, layers.classifier, config.resample_for(module))
+
+
+class _FusionReading(NamedTuple):
+    """A fusion module's reading for its eval program: the `FusionProgram`, the children dicts of every module
+    below it with their values as read (a module swapped in or added anywhere below changes them), the modules
+    whose hooks the program would skip (all of them) and its units' norms."""
+
+    program: FusionProgram
+    dicts: Tuple[dict, ...]
+    members: list
+    modules: Tuple[nn.Module, ...]
+    norms: Tuple[nn.Module, ...]
+
+
+def _members(dicts: Sequence[dict]) -> list:
+    return list(itertools.chain.from_iterable(map(dict.values, dicts)))
+
+
+def _own_forward(module: nn.Module) -> bool:
+    """No instance forward, or one of the inference mode's own (it computes what the program does)."""
+    fwd = module.__dict__.get("forward")
+    return fwd is None or (isinstance(fwd, PatchedForward) and isinstance(fwd.adapter, InferenceAdapter))
+
+
+def _read_fusion(module: nn.Module) -> Optional[_FusionReading]:
+    """The `FusionProgram` of a fusion module whose branches are nn.Sequentials of residual blocks and whose
+    fuse_layers entries are conv -> BN units (HRNet's, in every code base); None for anything else (its own
+    forward runs)."""
+    below = list(module.modules())
+    branches = getattr(module, "branches", None)
+    if not isinstance(branches, nn.ModuleList) or len(branches) < 2 or not all(map(_own_forward, below[1:])):
+        return None
+    try:
+        description = describe_fuse_layers(module.fuse_layers, None, require_resample=False)
+    except (TypeError, ValueError):
+        return None
+    if description.num_inputs != len(branches):
+        return None
+    units: List[ConvUnit] = []
+
+    def add(found) -> Optional[Tuple[int, ...]]:
+        if found is None or not all(isinstance(u, ConvUnit) for u in found):
+            return None
+        units.extend(found)
+        return tuple(range(len(units) - len(found), len(units)))
+
+    blocks = [[_block_steps(m, add) for m in branch] if isinstance(branch, nn.Sequential)
+              and type(branch).forward is nn.Sequential.forward else [None] for branch in branches]
+    rows = [_row_terms(module.fuse_layers[i], row, i, add) for i, row in enumerate(description.rows)]
+    if any(b is None for branch in blocks for b in branch) or any(r is None for r in rows):
+        return None
+    dicts = tuple(m._modules for m in below)
+    return _FusionReading(FusionProgram(units, blocks, rows), dicts, _members(dicts), tuple(below[1:]),
+                          tuple(u.norm for u in units))
+
+
+def _block_steps(member: nn.Module, add) -> Optional[BlockSteps]:
+    block = describe_residual_block(member)
+    if not isinstance(block, ResidualBlock):
+        return None
+    shortcut = None
+    if block.shortcut is not None:
+        steps = sequential_steps(block.shortcut)
+        if steps is None or any(isinstance(s, ConvUnit) and s.act is not None for s in steps):
+            return None
+        shortcut = add(steps)
+        if shortcut is None:
+            return None
+    main = add(block.units)
+    return BlockSteps(main, shortcut)
+
+
+def _row_terms(entries: nn.ModuleList, row, i: int, add) -> Optional[List[SumTerm]]:
+    """Row i's terms: the identity, then the upsampled ones, then the downsample chains (`FusionProgram`)."""
+    terms = [SumTerm(IDENTITY, i)]
+    for j, term in enumerate(row):
+        if term.kind == UP:
+            if len(term.pre) != 1 or unit_problem(term.pre[0], term.last, "") is not None:
+                return None
+            terms.append(SumTerm(UP, j, add([ConvUnit(term.pre[0], term.last, None)]), (False,), term.resample))
+    for j, term in enumerate(row):
+        if term.kind == DOWN:
+            links = [sequential_steps(link) for link in entries[j]]
+            if any(steps is None or len(steps) != 1 for steps in links) or links[-1][0].act is not None:
+                return None
+            found = add([steps[0] for steps in links])
+            if found is None:
+                return None
+            terms.append(SumTerm(DOWN, j, found, tuple(steps[0].act is not None for steps in links)))
+    return terms
+
+
+def _eval_fusion(module: nn.Module, config: FusionConfig, xs, options: Inference) -> Optional[List[Tensor]]:
+    """The patched fusion module's eval forward on the reference backend (CPU) as one `FusionProgram`; None when
+    it cannot run now (then the module's own forward runs, with every conv -> BN piece folded on its own)."""
+    if type(xs) is not list or torch.compiler.is_compiling():
+        return None
+    reading = _reading(module, _read_fusion)
+    if reading is not None and _members(reading.dicts) != reading.members:  # a module swapped deeper down
+        _READINGS.pop(id(module), None)
+        reading = _reading(module, _read_fusion)
+    if reading is None or len(xs) < len(reading.program.branches):
+        return None
+    if not all(isinstance(x, Tensor) for x in xs[:len(reading.program.branches)]):
+        return None
+    if config.placement == "double" and not _exact(config.exact_scales, xs):
+        return None
+    if torch.is_grad_enabled():
+        if not _ready(reading.program.units, reading.modules):
+            return None
+    elif any(map(_TRAINING, reading.norms)) or not _hooks_free(reading.modules):
+        return None
+    return reading.program(xs, config.default_resample(module), options)
 
 
 @dataclass(frozen=True)

@@ -286,7 +286,13 @@ def unit_step(x: Tensor, conv: nn.Conv2d, bn: nn.Module, relu: bool, residual: O
     its form, all bound into ``step(x)`` (``step(x, residual)`` with a residual). Valid while the modules'
     parameters and buffers are unchanged; the caller checked `unit_applies`."""
     weight, bias = fold_into_conv(conv, bn)
-    unit = _unit(conv, weight)
+    return _bound_step(_unit(conv, weight), x, bias, conv, relu, residual, options)
+
+
+def _bound_step(unit: _Unit, x: Tensor, bias: Tensor, conv: nn.Conv2d, relu: bool, residual: Optional[Tensor],
+                options: Inference) -> Callable:
+    """`unit`'s step for inputs like x / residual: bound on first use, chosen by `_choose` (`conv` gives the
+    conv's arguments)."""
     key = (x.shape, x.stride(), x.dtype, x.device, None if residual is None else residual.stride(), relu,
            _needs_grad(x, residual), torch.get_num_threads(), options, _FORWARD_EPILOGUE.get())
     step = unit.steps.get(key)
@@ -546,24 +552,31 @@ class FusionProgram:
 
 
 def reordered_head(xs: Sequence[Tensor], conv: nn.Conv2d, bn: nn.Module, classifier: nn.Module,
-                   resample: Resample) -> Tensor:
+                   resample: Resample, options: Inference = Inference()) -> Tensor:
     """The HRNetV2 head ``classifier(relu(bn(conv1x1(cat[x0, Up(x1), ...]))))`` with the BN folded into the 1x1
     conv and the conv moved before the upsampling (``conv(cat) = W0 x0 + sum_j Up(Wj xj) + b``: Up is linear with
     weights summing to 1), so each branch is projected at its own resolution: W48 at 1024x2048 needs 10.3 instead
-    of 69.7 GMACs for it (`hrfast.flops.head_reorder_macs`). The plain-PyTorch form of what the fused head kernel
-    computes; eval only (the caller checked `unit_applies`)."""
+    of 69.7 GMACs for it (`hrfast.flops.head_reorder_macs`). The upsampled projections are summed in place, then
+    ``W0 x0 + b`` adds them and applies the ReLU as its epilogue (one conv unit step, its implementation measured:
+    on CPU oneDNN's post-ops spare three full-resolution passes of 15C channels: bias fill, add, ReLU). The
+    plain-PyTorch form of what the fused head kernel computes; eval only (the caller checked `unit_applies`)."""
     weight, bias = fold_into_conv(conv, bn)
     unit = _unit(conv, weight)
     channels = tuple(x.shape[1] for x in xs)
     channels_last = _is_channels_last(xs[0])
     blocks = unit.form(("columns", channels, channels_last), lambda: [
-        w.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        _Unit(w.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format))
         for w in weight.split(channels, dim=1)])
     size = tuple(xs[0].shape[2:])
-    out = F.conv2d(xs[0], blocks[0], bias)
-    for x, w in zip(xs[1:], blocks[1:]):
-        out.add_(resample_ref(F.conv2d(x, w), resample, size))
-    return classifier(out.relu_())
+    ups = None
+    for x, block in zip(xs[1:], blocks[1:]):
+        up = resample_ref(F.conv2d(x, block.weight), resample, size)
+        ups = up if ups is None else ups.add_(up)
+    if torch.compiler.is_compiling() or ups is None or ups.dtype != xs[0].dtype:
+        out = F.conv2d(xs[0], blocks[0].weight, bias)
+        return classifier((out if ups is None else out.add_(ups)).relu_())
+    step = _bound_step(blocks[0], xs[0], bias, conv, True, ups, options)
+    return classifier(step(xs[0], ups))
 
 
 # ------------------------------------------------------------------------------------------------ layout

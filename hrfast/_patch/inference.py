@@ -246,7 +246,7 @@ class EvalPath:
             out = None
             # the V2 concat head only: HRFPN and mmpose's pair are "head" patches with configs of their own
             if isinstance(self.base_config, HeadConfig):
-                out = _eval_head(module, self.base_config, args[0])
+                out = _eval_head(module, self.base_config, args[0], self.options)
             elif isinstance(self.base_config, FusionConfig):
                 out = _eval_fusion(module, self.base_config, args[0], self.options)
             if out is not None:
@@ -254,7 +254,7 @@ class EvalPath:
         return type(module).forward(module, *args, **kwargs)
 
 
-def _eval_head(module: nn.Module, config, inputs) -> Optional[Tensor]:
+def _eval_head(module: nn.Module, config, inputs, options: Inference) -> Optional[Tensor]:
     """The patched head's eval forward on CPU: its branches gathered as the head adapter gathers them
     (`hrfast._patch.head`), then `reordered_head`; None when the layers cannot run folded now (then the
     original forward runs)."""
@@ -269,7 +269,7 @@ def _eval_head(module: nn.Module, config, inputs) -> Optional[Tensor]:
     else:
         xs = list(module.forward_backbone(inputs) if config.trunk == "forward_backbone"
                   else _replay_trunk(module, inputs))
-    return reordered_head(xs, layers.conv, layers.norm, layers.classifier, config.resample_for(module))
+    return reordered_head(xs, layers.conv, layers.norm, layers.classifier, config.resample_for(module), options)
 
 
 class _FusionReading(NamedTuple):

@@ -16,7 +16,10 @@ is read once, the sum stays in fp32 (fp64 for fp64 inputs), y is written once. R
 taps and weights once per tile row and column (`resample.term_grid`), shared by the tile's channels and the
 other axis. Channel blocks fit HRNet's channel counts (`resample.channel_block`). Strides are arguments, so NCHW and
 channels_last need no copies. Up to MAX_TERMS terms per launch; more are chained through a partial sum in
-the accumulation dtype.
+the accumulation dtype. bf16 / fp16 terms upsampled by powers of 2 (some by 4 or more) take the phase form
+instead (`_fuse_forward_phases`, `_phase_launch`): a thread owns a G x G output block of one channel, loads
+each source pixel the block reads once, and reuses each source row's horizontal interpolation for every
+output row that reads it, with compile-time taps and weights; same arithmetic, same order.
 
 Backward: `_fuse_backward_same_kernel` applies the ReLU mask once, writes the gradients of all output-size
 terms in one launch and, if there are upsampled terms, the masked gradient g (which is also the gradient of
@@ -64,10 +67,25 @@ def _fuse_forward_kernel(
     MODES: tl.constexpr, ALIGNS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     RELU: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr, EXACT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    G: tl.constexpr = 0, FH: tl.constexpr = None, FW: tl.constexpr = None,
 ):
     """One [BLOCK_C, BLOCK_H, BLOCK_W] output tile per program. The tile's tail (rows, columns, channels past
     the tensor) is clamped onto the last valid index for every load and masked only at the store; EXACT: the
-    tiles cover the output exactly, no mask at all."""
+    tiles cover the output exactly, no mask at all. G > 0: the phase form (`_fuse_forward_phases`, below), for
+    terms upsampled by powers of 2 (FH / FW: each term's factors), tiles of G rows."""
+    if G > 0:
+        _fuse_forward_phases(out_ptr, W, out_strides, sources, scales, shifts, MODES, FH, FW, HAS_SCALE,
+                             HAS_SHIFT, RELU, INT64, G, BLOCK_C, BLOCK_W // G)
+    else:
+        _fuse_forward_tile(out_ptr, C, H, W, out_strides, sources, scales, shifts, MODES, ALIGNS, HAS_SCALE,
+                           HAS_SHIFT, RELU, F64, INT64, EXACT, BLOCK_C, BLOCK_H, BLOCK_W)
+
+
+@triton.jit
+def _fuse_forward_tile(out_ptr, C, H, W, out_strides, sources, scales, shifts,
+                       MODES: tl.constexpr, ALIGNS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                       RELU: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr, EXACT: tl.constexpr,
+                       BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     n = tl.program_id(2)
@@ -121,6 +139,207 @@ def relu(v):
 def relu_backward(y, g):
     """ATen's threshold_backward, ReLU's gradient: g zeroed only where y <= 0, so NaN y passes g."""
     return tl.where(y <= 0.0, 0.0, g)
+
+
+# ------------------------------------------------------------------------------------ forward, phase kernel
+
+
+@triton.constexpr_function
+def _tap_slot(phase, f):
+    """Slot (source pixel relative to the group's first, -1 .. G/f) of the first bilinear tap of output phase
+    `phase` along a x f axis (f a power of 2): real = (d + 0.5) / f - 0.5 = group start + phase // f + frac."""
+    return phase // f - (1 if 2 * (phase % f) < f else 0)
+
+
+@triton.constexpr_function
+def _tap_l1(phase, f):
+    """Weight of the second bilinear tap of output phase `phase` along a x f axis, away from the image's first
+    pixels: ATen's real - i0, a dyadic fraction, so the float32 constant is exactly ATen's float32 value."""
+    b = phase % f
+    frac = (b + 0.5) / f - 0.5
+    return frac + 1.0 if 2 * b < f else frac
+
+
+@triton.constexpr_function
+def _tap_l0(phase, f):
+    b = phase % f
+    frac = (b + 0.5) / f - 0.5
+    return 1.0 - (frac + 1.0 if 2 * b < f else frac)
+
+
+@triton.jit
+def _phase_index(g, j: tl.constexpr, q: tl.constexpr, n_in):
+    """Source index of slot j (-1 .. q) of phase group(s) g (q source pixels per group), clamped into the image.
+    Slot -1 of group 0 (ATen's index clamps at 0 there: taps 0 and 1, weights 1 and 0) reads index 1 and gets
+    weight 0, the group's slot 0 (index 0) weight 1: the same products, so the same sum, NaN from a non-finite
+    value at zero weight included."""
+    if j < 0:
+        i = tl.where(g == 0, tl.minimum(n_in - 1, 1), g * q - 1)
+    else:
+        i = tl.minimum(g * q + j, n_in - 1)
+    return i
+
+
+@triton.jit
+def _cat_phases(t, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, G: tl.constexpr):
+    """The G tensors of t ([BLOCK_C, BLOCK_Q] each, output column phases 0..G-1) as one [BLOCK_C, BLOCK_Q, G]
+    tensor, phase p at [..., p] (tl.join interleaves: join(a, b) of [..., k] tensors is a0 b0 a1 b1 ...)."""
+    if G == 2:
+        v = tl.join(t[0], t[1])
+    elif G == 4:
+        v = tl.reshape(tl.join(tl.join(t[0], t[2]), tl.join(t[1], t[3])), [BLOCK_C, BLOCK_Q, 4])
+    else:
+        v = tl.reshape(tl.join(tl.join(tl.join(t[0], t[4]), tl.join(t[2], t[6])),
+                               tl.join(tl.join(t[1], t[5]), tl.join(t[3], t[7]))), [BLOCK_C, BLOCK_Q, 8])
+    return v
+
+
+@triton.jit
+def _phase_source(chan, gy, gx, src, MODE: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr, G: tl.constexpr,
+                  INT64: tl.constexpr):
+    """What a resampled term's rows of one program need from its source, in the accumulation dtype: per source
+    row slot a tuple over the G output column phases of [BLOCK_C, BLOCK_Q] tensors. Bilinear: slots -1 .. G/FH
+    (tuple index slot + 1), each the row's horizontal interpolation w0l * v0 + w1l * v1 (ATen's inner sums).
+    Nearest: slots 0 .. G/FH - 1, the source values."""
+    x_ptr, h, w, strides, ratio_h, ratio_w = src
+    s_n, s_c, s_h, s_w = strides
+    QH: tl.constexpr = G // FH
+    QW: tl.constexpr = G // FW
+    LO: tl.constexpr = -1 if MODE == 2 else 0
+    HI: tl.constexpr = QW + 1 if MODE == 2 else QW
+    HI_H: tl.constexpr = QH + 1 if MODE == 2 else QH
+    cols = ()
+    for j in tl.static_range(LO, HI):
+        ix = _phase_index(gx, j, QW, w)
+        if INT64:
+            ix = ix.to(tl.int64)
+        cols = cols + ((ix * s_w)[None, :],)
+    rows = ()
+    for jr in tl.static_range(LO, HI_H):
+        iy = _phase_index(gy, jr, QH, h)
+        if INT64:
+            iy = iy.to(tl.int64)
+        base = x_ptr + (chan + iy * s_h)
+        v = ()
+        for j in tl.static_range(HI - LO):
+            v = v + (tl.load(base + cols[j]).to(tl.float32),)
+        if MODE == 2:
+            row = ()
+            for p in tl.static_range(G):
+                # taps: slots _tap_slot(p, FW) and the next (tuple index slot - LO)
+                if 2 * p < FW:  # the image's first columns: (0, 1) at group 0
+                    first = (gx == 0)[None, :]
+                    l0 = tl.where(first, 0.0, _tap_l0(p, FW))
+                    l1 = tl.where(first, 1.0, _tap_l1(p, FW))
+                    row = row + (l0 * v[_tap_slot(p, FW) - LO] + l1 * v[_tap_slot(p, FW) - LO + 1],)
+                else:
+                    row = row + (_tap_l0(p, FW) * v[_tap_slot(p, FW) - LO]
+                                 + _tap_l1(p, FW) * v[_tap_slot(p, FW) - LO + 1],)
+        else:
+            row = ()
+            for p in tl.static_range(G):
+                row = row + (v[p // FW],)
+        rows = rows + (row,)
+    return rows
+
+
+@triton.jit
+def _phase_row(rows, r: tl.constexpr, gy, affine, MODE: tl.constexpr, FH: tl.constexpr,
+               HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr,
+               G: tl.constexpr):
+    """Output row phase r of a resampled term (Up(x) * scale + shift) as a [BLOCK_C, BLOCK_Q, G] tensor."""
+    out = ()
+    if MODE == 2:
+        if 2 * r < FH:  # the image's first rows
+            l0 = tl.where(gy == 0, 0.0, _tap_l0(r, FH))
+            l1 = tl.where(gy == 0, 1.0, _tap_l1(r, FH))
+        else:
+            l0 = _tap_l0(r, FH)
+            l1 = _tap_l1(r, FH)
+        for p in tl.static_range(G):
+            # ATen's order: h0l * (w0l * v00 + w1l * v01) + h1l * (w0l * v10 + w1l * v11)
+            out = out + (l0 * rows[_tap_slot(r, FH) + 1][p] + l1 * rows[_tap_slot(r, FH) + 2][p],)
+    else:
+        for p in tl.static_range(G):
+            out = out + (rows[r // FH][p],)
+    return _phase_affine(_cat_phases(out, BLOCK_C, BLOCK_Q, G), affine, HAS_SCALE, HAS_SHIFT)
+
+
+@triton.jit
+def _phase_affine(v, affine, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
+    if HAS_SCALE:
+        v = v * affine[0]
+    if HAS_SHIFT:
+        v = v + affine[1]
+    return v
+
+
+@triton.jit
+def _fuse_forward_phases(out_ptr, W, out_strides, sources, scales, shifts,
+                         MODES: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr, HAS_SCALE: tl.constexpr,
+                         HAS_SHIFT: tl.constexpr, RELU: tl.constexpr, INT64: tl.constexpr, G: tl.constexpr,
+                         BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """`_fuse_forward_kernel` for terms upsampled by powers of 2 (bilinear without align_corners, or nearest;
+    FH[k] / FW[k] the factors, dividing G) in float32 accumulation: one program per G output rows x
+    BLOCK_Q * G columns x BLOCK_C channels, which the launcher made cover the output exactly (no masks). Each
+    thread owns G columns of one channel: every source pixel its rows read is loaded and converted once, each
+    source row's horizontal interpolation computed once per output column and shared by the output rows that
+    read it, taps and weights are constants (phases unrolled), and each output row's G columns are stored (an
+    output-size term's read) as one vector. Same arithmetic, in the same order, as `_fuse_forward_kernel`."""
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    n = tl.program_id(2)
+    tiles_q = W // (G * BLOCK_Q)
+    gy = pid_p // tiles_q
+    gx = (pid_p % tiles_q) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    nn = n
+    cc = c
+    if INT64:
+        nn = n.to(tl.int64)
+        cc = c.to(tl.int64)
+        gxo = gx.to(tl.int64)
+    else:
+        gxo = gx
+    phase = tl.arange(0, G)
+    prepared = ()
+    affines = ()
+    for k in tl.static_range(len(sources)):
+        scale = 0.0
+        shift = 0.0
+        if HAS_SCALE[k]:
+            scale = tl.load(scales[k] + c).to(tl.float32)[:, None, None]
+        if HAS_SHIFT[k]:
+            shift = tl.load(shifts[k] + c).to(tl.float32)[:, None, None]
+        affines = affines + ((scale, shift),)
+        s_n, s_c, s_h, s_w = sources[k][3]
+        chan = (nn * s_n + cc * s_c)[:, None]
+        if MODES[k] == 0:
+            prepared = prepared + ((chan[:, :, None] + ((G * gxo)[None, :, None] + phase[None, None, :]) * s_w,),)
+        else:
+            prepared = prepared + (_phase_source(chan, gy, gx, sources[k], MODES[k], FH[k], FW[k], G, INT64),)
+    o_n, o_c, o_h, o_w = out_strides
+    out_base = (nn * o_n + cc * o_c)[:, None, None] + ((G * gxo)[None, :, None] + phase[None, None, :]) * o_w
+    for r in tl.static_range(G):
+        oy = G * gy + r
+        if INT64:
+            oy = oy.to(tl.int64)
+        for k in tl.static_range(len(sources)):
+            if MODES[k] == 0:
+                x_ptr, h, w, strides, ratio_h, ratio_w = sources[k]
+                v = _phase_affine(tl.load(x_ptr + (prepared[k][0] + oy * strides[2])).to(tl.float32), affines[k],
+                                  HAS_SCALE[k], HAS_SHIFT[k])
+            else:
+                v = _phase_row(prepared[k], r, gy, affines[k], MODES[k], FH[k], HAS_SCALE[k], HAS_SHIFT[k],
+                               BLOCK_C, BLOCK_Q, G)
+            # the first term initialises the sum (not 0 + term: that would turn -0.0 into +0.0)
+            if k == 0:
+                acc = v
+            else:
+                acc += v
+        if RELU:
+            acc = relu(acc)
+        tl.store(out_ptr + (out_base + oy * o_h), acc.to(out_ptr.dtype.element_ty))
 
 
 # ------------------------------------------------------------------------------------------------- backward
@@ -378,8 +597,18 @@ def fuse_forward(plan: FusePlan, xs: Sequence[Tensor], scales: Sequence[Optional
     out = _empty(shape, x0.dtype, x0.device, fmt)
     if out.numel() == 0:
         return out
-    launches = _forward_launches(plan, C, x0.dtype == torch.float64)
     int64 = force_int64 or needs_int64(out, *xs)
+    phase = _phase_launch(plan, C, x0.dtype)
+    if phase is not None and _phase_sources_fit(plan, xs):
+        H, W = plan.size
+        grid = launch_grid((H // phase["BLOCK_H"]) * (W // phase["BLOCK_W"]), C // phase["BLOCK_C"], N)
+        with _device_context(out):
+            _fuse_forward_kernel[grid](
+                out, C, H, W, out.stride(), tuple(source_args(x, t) for x, t in zip(xs, plan.terms)),
+                tuple(_or(s, x) for s, x in zip(scales, xs)), tuple(_or(s, x) for s, x in zip(shifts, xs)),
+                INT64=int64, num_warps=PHASE_WARPS, **phase)
+        return out
+    launches = _forward_launches(plan, C, x0.dtype == torch.float64)
     partial = None
     for i, (group, consts) in enumerate(launches):
         last = i == len(launches) - 1
@@ -397,6 +626,69 @@ def fuse_forward(plan: FusePlan, xs: Sequence[Tensor], scales: Sequence[Optional
                                        INT64=int64, num_warps=4, **consts)
         partial = target
     return out
+
+
+# Threads per program of the phase kernel (one [G x G] output block of one channel each) and the widest row of
+# blocks per program (columns: BLOCK_Q * G).
+PHASE_WARPS = 4
+PHASE_MAX_Q = 32
+
+
+def _power_of_2_factor(ratio: Tuple[int, int], G: int) -> int:
+    """f where an axis ratio is exactly 1/f with f a power of 2 up to G, else 0."""
+    num, den = ratio
+    return den if num == 1 and den & (den - 1) == 0 and den <= G else 0
+
+
+@functools.lru_cache(maxsize=1024)
+def _phase_launch(plan: FusePlan, C: int, dtype: torch.dtype) -> Optional[dict]:
+    """The constexprs of `_fuse_forward_phase_kernel` for this plan, or None where it does not apply: 2-byte
+    floats (fp32 / fp64 keep the general kernel), one launch's worth of terms, each output-size, nearest or
+    bilinear without align_corners by a power-of-2 factor on both axes (bilinear: >= 2), some term by 4 or more
+    (sm_90, W48 stage 4 bf16: the x2-only branch issues 2.05 SASS per element this way, 1.76 in tiles), and an
+    output whose size is a multiple of the group and whose channels a block divides. Read-only."""
+    if dtype not in (torch.bfloat16, torch.float16) or len(plan.terms) > MAX_TERMS or C == 0:
+        return None
+    G = 8
+    fh, fw = [], []
+    for t in plan.terms:
+        a, b = _power_of_2_factor(t.ratio_h, G), _power_of_2_factor(t.ratio_w, G)
+        if t.mode == SAME:
+            a = b = 1
+        elif not a or not b or (t.mode == BILINEAR and (t.align_corners or a < 2 or b < 2)):
+            return None
+        fh.append(a)
+        fw.append(b)
+    G = max(fh + fw)
+    H, W = plan.size
+    if G < 4 or H % G or W % G:  # x2 at most: 4 outputs per thread, too few to pay for the unrolled form
+        return None
+    block_c = channel_block(C, 64)
+    if C % block_c:
+        return None
+    threads = 32 * PHASE_WARPS
+    block_q = min(PHASE_MAX_Q, threads // min(block_c, threads), next_power_of_2(W // G))
+    while block_q > 1 and (W // G) % block_q:
+        block_q //= 2
+    block_c = min(block_c, max(1, threads // block_q))
+    if C % block_c:
+        return None
+    return dict(MODES=tuple(t.mode for t in plan.terms), ALIGNS=(False,) * len(plan.terms),
+                HAS_SCALE=tuple(t.has_scale for t in plan.terms), HAS_SHIFT=tuple(t.has_shift for t in plan.terms),
+                RELU=plan.relu, F64=False, EXACT=True, BLOCK_C=block_c, BLOCK_H=G, BLOCK_W=block_q * G, G=G,
+                FH=tuple(fh), FW=tuple(fw))
+
+
+def _phase_sources_fit(plan: FusePlan, xs: Sequence[Tensor]) -> bool:
+    """Whether every source is exactly the output size over its factors (what the ratios 1/f imply for
+    F.interpolate's sizes; checked, not assumed)."""
+    H, W = plan.size
+    for x, t in zip(xs, plan.terms):
+        fh = t.ratio_h[1] if t.mode != SAME else 1
+        fw = t.ratio_w[1] if t.mode != SAME else 1
+        if x.shape[2] * fh != H or x.shape[3] * fw != W:
+            return False
+    return True
 
 
 _PARTIAL = TermPlan()  # the running partial sum of a chained forward: an output-size term, no affine

@@ -7,7 +7,7 @@ import torch
 
 from hrfast.kernels.resample import cdiv, channel_block
 
-from test_fuse_op import BF16, CL, F32, F64, Case, _build, _kernel_args, bil, check_fuse, near
+from test_fuse_op import BF16, CL, F16, F32, F64, Case, _build, _kernel_args, bil, check_fuse, near
 
 HRNET_CHANNELS = (18, 30, 32, 36, 40, 44, 48, 60, 64, 72, 96, 128, 144, 192, 256, 384)
 
@@ -57,3 +57,56 @@ def test_unscaled_term_gradient_is_g(layout):
     assert len(pointers) == len(set(pointers))
     fmt = CL if layout != "nchw" else torch.contiguous_format
     assert all(t[0].is_contiguous(memory_format=fmt) for t in grads if t[0] is not None)
+
+
+# the phase form of the forward (`_fuse_forward_phases`: 2-byte floats, power-of-2 factors, a x4 or x8 term):
+# several row groups and column tiles, channel blocks, bilinear x2 / x4 / x8 and nearest terms beside an
+# output-size one, NCHW and channels_last
+PHASED = Case((24, 80), [((24, 80), None), ((12, 40), bil()), ((6, 20), bil()), ((3, 10), near())], N=2, C=32,
+              affine="mixed")
+PHASED_X8 = Case((16, 48), [((16, 48), None), ((8, 24), bil()), ((4, 12), bil()), ((2, 6), bil())], N=1, C=16,
+                 affine="mixed")
+
+
+def _phase_form(case: Case, dtype, layout):
+    """The phase form's constexprs for `case` (None where the general tile form runs)."""
+    from hrfast.kernels import fuse as K
+
+    xs, scales, shifts, resamples, _ = _build(case, dtype, layout)
+    plan, *_ = _kernel_args(xs, scales, shifts, resamples, case.size, case.relu, layout != "nchw")
+    return K._phase_launch(plan, case.C, dtype)
+
+
+@pytest.mark.parametrize("case", [PHASED, PHASED_X8], ids=["x2_x4_nearest_x8", "x2_x4_x8"])
+@pytest.mark.parametrize("dtype, layout", [(BF16, "nchw"), (BF16, "channels_last"), (F16, "nchw")],
+                         ids=["bf16_nchw", "bf16_cl", "fp16_nchw"])
+def test_fuse_phase_form(case, dtype, layout):
+    assert _phase_form(case, dtype, layout) is not None
+    check_fuse(case, dtype, layout)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's 0 * inf
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_fuse_phase_form_matches_tiles_bitwise(layout, monkeypatch):
+    """The phase form computes the tile form's arithmetic in its order: the same bits, NaN and inf included,
+    with non-finite values at the image's first and last rows / columns (where ATen's source index clamps
+    and reads a tap of weight 0)."""
+    from hrfast.kernels import fuse as K
+
+    case = PHASED_X8
+    xs, scales, shifts, resamples, _ = _build(case, BF16, layout)
+    with torch.no_grad():
+        xs[1][0, 1, 0, 1] = float("inf")  # row 0, column 1: read with weight 0 by output (0, 0)
+        xs[1][0, 2, 7, 23] = float("nan")  # last row and column
+        xs[2][0, 3, 1, 0] = float("-inf")
+        xs[3][0, 4, 1, 1] = float("inf")
+        xs[0][0, 5, 15, 47] = float("nan")
+    plan, kxs, kscales, kshifts = _kernel_args(xs, scales, shifts, resamples, case.size, case.relu,
+                                               layout != "nchw")
+    assert K._phase_launch(plan, case.C, BF16) is not None
+    phased = K.fuse_forward(plan, kxs, kscales, kshifts)
+    monkeypatch.setattr(K, "_phase_launch", lambda *args: None)
+    tiled = K.fuse_forward(plan, kxs, kscales, kshifts)
+    assert phased.stride() == tiled.stride()
+    assert torch.equal(phased.view(torch.int16), tiled.view(torch.int16))
+    assert torch.isnan(tiled).any() and torch.isinf(tiled).any()

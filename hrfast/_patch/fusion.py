@@ -53,6 +53,11 @@ class FusionConfig:
     align_global: Optional[str] = None
     exact_scales: Tuple[Tuple[int, int, int], ...] = ()
 
+    def fuses(self, x) -> bool:
+        """Whether the fused step computes what the original forward does for branch inputs `x`: always, but for
+        "double" (mmseg), where only branches exactly 2^k times smaller make its second resize the identity."""
+        return self.placement != "double" or _exact(self.exact_scales, x)
+
     def default_resample(self, module: nn.Module) -> Optional[Resample]:
         """The Resample of `module`'s entries without an upsample module, as of now."""
         if self.align_attr:
@@ -199,7 +204,7 @@ class FusionAdapter(Adapter):
     def forward(self, module: nn.Module, config: FusionConfig, x):
         """``x[i] = branches[i](x[i])`` for every branch (in the caller's list, as the original), then the fused
         fusion step; returns a new list of fresh tensors (one per row of fuse_layers)."""
-        if config.placement == "double" and not _exact(config.exact_scales, x):
+        if not config.fuses(x):
             return type(module).forward(module, x)  # two bilinear passes: the original computes them
         branches = module.branches
         n = len(branches)

@@ -283,7 +283,7 @@ def _official_align(module: nn.Module, site: HeadSite, options: Options) -> Unio
         "(no align_corners there means False) to hrfast.patch, or head=False"))
 
 
-def _fusable(xs: Sequence) -> bool:
+def fusable_branches(xs: Sequence) -> bool:
     """Whether the fused head can take these branches (else mmseg's original forward runs)."""
     if not 1 <= len(xs) <= 4 or not all(isinstance(x, Tensor) and x.dim() == 4 for x in xs):
         return False
@@ -292,7 +292,7 @@ def _fusable(xs: Sequence) -> bool:
                for x in xs[1:])
 
 
-def _replay_trunk(model: nn.Module, x: Tensor) -> List[Tensor]:
+def replay_official_trunk(model: nn.Module, x: Tensor) -> List[Tensor]:
     """The official HighResolutionNet forward up to stage 4 (checked by `_official_trunk`): stem, layer1, then
     per stage the transitions (an existing branch from its own output, a new one from the last) and the stage."""
     x = model.relu(model.bn1(model.conv1(x)))
@@ -356,12 +356,12 @@ class HeadAdapter(Adapter):
         fused, e.g. a later branch larger than the first)."""
         if config.layout == "mmseg":
             xs = [inputs[i] for i in module.in_index]
-            if not _fusable(xs):
+            if not fusable_branches(xs):
                 return type(module).forward(module, inputs)
             source, layout = module, "mmseg"
         else:
             xs = list(module.forward_backbone(inputs) if config.trunk == "forward_backbone"
-                      else _replay_trunk(module, inputs))
+                      else replay_official_trunk(module, inputs))
             source, layout = getattr(module, config.attr), "sequential"
         # built per call over the module's own children: never a registered submodule, follows deepcopy/pickle/.to()
         head = HRNetV2Head(source, layout, resample=config.resample_for(module), backend=config.backend)

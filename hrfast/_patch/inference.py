@@ -46,8 +46,8 @@ from ..hrnet.head import head_layers
 from ..inference import (BlockSteps, FusionProgram, Inference, LayoutChoice, SumTerm, UnitChain, as_inference,
                          conv_unit, reordered_head, unit_applies)
 from .core import Adapter, PatchedForward, PatchRow
-from .fusion import FusionConfig, _exact
-from .head import HeadConfig, _fusable, _replay_trunk
+from .fusion import FusionConfig
+from .head import HeadConfig, fusable_branches, replay_official_trunk
 
 __all__ = ["InferenceAdapter", "InferencePlanner", "BlockConfig", "SequentialConfig", "StemConfig", "EvalPath",
            "RootConfig"]
@@ -264,11 +264,11 @@ def _eval_head(module: nn.Module, config, inputs, options: Inference) -> Optiona
         return None
     if config.layout == "mmseg":
         xs = [inputs[i] for i in module.in_index]
-        if not _fusable(xs):
+        if not fusable_branches(xs):
             return None
     else:
         xs = list(module.forward_backbone(inputs) if config.trunk == "forward_backbone"
-                  else _replay_trunk(module, inputs))
+                  else replay_official_trunk(module, inputs))
     return reordered_head(xs, layers.conv, layers.norm, layers.classifier, config.resample_for(module), options)
 
 
@@ -375,7 +375,7 @@ def _eval_fusion(module: nn.Module, config: FusionConfig, xs, options: Inference
         return None
     if not all(isinstance(x, Tensor) for x in xs[:len(reading.program.branches)]):
         return None
-    if config.placement == "double" and not _exact(config.exact_scales, xs):
+    if not config.fuses(xs):
         return None
     if torch.is_grad_enabled():
         if not _ready(reading.program.units, reading.modules):

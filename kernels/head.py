@@ -18,6 +18,8 @@ result holds NaN, or whose patches miss a tap, is redone with ATen's exact per-p
   batch-statistics terms) per chunk, never written: dx0 = W0^T ds accumulated per tile, dW0 = ds x0^T into
   the split's rows, and per upsampled branch the tile's patch partial U_j^T ds (the transpose of the forward's
   patch dot); `_head_patch_gather_kernel` sums the partials of the tiles whose patches hold each source pixel.
+  A tile whose dense chunk held a non-finite value is finished by a second pass over the split's tiles with the
+  exact gathers (nothing of the first pass is live there: each pass fits the registers).
   fp32 (3xTF32 dots: the fused chunk would spill kilobytes) writes ds instead, one tile per program, for the
   op's GEMMs and the fusion op's adjoint gather (`upsample_adjoint`).
 
@@ -442,43 +444,58 @@ def _head_backward_reduce_kernel(
                           PRECISION, C0P, KP, GATHER_M)
 
 
+# the exact adjoint's flag of a non-finite value (and the code of a tap of weight 0): any count this large is NaN
+NAN_FLAG = tl.constexpr(1048576.0)  # 2^20
+
+
 @triton.jit
-def _patch_taps(oy, ox, src, q, MODE: tl.constexpr, ALIGN: tl.constexpr, PATCH_H: tl.constexpr,
-                PATCH_W: tl.constexpr, F64: tl.constexpr):
-    """[pixels, SRC] whether each output pixel reads patch index q as one of its taps (`_patch_plan`'s U without
-    the weights: a tap of weight 0 counts, ATen's backward adds 0 times the gradient there)."""
+def _tap_codes(l0, l1, MODE: tl.constexpr):
+    """Per output index, the codes of its two taps along one axis: 1 for nonzero weight, NAN_FLAG for weight 0
+    (ATen's backward adds 0 x gradient there: NaN from a non-finite one); nearest has one tap."""
+    c0 = tl.where(l0 != 0.0, 1.0, NAN_FLAG)
+    if MODE == 1:
+        return c0, c0 * 0.0
+    return c0, tl.where(l1 != 0.0, 1.0, NAN_FLAG)
+
+
+@triton.jit
+def _patch_codes(oy, ox, src, q, MODE: tl.constexpr, ALIGN: tl.constexpr, PATCH_H: tl.constexpr,
+                 PATCH_W: tl.constexpr, F64: tl.constexpr, DTYPE: tl.constexpr):
+    """[pixels, SRC] `_patch_plan`'s U with every tap weight replaced by its code (`_tap_codes`), in DTYPE: a
+    product of 1s (at most 2 x 2 where taps coincide on a source edge) where every factor has nonzero weight,
+    at least NAN_FLAG where one has weight 0 (also where coinciding taps add a zero weight to a nonzero one,
+    as ATen's backward does), else 0."""
     _, h, w, _, ratio_h, ratio_w = src
-    y0, y1, _, _ = _axis_taps(oy, h, ratio_h, MODE, ALIGN, F64)
-    x0, x1, _, _ = _axis_taps(ox, w, ratio_w, MODE, ALIGN, F64)
-    rows = q // PATCH_W + tl.min(y0, axis=0)
-    cols = q % PATCH_W + tl.min(x0, axis=0)
-    on_row = (rows[None, :] == y0[:, None]) | (rows[None, :] == y1[:, None])
-    on_col = (cols[None, :] == x0[:, None]) | (cols[None, :] == x1[:, None])
-    return on_row & on_col & (q < PATCH_H * PATCH_W)[None, :]
+    y0, y1, ly0, ly1 = _axis_taps(oy, h, ratio_h, MODE, ALIGN, F64)
+    x0, x1, lx0, lx1 = _axis_taps(ox, w, ratio_w, MODE, ALIGN, F64)
+    cy0, cy1 = _tap_codes(ly0, ly1, MODE)
+    cx0, cx1 = _tap_codes(lx0, lx1, MODE)
+    codes = (_axis_weights(q // PATCH_W, tl.min(y0, axis=0), y0, y1, cy0, cy1)
+             * _axis_weights(q % PATCH_W, tl.min(x0, axis=0), x0, x1, cx0, cx1))
+    return tl.where((q < PATCH_H * PATCH_W)[None, :], codes, 0.0).to(DTYPE)
 
 
 @triton.jit
-def _exact_adjoint(u, taps, ds, PRECISION: tl.constexpr):
+def _exact_adjoint(u, codes, ds, PRECISION: tl.constexpr):
     """U^T ds [SRC, BLOCK_M] with ATen's non-finite semantics: each pixel adds weight x gradient to its taps only
     (the dense dot would add 0 x NaN from every other pixel), so NaN reaches a source pixel from a NaN tap, or
-    an inf one of weight 0; +inf and -inf from taps of positive weight (both: NaN). The flags are counted by
-    dots of 0/1 tap matrices with powers of two (NaN 1, +inf 2^8, -inf 2^16; below 256 pixels per count, so
-    every sum is an integer below 2^24: exact in the float32 accumulator), in bf16, fp64, or for fp16 (which has
-    no 2^16) one tf32 pass (exact for these values)."""
+    a non-finite one of weight 0; +inf and -inf from taps of nonzero weight (both: NaN). One dot counts them:
+    `_patch_codes` (1 at a tap of nonzero weight, NAN_FLAG or its square at one of weight 0) times per pixel
+    +inf 1, -inf 2^10, NaN NAN_FLAG: below NAN_FLAG the count is exact (a pixel adds at most 4 to a source
+    pixel, where its taps coincide on both axes: under 1,024 per kind for tiles under 256 pixels, integers below
+    2^20), and it is at least NAN_FLAG exactly where a NaN arrives (rounding of the large terms never takes a
+    sum below it). In bf16, fp64, or for fp16 (which has no 2^20) one tf32 pass (exact for these values)."""
     acc_t: tl.constexpr = ds.dtype
     dtype: tl.constexpr = u.dtype
-    flag_t: tl.constexpr = tl.float32 if dtype == tl.float16 else dtype
     flag_precision: tl.constexpr = "ieee" if acc_t == tl.float64 else "tf32"
     finite = (ds - ds) == 0.0
     part = tl.dot(tl.trans(u), tl.where(finite, ds, 0.0).to(dtype), out_dtype=acc_t, input_precision=PRECISION)
-    flags = tl.where(ds != ds, 1.0, tl.where(ds == float("inf"), 256.0, tl.where(ds == float("-inf"), 65536.0, 0.0)))
-    flags = flags.to(flag_t)
-    weighted = tl.dot(tl.trans((u != 0.0).to(flag_t)), flags, out_dtype=acc_t, input_precision=flag_precision)
-    unweighted = tl.dot(tl.trans((taps & (u == 0.0)).to(flag_t)), flags, out_dtype=acc_t,
-                        input_precision=flag_precision)
-    neg = tl.floor(weighted / 65536.0)
-    pos = tl.floor((weighted - neg * 65536.0) / 256.0)
-    nan = (weighted - neg * 65536.0 - pos * 256.0 > 0.0) | (unweighted > 0.0) | ((pos > 0.0) & (neg > 0.0))
+    flags = tl.where(ds != ds, NAN_FLAG,
+                     tl.where(ds == float("inf"), 1.0, tl.where(ds == float("-inf"), 1024.0, 0.0)))
+    counts = tl.dot(tl.trans(codes), flags.to(codes.dtype), out_dtype=acc_t, input_precision=flag_precision)
+    neg = tl.floor(counts / 1024.0)
+    pos = counts - neg * 1024.0
+    nan = (counts >= NAN_FLAG) | ((pos > 0.0) & (neg > 0.0))
     part = tl.where(pos > 0.0, float("inf"), tl.where(neg > 0.0, float("-inf"), part))
     return tl.where(nan, float("nan"), part)
 
@@ -494,9 +511,12 @@ def _grads_chunk(x0, g, t, n, oy, ox, cy, cx, p_mask, m0, M, w0_ptr, w0_strides,
     returns (dx0 + ds W0[m], redo), having added ds^T x0 into the split's dW0 rows and stored the tile's patch
     partials U_j^T ds (a same-size branch: ds itself, its gradient). The patch dots (not GATHER) commit nothing
     where s or ds holds a non-finite value (the dense U spreads it over the tile: `_head_stats_kernel`) and
-    return the chunk's start as where the exact loop resumes; else `redo` comes back unchanged."""
+    return the chunk's start as where the exact pass resumes; else `redo` comes back unchanged. The exact
+    gathers (GATHER) run for every chunk of the tile (dx0) and commit from `redo` on (the dense pass committed
+    the chunks before it)."""
     acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
     dtype: tl.constexpr = x0.dtype
+    flag_t: tl.constexpr = tl.float32 if dtype == tl.float16 else dtype  # fp16 has no NAN_FLAG
     m = m0 + tl.arange(0, BLOCK_M)
     m_mask = m < M
     m_c = tl.minimum(m, M - 1)
@@ -506,7 +526,10 @@ def _grads_chunk(x0, g, t, n, oy, ox, cy, cx, p_mask, m0, M, w0_ptr, w0_strides,
     # padded pixels and channels are 0: every dot below sums over pixels or channels
     ds = tl.where(p_mask[:, None] & m_mask[None, :], ds, 0.0)
     clean = True
-    if not GATHER:
+    commit = True
+    if GATHER:
+        commit = m0 >= redo
+    else:
         clean = tl.sum(tl.sum(s * 0.0 + ds * 0.0, axis=1), axis=0) == 0.0  # inf * 0 and NaN * 0 are NaN
     if clean:
         # the gradients multiply ds in the input dtype, as eager's GEMMs and upsample backward read it
@@ -518,20 +541,20 @@ def _grads_chunk(x0, g, t, n, oy, ox, cy, cx, p_mask, m0, M, w0_ptr, w0_strides,
         dx0 = tl.dot(dsd, w0t, acc=dx0, out_dtype=acc_t, input_precision=PRECISION)
         dw0 = tl.dot(tl.trans(dsd), x0, out_dtype=acc_t, input_precision=PRECISION)
         dw0_at = rows + m[:, None] * C0 + c[None, :]
-        dw0_mask = m_mask[:, None] & c_mask[None, :]
+        dw0_mask = m_mask[:, None] & c_mask[None, :] & commit
         dw0 += tl.load(dw0_at, mask=dw0_mask & later, other=0.0)
         tl.store(dw0_at, dw0, mask=dw0_mask)
         for j in tl.static_range(len(lows)):
             out_ptr, out_strides = outs[j]
             if MODES[j] == 0:
                 tl.store(out_ptr + _offsets(n, m, oy, ox, out_strides, INT64), dsd.to(out_ptr.dtype.element_ty),
-                         mask=p_mask[:, None] & m_mask[None, :])
+                         mask=p_mask[:, None] & m_mask[None, :] & commit)
             else:
                 u, _ = plans[j]
                 if GATHER:
-                    taps = _patch_taps(cy, cx, lows[j], tl.arange(0, SRC[j]), MODES[j], ALIGNS[j], PATCH_H[j],
-                                       PATCH_W[j], F64)
-                    part = _exact_adjoint(u, taps, ds, PRECISION)
+                    codes = _patch_codes(cy, cx, lows[j], tl.arange(0, SRC[j]), MODES[j], ALIGNS[j], PATCH_H[j],
+                                         PATCH_W[j], F64, flag_t)
+                    part = _exact_adjoint(u, codes, ds, PRECISION)
                     # a patch missing a tap (unreachable with the host's bound) cannot hold the tile's sum: NaN
                     # partials, a visible failure rather than a wrong gradient
                     part = tl.where(covered != 0, part, float("nan"))
@@ -542,7 +565,7 @@ def _grads_chunk(x0, g, t, n, oy, ox, cy, cx, p_mask, m0, M, w0_ptr, w0_strides,
                 if INT64:
                     at = at.to(tl.int64)
                 tl.store(out_ptr + (at[:, None] * M + m[None, :]), part.to(out_ptr.dtype.element_ty),
-                         mask=(q < PATCH_H[j] * PATCH_W[j])[:, None] & m_mask[None, :])
+                         mask=(q < PATCH_H[j] * PATCH_W[j])[:, None] & m_mask[None, :] & commit)
     else:
         redo = m0
     return dx0, redo
@@ -591,7 +614,7 @@ def _ds_chunk(x0, g, n, oy, ox, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, s
 def _head_backward_ds_kernel(
     x0_ptr, x0_strides, C0, H, W,
     w0_ptr, w0_strides, M, scale_ptr, shift_ptr, alpha_ptr, beta_ptr,
-    wc_ptr, wc_strides, K, g_ptr, g_strides, dx0_ptr, dx0_strides, dw0_ptr, origin_ptr, SPLITS, TILES,
+    wc_ptr, wc_strides, K, g_ptr, g_strides, dx0_ptr, dx0_strides, dw0_ptr, origin_ptr, redo_ptr, SPLITS, TILES,
     lows, outs, MODES: tl.constexpr, ALIGNS: tl.constexpr, PATCH_H: tl.constexpr, PATCH_W: tl.constexpr,
     SRC: tl.constexpr, CL: tl.constexpr, BATCH_STATS: tl.constexpr, FUSED: tl.constexpr, F64: tl.constexpr,
     INT64: tl.constexpr, PRECISION: tl.constexpr, C0P: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -608,9 +631,14 @@ def _head_backward_ds_kernel(
       gradient, ds itself, is stored as is.
     Else (fp32, whose 3xTF32 dots triple every operand: the fused chunk spills kilobytes) ds is stored, [N, M,
     H, W] in outs[0], for the op's GEMMs and the fusion op's adjoint.
-    From the first chunk whose s or ds holds a non-finite value, a tile's chunks go through the exact gathers and
-    the exact adjoint instead (second loop; no trips on finite inputs). The host's patch bound for this kernel
-    holds every tap (`_backward_patch_extent`); a tile it would miss stores NaN partials, never a wrong sum."""
+    From the first chunk whose s or ds holds a non-finite value (or from 0 when a patch misses a tap) a tile
+    commits nothing more; its start is stored per tile (redo_ptr, [N * tiles] int32) and a second pass over the
+    split's tiles (same loop, v >= visits) recomputes such a tile's every chunk with the exact gathers and the
+    exact adjoint (dx0, stored by that pass only) and commits dW0 and the partials from there (the first pass
+    zeroed the first tile's rows it left): no work on finite inputs. With the exact loop inside the tile's own
+    iteration, its operands and the dense chunk's were live together and spilled (sm_90 W48 bf16: 228 B); each
+    pass alone fits. The host's patch bound for this kernel holds every tap (`_backward_patch_extent`); a tile
+    it would miss stores NaN partials, never a wrong sum."""
     tl.static_assert(TILE_H * TILE_W < 256)  # `_exact_adjoint`'s flag counts
     acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
     dtype: tl.constexpr = x0_ptr.dtype.element_ty
@@ -637,33 +665,59 @@ def _head_backward_ds_kernel(
         tiles_per_image = tiles_h * tiles_w
         split = tl.program_id(0)
         rows = dw0_ptr + split * M * C0
-        for t in range(split, TILES, SPLITS):
-            n = t // tiles_per_image
-            pid = t % tiles_per_image
-            oy, ox, p_mask, cy, cx = _tile_pixels(pid, H, W, TILE_H, TILE_W)
-            x0 = _load_x0_tile(x0_ptr, n, cy, cx, p_mask, C0, x0_strides, INT64, C0P)
-            g = _load_grad_tile(g_ptr, g_strides, n, cy, cx, p_mask, K, INT64, KP, dtype)
-            plans, covered = _tile_plans(n, cy, cx, lows, MODES, ALIGNS, PATCH_H, PATCH_W, SRC, False, F64, INT64,
-                                         dtype)
-            _store_origins(origin_ptr, n, pid, tiles_w, tiles_h, tiles_w, cy, cx, lows, MODES, ALIGNS, F64)
-            later = t != split  # the first tile overwrites the split's dW0 rows: no zero fill
-            dx0 = tl.zeros([TILE_H * TILE_W, C0P], dtype=acc_t)
-            redo = tl.where(covered == 0, 0, M)
-            for m0 in range(0, M, BLOCK_M):
-                if m0 < redo:
-                    dx0, redo = _grads_chunk(x0, g, t, n, oy, ox, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0,
-                                             scale_ptr, shift_ptr, alpha_ptr, beta_ptr, wc_ptr, wc_strides, K, plans,
-                                             lows, outs, dx0, rows, later, covered, redo, MODES, ALIGNS, PATCH_H,
-                                             PATCH_W, SRC, CL, False, BATCH_STATS, F64, INT64, PRECISION, C0P, KP,
-                                             BLOCK_M)
-            for m0 in range(redo, M, GATHER_M):
-                dx0, redo = _grads_chunk(x0, g, t, n, oy, ox, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr,
-                                         shift_ptr, alpha_ptr, beta_ptr, wc_ptr, wc_strides, K, plans, lows, outs, dx0,
-                                         rows, later, covered, redo, MODES, ALIGNS, PATCH_H, PATCH_W, SRC, CL, True,
-                                         BATCH_STATS, F64, INT64, PRECISION, C0P, KP, GATHER_M)
-            c = tl.arange(0, C0P)
-            tl.store(dx0_ptr + _offsets(n, c, oy, ox, dx0_strides, INT64), dx0.to(dx0_ptr.dtype.element_ty),
-                     mask=p_mask[:, None] & (c < C0)[None, :])
+        visits = tl.cdiv(TILES - split, SPLITS)
+        c = tl.arange(0, C0P)
+        # two passes over the split's tiles: the patch dots (first), then the exact gathers for the tiles whose
+        # dense chunk held a non-finite value (second; nothing of the first pass is live there, which keeps
+        # both spill-free)
+        for v in range(0, 2 * visits):
+            t = split + (v % visits) * SPLITS
+            dense = v < visits
+            redo = M
+            if not dense:
+                redo = tl.load(redo_ptr + t)
+            if dense | (redo < M):
+                n = t // tiles_per_image
+                pid = t % tiles_per_image
+                oy, ox, p_mask, cy, cx = _tile_pixels(pid, H, W, TILE_H, TILE_W)
+                dx0 = tl.zeros([TILE_H * TILE_W, C0P], dtype=acc_t)
+                if dense:
+                    x0 = _load_x0_tile(x0_ptr, n, cy, cx, p_mask, C0, x0_strides, INT64, C0P)
+                    g = _load_grad_tile(g_ptr, g_strides, n, cy, cx, p_mask, K, INT64, KP, dtype)
+                    plans, covered = _tile_plans(n, cy, cx, lows, MODES, ALIGNS, PATCH_H, PATCH_W, SRC, False, F64,
+                                                 INT64, dtype)
+                    _store_origins(origin_ptr, n, pid, tiles_w, tiles_h, tiles_w, cy, cx, lows, MODES, ALIGNS, F64)
+                    later = t != split  # the first tile overwrites the split's dW0 rows: no zero fill
+                    redo = tl.where(covered == 0, 0, M)
+                    for m0 in range(0, M, BLOCK_M):
+                        if m0 < redo:
+                            dx0, redo = _grads_chunk(x0, g, t, n, oy, ox, cy, cx, p_mask, m0, M, w0_ptr, w0_strides,
+                                                     C0, scale_ptr, shift_ptr, alpha_ptr, beta_ptr, wc_ptr,
+                                                     wc_strides, K, plans, lows, outs, dx0, rows, later, covered,
+                                                     redo, MODES, ALIGNS, PATCH_H, PATCH_W, SRC, CL, False,
+                                                     BATCH_STATS, F64, INT64, PRECISION, C0P, KP, BLOCK_M)
+                        if (m0 >= redo) & (not later):  # rows the exact pass adds into
+                            m = m0 + tl.arange(0, BLOCK_M)
+                            tl.store(rows + m[:, None] * C0 + c[None, :], tl.zeros([BLOCK_M, C0P], dtype=acc_t),
+                                     mask=(m < M)[:, None] & (c < C0)[None, :])
+                    tl.store(redo_ptr + t, redo)
+                else:
+                    x0 = _load_x0_tile(x0_ptr, n, cy, cx, p_mask, C0, x0_strides, INT64, C0P)
+                    g = _load_grad_tile(g_ptr, g_strides, n, cy, cx, p_mask, K, INT64, KP, dtype)
+                    plans, covered = _tile_plans(n, cy, cx, lows, MODES, ALIGNS, PATCH_H, PATCH_W, SRC, False, F64,
+                                                 INT64, dtype)
+                    tl.debug_barrier()  # the first pass's dW0 rows, stored by other threads
+                    for m0 in range(0, M, GATHER_M):
+                        dx0, _ = _grads_chunk(x0, g, t, n, oy, ox, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0,
+                                              scale_ptr, shift_ptr, alpha_ptr, beta_ptr, wc_ptr, wc_strides, K, plans,
+                                              lows, outs, dx0, rows, True, covered, redo, MODES, ALIGNS, PATCH_H,
+                                              PATCH_W, SRC, CL, True, BATCH_STATS, F64, INT64, PRECISION, C0P, KP,
+                                              GATHER_M)
+                # the pixels again (redo // (M + 1) is 0): recomputed rather than held over the chunk loops
+                oy, ox, p_mask, _, _ = _tile_pixels(pid + redo // (M + 1), H, W, TILE_H, TILE_W)
+                # a tile the exact pass redoes stores its dx0 there only
+                tl.store(dx0_ptr + _offsets(n, c, oy, ox, dx0_strides, INT64), dx0.to(dx0_ptr.dtype.element_ty),
+                         mask=p_mask[:, None] & (c < C0)[None, :] & ((redo == M) | (not dense)))
 
 
 @triton.jit
@@ -774,9 +828,10 @@ _FORWARD_CANDIDATES = {
 # The backward kernels hold the logits' gradient tile and two more dot results per chunk: at the forward's
 # bf16 configuration (4 warps, 32 channels) ptxas spills (sm_90: reduce 164 B). bf16: the reduce takes 8 warps
 # (255 registers, no spills: predicted 413 us against 287 us spilling). The fused ds kernel also holds the dx0
-# accumulator [pixels, C0P] and the exact adjoint's code: 8 warps, 32 channels (sm_90 W48, predicted: 409 us,
-# 228 B spills; 16 channels 697 us, 128 B; 4 warps spill kilobytes; without the exact loop it would need no
-# spill, its 0/1 flag dots cost the rest). fp32 spills in every configuration tried (sm_90: the forward's
+# accumulator [pixels, C0P] and the exact adjoint's code: 8 warps, 32 channels (sm_90 W48, predicted 427 us, no
+# spills, with the exact gathers in a second pass over the tiles and one flag dot; before: 412 us with 228 B
+# spills; 16 channels 697 us, 128 B; 4 warps spill kilobytes). sm_80 still spills 120-272 B there, in the tile
+# loop's own code (16-channel chunks: 4-36 B). fp32 spills in every configuration tried (sm_90: the forward's
 # 8x8 / 32 channels / 4 warps is fastest: reduce 1,481 us against 2,857 with 8 warps and 2,001 with 16-channel
 # chunks; ds (writing ds, `_FUSED_DTYPES`) 645 us against 764 with 16-channel chunks and 1,816 with 4x8 tiles).
 _TILE_CANDIDATES = {
@@ -848,7 +903,7 @@ def _tile_bound(name: str, elem: int, acc: int, c0p: int, kp: int, srcs: Sequenc
     if name == "_head_backward_reduce_kernel":  # a second accumulator tile, the dWc chunk (fp32: 98,432 B at C0 32)
         scratch = 2 * scratch + acc * kp * bm
     if fused:  # the transposed operands of dx0, dW0 and the patch partials, and the exact adjoint's 0/1 matrices
-        # (bf16 W48 8x16 / 32 channels / 2 stages: 147,712 B on sm_90, 119,040 B on sm_80, bound 157,696 B)
+        # (bf16 W48 8x16 / 32 channels / 2 stages: 119,040 B on sm_90, 90,368 B on sm_80, bound 157,696 B)
         scratch += elem * bp * (sum(srcs) + c0p + kp + bm)
     return invariant + tile.num_stages * per_stage + scratch
 
@@ -993,7 +1048,7 @@ _GRAD_SPLITS = 256
 
 # the dtypes whose backward never writes ds (`head_backward_ds`): fp32's 3xTF32 dots triple the fused chunk's
 # operands (sm_90, W48: 5 KB spills, 2.2 ms against 0.65 ms for the kernel that writes ds)
-# fp16 too: its exact adjoint's flag dots (no 2^16 in fp16) run in tf32 and need 213,248 B of shared memory on
+# fp16 too: its exact adjoint's flag dots (two then; no 2^16 in fp16) run in tf32 and need 213,248 B of shared memory on
 # sm_90, 180,480 B on sm_80 (over the A100's limit): launchability, W48 / W18 training fp16
 _FUSED_DTYPES = (torch.bfloat16, torch.float64)
 
@@ -1024,6 +1079,7 @@ def head_backward_ds(plan: HeadPlan, t: HeadTensors, scale: Tensor, shift: Tenso
         dx0 = _empty((N, C0, H, W), dtype, device, fmt)
         dw0 = _empty((splits, M, C0), acc, device)
         origins = torch.empty((len(t.lows), tiles_h + tiles_w), dtype=torch.int32, device=device)  # the kernel's
+        redo = torch.empty((N * tiles,), dtype=torch.int32, device=device)  # per tile, where its exact pass starts
         # per upsampled branch the tiles' patch partials [tiles, PATCH_H * PATCH_W, M] in x0's dtype (each
         # rounded once, then at most NA x NB of them summed in the accumulation dtype); a same-size branch's
         # gradient is ds
@@ -1031,7 +1087,7 @@ def head_backward_ds(plan: HeadPlan, t: HeadTensors, scale: Tensor, shift: Tenso
                 else _empty((N * tiles, ph * pw, M), dtype, device)
                 for p, low, ph, pw in zip(t.lows, plan.lows, tile.patch_h, tile.patch_w)]
     else:
-        dx0 = dw0 = origins = scale  # unread
+        dx0 = dw0 = origins = redo = scale  # unread
         outs = [_empty((N, M, H, W), dtype, device, fmt)]  # ds
     if needs_int64(*outs):
         consts["INT64"] = True
@@ -1039,7 +1095,7 @@ def head_backward_ds(plan: HeadPlan, t: HeadTensors, scale: Tensor, shift: Tenso
         _head_backward_ds_kernel[launch_grid(splits) if fused else launch_grid(tiles, N)](
             *common, scale, shift, alpha if alpha is not None else scale, beta if beta is not None else scale,
             t.wc, tuple(t.wc.stride()), K, grad, tuple(grad.stride()), dx0, tuple(dx0.stride()), dw0, origins,
-            splits, tiles * N, lows, tuple((o, tuple(o.stride())) for o in outs), BATCH_STATS=alpha is not None,
+            redo, splits, tiles * N, lows, tuple((o, tuple(o.stride())) for o in outs), BATCH_STATS=alpha is not None,
             FUSED=fused, **consts, **low_consts, num_warps=tile.num_warps, num_stages=tile.num_stages)
         if not fused:
             ds = outs[0]

@@ -789,6 +789,49 @@ def test_backward_nan_in_the_gradient_stays_local(fused):
     assert 0 < spread < sum(x.shape[2] * x.shape[3] for x in args["xs"]) // 4
 
 
+def test_backward_inf_reaches_the_low_branches_as_eager():
+    """+inf and -inf in ds (one class, positive weights: each pixel's ds keeps its sign over the channels) reach
+    the upsampled branches' gradients dP_j as ATen's upsample backward gives them: +inf, -inf, NaN where both
+    meet, and NaN at a tap of weight 0 (align_corners lands output pixels on source pixels: 0 x inf), also
+    where that tap coincides with the other on the source's last pixel, through the fused kernel's exact
+    adjoint (float64)."""
+    from hrfast.kernels.head import HeadTensors, head_backward_ds
+    from hrfast.plan import head_plan
+
+    torch.manual_seed(5)
+    M, size = 6, (11, 39)
+    resamples = [bil(align_corners=True), bil()]
+    x0 = torch.randn(1, 4, *size, device=DEV, dtype=F64)
+    lows = [torch.randn(1, M, 6, 20, device=DEV, dtype=F64), torch.randn(1, M, 3, 10, device=DEV, dtype=F64)]
+    w0 = torch.randn(M, 4, device=DEV, dtype=F64)
+    wc = torch.rand(1, M, device=DEV, dtype=F64) + 0.5
+    scale = torch.rand(M, device=DEV, dtype=F64) + 0.5
+    shift = torch.rand(M, device=DEV, dtype=F64) + 3.0  # a > 0 almost everywhere: ReLU passes the infs
+    plan = head_plan(tuple(tuple(p.shape[2:]) for p in lows), tuple(resamples), size, False)
+    grad = torch.randn(1, 1, *size, device=DEV, dtype=F64)
+    grad[0, 0, 4, 16] = float("inf")
+    grad[0, 0, 4, 18] = float("-inf")
+    grad[0, 0, 8, 30] = float("inf")
+    grad[0, 0, 2, 2] = float("-inf")
+    grad[0, 0, 10, 38] = float("inf")  # on the last source pixel: its second taps coincide with the first, weight 0
+    _, _, dlows = head_backward_ds(plan, HeadTensors(x0, lows, w0, wc, None), scale, shift, grad)
+
+    ps = [p.detach().cpu().requires_grad_() for p in lows]
+    s = torch.einsum("mc,nchw->nmhw", w0.cpu(), x0.cpu())
+    for p, r in zip(ps, resamples):
+        s = s + F.interpolate(p, size=size, mode=r.mode, align_corners=r.align_corners)
+    a = torch.relu(s * scale.cpu()[:, None, None] + shift.cpu()[:, None, None])
+    torch.einsum("km,nmhw->nkhw", wc.cpu(), a).backward(grad.cpu())
+    for j, (d, p) in enumerate(zip(dlows, ps)):
+        e, d = p.grad, d.cpu()
+        for kind in (torch.isnan, torch.isposinf, torch.isneginf):
+            assert torch.equal(kind(d), kind(e)), (j, kind.__name__)
+        finite = torch.isfinite(e)
+        assert_rel_close(d[finite], e[finite], 1e-12, f"finite dP_{j}")
+    e = ps[0].grad
+    assert torch.isnan(e).any() and torch.isposinf(e).any() and torch.isneginf(e).any()
+
+
 def test_eval_fold_cached_until_the_statistics_change(monkeypatch, fused):
     """An eval call without gradients folds BN once per state of its tensors (`running_affine`): no fold ops
     (and launches) per call; an in-place update of a running statistic folds again."""

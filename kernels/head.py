@@ -830,8 +830,8 @@ _FORWARD_CANDIDATES = {
 # (255 registers, no spills: predicted 413 us against 287 us spilling). The fused ds kernel also holds the dx0
 # accumulator [pixels, C0P] and the exact adjoint's code: 8 warps, 32 channels (sm_90 W48, predicted 427 us, no
 # spills, with the exact gathers in a second pass over the tiles and one flag dot; before: 412 us with 228 B
-# spills; 16 channels 697 us, 128 B; 4 warps spill kilobytes). sm_80 still spills 120-272 B there, in the tile
-# loop's own code (16-channel chunks: 4-36 B). fp32 spills in every configuration tried (sm_90: the forward's
+# spills; 16 channels 697 us, 128 B; 4 warps spill kilobytes). sm_80 still spills 120-272 B, 11-22 spill
+# instructions per dense chunk (16-channel chunks: 4-36 B, in the tile loop's own code only). fp32 spills in every configuration tried (sm_90: the forward's
 # 8x8 / 32 channels / 4 warps is fastest: reduce 1,481 us against 2,857 with 8 warps and 2,001 with 16-channel
 # chunks; ds (writing ds, `_FUSED_DTYPES`) 645 us against 764 with 16-channel chunks and 1,816 with 4x8 tiles).
 _TILE_CANDIDATES = {

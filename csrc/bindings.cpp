@@ -183,6 +183,19 @@ at::Tensor fuse_forward(const std::vector<TermPlanTuple>& term_plans, const std:
   return out;
 }
 
+// The name of the forward kernel fuse_forward runs for these arguments (fuse_launchers.h forward_kernel_name):
+// "PhaseKernel", "ForwardVecKernel", "ForwardTileKernel" or "ForwardKernel" (the generic one).
+std::string forward_kernel(const std::vector<TermPlanTuple>& term_plans, const std::vector<at::Tensor>& xs,
+                           const std::vector<OptTensor>& scales, const std::vector<OptTensor>& shifts,
+                           const std::vector<int64_t>& size, bool channels_last) {
+  TORCH_CHECK(size.size() == 2, "hrfast fuse: size must be [H, W], got ", size.size(), " values");
+  const auto terms = check_terms(term_plans, xs, scales, shifts, size[0], size[1]);
+  const at::Tensor& x0 = xs[0];
+  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor out = at::empty({x0.size(0), x0.size(1), size[0], size[1]}, x0.options().memory_format(fmt));
+  return launchers_for(out.device()).forward_kernel(out, terms);
+}
+
 using TermGrads = std::tuple<OptTensor, OptTensor, OptTensor>;  // (dx, dscale, dshift)
 
 // Per term (dx, dscale, dshift), each None where needs[k] does not ask for it or the term has no such
@@ -284,6 +297,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Per term (dx, dscale, dshift) of the fused fusion step (deterministic, no atomics)", py::arg("terms"),
         py::arg("grad_y"), py::arg("y"), py::arg("xs"), py::arg("scales"), py::arg("shifts"), py::arg("needs"),
         py::arg("relu"), py::arg("poison") = false);
+  m.def("forward_kernel", &hrfast::forward_kernel, "The forward kernel fuse_forward runs for these arguments",
+        py::arg("terms"), py::arg("xs"), py::arg("scales"), py::arg("shifts"), py::arg("size"),
+        py::arg("channels_last"));
   m.def("adjoint_window", &hrfast::adjoint_window, "(K, step, offset) of the adjoint gather along one axis",
         py::arg("num"), py::arg("den"), py::arg("mode"), py::arg("align_corners"), py::arg("n_out"));
 #ifdef HRFAST_WITH_CUDA

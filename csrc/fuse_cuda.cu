@@ -14,6 +14,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <type_traits>
+
 #include "fuse_launchers.h"
 
 namespace hrfast {
@@ -40,9 +42,20 @@ struct DeviceBlock {
   __device__ __forceinline__ void barrier() { __syncthreads(); }
 };
 
+// The minimum of resident blocks per SM a kernel asks of ptxas (__launch_bounds__): K::kMinBlocks where it has
+// one (PhaseKernel for 2- and 4-byte types: 2, so at most 128 registers and 16 warps per SM), else 1.
+template <class K, class = void>
+struct min_blocks {
+  static constexpr int value = 1;
+};
+template <class K>
+struct min_blocks<K, std::void_t<decltype(K::kMinBlocks)>> {
+  static constexpr int value = K::kMinBlocks;
+};
+
 // Kernels without block reductions (forward): no shared memory.
 template <class K>
-__global__ void __launch_bounds__(kThreads, 1) elementwise_kernel(const typename K::Params p) {
+__global__ void __launch_bounds__(kThreads, min_blocks<K>::value) elementwise_kernel(const typename K::Params p) {
   DeviceBlock<K> blk;
   blk.ti = this_thread();
   blk.red_ = nullptr;

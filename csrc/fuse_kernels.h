@@ -210,6 +210,17 @@ constexpr uint32_t pack_code(const char* modes) {  // "sbbb": s same, n nearest,
 }
 constexpr int pack_count(uint32_t code) { return static_cast<int>(code & 15u); }
 constexpr int pack_mode(uint32_t code, int k) { return static_cast<int>((code >> (4 + 2 * k)) & 3u); }
+// PhaseKernel's packs also carry each term's upsampling factor f (1 for an output-size term; 2, 4 or 8 on both
+// axes) as log2 f in bits 16 + 2k ("sbbb", "1248": output-size, bilinear x2, x4, x8); pack_code's have 0 there.
+constexpr uint32_t phase_code(const char* modes, const char* factors) {
+  uint32_t code = pack_code(modes);
+  for (int k = 0; factors[k] != 0; ++k) {
+    code |= static_cast<uint32_t>(factors[k] == '8' ? 3 : factors[k] == '4' ? 2 : factors[k] == '2' ? 1 : 0)
+            << (16 + 2 * k);
+  }
+  return code;
+}
+constexpr int pack_factor(uint32_t code, int k) { return 1 << ((code >> (16 + 2 * k)) & 3u); }
 // keep in step with hrfast/perf/cuda_cpp.py FORWARD_PACKS
 constexpr uint32_t kForwardPacks[] = {pack_code("s"),    pack_code("ss"),   pack_code("sb"),  pack_code("sss"),
                                       pack_code("ssb"),  pack_code("sbb"),  pack_code("ssss"), pack_code("sssb"),
@@ -553,6 +564,275 @@ struct ForwardVecKernel {
         for (int k = 0; k < V; ++k) acc[i][k] = relu_keep_nan(acc[i][k]);
       }
       store_vec(at32(p.out, row + xs[i] * p.so_w), acc[i]);
+    }
+  }
+  static HRFAST_INLINE bool reduces(const Params&, int) { return false; }
+  static HRFAST_INLINE acc_t value(const Params&, const State&, int) { return acc_t(0); }
+  static HRFAST_INLINE acc_t* dst(const Params&, const ThreadIdx&, int) { return nullptr; }
+};
+
+// ------------------------------------------------------------ forward, phases of power-of-2 upsampling
+
+// NCHW, every term output-size or upsampled (nearest, or bilinear without align_corners) by a power-of-2 factor
+// f on both axes, some term by 4 or more: each thread computes a G x G block of output pixels of one channel
+// (G the largest factor: output rows G * gy + r, columns G * gx + p), which reads a fixed window of each term's
+// source. kPhasePacks: HRNet's fusions with bilinear (HRNetV2) or nearest (pose HRNet) upsampling; the
+// launcher checks the ratios (exactly 1 / f), the sizes (h * f = H, w * f = W), the strides and alignment.
+// keep in step with hrfast/perf/cuda_cpp.py PHASE_PACKS
+constexpr uint32_t kPhasePacks[] = {phase_code("sbbb", "1248"), phase_code("ssbb", "1124"), phase_code("sbb", "124"),
+                                    phase_code("snnn", "1248"), phase_code("ssnn", "1124"), phase_code("snn", "124")};
+
+constexpr int phase_group(uint32_t code) {  // G: the largest factor of the pack
+  int g = 1;
+  for (int k = 0; k < pack_count(code); ++k) g = pack_factor(code, k) > g ? pack_factor(code, k) : g;
+  return g;
+}
+
+// Output phase p (0 .. G-1) along a x F axis (F a power of 2) without align_corners reads ATen's source taps
+// i0 = Q * g + tap_slot(p), i1 = i0 + 1 of its group g (Q = G / F source pixels per group: real = (d + 0.5) / F
+// - 0.5 = Q * g + p / F + frac) with the weights 1 - tap_l1 and tap_l1: dyadic fractions, so these constants
+// are exactly ATen's float (and double) values. Away from the image's first and last pixels; at the last
+// one the tap past the end is clamped (ATen's i1 = i0 there: the same value) and at the first ones (group 0,
+// p < F / 2: ATen's real clamps to 0) the taps are source pixels 0 and 1 with weights 1 and 0 (PhaseTerm
+// reads pixel 1 through slot -1 with the weights 0 and 1 there: the same products).
+constexpr int tap_slot(int p, int F) { return p / F - (2 * (p % F) < F ? 1 : 0); }
+constexpr double tap_l1(int p, int F) {
+  return (p % F + 0.5) / F - 0.5 + (2 * (p % F) < F ? 1.0 : 0.0);
+}
+constexpr double tap_l0(int p, int F) { return 1.0 - tap_l1(p, F); }
+
+// N consecutive elements (stride 1) from p, aligned to min(16, N * sizeof) bytes (the launcher checks): 16-byte
+// (or one 8- or 4-byte) loads on a GPU; converted.
+template <int N, typename scalar_t, typename acc_t>
+HRFAST_INLINE void load_run(const scalar_t* p, acc_t (&out)[N]) {
+  scalar_t v[N];
+#if defined(__CUDA_ARCH__)
+  constexpr int B = static_cast<int>(N * sizeof(scalar_t));
+  if constexpr (B % 16 == 0) {
+#pragma unroll
+    for (int i = 0; i < B / 16; ++i) {
+      const uint4 bits = __ldg(reinterpret_cast<const uint4*>(p) + i);
+      memcpy(reinterpret_cast<char*>(v) + 16 * i, &bits, 16);
+    }
+  } else if constexpr (B == 8) {
+    const uint2 bits = __ldg(reinterpret_cast<const uint2*>(p));
+    memcpy(v, &bits, 8);
+  } else if constexpr (B == 4 && N == 2) {
+    const unsigned int bits = __ldg(reinterpret_cast<const unsigned int*>(p));
+    memcpy(v, &bits, 4);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = load_ro(p + i);
+  }
+#else
+  memcpy(v, p, sizeof(v));
+#endif
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = static_cast<acc_t>(v[i]);
+}
+
+template <int N, typename scalar_t, typename acc_t>
+HRFAST_INLINE void store_run(scalar_t* p, const acc_t (&in)[N]) {
+  scalar_t v[N];
+#pragma unroll
+  for (int i = 0; i < N; ++i) v[i] = static_cast<scalar_t>(in[i]);
+#if defined(__CUDA_ARCH__)
+  constexpr int B = static_cast<int>(N * sizeof(scalar_t));
+  if constexpr (B % 16 == 0) {
+#pragma unroll
+    for (int i = 0; i < B / 16; ++i) {
+      uint4 bits;
+      memcpy(&bits, reinterpret_cast<const char*>(v) + 16 * i, 16);
+      reinterpret_cast<uint4*>(p)[i] = bits;
+    }
+  } else if constexpr (B == 8) {
+    uint2 bits;
+    memcpy(&bits, v, 8);
+    *reinterpret_cast<uint2*>(p) = bits;
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) p[i] = v[i];
+  }
+#else
+  memcpy(p, v, sizeof(v));
+#endif
+}
+
+// One term of a phase pack for the G x G output block (G * gy + r, G * gx + p) of (n, c), factor F, as the
+// output rows are summed (`row`): the same arithmetic as tile_term (ATen's order, h0l * (w0l * v00 + w1l * v01)
+// + h1l * (w0l * v10 + w1l * v11), then the affine map, here v * a + b with a = 1 and b = -0 where the term has
+// no scale or shift: the same values, -0 and NaN included), so the same bits on the host (on a GPU nvcc
+// contracts v * a + b into one FMA, as the Triton phase form's compiler does); but each source
+// pixel of the block's window loaded and converted once, each window row's horizontal interpolation
+// (w0l * v0 + w1l * v1) computed once per output column and shared by the output rows that read it, taps and
+// weights compile-time constants per phase. Unit stride along x, and runs of G (output-size terms) or G / F
+// (the window's inner pixels) elements aligned for load_run (the launcher checks).
+template <int MODE, int F, int G, typename scalar_t, typename acc_t>
+struct PhaseTerm;
+
+// the affine map's (a, b): (scale, shift), 1 and -0 where absent (v * 1 + -0 is v)
+template <typename scalar_t, typename acc_t>
+HRFAST_INLINE void phase_affine(const TermView32<scalar_t, acc_t>& t, int32_t c, acc_t& a, acc_t& b) {
+  a = t.scale != nullptr ? load_ro(t.scale + c) : acc_t(1);
+  b = t.shift != nullptr ? load_ro(t.shift + c) : -acc_t(0);
+}
+
+template <int F, int G, typename scalar_t, typename acc_t>
+struct PhaseTerm<SAME, F, G, scalar_t, acc_t> {
+  const scalar_t* x;
+  int32_t off, sh;  // the block's first element, the row stride
+  acc_t a, b;
+  HRFAST_INLINE PhaseTerm(const TermView32<scalar_t, acc_t>& t, int32_t n, int32_t c, int32_t gy, int32_t gx)
+      : x(t.x), off(n * t.sn + c * t.sc + G * gy * t.sh + G * gx), sh(t.sh) {
+    phase_affine(t, c, a, b);
+  }
+  HRFAST_INLINE void row(int r, acc_t (&v)[G]) const {
+    load_run<G>(at32(x, off + r * sh), v);
+#pragma unroll
+    for (int p = 0; p < G; ++p) v[p] = v[p] * a + b;
+  }
+};
+
+// nearest: output index G * g + p reads source Q * g + p / F (ATen's floor(d * (1 / F)), exact; h * F = H)
+template <int F, int G, typename scalar_t, typename acc_t>
+struct PhaseTerm<NEAREST, F, G, scalar_t, acc_t> {
+  static constexpr int Q = G / F;
+  acc_t u[Q][Q];  // the window's values after the affine map (one per source pixel, as every output reads it)
+  HRFAST_INLINE PhaseTerm(const TermView32<scalar_t, acc_t>& t, int32_t n, int32_t c, int32_t gy, int32_t gx) {
+    acc_t a, b;
+    phase_affine(t, c, a, b);
+    const int32_t base = n * t.sn + c * t.sc + Q * gy * t.sh + Q * gx;
+#pragma unroll
+    for (int i = 0; i < Q; ++i) {
+      load_run<Q>(at32(t.x, base + i * t.sh), u[i]);
+#pragma unroll
+      for (int j = 0; j < Q; ++j) u[i][j] = u[i][j] * a + b;
+    }
+  }
+  HRFAST_INLINE void row(int r, acc_t (&v)[G]) const {
+#pragma unroll
+    for (int p = 0; p < G; ++p) v[p] = u[r / F][p / F];
+  }
+};
+
+// bilinear without align_corners: the window is slots -1 .. Q of the group (Q = G / F source pixels per group,
+// array index slot + 1), each output phase reading slots tap_slot and tap_slot + 1 with compile-time weights.
+// The image's first group (ATen's index clamps at 0 there: taps 0 and 1, weights 1 and 0) reads pixel 1
+// through slot -1 with the weights (0, 1) instead: the same products, so the same sum (as the Triton phase
+// form does). The last group's slot Q is clamped to the last pixel (ATen's i1 = i0 there).
+template <int F, int G, typename scalar_t, typename acc_t>
+struct PhaseTerm<BILINEAR, F, G, scalar_t, acc_t> {
+  static constexpr int Q = G / F;
+  static constexpr int NS = Q + 2;
+  acc_t h[NS][G];  // each window row's horizontal interpolation at the G output columns
+  acc_t a, b;
+  acc_t ly0[F / 2], ly1[F / 2];  // the weights of the rows that read slot -1 (phases r < F / 2)
+  HRFAST_INLINE PhaseTerm(const TermView32<scalar_t, acc_t>& t, int32_t n, int32_t c, int32_t gy, int32_t gx) {
+    static_assert(F >= 2, "bilinear by 2, 4 or 8");
+    phase_affine(t, c, a, b);
+    const bool fx = gx == 0, fy = gy == 0;
+    acc_t lx0[F / 2], lx1[F / 2];
+#pragma unroll
+    for (int q = 0; q < F / 2; ++q) {
+      lx0[q] = fx ? acc_t(0) : static_cast<acc_t>(tap_l0(q, F));
+      lx1[q] = fx ? acc_t(1) : static_cast<acc_t>(tap_l1(q, F));
+      ly0[q] = fy ? acc_t(0) : static_cast<acc_t>(tap_l0(q, F));
+      ly1[q] = fy ? acc_t(1) : static_cast<acc_t>(tap_l1(q, F));
+    }
+    const int32_t base = n * t.sn + c * t.sc;
+    const int32_t x0 = Q * gx;
+    const int32_t left = fx ? min_(1, t.w - 1) : x0 - 1, right = min_(x0 + Q, t.w - 1);
+#pragma unroll
+    for (int i = 0; i < NS; ++i) {
+      const int32_t y0 = Q * gy + i - 1;
+      const int32_t iy = i == 0 ? (fy ? min_(1, t.h - 1) : y0) : i == NS - 1 ? min_(y0, t.h - 1) : y0;
+      const int32_t row = base + iy * t.sh;
+      acc_t s[NS];
+      acc_t mid[Q];
+      load_run<Q>(at32(t.x, row + x0), mid);
+      s[0] = static_cast<acc_t>(load_ro(at32(t.x, row + left)));
+#pragma unroll
+      for (int j = 0; j < Q; ++j) s[j + 1] = mid[j];
+      s[NS - 1] = static_cast<acc_t>(load_ro(at32(t.x, row + right)));
+#pragma unroll
+      for (int p = 0; p < G; ++p) {
+        const int j = tap_slot(p, F) + 1;
+        h[i][p] = j == 0 ? lx0[p] * s[0] + lx1[p] * s[1]
+                         : static_cast<acc_t>(tap_l0(p, F)) * s[j] + static_cast<acc_t>(tap_l1(p, F)) * s[j + 1];
+      }
+    }
+  }
+  HRFAST_INLINE void row(int r, acc_t (&v)[G]) const {
+    const int i = tap_slot(r, F) + 1;
+#pragma unroll
+    for (int p = 0; p < G; ++p) {
+      const acc_t u = i == 0 ? ly0[r] * h[0][p] + ly1[r] * h[1][p]
+                             : static_cast<acc_t>(tap_l0(r, F)) * h[i][p] + static_cast<acc_t>(tap_l1(r, F)) * h[i + 1][p];
+      v[p] = u * a + b;
+    }
+  }
+};
+
+// The terms K.. of PACK for one block, summed row by row in order (acc = term 0, then acc + term k), as
+// sum_pack does.
+template <uint32_t PACK, int K, int G, typename scalar_t, typename acc_t, bool END = (K >= pack_count(PACK))>
+struct PhaseChain {
+  PhaseTerm<pack_mode(PACK, K), pack_factor(PACK, K), G, scalar_t, acc_t> term;
+  PhaseChain<PACK, K + 1, G, scalar_t, acc_t> next;
+  HRFAST_INLINE PhaseChain(const ForwardTileParams<scalar_t, acc_t>& p, int32_t n, int32_t c, int32_t gy, int32_t gx)
+      : term(p.t[K], n, c, gy, gx), next(p, n, c, gy, gx) {}
+  HRFAST_INLINE void row(int r, acc_t (&acc)[G]) const {
+    acc_t v[G];
+    term.row(r, v);
+#pragma unroll
+    for (int p = 0; p < G; ++p) acc[p] = K == 0 ? v[p] : acc[p] + v[p];
+    next.row(r, acc);
+  }
+};
+template <uint32_t PACK, int K, int G, typename scalar_t, typename acc_t>
+struct PhaseChain<PACK, K, G, scalar_t, acc_t, true> {
+  HRFAST_INLINE PhaseChain(const ForwardTileParams<scalar_t, acc_t>&, int32_t, int32_t, int32_t, int32_t) {}
+  HRFAST_INLINE void row(int, acc_t (&)[G]) const {}
+};
+
+// y = ReLU(sum of the terms of PACK (kPhasePacks)), a G x G output block of one channel per thread; NCHW
+// (output stride 1 along x), the output divided into blocks exactly (the launcher checks), int32 offsets.
+// Threads over (channel, block row, block column), the block column fastest: a warp's stores are G-element
+// vectors of 32 consecutive blocks of a row. ForwardTileParams with S = W / G block columns and HP = H / G
+// block rows; every thread below per_image has a whole block.
+template <typename scalar_t, typename acc_t, uint32_t PACK>
+struct PhaseKernel {
+  using acc_type = acc_t;
+  using Params = ForwardTileParams<scalar_t, acc_t>;
+  static constexpr int G = phase_group(PACK);
+  // fuse_cuda.cu min_blocks: 2 blocks of 256 threads per SM (<= 128 registers) but for double (sm_90, sbbb:
+  // float 255 -> 128 registers, no spills either way; double would spill)
+  static constexpr int kMinBlocks = sizeof(acc_t) <= 4 ? 2 : 1;
+  struct State {
+    int64_t c;
+  };
+  static constexpr int kSlots = 0;
+
+  static HRFAST_INLINE void start(const Params& p, const ThreadIdx& ti, State& s) {
+    s.c = 0;
+    const int32_t id = static_cast<int32_t>(ti.bx) * kThreads + static_cast<int32_t>(ti.ty * kBX + ti.tx);
+    if (id >= p.per_image) return;
+    const int32_t gx = id % p.S;
+    const int32_t r = id / p.S;
+    const int32_t gy = r % p.HP;
+    const int32_t c = r / p.HP;
+    const int32_t n = static_cast<int32_t>(ti.bz);
+    const PhaseChain<PACK, 0, G, scalar_t, acc_t> terms(p, n, c, gy, gx);
+    const int32_t col = n * p.so_n + c * p.so_c + G * gx;
+#pragma unroll
+    for (int r = 0; r < G; ++r) {
+      acc_t acc[G];
+      terms.row(r, acc);
+      if (p.relu) {
+#pragma unroll
+        for (int i = 0; i < G; ++i) acc[i] = relu_keep_nan(acc[i]);
+      }
+      store_run<G>(at32(p.out, col + (G * gy + r) * p.so_h), acc);
     }
   }
   static HRFAST_INLINE bool reduces(const Params&, int) { return false; }

@@ -119,6 +119,8 @@ struct Launchers {
   // sums `parts` [2, R, C]: slot 0 sum(u * z) when need_dscale, slot 1 sum(u) when need_dshift.
   at::Tensor (*backward_adjoint)(const at::Tensor& grad_y, const at::Tensor& y, bool relu, const TermSpec& term,
                                  const at::Tensor& dz, bool need_dscale, bool need_dshift);
+  // The name of the kernel struct `forward` runs for `out` and `terms` (tests; the instrument's model).
+  const char* (*forward_kernel)(const at::Tensor& out, const std::vector<TermSpec>& terms);
 };
 
 const Launchers& host_launchers();

@@ -180,6 +180,99 @@ void forward_pack_launch(const at::Tensor& out, const std::vector<TermSpec>& ter
   }
 }
 
+// The factor f of an axis ratio that is exactly 1 / f with f = 2, 4 or 8, else 0.
+inline int power_of_2_factor(const Ratio& r) {
+  if (r.num <= 0 || r.den % r.num != 0) return 0;
+  const int64_t f = r.den / r.num;
+  return f == 2 || f == 4 || f == 8 ? static_cast<int>(f) : 0;
+}
+
+// Whether `t` can be read (or written) as runs of g elements along x by PhaseKernel: stride 1 along x, its other
+// strides multiples of g, its data aligned to min(16, g * element size) bytes (load_run / store_run).
+inline bool runs_ok(const at::Tensor& t, int64_t g) {
+  if (t.stride(3) != 1) return false;
+  for (int64_t d : {0, 1, 2}) {
+    if (t.stride(d) % g != 0) return false;
+  }
+  const int64_t align = std::min<int64_t>(16, g * static_cast<int64_t>(t.element_size()));
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % align == 0;
+}
+
+// The pack of kPhasePacks that runs `out` and `terms` with PhaseKernel, else 0: NCHW (the output's stride along
+// x is 1), every term output-size, or nearest / bilinear without align_corners by a factor f in {2, 4, 8} on
+// both axes (the ratio exactly 1 / f) from a source of exactly H / f x W / f, the output divided into G x G
+// blocks (G the largest factor, at least 4), the output and each term read / written as runs of G / f
+// elements (`runs_ok`: output-size terms and the output G, the inner pixels of an upsampled term's window
+// G / f), every offset int32.
+inline uint32_t phase_pack(const at::Tensor& out, const std::vector<TermSpec>& terms) {
+  if (terms.empty() || terms.size() > static_cast<size_t>(kMaxPackTerms) || !fits_int32(out)) return 0;
+  const int64_t H = out.size(2), W = out.size(3);
+  uint32_t code = static_cast<uint32_t>(terms.size());
+  int g = 1;
+  for (size_t k = 0; k < terms.size(); ++k) {
+    const TermDesc& d = terms[k].desc;
+    const at::Tensor& x = terms[k].x;
+    if (!fits_int32(x)) return 0;
+    int f = 1;
+    if (d.mode != SAME) {
+      f = power_of_2_factor(d.ratio_h);
+      if (f == 0 || power_of_2_factor(d.ratio_w) != f || (d.mode == BILINEAR && d.align_corners)) return 0;
+      if (x.size(2) * f != H || x.size(3) * f != W) return 0;
+    }
+    g = std::max(g, f);
+    code |= static_cast<uint32_t>(d.mode) << (4 + 2 * k);
+    code |= static_cast<uint32_t>(f == 8 ? 3 : f == 4 ? 2 : f == 2 ? 1 : 0) << (16 + 2 * k);
+  }
+  if (g < 4 || H % g != 0 || W % g != 0 || !runs_ok(out, g)) return 0;
+  for (size_t k = 0; k < terms.size(); ++k) {
+    if (!runs_ok(terms[k].x, g / pack_factor(code, static_cast<int>(k)))) return 0;
+  }
+  for (uint32_t known : kPhasePacks) {
+    if (known == code) return code;
+  }
+  return 0;
+}
+
+// PhaseKernel<PACK> for the runtime `code` (one of kPhasePacks): one launch, G x G output pixels per thread.
+template <class Exec, typename scalar_t, typename acc_t, size_t... I>
+void phase_launch(const at::Tensor& out, const std::vector<TermSpec>& terms, bool relu, uint32_t code,
+                  std::index_sequence<I...>) {
+  const int64_t N = out.size(0), C = out.size(1), H = out.size(2), W = out.size(3);
+  const int64_t G = phase_group(code);
+  ForwardTileParams<scalar_t, acc_t> p;
+  for (size_t k = 0; k < terms.size(); ++k) p.t[k] = view32(make_view<scalar_t, acc_t>(terms[k], H, W));
+  p.out = out.data_ptr<scalar_t>();
+  p.so_n = static_cast<int32_t>(out.stride(0));
+  p.so_c = static_cast<int32_t>(out.stride(1));
+  p.so_h = static_cast<int32_t>(out.stride(2));
+  p.so_w = static_cast<int32_t>(out.stride(3));
+  p.C = static_cast<int32_t>(C);
+  p.H = static_cast<int32_t>(H);
+  p.W = static_cast<int32_t>(W);
+  p.S = static_cast<int32_t>(W / G);   // block columns
+  p.HP = static_cast<int32_t>(H / G);  // block rows
+  p.per_image = static_cast<int32_t>(C * p.HP * p.S);
+  p.cl = false;
+  p.relu = relu;
+  const Grid grid{(p.per_image + kThreads - 1) / kThreads, 1, N};
+  const bool ran = ((code == kPhasePacks[I]
+                         ? (Exec::template run<PhaseKernel<scalar_t, acc_t, kPhasePacks[I]>>(grid, p), true)
+                         : false) ||
+                    ...);
+  TORCH_CHECK(ran, "hrfast fuse: no phase kernel for pack ", code);
+}
+
+// The forward kernel that forward_launch runs for `out` and `terms` (its struct's name; tests and
+// hrfast/perf/cuda_cpp.py's model of the choice): the same tests in the same order.
+inline const char* forward_kernel_name(const at::Tensor& out, const std::vector<TermSpec>& terms) {
+  if (phase_pack(out, terms) != 0) return "PhaseKernel";
+  if ((fits_int32(out) ? forward_pack(terms) : 0) == 0) return "ForwardKernel";
+  bool vec = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "hrfast_fuse_forward_kernel",
+                                  [&] { vec = vec_ok<scalar_t>(out, terms); });
+  return vec ? "ForwardVecKernel" : "ForwardTileKernel";
+}
+
 // y = ReLU(sum_k Up_k(x_k) * scale_k + shift_k) into `out`; more than kMaxTerms terms are chained through a
 // partial sum in the accumulation type, laid out like `out` (empty_like keeps its strides), read and
 // rewritten in place element by element.
@@ -191,6 +284,14 @@ void forward_launch(const at::Tensor& out, const std::vector<TermSpec>& terms, b
   const bool cl = channels_last_like(out);
   const Grid grid = grid_for(cl, C, H * W, N);  // its limits hold for every path
   const int64_t K = static_cast<int64_t>(terms.size());
+  const uint32_t phase = phase_pack(out, terms);
+  if (phase != 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "hrfast_fuse_forward_phase", [&] {
+      phase_launch<Exec, scalar_t, at::opmath_type<scalar_t>>(
+          out, terms, relu, phase, std::make_index_sequence<sizeof(kPhasePacks) / sizeof(uint32_t)>{});
+    });
+    return;
+  }
   const uint32_t code = fits_int32(out) ? forward_pack(terms) : 0;
   if (code != 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "hrfast_fuse_forward_tile", [&] {
@@ -357,7 +458,8 @@ at::Tensor backward_adjoint_launch(const at::Tensor& grad_y, const at::Tensor& y
 // The launchers above with one executor (fuse_launch.h host_launchers / cuda_launchers).
 template <class Exec>
 const Launchers& launchers_of() {
-  static const Launchers table{&forward_launch<Exec>, &backward_same_launch<Exec>, &backward_adjoint_launch<Exec>};
+  static const Launchers table{&forward_launch<Exec>, &backward_same_launch<Exec>, &backward_adjoint_launch<Exec>,
+                               &forward_kernel_name};
   return table;
 }
 

@@ -120,6 +120,112 @@ def test_fast_paths(case, dtype, layout, param_dtype):
     base.check_fuse(case, dtype, layout, param_dtype, backend="cuda")
 
 
+# PhaseKernel (NCHW; every term output-size or nearest / bilinear by 2, 4 or 8 from a source of exactly the output
+# size over the factor, some term by 4 or more; kPhasePacks): a G x G output block of one channel per thread,
+# G the largest factor. Odd numbers of block rows and columns (16 x 40 at G = 8: 2 x 5 blocks; 12 x 20 at
+# G = 4: 3 x 5), a last grid block that is partly past the threads (C = 37: 370 threads, two blocks of 256;
+# C = 5: 75), sources of one pixel (every tap clamped at both ends) and of 3 or 5 (odd), the image's first and
+# last groups of rows and columns, bilinear and nearest packs of every G, without the ReLU, scales and shifts
+# mixed (some terms with neither).
+PHASE_SBBB = [((16, 40), None), ((8, 20), bil()), ((4, 10), bil()), ((2, 5), bil())]
+PHASE_CASES = [
+    pytest.param(Case((16, 40), PHASE_SBBB, N=2, C=37, affine="mixed"), F64, None, id="sbbb_1248_fp64"),
+    pytest.param(Case((16, 40), PHASE_SBBB, N=1, C=5, affine="mixed"), F32, None, id="sbbb_1248_fp32"),
+    pytest.param(Case((16, 40), PHASE_SBBB, N=2, C=6, affine="mixed"), BF16, F32, id="sbbb_1248_bf16"),
+    pytest.param(Case((8, 8), [((8, 8), None), ((4, 4), bil()), ((2, 2), bil()), ((1, 1), bil())], N=2, C=3,
+                      relu=False), F64, None, id="sbbb_1x1_source_no_relu_fp64"),
+    pytest.param(Case((12, 20), [((12, 20), None), ((12, 20), None), ((6, 10), bil()), ((3, 5), bil())], N=2, C=5,
+                      affine="mixed"), F32, None, id="ssbb_1124_fp32"),
+    pytest.param(Case((12, 20), [((12, 20), None), ((12, 20), None), ((6, 10), bil()), ((3, 5), bil())], N=1, C=4),
+                 BF16, F32, id="ssbb_1124_bf16"),
+    pytest.param(Case((8, 12), [((8, 12), None), ((4, 6), bil()), ((2, 3), bil())], N=2, C=3, affine="mixed"), F64,
+                 None, id="sbb_124_fp64"),
+    pytest.param(Case((16, 24), [((16, 24), None), ((8, 12), near()), ((4, 6), near()), ((2, 3), near())], N=2, C=5,
+                      affine="mixed"), F64, None, id="snnn_1248_fp64"),
+    pytest.param(Case((16, 24), [((16, 24), None), ((8, 12), near()), ((4, 6), near()), ((2, 3), near())], N=1, C=3),
+                 BF16, F32, id="snnn_1248_bf16"),
+    pytest.param(Case((12, 8), [((12, 8), None), ((12, 8), None), ((6, 4), near()), ((3, 2), near())], N=2, C=3,
+                      affine="mixed", relu=False), F32, None, id="ssnn_1124_fp32"),
+    pytest.param(Case((4, 12), [((4, 12), None), ((2, 6), near()), ((1, 3), near())], N=2, C=3, affine="mixed"), F64,
+                 None, id="snn_124_fp64"),
+]
+
+
+def _forward_kernel(xs, scales, shifts, resamples, size, relu, channels_last):
+    """The forward kernel the C++ launcher runs for these arguments (fuse_launchers.h forward_kernel_name)."""
+    plan, kxs, kscales, kshifts = base._kernel_args(xs, scales, shifts, resamples, size, relu, channels_last)
+    return _ext().forward_kernel(plan.terms, kxs, kscales, kshifts, plan.size, plan.channels_last)
+
+
+@pytest.mark.parametrize("case, dtype, param_dtype", PHASE_CASES)
+def test_phase_kernel(case, dtype, param_dtype):
+    xs, scales, shifts, resamples, _ = base._build(case, dtype, "nchw", param_dtype)
+    assert _forward_kernel(xs, scales, shifts, resamples, case.size, case.relu, False) == "PhaseKernel"
+    base.check_fuse(case, dtype, "nchw", param_dtype, backend="cuda")
+
+
+@pytest.mark.parametrize("dtype", [F64, F32, BF16], ids=str)
+@pytest.mark.parametrize("terms", ["sbbb", "snnn"])
+def test_phase_kernel_matches_the_other_kernels_bitwise(terms, dtype):
+    """PhaseKernel computes ForwardTileKernel's (and the generic kernel's) arithmetic in its order: the same
+    bits, NaN and inf included, with non-finite values in the image's first and last rows and columns (read at
+    weight 0 by the outputs where ATen's source index clamps). The other kernel runs the same values when the
+    output-size term is a view whose rows are not whole G-element runs (stride W + 1): ForwardTileKernel for
+    the bilinear pack, the generic ForwardKernel for the nearest one (no tile pack)."""
+    mode = bil() if terms == "sbbb" else near()
+    case = Case((16, 24), [((16, 24), None), ((8, 12), mode), ((4, 6), mode), ((2, 3), mode)], N=2, C=3,
+                affine="mixed")
+    xs, scales, shifts, resamples, _ = base._build(case, dtype, "nchw")
+    xs = [x.detach() for x in xs]
+    xs[1][0, 1, 0, 1] = float("inf")  # row 0, column 1: read at weight 0 by output (0, 0)
+    xs[1][1, 2, 7, 11] = float("nan")  # last row and column
+    xs[2][0, 0, 0, 0] = float("-inf")
+    xs[2][1, 1, 3, 0] = float("nan")
+    xs[3][0, 2, 1, 2] = float("inf")
+    xs[0][1, 0, 15, 23] = float("nan")
+    padded = torch.zeros(2, 3, 16, 25, dtype=dtype, device=DEVICE)[..., :24]
+    padded.copy_(xs[0])
+    args = (scales, shifts, resamples, case.size, case.relu, False)
+    assert _forward_kernel(xs, *args) == "PhaseKernel"
+    other = "ForwardTileKernel" if terms == "sbbb" else "ForwardKernel"
+    assert _forward_kernel([padded] + xs[1:], *args) == other
+    with torch.no_grad():
+        phased = fuse(xs, scales=scales, shifts=shifts, resample=resamples, relu=case.relu, backend="cuda")
+        tiled = fuse([padded] + xs[1:], scales=scales, shifts=shifts, resample=resamples, relu=case.relu,
+                     backend="cuda")
+    bits = {F64: torch.int64, F32: torch.int32, BF16: torch.int16}[dtype]
+    assert torch.equal(phased.view(bits), tiled.view(bits))
+    assert torch.isnan(tiled).any() and torch.isinf(tiled).any()
+    assert torch.isfinite(tiled).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("name, case, layout, dtype, kernel", [
+    ("phase", Case((16, 40), PHASE_SBBB, N=1, C=8), "nchw", BF16, "PhaseKernel"),
+    ("phase_fp32", Case((16, 40), PHASE_SBBB, N=1, C=8), "nchw", F32, "PhaseKernel"),
+    # channels_last, ragged sizes, align_corners, an x2-only pack, a strided output-size term: the other kernels
+    ("vec_cl", Case((16, 40), PHASE_SBBB, N=1, C=8), "channels_last", BF16, "ForwardVecKernel"),
+    ("tile_cl_c3", Case((16, 40), PHASE_SBBB, N=1, C=3), "channels_last", BF16, "ForwardTileKernel"),
+    ("tile_ragged", Case((8, 20), PACK_SBBB, N=1, C=8), "nchw", BF16, "ForwardTileKernel"),
+    ("tile_corners", Case((16, 40), PHASE_SBBB[:3] + [((2, 5), bil(align_corners=True))], N=1, C=8), "nchw", BF16,
+     "ForwardTileKernel"),
+    ("tile_x2", Case((16, 40), PHASE_SBBB[:2], N=1, C=8), "nchw", F32, "ForwardTileKernel"),
+    ("generic", Case((16, 40), [((16, 40), None), ((8, 20), near()), ((4, 10), bil())], N=1, C=8), "nchw", F32,
+     "ForwardKernel"),
+])
+def test_forward_kernel_choice_matches_the_model(name, case, layout, dtype, kernel):
+    """The launcher's choice of forward kernel, and hrfast/perf/cuda_cpp.py's model of it (the instrument
+    prices that kernel), for dense tensors from torch's allocator."""
+    from hrfast.perf import cuda_cpp
+    from hrfast.perf.opcalls import OpCall
+
+    xs, scales, shifts, resamples, _ = base._build(case, dtype, layout)
+    cl = layout == "channels_last"
+    assert _forward_kernel(xs, scales, shifts, resamples, case.size, case.relu, cl) == kernel
+    plan, *_ = base._kernel_args(xs, scales, shifts, resamples, case.size, case.relu, cl)
+    call = OpCall(kind="fuse", inputs=[tuple(x.shape) for x in xs], dtype=dtype, plan=plan)
+    assert [str(launch.kernel) for launch in cuda_cpp.launches(call, False)] == [kernel]
+
+
 # ------------------------------------------------------------------------------------- the launch structure
 
 # More terms than one launch takes (kMaxTerms = 8). 11 terms, 5 of output size: a forward chain of 2 launches

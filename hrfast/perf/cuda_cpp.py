@@ -2,7 +2,10 @@
 
 Their launches are made by C++ (csrc/fuse_launchers.h), so they are derived here from each recorded op call's
 plan and shapes, following csrc/README.md: blocks of 32 x 8 threads, grid z = image.
-- forward: `ForwardTileKernel<PACK>` when the terms' modes are one of the compiled packs (FORWARD_PACKS, at
+- forward: `PhaseKernel<PACK>` in NCHW when every term is output-size or nearest / bilinear (no align_corners)
+  by a factor f in {2, 4, 8} from a source of exactly H / f x W / f, some term by 4 or more, and the modes and
+  factors are one of the compiled packs (PHASE_PACKS): a G x G output block of one channel per thread (G the
+  largest factor), one launch; else `ForwardTileKernel<PACK>` when the terms' modes are one of the compiled packs (FORWARD_PACKS, at
   most 4 terms) and the offsets fit in int32: 2 x 8 output pixels (2 rows) per thread, one launch; in
   channels_last with the channels a multiple of 16 bytes' worth (VEC_BYTES; strides and alignment are assumed
   to follow, as for tensors from torch's allocator) `ForwardVecKernel<PACK>` instead: 16-byte channel vectors
@@ -39,6 +42,9 @@ PB = 16  # csrc/fuse_kernels.h kPB: output pixels per thread in BackwardSameKern
 PS = 8  # csrc/fuse_kernels.h adjoint_ps: source pixels per thread in the register AdjointKernel (32 / KMAX from 8)
 # csrc/fuse_kernels.h kForwardPacks (s same, n nearest, b bilinear), and AdjointKernel's register windows
 FORWARD_PACKS = ("s", "ss", "sb", "sss", "ssb", "sbb", "ssss", "sssb", "ssbb", "sbbb")
+# csrc/fuse_kernels.h kPhasePacks: (modes, factors) of PhaseKernel
+PHASE_PACKS = (("sbbb", "1248"), ("ssbb", "1124"), ("sbb", "124"), ("snnn", "1248"), ("ssnn", "1124"),
+               ("snn", "124"))
 ADJOINT_WINDOWS = {2: (4, 8, 16), 1: (2, 4, 8)}  # by mode: bilinear, nearest (exact windows)
 INT32_SPAN = 1 << 30  # csrc/fuse_launchers.h fits_int32
 
@@ -59,12 +65,47 @@ class KernelName(str):
         return obj
 
 
-def pack_code(modes: str) -> int:
-    """csrc/fuse_kernels.h pack_code: the count in bits 0-3, term k's mode in bits 4 + 2k."""
+def pack_code(modes: str, factors: str = "") -> int:
+    """csrc/fuse_kernels.h pack_code: the count in bits 0-3, term k's mode in bits 4 + 2k; with `factors`
+    phase_code: term k's log2 factor in bits 16 + 2k."""
     code = len(modes)
     for k, m in enumerate(modes):
         code |= "snb".index(m) << (4 + 2 * k)
+    for k, f in enumerate(factors):
+        code |= "1248".index(f) << (16 + 2 * k)
     return code
+
+
+def _phase_factor(ratio) -> int:
+    """csrc/fuse_launchers.h power_of_2_factor: f where the ratio is exactly 1 / f, f in {2, 4, 8}, else 0."""
+    num, den = ratio
+    if num <= 0 or den % num:
+        return 0
+    f = den // num
+    return f if f in (2, 4, 8) else 0
+
+
+def phase_pack(plan, shapes, out_shape):
+    """csrc/fuse_launchers.h phase_pack for dense tensors from torch's allocator (strides and alignment follow):
+    (modes, factors, G) of the PhaseKernel pack that runs the call, or None."""
+    N, C, H, W = out_shape
+    if plan.channels_last and C > 1 or not 0 < len(plan.terms) <= 4:
+        return None
+    modes, factors = "", ""
+    for shape, t in zip(shapes, plan.terms):
+        f = 1
+        if t.mode != 0:
+            f = _phase_factor(t.ratio_h)
+            if not f or _phase_factor(t.ratio_w) != f or (t.mode == 2 and t.align_corners):
+                return None
+            if shape[2] * f != H or shape[3] * f != W:
+                return None
+        modes += "snb"[t.mode]
+        factors += str(f)
+    G = max(int(f) for f in factors)
+    if G < 4 or H % G or W % G or (modes, factors) not in PHASE_PACKS:
+        return None
+    return modes, factors, G
 
 
 @dataclass
@@ -121,7 +162,16 @@ def launches(call: OpCall, training: bool) -> List[CudaLaunch]:
     modes = "".join("snb"[t.mode] for t in plan.terms)
     fits = all(_span(s) < INT32_SPAN for s in [*shapes, (N, C, H, W)])
     vec = VEC_BYTES // size
-    if modes in FORWARD_PACKS and fits and cl and C % vec == 0:
+    phase = phase_pack(plan, shapes, (N, C, H, W)) if fits else None
+    if phase is not None:
+        G = phase[2]
+        threads = C * (H // G) * (W // G)
+        elems = sum(math.prod(s) for s in shapes) + out
+        result.append(CudaLaunch(KernelName("PhaseKernel", f"Lj{pack_code(phase[0], phase[1])}E"), "forward",
+                                 math.ceil(threads / (BLOCK_X * BLOCK_Y)) * N * (BLOCK_X * BLOCK_Y // 32),
+                                 elems * size, dict(count=len(modes), elements=out)))
+        starts = []
+    elif modes in FORWARD_PACKS and fits and cl and C % vec == 0:
         threads = C // vec * H * math.ceil(W / VPX)
         elems = sum(math.prod(s) for s in shapes) + out
         result.append(CudaLaunch(KernelName("ForwardVecKernel", f"Lj{pack_code(modes)}E"), "forward",

@@ -232,6 +232,8 @@ CUDA_KERNELS: Dict[str, KernelWork] = {
     "ForwardTileKernel": KernelWork(trips=lambda p: [], elements=lambda p: p["elements"]),
     # the same in channels_last, 16-byte channel vectors of kVPX pixels per thread: straight-line code
     "ForwardVecKernel": KernelWork(trips=lambda p: [], elements=lambda p: p["elements"]),
+    # power-of-2 upsampling in NCHW, a G x G output block per thread, phases unrolled: straight-line code
+    "PhaseKernel": KernelWork(trips=lambda p: [], elements=lambda p: p["elements"]),
     # kPB pixels per thread: the dx loop over the terms unrolled by 2 (remainder peeled), the slots loop
     "BackwardSameKernel": KernelWork(trips=lambda p: [p["count"] // 2, p["slots"]],
                                      elements=lambda p: p["elements"]),

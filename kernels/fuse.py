@@ -25,7 +25,11 @@ Backward: `_fuse_backward_same_kernel` applies the ReLU mask once, writes the gr
 terms in one launch and, if there are upsampled terms, the masked gradient g (which is also the gradient of
 an unscaled output-size term: that term gets g itself, not a copy). `_upsample_adjoint_kernel` then runs per
 upsampled term on [channels x rows x columns] tiles of source pixels: the adjoint of Up as a gather (each
-source pixel sums the output pixels that read it, with their weights, computed per tile row and column). No
+source pixel sums the output pixels that read it, with their weights, computed per tile row and column).
+bf16 / fp16 terms upsampled bilinearly by 2, 4 or 8 take its phase form instead (`_adjoint_phases`): no loop,
+a thread owns a few source pixels of one source row, reads its window of g once per row as vectors (NCHW) or
+column by column (channels_last), sums it over the window's rows with compile-time tent weights, then over
+each pixel's columns. No
 atomics anywhere: per-channel gradients are per-tile partial sums, all of a backward call in one buffer, reduced
 in a fixed order by one `_reduce_partials_kernel` launch straight into each gradient's own [C] tensor (no ATen
 sums or copies), so results are bitwise deterministic.
@@ -402,6 +406,7 @@ def _upsample_adjoint_kernel(
     MODE: tl.constexpr, ALIGN: tl.constexpr, HAS_SCALE: tl.constexpr, NEED_DZ: tl.constexpr,
     NEED_DSCALE: tl.constexpr, NEED_DSHIFT: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    PH: tl.constexpr = 0, PW: tl.constexpr = 0, PQ: tl.constexpr = 0, COLS: tl.constexpr = False,
 ):
     """u = Up^T(g) at the source z's resolution; dz = u * scale; partials of sum(u * z) (slot 0), sum(u) (slot 1).
 
@@ -410,7 +415,27 @@ def _upsample_adjoint_kernel(
     the window only has to be wide enough, never exact. The weights are separable: computed per tile row (ky)
     and per tile column (kx), multiplied once per pixel, shared by the channels; reads of zero weight are
     skipped (masked), as an output pixel outside the image has weight 0.
+
+    PH, PW > 0: the phase form (`_adjoint_phases`, below) for bilinear (no align_corners) by the powers of 2
+    PH x PW, loop-free: one source row of BLOCK_W columns per program, PQ of them per thread (BLOCK_H = 1),
+    g's columns read one by one where COLS (channels_last), else as vectors along its rows; window_h /
+    window_w unused.
     """
+    if PH > 0:
+        _adjoint_phases(g_ptr, g_strides, H, scale_ptr, dz_ptr, dz_strides, part_ptr, R, C, src, HAS_SCALE,
+                        NEED_DZ, NEED_DSCALE, NEED_DSHIFT, INT64, PH, PW, PQ, COLS, BLOCK_C, BLOCK_W // PQ)
+    else:
+        _adjoint_gather(g_ptr, g_strides, H, W, scale_ptr, dz_ptr, dz_strides, part_ptr, R, C, src, window_h,
+                        window_w, MODE, ALIGN, HAS_SCALE, NEED_DZ, NEED_DSCALE, NEED_DSHIFT, F64, INT64, BLOCK_C,
+                        BLOCK_H, BLOCK_W)
+
+
+@triton.jit
+def _adjoint_gather(g_ptr, g_strides, H, W, scale_ptr, dz_ptr, dz_strides, part_ptr, R, C, src, window_h, window_w,
+                    MODE: tl.constexpr, ALIGN: tl.constexpr, HAS_SCALE: tl.constexpr, NEED_DZ: tl.constexpr,
+                    NEED_DSCALE: tl.constexpr, NEED_DSHIFT: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr,
+                    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """The general `_upsample_adjoint_kernel`: windows [first_reader(s), + K), two loops."""
     acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
     z_ptr, h, w, z_strides, ratio_h, ratio_w = src
     KH, step_h, off_h = window_h
@@ -449,6 +474,170 @@ def _upsample_adjoint_kernel(
             u += gv.to(acc_t) * wgt
     _adjoint_epilogue(u, n, c, cc, qy, qx, sy, sx, h, w, C, R, z_ptr, z_strides, scale_ptr, dz_ptr, dz_strides,
                       part_ptr, HAS_SCALE, NEED_DZ, NEED_DSCALE, NEED_DSHIFT, F64, INT64)
+
+
+@triton.constexpr_function
+def _tent(k, f):
+    """Weight with which source s reads output s * f - f / 2 + k (k in [0, 2f)) along a x f bilinear axis
+    (f a power of 2, no align_corners), away from the image's edges: ATen's l1 (k < f) or l0 (k >= f) of that
+    output, a dyadic fraction, so the float32 constant is exactly the gather's float32 weight."""
+    return (k + 0.5) / f if k < f else (2 * f - k - 0.5) / f
+
+
+@triton.jit
+def _tent_edge(k: tl.constexpr, f: tl.constexpr, first, last):
+    """`_tent` at the image's edges: the outputs [0, f/2) read source 0 with weight 1 (ATen's index clamps at
+    0: taps (0, 1), weights (1, 0)), the outputs [n f - f/2, n f) the last source with weight l0 + l1 = 1 (both
+    taps on it). `first` / `last`: s == 0 / s == n - 1 (tensors or scalars)."""
+    if 2 * k < f:
+        v = _tent(k, f)
+    elif k < f:
+        v = tl.where(first, 1.0, _tent(k, f))
+    elif 2 * k < 3 * f:
+        v = tl.where(last, 1.0, _tent(k, f))
+    else:
+        v = _tent(k, f)
+    return v
+
+
+@triton.constexpr_function
+def _piece(P, f, cols, i=None, field=None):
+    """How `_adjoint_phases` reads a thread's output columns [-f, (P + 1) f) (from s0 f, s0 its first source
+    column) along a row: the number of pieces (i None), else piece i's (start, width)[field]. Vectors along the
+    row (cols False, NCHW): the left group (its upper half used: left of s0's window), the P f middle columns
+    in vectors of up to 8 elements (16 bytes of bf16), the right group (its lower half used). cols (channels
+    along the contiguous axis): each of the (P + 1) f columns [-f/2, P f + f/2) it uses on its own."""
+    middle = min(8, P * f)
+    if cols:
+        pieces = [(j - f // 2, 1) for j in range((P + 1) * f)]
+    else:
+        pieces = [(-f, f)] + [(m * middle, middle) for m in range(P * f // middle)] + [(P * f, f)]
+    return len(pieces) if i is None else pieces[i][field]
+
+
+@triton.jit
+def _adjoint_phases(g_ptr, g_strides, H, scale_ptr, dz_ptr, dz_strides, part_ptr, R, C, src,
+                    HAS_SCALE: tl.constexpr, NEED_DZ: tl.constexpr, NEED_DSCALE: tl.constexpr,
+                    NEED_DSHIFT: tl.constexpr, INT64: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                    P: tl.constexpr, COLS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """`_upsample_adjoint_kernel` for bilinear (no align_corners) by the powers of 2 PH x PW, float32
+    accumulation, g exactly PH x PW times z's size: one program per source row sy, BLOCK_Q * P columns and
+    BLOCK_C channels, which the launcher made cover the source exactly (no tail); a thread owns P consecutive
+    source pixels of one channel. Source s reads the outputs [s f - f/2, s f + 3 f/2) on each axis with the
+    tent weights (`_tent`: compile-time constants; `_tent_edge` at the image's edges); outputs outside the image
+    are not read (as the gather skips reads of weight 0). Separable, rows first: the thread's output columns
+    [(s0 - 1) f, (s0 + P + 1) f) in pieces (`_piece`: aligned vectors, or single columns where COLS), each
+    summed over the window's 2 PH rows with the row weights (in row order); then each source pixel's u = its
+    window's columns of those sums with the column weights (in column order). A fixed order: deterministic."""
+    z_ptr, h, w, z_strides, ratio_h, ratio_w = src
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    n = tl.program_id(2)
+    tiles_q = w // (BLOCK_Q * P)
+    sy = pid_p // tiles_q
+    sx0 = ((pid_p % tiles_q) * BLOCK_Q + tl.arange(0, BLOCK_Q)) * P
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    first_y = sy == 0
+    last_y = sy == h - 1
+    nn = n
+    cc = c
+    sxo = sx0
+    syo = sy
+    if INT64:
+        nn = n.to(tl.int64)
+        cc = c.to(tl.int64)
+        sxo = sx0.to(tl.int64)
+        syo = sy.to(tl.int64)
+    g_n, g_c, g_h, g_w = g_strides
+    chan = (nn * g_n + cc * g_c)[:, None, None]
+    left_ok = (sx0 > 0)[None, :, None]
+    right_ok = (sx0 + P < w)[None, :, None]
+    # the thread's output columns in pieces (`_piece`), per piece the sum over the window's rows
+    acc = ()
+    for k in tl.static_range(2 * PH):
+        dy = PH * sy - PH // 2 + k
+        if INT64:
+            dy = dy.to(tl.int64)
+        row = g_ptr + (chan + dy * g_h)
+        wy = _tent_edge(k, PH, first_y, last_y)
+        # rows above (below) the image for the first (last) source row: masked
+        if 2 * k < PH:
+            row_ok = sy > 0
+        else:
+            row_ok = sy < h - 1
+        vals = ()
+        for i in tl.static_range(_piece(P, PW, COLS)):
+            offs = ((PW * sxo + _piece(P, PW, COLS, i, 0))[None, :, None]
+                    + tl.arange(0, _piece(P, PW, COLS, i, 1))[None, None, :])
+            ptrs = row + offs * g_w
+            if (2 * k < PH) or (2 * k >= 3 * PH):
+                if _piece(P, PW, COLS, i, 0) < 0:
+                    v = tl.load(ptrs, mask=row_ok & left_ok, other=0.0)
+                elif _piece(P, PW, COLS, i, 0) >= P * PW:
+                    v = tl.load(ptrs, mask=row_ok & right_ok, other=0.0)
+                else:
+                    v = tl.load(ptrs, mask=row_ok, other=0.0)
+            else:
+                if _piece(P, PW, COLS, i, 0) < 0:
+                    v = tl.load(ptrs, mask=left_ok, other=0.0)
+                elif _piece(P, PW, COLS, i, 0) >= P * PW:
+                    v = tl.load(ptrs, mask=right_ok, other=0.0)
+                else:
+                    v = tl.load(ptrs)
+            vals = vals + (v,)
+        if k == 0:
+            for i in tl.static_range(len(vals)):
+                acc = acc + (vals[i].to(tl.float32) * wy,)
+        else:
+            nxt = ()
+            for i in tl.static_range(len(vals)):
+                nxt = nxt + (acc[i] + vals[i].to(tl.float32) * wy,)
+            acc = nxt
+    first_x = (sx0 == 0)[None, :, None]
+    last_x = (sx0 + P == w)[None, :, None]
+    sum_u = tl.zeros([BLOCK_C, BLOCK_Q], dtype=tl.float32)
+    sum_uz = tl.zeros([BLOCK_C, BLOCK_Q], dtype=tl.float32)
+    scale = 1.0
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + c).to(tl.float32)[:, None]
+    z_n, z_c, z_h, z_w = z_strides
+    d_n, d_c, d_h, d_w = dz_strides
+    for p in tl.static_range(P):
+        lo = p * PW - PW // 2  # window of pixel p, columns from s0 PW
+        u = tl.zeros([BLOCK_C, BLOCK_Q], dtype=tl.float32)
+        for i in tl.static_range(_piece(P, PW, COLS)):
+            start = _piece(P, PW, COLS, i, 0)
+            if (start < lo + 2 * PW) and (start + _piece(P, PW, COLS, i, 1) > lo):  # the piece meets the window
+                u += _window_sum(acc[i], start, lo, PW, p == 0, p == P - 1, first_x, last_x)
+        if NEED_DZ:
+            tl.store(dz_ptr + ((nn * d_n + cc * d_c)[:, None] + (syo * d_h + (sxo + p) * d_w)[None, :]),
+                     (u * scale).to(dz_ptr.dtype.element_ty))
+        if NEED_DSCALE:
+            z = tl.load(z_ptr + ((nn * z_n + cc * z_c)[:, None] + (syo * z_h + (sxo + p) * z_w)[None, :]))
+            sum_uz += u * z.to(tl.float32)
+        sum_u += u
+    row_id = n * tl.num_programs(0) + pid_p
+    if NEED_DSCALE:
+        tl.store(part_ptr + row_id * C + c, tl.sum(sum_uz, axis=1))
+    if NEED_DSHIFT:
+        tl.store(part_ptr + (R + row_id) * C + c, tl.sum(sum_u, axis=1))
+
+
+@triton.jit
+def _window_sum(a, start: tl.constexpr, lo: tl.constexpr, f: tl.constexpr, AT_FIRST: tl.constexpr,
+                AT_LAST: tl.constexpr, first_x, last_x):
+    """sum over the columns x = start + j of a ([BLOCK_C, BLOCK_Q, V], j < V) inside the window [lo, lo + 2f)
+    of a * the column weight _tent(x - lo) (`_tent_edge` at the image's first / last column where AT_FIRST /
+    AT_LAST), in column order; columns outside the window are left out (-0.0 adds nothing)."""
+    V: tl.constexpr = a.shape[2]
+    k = (tl.arange(0, V) + (start - lo)).to(tl.float32)[None, None, :]
+    wgt = tl.where(k < f, (k + 0.5) / f, (2 * f - 0.5 - k) / f)
+    if AT_FIRST:
+        wgt = tl.where(first_x & (k >= f // 2) & (k < f), 1.0, wgt)
+    if AT_LAST:
+        wgt = tl.where(last_x & (k >= f) & (k < f + f // 2), 1.0, wgt)
+    inside = (k >= 0) & (k < 2 * f)
+    return tl.sum(tl.where(inside, a * wgt, -0.0), axis=2)
 
 
 @triton.jit
@@ -746,7 +935,7 @@ def fuse_backward(plan: FusePlan, grad_y: Tensor, y: Optional[Tensor], xs: Seque
     N, C, H, W = grad_y.shape
     same = [k for k, t in enumerate(plan.terms) if t.mode == SAME]
     same_cfg = _same_config(C, H * W, N, _is_channels_last(grad_y))
-    adjoint_cfgs = {k: _adjoint_config(xs[k]) for k in upsampled}
+    adjoint_cfgs = {k: _adjoint_config(xs[k], plan.terms[k], H, W, _is_channels_last(grad_y)) for k in upsampled}
     # the partial-sum buffer: the output-size kernel's slots (one per output-size term, then sum(g)), then two
     # (sum(u * z), sum(u)) per upsampled term; each kernel gets its [slots, R, C] view
     sizes = [(len(same) + 1) * same_cfg[3] * C] + [2 * adjoint_cfgs[k][3] * C for k in upsampled]
@@ -868,13 +1057,69 @@ def _same_term_args(x: Tensor, scale: Optional[Tensor], dx: Optional[Tensor], re
     return (x, tuple(x.stride()), _or(scale, stand_in), dx, tuple(dx.stride()))
 
 
-def _adjoint_config(z: Tensor) -> Tuple[int, int, int, int, Tuple[int, int, int]]:
-    """(BLOCK_C, BLOCK_H, BLOCK_W, R, grid) of `_upsample_adjoint_kernel` over source z: R = rows of partial
-    sums (one per program along pixels and image)."""
+def _adjoint_config(z: Tensor, term: TermPlan, H: int, W: int, channels_last: bool
+                    ) -> Tuple[int, int, int, int, Tuple[int, int, int], Optional[Tuple[int, int, int, bool]]]:
+    """(BLOCK_C, BLOCK_H, BLOCK_W, R, grid, phase) of `_upsample_adjoint_kernel` over source z for a gradient
+    of size H x W (channels_last: g's layout): R = rows of partial sums (one per program along pixels and
+    image); phase = (PH, PW, PQ, COLS) where the phase form runs (`_adjoint_phase_factors`,
+    `_adjoint_phase_tile`), else None."""
     N, C, h, w = z.shape
+    phase = _adjoint_phase_factors(term, z, H, W)
+    if phase is not None:
+        cols = channels_last
+        block_c, block_q, pq = _adjoint_phase_tile(C, w, phase[1], cols)
+        grid = launch_grid(h * (w // (block_q * pq)), C // block_c, N)
+        return block_c, 1, block_q * pq, grid[0] * N, grid, (*phase, pq, cols)
     block_c, block_h, block_w = _grid_tile(C, h, w, _is_channels_last(z), budget=ADJOINT_TILE, max_w=ADJOINT_MAX_W)
     grid = launch_grid(cdiv(h, block_h) * cdiv(w, block_w), cdiv(C, block_c), N)
-    return block_c, block_h, block_w, grid[0] * N, grid
+    return block_c, block_h, block_w, grid[0] * N, grid, None
+
+
+# Threads per program of the adjoint's phase form (one source pixel of one channel each) and the widest row of
+# source pixels per program.
+ADJOINT_PHASE_THREADS = 128
+ADJOINT_PHASE_MAX_Q = 32
+ADJOINT_PHASE_PIXELS = 16
+# channels_last: up to 64 channels per program (contiguous), 512 elements (4 per thread: 8-byte loads of 4
+# channels; sm_90, W48 stage 4 bf16 x2 / x4 / x8 issue/bytes 0.89 / 0.97 / 1.13 with 128, 0.47 / 0.55 / 0.68
+# with 512 at 95 / 102 / 134 registers)
+ADJOINT_PHASE_CL_C = 64
+ADJOINT_PHASE_CL_ELEMS = 512
+
+
+def _adjoint_phase_tile(C: int, w: int, fw: int, cols: bool) -> Tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_Q, PQ) of the phase form: PQ source columns per thread (a thread's share of fixed costs
+    against its loads: ADJOINT_PHASE_PIXELS // fw, at least 1; cols: half that, its columns one by one),
+    BLOCK_Q threads along a row (a power of 2 up to 32: a warp's loads along a row are contiguous in NCHW),
+    BLOCK_Q * PQ dividing w, BLOCK_C channels (a power of 2 dividing C)."""
+    pq = max(1, ADJOINT_PHASE_PIXELS // fw // (2 if cols else 1))
+    while pq > 1 and w % pq:
+        pq //= 2
+    block_q = min(ADJOINT_PHASE_MAX_Q, next_power_of_2(w // pq))
+    while block_q > 1 and (w // pq) % block_q:
+        block_q //= 2
+    if cols:
+        block_c = channel_block(C, ADJOINT_PHASE_CL_C)
+        block_q = min(block_q, max(1, ADJOINT_PHASE_CL_ELEMS // block_c))
+    else:
+        block_c = min(channel_block(C, ADJOINT_PHASE_THREADS), max(1, ADJOINT_PHASE_THREADS // block_q))
+    while block_c > 1 and C % block_c:
+        block_c //= 2
+    return block_c, block_q, pq
+
+
+def _adjoint_phase_factors(term: TermPlan, z: Tensor, H: int, W: int) -> Optional[Tuple[int, int]]:
+    """(PH, PW) where `_upsample_adjoint_kernel` takes the phase form: 2-byte floats (fp32 / fp64 keep the
+    gather), bilinear without align_corners by exactly 1/f on both axes with f a power of 2 in 2..8, g exactly
+    f times z's size; else None."""
+    if z.dtype not in (torch.bfloat16, torch.float16) or term.mode != BILINEAR or term.align_corners:
+        return None
+    factors = []
+    for (num, den), n_in, n_out in ((term.ratio_h, z.shape[2], H), (term.ratio_w, z.shape[3], W)):
+        if num != 1 or den not in (2, 4, 8) or n_in * den != n_out:
+            return None
+        factors.append(den)
+    return factors[0], factors[1]
 
 
 def _adjoint_launch(term: TermPlan, g: Tensor, z: Tensor, scale: Optional[Tensor],
@@ -885,9 +1130,10 @@ def _adjoint_launch(term: TermPlan, g: Tensor, z: Tensor, scale: Optional[Tensor
     N, C, h, w = z.shape
     H, W = g.shape[2:]
     dz = _empty_grad(z, g) if need_dz else None
-    block_c, block_h, block_w, R, grid = config
+    block_c, block_h, block_w, R, grid, phase = config
     dz_arg = _or(dz, z)
     if z.numel() > 0 and (need_dz or need_dscale or need_dshift):
+        ph = dict(PH=phase[0], PW=phase[1], PQ=phase[2], COLS=phase[3]) if phase is not None else {}
         with _device_context(z):
             _upsample_adjoint_kernel[grid](
                 g, tuple(g.stride()), H, W, _or(scale, z), dz_arg, tuple(dz_arg.stride()), parts, R, C,
@@ -896,7 +1142,7 @@ def _adjoint_launch(term: TermPlan, g: Tensor, z: Tensor, scale: Optional[Tensor
                 MODE=term.mode, ALIGN=bool(term.align_corners), HAS_SCALE=term.has_scale, NEED_DZ=need_dz,
                 NEED_DSCALE=need_dscale, NEED_DSHIFT=need_dshift, F64=parts.dtype == torch.float64,
                 INT64=int64 or needs_int64(z, dz), BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w,
-                num_warps=4)
+                num_warps=4, **ph)
     return dz
 
 
@@ -910,7 +1156,7 @@ def upsample_term_backward(term: TermPlan, g: Tensor, z: Tensor, scale: Optional
     need_dz, need_dscale, need_dshift = needs
     need_dscale = need_dscale and term.has_scale
     need_dshift = need_dshift and term.has_shift
-    config = _adjoint_config(z)
+    config = _adjoint_config(z, term, *g.shape[2:], _is_channels_last(g))
     R = config[3]
     parts = _empty((2, R, C), _accumulation_dtype(z.dtype), z.device)
     dz = _adjoint_launch(term, g, z, scale, (need_dz, need_dscale, need_dshift), int64, config, parts)

@@ -7,6 +7,7 @@ import torch
 
 from hrfast.kernels.resample import cdiv, channel_block
 
+from conftest import TRITON_DEVICE
 from test_fuse_op import BF16, CL, F16, F32, F64, Case, _build, _kernel_args, bil, check_fuse, near
 
 HRNET_CHANNELS = (18, 30, 32, 36, 40, 44, 48, 60, 64, 72, 96, 128, 144, 192, 256, 384)
@@ -110,3 +111,70 @@ def test_fuse_phase_form_matches_tiles_bitwise(layout, monkeypatch):
     assert phased.stride() == tiled.stride()
     assert torch.equal(phased.view(torch.int16), tiled.view(torch.int16))
     assert torch.isnan(tiled).any() and torch.isinf(tiled).any()
+
+
+# the adjoint's phase form (`_adjoint_phases`: 2-byte floats, bilinear without align_corners by exactly 2, 4 or 8
+# per axis): x2 / x4 / x8 terms, unequal factors (x4 rows, x8 columns), one-pixel-high / -wide sources (the
+# first and last edge at once); with ADJOINT_PHASE_MAX_Q = 2 several threads and programs along a row
+ADJOINT_PHASED = Case((8, 32), [((8, 32), None), ((4, 16), bil()), ((2, 8), bil()), ((1, 4), bil()),
+                                ((2, 4), bil())], N=2, C=8, affine="mixed")
+
+
+def _adjoint_phase_terms(case: Case, dtype, layout):
+    from hrfast.kernels import fuse as K
+
+    xs, scales, shifts, resamples, _ = _build(case, dtype, layout)
+    plan, kxs, kscales, kshifts = _kernel_args(xs, scales, shifts, resamples, case.size, case.relu, layout != "nchw")
+    terms = [k for k, t in enumerate(plan.terms) if t.mode != 0]
+    return plan, kxs, kscales, kshifts, terms, K
+
+
+@pytest.mark.parametrize("max_q", [32, 2])
+@pytest.mark.parametrize("dtype, layout", [(BF16, "nchw"), (BF16, "channels_last"), (F16, "nchw")],
+                         ids=["bf16_nchw", "bf16_cl", "fp16_nchw"])
+def test_adjoint_phase_form(dtype, layout, max_q, monkeypatch):
+    from hrfast.kernels import fuse as K
+
+    monkeypatch.setattr(K, "ADJOINT_PHASE_MAX_Q", max_q)
+    plan, kxs, _, _, terms, _ = _adjoint_phase_terms(ADJOINT_PHASED, dtype, layout)
+    assert all(K._adjoint_phase_factors(plan.terms[k], kxs[k], *ADJOINT_PHASED.size) for k in terms)
+    check_fuse(ADJOINT_PHASED, dtype, layout)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's 0 * inf
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_adjoint_phase_form_matches_gather(layout, monkeypatch):
+    """Against the general gather kernel on the same g: dz, d(scale) and d(shift) agree to float32 summation
+    order (dz to a bf16 rounding), and NaN / inf reach the same elements: g non-finite at the image's first and
+    last rows and columns (outputs that read a source with weight 1 or not at all) and inside."""
+    plan, kxs, kscales, kshifts, terms, K = _adjoint_phase_terms(ADJOINT_PHASED, BF16, layout)
+    monkeypatch.setattr(K, "ADJOINT_PHASE_MAX_Q", 2)
+    N, C = kxs[0].shape[:2]
+    H, W = ADJOINT_PHASED.size
+    g = torch.randn(N, C, H, W, dtype=BF16)
+    if layout != "nchw":
+        g = g.contiguous(memory_format=CL)
+    g[0, 1, 0, 0] = float("inf")
+    g[0, 2, H - 1, W - 1] = float("-inf")
+    g[1, 3, 0, W - 1] = float("nan")
+    g[1, 4, 3, 13] = float("inf")
+    g[1, 5, H - 1, 1] = float("nan")
+    g = g.to(TRITON_DEVICE)
+    for k in terms:
+        term, z = plan.terms[k], kxs[k]
+        assert K._adjoint_phase_factors(term, z, H, W) is not None
+        args = (term, g, z, kscales[k], kshifts[k], (True, True, True))
+        phased = K.upsample_term_backward(*args)
+        with monkeypatch.context() as m:
+            m.setattr(K, "_adjoint_phase_factors", lambda *a: None)
+            gathered = K.upsample_term_backward(*args)
+        for name, a, e in zip(("dz", "dscale", "dshift"), phased, gathered):
+            assert (a is None) == (e is None) and (name != "dz" or a is not None)
+            if a is None:
+                continue
+            a, e = a.double().cpu(), e.double().cpu()
+            for test in (torch.isnan, lambda t: t == float("inf"), lambda t: t == float("-inf")):
+                assert torch.equal(test(a), test(e)), (k, name)
+            finite = torch.isfinite(e)
+            assert torch.allclose(a[finite], e[finite], rtol=2 ** -7, atol=1e-5 * e[finite].abs().max()), (k, name)
+        assert torch.isnan(phased[0]).any() and torch.isinf(phased[0]).any()

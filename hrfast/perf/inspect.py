@@ -214,7 +214,9 @@ def _fmt_value(value) -> str:
     return str(value)
 
 
-_HIDDEN = {"F64": False, "INT64": False}
+# constexprs left out of row keys at these values: G / FH / FW (the fusion forward's phase form) and PH / PW / PQ
+# / COLS (the adjoint's) are off there
+_HIDDEN = {"F64": False, "INT64": False, "G": 0, "FH": None, "FW": None, "PH": 0, "PW": 0, "PQ": 0, "COLS": False}
 _MODE_LETTERS = {"MODES": "snb", "MODE": "snb"}  # same, nearest, bilinear
 
 

@@ -69,7 +69,10 @@ def _fuse_forward_elements(p: Params) -> int:
 
 
 def _adjoint_trips(p: Params) -> List[float]:
-    """Inner loop (ky) KH * KW times, outer loop (kx) KW times per program."""
+    """Inner loop (ky) KH * KW times, outer loop (kx) KW times per program; the phase form (PH > 0) has no
+    loop (its window unrolled)."""
+    if p.get("PH", 0):
+        return []
     kh, kw = p["window_h"][0], p["window_w"][0]
     return [kh * kw, kw]
 
@@ -164,7 +167,8 @@ KERNELS: Dict[str, KernelWork] = {
     "_fuse_forward_kernel": KernelWork(trips=lambda p: [], elements=_fuse_forward_elements),
     # one tile per program, every output-size term unrolled: no loop
     "_fuse_backward_same_kernel": KernelWork(trips=lambda p: [], elements=_same_elements, unread=_same_unread),
-    # per program a [BLOCK_C x BLOCK_H x BLOCK_W] tile of source pixels; loops kx < KW (outer), ky < KH
+    # per program a [BLOCK_C x BLOCK_H x BLOCK_W] tile of source pixels; loops kx < KW (outer), ky < KH; the
+    # phase form (PH > 0): one source row of BLOCK_W columns, no loop
     "_upsample_adjoint_kernel": KernelWork(trips=_adjoint_trips, elements=_adjoint_elements,
                                            unread=_adjoint_unread),
     # program (channel block, output): a loop over its [R_i, C] partials BLOCK_R rows at a time

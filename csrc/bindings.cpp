@@ -204,7 +204,8 @@ using TermGrads = std::tuple<OptTensor, OptTensor, OptTensor>;  // (dx, dscale, 
 std::vector<TermGrads> fuse_backward(const std::vector<TermPlanTuple>& term_plans, const at::Tensor& grad_y,
                                      const OptTensor& y, const std::vector<at::Tensor>& xs,
                                      const std::vector<OptTensor>& scales, const std::vector<OptTensor>& shifts,
-                                     const std::vector<std::array<bool, 3>>& needs, bool relu, bool poison) {
+                                     const std::vector<std::array<bool, 3>>& needs, bool relu, bool poison,
+                                     bool phase) {
   TORCH_CHECK(grad_y.defined() && grad_y.dim() == 4, "hrfast fuse: grad_y must be a 4-D tensor");
   const auto terms = check_terms(term_plans, xs, scales, shifts, grad_y.size(2), grad_y.size(3));
   const size_t K = terms.size();
@@ -255,7 +256,7 @@ std::vector<TermGrads> fuse_backward(const std::vector<TermPlanTuple>& term_plan
       continue;
     }
     if (!(need_dx || need_dscale || need_dshift)) continue;
-    const at::Tensor parts = launch.backward_adjoint(grad_y, y_t, relu, t, dx, need_dscale, need_dshift);
+    const at::Tensor parts = launch.backward_adjoint(grad_y, y_t, relu, t, dx, need_dscale, need_dshift, phase);
     if (!(need_dscale || need_dshift)) continue;
     // per-tile partial sums, reduced over the tiles here: a fixed-order reduction (deterministic)
     const at::Tensor totals = parts.sum(1);
@@ -274,6 +275,26 @@ std::vector<TermGrads> fuse_backward(const std::vector<TermPlanTuple>& term_plan
     }
   }
   return result;
+}
+
+// Per term, the adjoint kernel fuse_backward runs for it when its dx is needed (fuse_launchers.h
+// adjoint_kernel_name: "AdjointKernel<KMAX,MODE>"), "" for an output-size term. Tests and the model.
+std::vector<std::string> adjoint_kernels(const std::vector<TermPlanTuple>& term_plans, const at::Tensor& grad_y,
+                                         const OptTensor& y, const std::vector<at::Tensor>& xs,
+                                         const std::vector<OptTensor>& scales, const std::vector<OptTensor>& shifts,
+                                         bool relu, bool phase) {
+  TORCH_CHECK(grad_y.defined() && grad_y.dim() == 4, "hrfast fuse: grad_y must be a 4-D tensor");
+  const auto terms = check_terms(term_plans, xs, scales, shifts, grad_y.size(2), grad_y.size(3));
+  TORCH_CHECK(!relu || (y.has_value() && y->defined()), "hrfast fuse: y is required when relu is true");
+  const at::Tensor y_t = relu ? *y : at::Tensor();
+  const Launchers& launch = launchers_for(grad_y.device());
+  std::vector<std::string> names;
+  for (const TermSpec& t : terms) {
+    names.push_back(t.desc.mode == SAME ? std::string()
+                                        : launch.adjoint_kernel(grad_y, y_t, relu, t, empty_grad(t.x, grad_y, false),
+                                                                phase));
+  }
+  return names;
 }
 
 // (K, step, offset) of the adjoint gather along one axis, for tests against kernels/fuse.py `window`.
@@ -296,7 +317,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fuse_backward", &hrfast::fuse_backward,
         "Per term (dx, dscale, dshift) of the fused fusion step (deterministic, no atomics)", py::arg("terms"),
         py::arg("grad_y"), py::arg("y"), py::arg("xs"), py::arg("scales"), py::arg("shifts"), py::arg("needs"),
-        py::arg("relu"), py::arg("poison") = false);
+        py::arg("relu"), py::arg("poison") = false, py::arg("phase") = true);
+  m.def("adjoint_kernels", &hrfast::adjoint_kernels, "Per term, the adjoint kernel fuse_backward runs for it",
+        py::arg("terms"), py::arg("grad_y"), py::arg("y"), py::arg("xs"), py::arg("scales"), py::arg("shifts"),
+        py::arg("relu"), py::arg("phase") = true);
   m.def("forward_kernel", &hrfast::forward_kernel, "The forward kernel fuse_forward runs for these arguments",
         py::arg("terms"), py::arg("xs"), py::arg("scales"), py::arg("shifts"), py::arg("size"),
         py::arg("channels_last"));

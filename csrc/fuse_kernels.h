@@ -24,6 +24,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #include "fuse.h"
 
@@ -1040,12 +1041,132 @@ HRFAST_INLINE void adjoint_row_fixed(const TermView<scalar_t, acc_t>& t, const G
   for (int j = 0; j < PS; ++j) u[j] = v[j];
 }
 
+// The adjoint's phase form (AdjointKernel<KMAX, ADJOINT_TENT>): adjoint_row_fixed for bilinear without
+// align_corners by f = KMAX / 2 on both axes with g exactly f times the source's size and whole rows of PS =
+// adjoint_ps(KMAX) pixels (the launcher checks it). Source s then reads the outputs [s f - f/2, s f + 3f/2)
+// of each axis with the tent weights (tent_weight: compile-time, dyadic, so exactly the float linear_source
+// weights), except at the image's edges: the outputs [0, f/2) read source 0 with weight 1 and those
+// [n f - f/2, n f) the last source with weight l0 + l1 = 1 (ATen's clamped index), outputs outside the image
+// are not read (only the first / last source row or column can meet them: runtime flags, no per-column index
+// math). The same window, the same columns and rows in the same order, the same multiply-adds as
+// adjoint_row_fixed (its terms of weight 0 add +0 to a sum that is never -0: left out here), so the same
+// bits, NaN and inf included.
+constexpr int ADJOINT_TENT = 3;  // AdjointKernel's MODE for the phase form (not a Mode: bilinear's variant)
+
+template <typename acc_t>
+HRFAST_INLINE constexpr acc_t tent_weight(int k, int f) {  // k in [0, 2f): (k + 1/2) / f, then (2f - k - 1/2) / f
+  return k < f ? static_cast<acc_t>(2 * k + 1) / static_cast<acc_t>(2 * f)
+               : static_cast<acc_t>(4 * f - 2 * k - 1) / static_cast<acc_t>(2 * f);
+}
+
+// What adjoint_row_tent's rows share (one thread): the row bases, the flags, the columns' offsets.
+template <int NC, typename scalar_t>
+struct TentRows {
+  const scalar_t* gy;
+  const scalar_t* y;
+  int32_t gbase, ybase, gsh, ysh, sy;
+  bool first_y, last_y, first_x, last_x;
+  int32_t gx_off[NC], yx_off[NC];
+};
+
+// Window row KY of adjoint_row_tent: v[j] += wy * (pixel j's columns of the row, in order). A template per
+// row (expanded by adjoint_row_tent's fold), so that the rows are straight-line code (nvcc kept a loop over
+// the 16 rows of KMAX 16 under #pragma unroll).
+template <int KMAX, int KY, typename scalar_t, typename acc_t>
+HRFAST_INLINE void tent_row(const TentRows<(adjoint_ps(KMAX) - 1) * (KMAX / 2) + KMAX, scalar_t>& r, acc_t* v) {
+  constexpr int PS = adjoint_ps(KMAX);
+  constexpr int F = KMAX / 2;
+  constexpr int HALF = F / 2;
+  constexpr int NC = (PS - 1) * F + KMAX;
+  if (KY < HALF && r.first_y) return;      // above the image
+  if (KY >= F + HALF && r.last_y) return;  // below it
+  acc_t wy = tent_weight<acc_t>(KY, F);
+  if (KY >= HALF && KY < F && r.first_y) wy = static_cast<acc_t>(1);
+  if (KY >= F && KY < F + HALF && r.last_y) wy = static_cast<acc_t>(1);
+  const int32_t dy = r.sy * F - HALF + KY;
+  const int32_t grow = r.gbase + dy * r.gsh, yrow = r.ybase + dy * r.ysh;
+  acc_t gm[NC];  // the row's g, masked by y > 0
+#pragma unroll
+  for (int m = 0; m < NC; ++m) {
+    const acc_t gv = static_cast<acc_t>(load_ro(at32(r.gy, grow + r.gx_off[m])));
+    const acc_t yv = static_cast<acc_t>(load_ro(at32(r.y, yrow + r.yx_off[m])));
+    gm[m] = yv <= static_cast<acc_t>(0) ? static_cast<acc_t>(0) : gv;
+  }
+#pragma unroll
+  for (int j = 0; j < PS; ++j) {
+    acc_t row = static_cast<acc_t>(0);
+#pragma unroll
+    for (int k = 0; k < KMAX; ++k) {
+      const acc_t gk = gm[j * F + k];
+      if (j == 0 && k < HALF) {  // before the image where pixel 0 is the first column
+        if (!r.first_x) row += tent_weight<acc_t>(k, F) * gk;
+      } else if (j == PS - 1 && k >= F + HALF) {  // past it where pixel PS - 1 is the last column
+        if (!r.last_x) row += tent_weight<acc_t>(k, F) * gk;
+      } else if (j == 0 && k < F) {
+        row += (r.first_x ? static_cast<acc_t>(1) : tent_weight<acc_t>(k, F)) * gk;
+      } else if (j == PS - 1 && k >= F && k < F + HALF) {
+        row += (r.last_x ? static_cast<acc_t>(1) : tent_weight<acc_t>(k, F)) * gk;
+      } else {
+        row += tent_weight<acc_t>(k, F) * gk;
+      }
+    }
+    v[j] += wy * row;
+  }
+}
+
+template <int KMAX, typename scalar_t, typename acc_t, int... KY>
+HRFAST_INLINE void tent_rows(const TentRows<(adjoint_ps(KMAX) - 1) * (KMAX / 2) + KMAX, scalar_t>& r, acc_t* v,
+                             std::integer_sequence<int, KY...>) {
+  (tent_row<KMAX, KY, scalar_t, acc_t>(r, v), ...);  // rows in order
+}
+
+template <int KMAX, typename scalar_t, typename acc_t>
+HRFAST_INLINE void adjoint_row_tent(const TermView<scalar_t, acc_t>& t, const GradIn<scalar_t>& g, int32_t W,
+                                    int32_t n, int32_t c, int32_t sy, int32_t sx0, acc_t* u) {
+  constexpr int PS = adjoint_ps(KMAX);
+  constexpr int F = KMAX / 2;
+  constexpr int HALF = F / 2;
+  constexpr int NC = (PS - 1) * F + KMAX;
+  const int32_t h = static_cast<int32_t>(t.h), w = static_cast<int32_t>(t.w);
+  TentRows<NC, scalar_t> r;
+  r.gy = g.gy;
+  r.y = g.y;
+  r.sy = sy;
+  r.first_y = sy == 0;
+  r.last_y = sy == h - 1;
+  r.first_x = sx0 == 0;
+  r.last_x = sx0 + PS == w;
+  r.gsh = static_cast<int32_t>(g.sg.h);
+  r.ysh = static_cast<int32_t>(g.sy.h);
+  const int32_t gsw = static_cast<int32_t>(g.sg.w), ysw = static_cast<int32_t>(g.sy.w);
+  r.gbase = n * static_cast<int32_t>(g.sg.n) + c * static_cast<int32_t>(g.sg.c);
+  r.ybase = n * static_cast<int32_t>(g.sy.n) + c * static_cast<int32_t>(g.sy.c);
+  // column m is output d0 + m; only the first (last) HALF columns can lie before (past) the image: clamped
+  const int32_t d0 = sx0 * F - HALF;
+#pragma unroll
+  for (int m = 0; m < NC; ++m) {
+    int32_t d = d0 + m;
+    if (m < HALF) d = max_(d, 0);
+    if (m >= NC - HALF) d = min_(d, W - 1);
+    r.gx_off[m] = d * gsw;
+    r.yx_off[m] = d * ysw;
+  }
+  acc_t v[PS];
+#pragma unroll
+  for (int j = 0; j < PS; ++j) v[j] = static_cast<acc_t>(0);
+  tent_rows<KMAX, scalar_t, acc_t>(r, v, std::make_integer_sequence<int, KMAX>{});
+#pragma unroll
+  for (int j = 0; j < PS; ++j) u[j] = v[j];
+}
+
 // An upsampled term: u = Up^T(g) (a gather), dz = u * scale; per-tile partials of sum(u * z) (reduction 0,
 // slot 0, when need_dscale) and sum(u) (reduction 1, slot 1, when need_dshift).
 //   - KMAX > 0 (exact windows of at most KMAX taps per axis in mode MODE, int32 offsets): adjoint_ps(KMAX)
 //     source pixels of a row per thread (adjoint_row_fixed), mapped as BackwardSameKernel's segments: S = ceil(w / PS)
 //     per row, numbered row-major; NCHW threadIdx.x -> segment, threadIdx.y -> channel; channels_last the
 //     other way round; grid x = segment block. A thread sums its pixels in order before the block reduction.
+//     MODE = ADJOINT_TENT: the same with adjoint_row_tent (bilinear's phase form, compile-time weights; the
+//     launcher checks g is exactly f times the source and rows are whole segments); the same bits.
 //   - KMAX = 0: the generic gather (fuse.h adjoint_element), one source pixel per thread over a [channels x
 //     pixels] tile (tile_element).
 template <typename scalar_t, typename acc_t, int KMAX, int MODE>
@@ -1085,9 +1206,14 @@ struct AdjointKernel {
       s.sy = s.valid > 0 ? sy : 0;
       s.sx = s.valid > 0 ? sx0 : 0;
       if (s.valid == 0) return;
-      adjoint_row_fixed<KMAX, MODE, scalar_t, acc_t>(t, g, static_cast<int32_t>(p.H), static_cast<int32_t>(p.W),
-                                                     static_cast<int32_t>(s.n), static_cast<int32_t>(s.c), sy, sx0,
-                                                     s.u);
+      if constexpr (MODE == ADJOINT_TENT) {
+        adjoint_row_tent<KMAX, scalar_t, acc_t>(t, g, static_cast<int32_t>(p.W), static_cast<int32_t>(s.n),
+                                                static_cast<int32_t>(s.c), sy, sx0, s.u);
+      } else {
+        adjoint_row_fixed<KMAX, MODE, scalar_t, acc_t>(t, g, static_cast<int32_t>(p.H), static_cast<int32_t>(p.W),
+                                                       static_cast<int32_t>(s.n), static_cast<int32_t>(s.c), sy,
+                                                       sx0, s.u);
+      }
 #pragma unroll
       for (int j = 0; j < kPix; ++j) {
         if (j >= s.valid) s.u[j] = acc_t(0);

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -117,10 +118,14 @@ struct Launchers {
                               const std::vector<bool>& need_dscale, bool need_sum_g);
   // An upsampled term: u = Up^T(g) (a gather), dz = u * scale (dz undefined: not needed). Returns partial
   // sums `parts` [2, R, C]: slot 0 sum(u * z) when need_dscale, slot 1 sum(u) when need_dshift.
+  // `phase`: its phase form where it applies (fuse_launchers.h adjoint_choice; false: tests of the other form).
   at::Tensor (*backward_adjoint)(const at::Tensor& grad_y, const at::Tensor& y, bool relu, const TermSpec& term,
-                                 const at::Tensor& dz, bool need_dscale, bool need_dshift);
+                                 const at::Tensor& dz, bool need_dscale, bool need_dshift, bool phase);
   // The name of the kernel struct `forward` runs for `out` and `terms` (tests; the instrument's model).
   const char* (*forward_kernel)(const at::Tensor& out, const std::vector<TermSpec>& terms);
+  // The adjoint kernel `backward_adjoint` runs for these arguments, "AdjointKernel<KMAX,MODE>".
+  std::string (*adjoint_kernel)(const at::Tensor& grad_y, const at::Tensor& y, bool relu, const TermSpec& term,
+                                const at::Tensor& dz, bool phase);
 };
 
 const Launchers& host_launchers();

@@ -17,6 +17,7 @@
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -378,20 +379,19 @@ at::Tensor backward_same_launch(const at::Tensor& grad_y, const at::Tensor& y, b
   return parts;
 }
 
-// An upsampled term (see fuse_launch.h Launchers::backward_adjoint): one launch over the source pixels. Partials
-// [2, R, C], R = N * grid.x. The thread mapping follows the layout of what it writes (dz), else of z; a
-// stride-0 stand-in z (its dscale not needed) has none: then grad_y's, the layout empty_grad gives dz.
-template <class Exec>
-at::Tensor backward_adjoint_launch(const at::Tensor& grad_y, const at::Tensor& y, bool relu, const TermSpec& term,
-                                   const at::Tensor& dz, bool need_dscale, bool need_dshift) {
-  const typename Exec::Guard guard(grad_y.device());
+// The adjoint kernel backward_adjoint_launch runs (AdjointKernel<KMAX, MODE>): kmax 0 the generic gather,
+// else the register variant of an exact window (int32 offsets) KMAX wide, MODE its mode, or ADJOINT_TENT for
+// its phase form (fuse_kernels.h adjoint_row_tent) when `phase` and bilinear without align_corners by the same
+// f on both axes, g exactly f times z's size, whole rows of adjoint_ps(KMAX) pixels.
+struct AdjointChoice {
+  int kmax, mode;
+};
+
+inline AdjointChoice adjoint_choice(const at::Tensor& grad_y, const at::Tensor& y, bool relu, const TermSpec& term,
+                                    const at::Tensor& dz, bool phase) {
   const at::Tensor& z = term.x;
-  const int64_t N = z.size(0), C = z.size(1), h = z.size(2), w = z.size(3);
+  const int64_t h = z.size(2), w = z.size(3);
   const int64_t H = grad_y.size(2), W = grad_y.size(3);
-  const at::Tensor& layout = dz.defined() ? dz : (has_zero_stride(z) ? grad_y : z);
-  const bool cl = channels_last_like(layout);
-  const Grid limits = grid_for(cl, C, h * w, N);  // the generic mapping's grid; its limits hold for both
-  // the register variant of an exact window (int32 offsets) when one fits, else the generic gather
   const TermDesc& d = term.desc;
   int32_t k_h, k_w, step_h, step_w, off_h, off_w;
   window(d.ratio_h, d.mode, d.align_corners, H, k_h, step_h, off_h);
@@ -402,6 +402,36 @@ at::Tensor backward_adjoint_launch(const at::Tensor& grad_y, const at::Tensor& y
   int kmax = 0;
   if (fast && d.mode == BILINEAR && (k_w == 4 || k_w == 8 || k_w == 16)) kmax = k_w;
   if (fast && d.mode == NEAREST && (k_w == 2 || k_w == 4 || k_w == 8)) kmax = k_w;
+  if (kmax == 0) return {0, 0};
+  const bool tent = phase && d.mode == BILINEAR && !d.align_corners && step_h == step_w && H == h * step_h &&
+                    W == w * step_w && w % adjoint_ps(kmax) == 0;
+  return {kmax, tent ? ADJOINT_TENT : static_cast<int>(d.mode)};
+}
+
+// Its name, "AdjointKernel<KMAX,MODE>" (tests; hrfast/perf/cuda_cpp.py's model of the choice).
+inline std::string adjoint_kernel_name(const at::Tensor& grad_y, const at::Tensor& y, bool relu,
+                                       const TermSpec& term, const at::Tensor& dz, bool phase) {
+  const AdjointChoice a = adjoint_choice(grad_y, y, relu, term, dz, phase);
+  return "AdjointKernel<" + std::to_string(a.kmax) + "," + std::to_string(a.mode) + ">";
+}
+
+// An upsampled term (see fuse_launch.h Launchers::backward_adjoint): one launch over the source pixels. Partials
+// [2, R, C], R = N * grid.x. The thread mapping follows the layout of what it writes (dz), else of z; a
+// stride-0 stand-in z (its dscale not needed) has none: then grad_y's, the layout empty_grad gives dz.
+template <class Exec>
+at::Tensor backward_adjoint_launch(const at::Tensor& grad_y, const at::Tensor& y, bool relu, const TermSpec& term,
+                                   const at::Tensor& dz, bool need_dscale, bool need_dshift, bool phase) {
+  const typename Exec::Guard guard(grad_y.device());
+  const at::Tensor& z = term.x;
+  const int64_t N = z.size(0), C = z.size(1), h = z.size(2), w = z.size(3);
+  const int64_t H = grad_y.size(2), W = grad_y.size(3);
+  const at::Tensor& layout = dz.defined() ? dz : (has_zero_stride(z) ? grad_y : z);
+  const bool cl = channels_last_like(layout);
+  const Grid limits = grid_for(cl, C, h * w, N);  // the generic mapping's grid; its limits hold for both
+  // the register variant of an exact window (int32 offsets) when one fits, else the generic gather
+  const TermDesc& d = term.desc;
+  const AdjointChoice choice = adjoint_choice(grad_y, y, relu, term, dz, phase);
+  const int kmax = choice.kmax;
   // the register variant: adjoint_ps(kmax) source pixels of a row per thread, grid x over the rows' segments
   const int64_t ps = adjoint_ps(kmax);
   const int64_t S = (w + ps - 1) / ps;
@@ -436,7 +466,13 @@ at::Tensor backward_adjoint_launch(const at::Tensor& grad_y, const at::Tensor& y
       p.cl = cl;
       Exec::template run<Kernel>(grid, p);
     };
-    if (d.mode == BILINEAR && kmax == 4) {
+    if (choice.mode == ADJOINT_TENT && kmax == 4) {
+      launch(type_tag<AdjointKernel<scalar_t, acc_t, 4, ADJOINT_TENT>>{});
+    } else if (choice.mode == ADJOINT_TENT && kmax == 8) {
+      launch(type_tag<AdjointKernel<scalar_t, acc_t, 8, ADJOINT_TENT>>{});
+    } else if (choice.mode == ADJOINT_TENT && kmax == 16) {
+      launch(type_tag<AdjointKernel<scalar_t, acc_t, 16, ADJOINT_TENT>>{});
+    } else if (d.mode == BILINEAR && kmax == 4) {
       launch(type_tag<AdjointKernel<scalar_t, acc_t, 4, BILINEAR>>{});
     } else if (d.mode == BILINEAR && kmax == 8) {
       launch(type_tag<AdjointKernel<scalar_t, acc_t, 8, BILINEAR>>{});
@@ -459,7 +495,7 @@ at::Tensor backward_adjoint_launch(const at::Tensor& grad_y, const at::Tensor& y
 template <class Exec>
 const Launchers& launchers_of() {
   static const Launchers table{&forward_launch<Exec>, &backward_same_launch<Exec>, &backward_adjoint_launch<Exec>,
-                               &forward_kernel_name};
+                               &forward_kernel_name, &adjoint_kernel_name};
   return table;
 }
 

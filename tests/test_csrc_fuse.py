@@ -226,6 +226,113 @@ def test_forward_kernel_choice_matches_the_model(name, case, layout, dtype, kern
     assert [str(launch.kernel) for launch in cuda_cpp.launches(call, False)] == [kernel]
 
 
+# The adjoint's phase form (AdjointKernel<KMAX, 3>, fuse_kernels.h adjoint_row_tent): bilinear without
+# align_corners by f in 2, 4, 8 on both axes, g exactly f times the source, whole rows of adjoint_ps(KMAX) =
+# 8 / 4 / 2 pixels. Several segments per row (the first, middle and last columns), 1-pixel-high sources (the
+# first row is the last), sources exactly one segment wide (pixel 0 the first column, pixel PS - 1 the last),
+# both layouts, with and without the ReLU, scales and shifts mixed.
+ADJ_PHASE_124 = [((16, 32), None), ((8, 16), bil()), ((4, 8), bil()), ((2, 4), bil())]
+ADJ_PHASE_CASES = [
+    pytest.param(Case((16, 32), ADJ_PHASE_124, N=2, C=5, affine="mixed"), F64, "nchw", None, id="248_fp64"),
+    pytest.param(Case((16, 32), ADJ_PHASE_124, N=1, C=37, affine="mixed"), F32, "channels_last", None,
+                 id="248_fp32_cl_c37"),
+    pytest.param(Case((16, 32), ADJ_PHASE_124, N=2, C=4), BF16, "nchw", F32, id="248_bf16"),
+    pytest.param(Case((16, 32), ADJ_PHASE_124, N=1, C=6, relu=False), BF16, "channels_last", F32,
+                 id="248_bf16_cl_no_relu"),
+    pytest.param(Case((8, 16), [((8, 16), None), ((4, 8), bil()), ((2, 4), bil()), ((1, 2), bil())], N=2, C=3,
+                      affine="mixed"), F64, "nchw", None, id="one_segment_rows_h1_fp64"),
+    pytest.param(Case((8, 32), [((8, 32), None), ((1, 4), bil()), ((4, 16), bil())], N=2, C=3, relu=False), F32,
+                 "nchw", None, id="h1_x8_fp32_no_relu"),
+]
+
+
+def _adjoint_kernels(xs, scales, shifts, resamples, size, relu, channels_last, phase=True):
+    """Per term, the adjoint kernel the C++ backward runs for it (fuse_launchers.h adjoint_kernel_name)."""
+    plan, kxs, kscales, kshifts = base._kernel_args(xs, scales, shifts, resamples, size, relu, channels_last)
+    N, C = kxs[0].shape[:2]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    grad_y = torch.empty(N, C, *plan.size, dtype=kxs[0].dtype, device=DEVICE).contiguous(memory_format=fmt)
+    return _ext().adjoint_kernels(plan.terms, grad_y, grad_y if relu else None, kxs, kscales, kshifts, relu, phase)
+
+
+@pytest.mark.parametrize("case, dtype, layout, param_dtype", ADJ_PHASE_CASES)
+def test_adjoint_phase_kernel(case, dtype, layout, param_dtype):
+    xs, scales, shifts, resamples, _ = base._build(case, dtype, layout, param_dtype)
+    names = _adjoint_kernels(xs, scales, shifts, resamples, case.size, case.relu, layout == "channels_last")
+    expected = [""] + [f"AdjointKernel<{2 * case.size[0] // hw[0]},3>" for hw, _ in case.terms[1:]]
+    assert names == expected
+    base.check_fuse(case, dtype, layout, param_dtype, backend="cuda")
+
+
+@pytest.mark.parametrize("dtype", [F64, F32, BF16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_adjoint_phase_matches_the_register_kernel_bitwise(layout, dtype):
+    """The phase form computes the register AdjointKernel<KMAX, BILINEAR>'s arithmetic in its order (its terms
+    of weight 0 add +0): the same bits for dz, dscale and dshift, NaN and inf included, with non-finite
+    gradients in the image's first and last rows and columns (outside every source's window but the edge
+    ones' where ATen clamps: weight 1) and one NaN y (the mask passes it)."""
+    cl = layout == "channels_last"
+    case = Case((16, 32), ADJ_PHASE_124, N=2, C=3, affine="mixed")
+    xs, scales, shifts, resamples, _ = base._build(case, dtype, layout)
+    plan, kxs, kscales, kshifts = base._kernel_args(xs, scales, shifts, resamples, case.size, True, cl)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    gen = torch.Generator().manual_seed(5)
+    grad_y = torch.randn(2, 3, 16, 32, generator=gen, dtype=F64).to(dtype).to(DEVICE).contiguous(memory_format=fmt)
+    y = torch.randn(2, 3, 16, 32, generator=gen, dtype=F64).to(dtype).to(DEVICE).contiguous(memory_format=fmt)
+    for n, c, r, col, v in [(0, 0, 0, 0, "inf"), (0, 1, 0, 31, "nan"), (1, 2, 15, 0, "-inf"), (1, 0, 15, 31, "nan"),
+                            (0, 2, 7, 0, "inf"), (1, 1, 0, 17, "nan"), (0, 0, 9, 31, "-inf")]:
+        grad_y[n, c, r, col] = float(v)
+        y[n, c, r, col] = 1.0
+    y[1, 1, 5, 5] = float("nan")
+    assert _adjoint_kernels(xs, scales, shifts, resamples, case.size, True, cl) == [
+        "", "AdjointKernel<4,3>", "AdjointKernel<8,3>", "AdjointKernel<16,3>"]
+    assert _adjoint_kernels(xs, scales, shifts, resamples, case.size, True, cl, phase=False) == [
+        "", "AdjointKernel<4,2>", "AdjointKernel<8,2>", "AdjointKernel<16,2>"]
+    needs = [(True, True, True)] * 4
+    grads = {phase: _ext().fuse_backward(plan.terms, grad_y, y, kxs, kscales, kshifts, needs, True, True, phase)
+             for phase in (True, False)}
+    bits = {F64: torch.int64, F32: torch.int32, BF16: torch.int16}
+    seen = 0
+    for phased, other in zip(grads[True][1:], grads[False][1:]):
+        for a, b in zip(phased, other):
+            if a is None:
+                assert b is None
+                continue
+            seen += 1
+            assert a.stride() == b.stride()
+            assert torch.equal(a.view(bits[a.dtype]), b.view(bits[b.dtype]))
+    assert seen == 3 + 2 + 2  # dz every term; dscale and dshift where the term has them ("mixed")
+    dz = torch.cat([g[0].flatten() for g in grads[True][1:]])
+    assert torch.isnan(dz).any() and torch.isinf(dz).any() and torch.isfinite(dz).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("name, case, layout, dtype, kernels", [
+    ("phase", Case((16, 32), ADJ_PHASE_124, N=1, C=8), "nchw", BF16, ["4,3", "8,3", "16,3"]),
+    ("phase_cl_fp32", Case((16, 32), ADJ_PHASE_124, N=1, C=8), "channels_last", F32, ["4,3", "8,3", "16,3"]),
+    # rows of a ragged number of segments, g not f times the source, align_corners, nearest, 3x: the others
+    ("ragged_rows", Case((8, 20), [((8, 20), None), ((4, 10), bil()), ((2, 5), bil())], N=1, C=8), "nchw", BF16,
+     ["4,2", "8,2"]),
+    ("anisotropic", Case((16, 32), [((16, 32), None), ((8, 8), bil()), ((4, 8), bil())], N=1, C=8), "nchw", F32,
+     ["8,2", "8,3"]),
+    ("corners_nearest_3x", Case((12, 24), [((12, 24), None), ((6, 12), bil(align_corners=True)),
+                                           ((3, 6), near()), ((4, 8), bil())], N=1, C=8), "nchw", F32,
+     ["0,0", "4,1", "0,0"]),
+])
+def test_adjoint_kernel_choice_matches_the_model(name, case, layout, dtype, kernels):
+    """The launcher's choice of adjoint kernel per upsampled term, and hrfast/perf/cuda_cpp.py's model of it."""
+    from hrfast.perf import cuda_cpp
+    from hrfast.perf.opcalls import OpCall
+
+    xs, scales, shifts, resamples, size_arg = base._build(case, dtype, layout)
+    cl = layout == "channels_last"
+    names = _adjoint_kernels(xs, scales, shifts, resamples, size_arg or case.size, case.relu, cl)
+    assert names == [""] + [f"AdjointKernel<{k}>" for k in kernels]
+    plan, *_ = base._kernel_args(xs, scales, shifts, resamples, size_arg or case.size, case.relu, cl)
+    call = OpCall(kind="fuse", inputs=[tuple(x.shape) for x in xs], dtype=dtype, plan=plan)
+    modelled = [launch for launch in cuda_cpp.launches(call, True) if launch.kernel == "AdjointKernel"]
+    assert [f"{lc.params['kmax']},{lc.params['mode']}" for lc in modelled] == kernels
+
+
 # ------------------------------------------------------------------------------------- the launch structure
 
 # More terms than one launch takes (kMaxTerms = 8). 11 terms, 5 of output size: a forward chain of 2 launches

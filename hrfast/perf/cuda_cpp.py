@@ -16,8 +16,10 @@ plan and shapes, following csrc/README.md: blocks of 32 x 8 threads, grid z = im
   per upsampled term gathering its window of grad_y (masked by y > 0 on the fly: grad_y and y are read, no g
   buffer): KMAX the register variant for exact windows (ratio 1/2^k, bilinear without align_corners, or
   nearest) exactly KMAX = 4 / 8 / 16 taps wide (2 / 4 / 8 for nearest) and at most as high, int32 offsets,
-  32 / KMAX (at most 8) source pixels of a row per thread sharing the union of their windows; KMAX 0 the
-  generic one (one source pixel per thread).
+  32 / KMAX (at most 8) source pixels of a row per thread sharing the union of their windows, MODE its mode,
+  or ADJOINT_TENT (3, the phase form: compile-time tent weights, runtime flags only for the image's first and
+  last rows and columns) for bilinear without align_corners by the same f on both axes with g exactly f times
+  the source and whole rows of 32 / KMAX-pixel segments; KMAX 0 the generic one (one source pixel per thread).
 The kernel names are `KernelName`s: the struct (the workload.CUDA_KERNELS key) carrying its extra template
 arguments as mangled (`mangled_name` finds the instantiation). Compulsory bytes are counted as for the Triton
 kernels (each tensor once). The kernels are compiled with nvcc for the target (`compile.compile_cuda`, the
@@ -46,6 +48,7 @@ FORWARD_PACKS = ("s", "ss", "sb", "sss", "ssb", "sbb", "ssss", "sssb", "ssbb", "
 PHASE_PACKS = (("sbbb", "1248"), ("ssbb", "1124"), ("sbb", "124"), ("snnn", "1248"), ("ssnn", "1124"),
                ("snn", "124"))
 ADJOINT_WINDOWS = {2: (4, 8, 16), 1: (2, 4, 8)}  # by mode: bilinear, nearest (exact windows)
+ADJOINT_TENT = 3  # csrc/fuse_kernels.h: AdjointKernel's MODE for the phase form of bilinear (adjoint_row_tent)
 INT32_SPAN = 1 << 30  # csrc/fuse_launchers.h fits_int32
 
 # the template arguments <scalar_t, acc_t> as they appear in the mangled kernel names
@@ -202,6 +205,11 @@ def _span(shape) -> int:
     return math.prod(shape)
 
 
+def _adjoint_ps(kmax: int) -> int:
+    """csrc/fuse_kernels.h adjoint_ps: source pixels of a row per thread in the register AdjointKernel."""
+    return 32 // kmax if kmax >= 8 else PS
+
+
 def _backward(terms, N, C, H, W, cl, out, size, fits) -> List[CudaLaunch]:
     same = [(s, t) for s, t in terms if t.mode == 0]
     result = []
@@ -226,15 +234,18 @@ def _backward(terms, N, C, H, W, cl, out, size, fits) -> List[CudaLaunch]:
         windows = ADJOINT_WINDOWS.get(t.mode, ()) if fits and exact and k_h <= k_w else ()
         kmax = k_w if k_w in windows else 0  # the window exactly KMAX wide
         mode = t.mode if kmax else 0
+        if kmax and t.mode == 2 and t.ratio_h == t.ratio_w and shape[2] * k_h // 2 == H and (
+                shape[3] * k_w // 2 == W and shape[3] % _adjoint_ps(kmax) == 0):
+            mode = ADJOINT_TENT  # the phase form: g exactly f times the source, whole rows of segments
         if kmax:  # adjoint_ps(KMAX) source pixels of a row per thread, segments numbered row-major
-            segments = shape[2] * math.ceil(shape[3] / (32 // kmax if kmax >= 8 else PS))
+            segments = shape[2] * math.ceil(shape[3] / _adjoint_ps(kmax))
             blocks = (math.ceil(segments / (BLOCK_Y if cl else BLOCK_X)) * math.ceil(C / (BLOCK_X if cl else BLOCK_Y))
                       * N)
             warps = blocks * BLOCK_X * BLOCK_Y // 32
         else:
             warps = _warps(cl, C, shape[2] * shape[3], N)
         result.append(CudaLaunch(KernelName("AdjointKernel", f"Li{kmax}ELi{mode}E"), "backward", warps, elems * size,
-                                 dict(k_h=k_h, k_w=k_w, kmax=kmax, elements=e)))
+                                 dict(k_h=k_h, k_w=k_w, kmax=kmax, mode=mode, elements=e)))
     return result
 
 

@@ -241,7 +241,8 @@ CUDA_KERNELS: Dict[str, KernelWork] = {
     # kPB pixels per thread: the dx loop over the terms unrolled by 2 (remainder peeled), the slots loop
     "BackwardSameKernel": KernelWork(trips=lambda p: [p["count"] // 2, p["slots"]],
                                      elements=lambda p: p["elements"]),
-    # KMAX > 0: the window unrolled (no loops); 0: the generic gather's two loops
+    # KMAX > 0: the window unrolled (no loops), the phase form (MODE 3, compile-time weights) too; 0: the
+    # generic gather's two loops
     "AdjointKernel": KernelWork(trips=lambda p: [] if p.get("kmax") else [p["k_h"] * p["k_w"], p["k_h"]],
                                 elements=lambda p: p["elements"]),
 }

@@ -97,7 +97,10 @@ def _chunk_pre_bn(x0, n, oy, ox, p_mask, m, m_mask, m_c, w0_ptr, w0_strides, C0,
     c = tl.arange(0, C0P)
     w0 = tl.load(w0_ptr + c[:, None] * w0_strides[1] + m_c[None, :] * w0_strides[0], mask=(c < C0)[:, None],
                  other=0.0)
-    s = tl.dot(x0, w0, out_dtype=acc_t, input_precision=PRECISION)
+    if PRECISION == "tf32x3":
+        s, t = _dot3(x0, w0, tl.zeros([x0.shape[0], w0.shape[1]], acc_t), tl.zeros([x0.shape[0], w0.shape[1]], acc_t))
+    else:
+        s = tl.dot(x0, w0, out_dtype=acc_t, input_precision=PRECISION)
     for j in tl.static_range(len(lows)):
         x_ptr, h, w, strides, _, _ = lows[j]
         if MODES[j] == 0:
@@ -111,8 +114,43 @@ def _chunk_pre_bn(x0, n, oy, ox, p_mask, m, m_mask, m_c, w0_ptr, w0_strides, C0,
                                 mask=m_mask[None, :], other=0.0)
             else:  # scalar loads either way: clamped, no mask to compute
                 patch = tl.load(x_ptr + (patch_offsets[:, None] + _channel_offsets(m_c, strides, INT64)[None, :]))
-            s = tl.dot(u, patch, acc=s, out_dtype=acc_t, input_precision=PRECISION)
+            if PRECISION == "tf32x3":
+                s, t = _dot3(u, patch, s, t)
+            else:
+                s = tl.dot(u, patch, acc=s, out_dtype=acc_t, input_precision=PRECISION)
+    if PRECISION == "tf32x3":
+        s = _dot3_sum(s, t)
     return s
+
+
+@triton.jit
+def _tf32_split(a):
+    """(hi, lo): a rounded to tf32 (10 mantissa bits, ties away from zero, as cvt.rna.tf32.f32: as accurate as
+    Triton's own split, 3 integer / float instructions and a NaN select per element) and lo = a - hi, exact;
+    the tensor core truncates lo to tf32. inf: hi = inf, lo = NaN (dropped by `_dot3_sum`); NaN stays NaN
+    (any payload). A finite |a| within half a tf32 step of the fp32 maximum rounds to inf (not handled)."""
+    r = ((a.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    hi = tl.where(a == a, r, a)
+    return hi, a - hi
+
+
+@triton.jit
+def _dot3(a, b, big, small):
+    """3xTF32 a . b by hand, one split dot at a time: big += hi(a) hi(b) (carries every inf / NaN),
+    small += lo(a) hi(b) + hi(a) lo(b) (NaN only where big is non-finite, see `_dot3_sum`)."""
+    a_hi, a_lo = _tf32_split(a)
+    b_hi, b_lo = _tf32_split(b)
+    small = tl.dot(a_lo, b_hi, acc=small, input_precision="tf32")
+    small = tl.dot(a_hi, b_lo, acc=small, input_precision="tf32")
+    big = tl.dot(a_hi, b_hi, acc=big, input_precision="tf32")
+    return big, small
+
+
+@triton.jit
+def _dot3_sum(big, small):
+    """big + small, small's NaN dropped: an inf in a hi times a lo of 0 (or inf - inf among the cross terms)
+    happens only where big already holds that inf or NaN, as eager's fp32 dot does."""
+    return big + tl.where(small != small, 0.0, small)
 
 
 # the exact gathers' chunk of M channels (they hold 4 taps per bilinear branch at once)
@@ -313,7 +351,11 @@ def _tile_logits(x0, n, oy, ox, p_mask, w0_ptr, w0_strides, C0, M, scale_ptr, sh
         wc = tl.load(wc_ptr + m[:, None] * wc_strides[1] + k_c[None, :] * wc_strides[0], mask=m_mask[:, None],
                      other=0.0)
         # like eager, the classifier multiplies the activation in the input dtype (fp32 accumulate)
-        logits = tl.dot(a.to(dtype), wc, acc=logits, out_dtype=acc_t, input_precision=PRECISION)
+        if PRECISION == "tf32x3":
+            big, small = _dot3(a, wc, logits, tl.zeros(logits.shape, acc_t))
+            logits = _dot3_sum(big, small)
+        else:
+            logits = tl.dot(a.to(dtype), wc, acc=logits, out_dtype=acc_t, input_precision=PRECISION)
     return logits, covered
 
 
@@ -421,6 +463,9 @@ def _head_backward_reduce_kernel(
     the splits. From the first chunk whose dWc holds NaN (or from 0 when a patch misses a tap), a tile's
     chunks go through the exact gathers instead (second loop; no trips on finite inputs), as in the forward."""
     dtype: tl.constexpr = x0_ptr.dtype.element_ty
+    # fp32: Triton's own 3xTF32 split for every dot, `_dot3` not taken (the same precision, spelt in capitals):
+    # the hand split spills more here (sm_90 W48 1,828 B against 1,396 B), in the other kernels less
+    dots: tl.constexpr = "TF32X3" if PRECISION == "tf32x3" else PRECISION
     split = tl.program_id(0)
     tiles_per_image = tl.cdiv(H, TILE_H) * tl.cdiv(W, TILE_W)
     rows = part_ptr + split * (K + 2) * M
@@ -437,11 +482,11 @@ def _head_backward_reduce_kernel(
             if m0 < redo:
                 redo = _reduce_chunk(x0, g, n, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr,
                                      wc_ptr, wc_strides, K, plans, lows, rows, later, redo, MODES, ALIGNS, CL, False,
-                                     F64, INT64, PRECISION, C0P, KP, BLOCK_M)
+                                     F64, INT64, dots, C0P, KP, BLOCK_M)
         for m0 in range(redo, M, GATHER_M):
             _reduce_chunk(x0, g, n, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr, wc_ptr,
                           wc_strides, K, plans, lows, rows, later, redo, MODES, ALIGNS, CL, True, F64, INT64,
-                          PRECISION, C0P, KP, GATHER_M)
+                          dots, C0P, KP, GATHER_M)
 
 
 # the exact adjoint's flag of a non-finite value (and the code of a tap of weight 0): any count this large is NaN
@@ -816,8 +861,9 @@ class ForwardTile(NamedTuple):
 # Per element size, in order of preference (tile_h, tile_w, block_m, num_stages, num_warps). fp16/bf16: 8x16
 # pixels (a 128-row dot; patches of 6x10 / 4x6 / 3x4 for 2x / 4x / 8x bilinear) over 32-channel chunks,
 # two stages (sm_90, W48: 72 us NCHW / 56 us channels_last against 69 / 47 with 64-channel chunks, which spill
-# on sm_80). fp32 (3xTF32 dots, three times the operands): 8x8 pixels. Then fewer stages and smaller tiles
-# for smaller devices.
+# on sm_80). fp32 (3xTF32 dots, three times the operands): 8x8 pixels (with `_dot3`'s hand split, sm_90 W48:
+# 0 B spills at 2 stages, 278.8 us predicted at 1024x2048; 1 stage also 0 B, 16-channel chunks spill). Then
+# fewer stages and smaller tiles for smaller devices.
 _FORWARD_CANDIDATES = {
     2: ((8, 16, 32, 2, 4), (8, 16, 32, 1, 4), (8, 8, 32, 1, 4), (4, 4, 16, 1, 4)),
     4: ((8, 8, 32, 2, 4), (8, 8, 32, 1, 4), (8, 8, 16, 1, 4), (4, 4, 16, 1, 4)),
@@ -831,9 +877,11 @@ _FORWARD_CANDIDATES = {
 # accumulator [pixels, C0P] and the exact adjoint's code: 8 warps, 32 channels (sm_90 W48, predicted 427 us, no
 # spills, with the exact gathers in a second pass over the tiles and one flag dot; before: 412 us with 228 B
 # spills; 16 channels 697 us, 128 B; 4 warps spill kilobytes). sm_80 still spills 120-272 B, 11-22 spill
-# instructions per dense chunk (16-channel chunks: 4-36 B, in the tile loop's own code only). fp32 spills in every configuration tried (sm_90: the forward's
-# 8x8 / 32 channels / 4 warps is fastest: reduce 1,481 us against 2,857 with 8 warps and 2,001 with 16-channel
-# chunks; ds (writing ds, `_FUSED_DTYPES`) 645 us against 764 with 16-channel chunks and 1,816 with 4x8 tiles).
+# instructions per dense chunk (16-channel chunks: 4-36 B, in the tile loop's own code only). fp32 (before the
+# hand split of `_dot3`, which took stats and ds to sm_90 W48 8 / 88 B) spilled in every configuration tried
+# (sm_90: the forward's 8x8 / 32 channels / 4 warps is fastest: reduce 1,481 us against 2,857 with 8 warps and
+# 2,001 with 16-channel chunks; ds (writing ds, `_FUSED_DTYPES`) 645 us against 764 with 16-channel chunks and
+# 1,816 with 4x8 tiles).
 _TILE_CANDIDATES = {
     "_head_backward_reduce_kernel": {**_FORWARD_CANDIDATES, 2: ((8, 16, 32, 2, 8),) + _FORWARD_CANDIDATES[2][1:]},
     "_head_backward_ds_kernel": {**_FORWARD_CANDIDATES, 2: ((8, 16, 32, 2, 8),) + _FORWARD_CANDIDATES[2][1:]},
@@ -959,6 +1007,8 @@ def _tiled(name: str, plan: HeadPlan, t: HeadTensors, consts: dict) -> Tuple[For
     tile = _forward_tile(name, t.x0.element_size(), _acc_dtype(t).itemsize, consts["C0P"], consts["KP"],
                          consts["BLOCK_M"], plan.lows, tuple(p.shape[2:] for p in t.lows), device_limits(t.x0.device))
     if t.x0.dtype == torch.float32:  # fp32 accuracy from the tensor cores: each operand split in two tf32
+        # "tf32x3": the pre-BN chunk and the classifier split by hand, one split dot at a time (`_dot3`); the
+        # other dots, and every dot of the backward reduce (`_head_backward_reduce_kernel`), Triton's own.
         consts["PRECISION"] = "tf32x3"
     consts.update(BLOCK_M=tile.block_m, TILE_H=tile.tile_h, TILE_W=tile.tile_w, PATCH_H=tile.patch_h,
                   PATCH_W=tile.patch_w, SRC=tile.src, CL=tuple(p.stride(1) == 1 for p in t.lows))

@@ -765,6 +765,29 @@ def test_forward_nan_in_a_low_branch_stays_local(fused):
     assert_rel_close(y[finite], expected[finite], 1e-12, "finite logits")
 
 
+def test_forward_fp32_inf_and_nan_as_eager():
+    """fp32 (the 3xTF32 split dots of `_dot3`): +inf in x0 (reaching the logits as +inf), -inf in a low branch
+    (ReLU makes it 0: finite logits) and NaN in another give eager's fp32 non-finite logits exactly, and the
+    finite ones within FP32_RTOL: an inf operand's tf32 remainder (NaN) must not add a NaN of its own (fails
+    with `_dot3_sum` returning big + small)."""
+    case = Case(C3, [(12, 40), (6, 20), (3, 10)], N=1)
+    args = _build(case, torch.float32)
+    with torch.no_grad():  # positive weights: an inf reaches the logits as inf (mixed signs would make NaN)
+        for name in ("conv_weight", "bn_weight", "cls_weight"):
+            args[name].abs_()
+        args["xs"][0][0, 1, 10, 35] = float("inf")
+        args["xs"][1][0, 2, 3, 11] = float("-inf")
+        args["xs"][2][0, 1, 0, 0] = float("nan")
+    with torch.no_grad():
+        y = _call(args, case, False)
+        expected = _call(args, case, False, backend="reference")
+    for name, kind in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
+        assert torch.equal(kind(y), kind(expected)), name
+    finite = torch.isfinite(expected)
+    assert 0 < int((~finite).sum()) < expected.numel() // 4
+    assert_rel_close(y[finite], expected[finite], FP32_RTOL, "finite logits")
+
+
 def test_backward_nan_in_the_gradient_stays_local(fused):
     """NaN at one pixel of the logits' gradient (eval: folded BN) reaches exactly the gradient elements eager's
     backward spreads it to: ds is NaN there, and each branch's patch partial takes it only at that pixel's taps

@@ -950,6 +950,9 @@ def _tile_bound(name: str, elem: int, acc: int, c0p: int, kp: int, srcs: Sequenc
     scratch = acc * bp * max(bm, kp if classifier else 0)
     if name == "_head_backward_reduce_kernel":  # a second accumulator tile, the dWc chunk (fp32: 98,432 B at C0 32)
         scratch = 2 * scratch + acc * kp * bm
+    if (elem, acc) == (4, 4) and name != "_head_backward_reduce_kernel":  # fp32's hand 3xTF32 split: a second
+        # accumulator tile (the lo products; W48 ds on sm_90 needs 114,688 B, 8,192 more than without it)
+        scratch += acc * bp * max(bm, kp if classifier else 0)
     if fused:  # the transposed operands of dx0, dW0 and the patch partials, and the exact adjoint's 0/1 matrices
         # (bf16 W48 8x16 / 32 channels / 2 stages: 119,040 B on sm_90, 90,368 B on sm_80, bound 157,696 B)
         scratch += elem * bp * (sum(srcs) + c0p + kp + bm)

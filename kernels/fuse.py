@@ -16,7 +16,7 @@ is read once, the sum stays in fp32 (fp64 for fp64 inputs), y is written once. R
 taps and weights once per tile row and column (`resample.term_grid`), shared by the tile's channels and the
 other axis. Channel blocks fit HRNet's channel counts (`resample.channel_block`). Strides are arguments, so NCHW and
 channels_last need no copies. Up to MAX_TERMS terms per launch; more are chained through a partial sum in
-the accumulation dtype. bf16 / fp16 terms upsampled by powers of 2 (some by 4 or more) take the phase form
+the accumulation dtype. bf16 / fp16 / fp32 terms upsampled by powers of 2 (some by 4 or more) take the phase form
 instead (`_fuse_forward_phases`, `_phase_launch`): a thread owns a G x G output block of one channel, loads
 each source pixel the block reads once, and reuses each source row's horizontal interpolation for every
 output row that reads it, with compile-time taps and weights; same arithmetic, same order.
@@ -26,7 +26,7 @@ terms in one launch and, if there are upsampled terms, the masked gradient g (wh
 an unscaled output-size term: that term gets g itself, not a copy). `_upsample_adjoint_kernel` then runs per
 upsampled term on [channels x rows x columns] tiles of source pixels: the adjoint of Up as a gather (each
 source pixel sums the output pixels that read it, with their weights, computed per tile row and column).
-bf16 / fp16 terms upsampled bilinearly by 2, 4 or 8 take its phase form instead (`_adjoint_phases`): no loop,
+bf16 / fp16 / fp32 terms upsampled bilinearly by 2, 4 or 8 take its phase form instead (`_adjoint_phases`): no loop,
 a thread owns a few source pixels of one source row, reads its window of g once per row as vectors (NCHW) or
 column by column (channels_last), sums it over the window's rows with compile-time tent weights, then over
 each pixel's columns. No
@@ -831,12 +831,13 @@ def _power_of_2_factor(ratio: Tuple[int, int], G: int) -> int:
 
 @functools.lru_cache(maxsize=1024)
 def _phase_launch(plan: FusePlan, C: int, dtype: torch.dtype) -> Optional[dict]:
-    """The constexprs of `_fuse_forward_phase_kernel` for this plan, or None where it does not apply: 2-byte
-    floats (fp32 / fp64 keep the general kernel), one launch's worth of terms, each output-size, nearest or
+    """The constexprs of `_fuse_forward_phase_kernel` for this plan, or None where it does not apply: bf16, fp16
+    or fp32 (fp64 keeps the general kernel; fp32 computes the same arithmetic in the same order, W48 branch 0
+    issue/bytes 1.03 -> 0.28 on sm_90), one launch's worth of terms, each output-size, nearest or
     bilinear without align_corners by a power-of-2 factor on both axes (bilinear: >= 2), some term by 4 or more
     (sm_90, W48 stage 4 bf16: the x2-only branch issues 2.05 SASS per element this way, 1.76 in tiles), and an
     output whose size is a multiple of the group and whose channels a block divides. Read-only."""
-    if dtype not in (torch.bfloat16, torch.float16) or len(plan.terms) > MAX_TERMS or C == 0:
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32) or len(plan.terms) > MAX_TERMS or C == 0:
         return None
     G = 8
     fh, fw = [], []
@@ -1065,6 +1066,8 @@ def _adjoint_config(z: Tensor, term: TermPlan, H: int, W: int, channels_last: bo
     `_adjoint_phase_tile`), else None."""
     N, C, h, w = z.shape
     phase = _adjoint_phase_factors(term, z, H, W)
+    if phase is not None and channels_last and z.element_size() > 2:
+        phase = None  # fp32 channels_last: its columns of 4-byte channels spill (sm_90 W48 x8: 11,460 B)
     if phase is not None:
         cols = channels_last
         block_c, block_q, pq = _adjoint_phase_tile(C, w, phase[1], cols)
@@ -1109,10 +1112,10 @@ def _adjoint_phase_tile(C: int, w: int, fw: int, cols: bool) -> Tuple[int, int, 
 
 
 def _adjoint_phase_factors(term: TermPlan, z: Tensor, H: int, W: int) -> Optional[Tuple[int, int]]:
-    """(PH, PW) where `_upsample_adjoint_kernel` takes the phase form: 2-byte floats (fp32 / fp64 keep the
-    gather), bilinear without align_corners by exactly 1/f on both axes with f a power of 2 in 2..8, g exactly
+    """(PH, PW) where `_upsample_adjoint_kernel` takes the phase form: bf16, fp16 or fp32 (fp64 and fp32 with a
+    channels_last g keep the gather, `_adjoint_config`), bilinear without align_corners by exactly 1/f on both axes with f a power of 2 in 2..8, g exactly
     f times z's size; else None."""
-    if z.dtype not in (torch.bfloat16, torch.float16) or term.mode != BILINEAR or term.align_corners:
+    if z.dtype not in (torch.bfloat16, torch.float16, torch.float32) or term.mode != BILINEAR or term.align_corners:
         return None
     factors = []
     for (num, den), n_in, n_out in ((term.ratio_h, z.shape[2], H), (term.ratio_w, z.shape[3], W)):

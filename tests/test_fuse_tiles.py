@@ -79,23 +79,25 @@ def _phase_form(case: Case, dtype, layout):
 
 
 @pytest.mark.parametrize("case", [PHASED, PHASED_X8], ids=["x2_x4_nearest_x8", "x2_x4_x8"])
-@pytest.mark.parametrize("dtype, layout", [(BF16, "nchw"), (BF16, "channels_last"), (F16, "nchw")],
-                         ids=["bf16_nchw", "bf16_cl", "fp16_nchw"])
+@pytest.mark.parametrize("dtype, layout", [(BF16, "nchw"), (BF16, "channels_last"), (F16, "nchw"), (F32, "nchw"),
+                                           (F32, "channels_last")],
+                         ids=["bf16_nchw", "bf16_cl", "fp16_nchw", "fp32_nchw", "fp32_cl"])
 def test_fuse_phase_form(case, dtype, layout):
     assert _phase_form(case, dtype, layout) is not None
     check_fuse(case, dtype, layout)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's 0 * inf
+@pytest.mark.parametrize("dtype, bits", [(BF16, torch.int16), (F32, torch.int32)], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_fuse_phase_form_matches_tiles_bitwise(layout, monkeypatch):
+def test_fuse_phase_form_matches_tiles_bitwise(layout, dtype, bits, monkeypatch):
     """The phase form computes the tile form's arithmetic in its order: the same bits, NaN and inf included,
     with non-finite values at the image's first and last rows / columns (where ATen's source index clamps
     and reads a tap of weight 0)."""
     from hrfast.kernels import fuse as K
 
     case = PHASED_X8
-    xs, scales, shifts, resamples, _ = _build(case, BF16, layout)
+    xs, scales, shifts, resamples, _ = _build(case, dtype, layout)
     with torch.no_grad():
         xs[1][0, 1, 0, 1] = float("inf")  # row 0, column 1: read with weight 0 by output (0, 0)
         xs[1][0, 2, 7, 23] = float("nan")  # last row and column
@@ -104,12 +106,12 @@ def test_fuse_phase_form_matches_tiles_bitwise(layout, monkeypatch):
         xs[0][0, 5, 15, 47] = float("nan")
     plan, kxs, kscales, kshifts = _kernel_args(xs, scales, shifts, resamples, case.size, case.relu,
                                                layout != "nchw")
-    assert K._phase_launch(plan, case.C, BF16) is not None
+    assert K._phase_launch(plan, case.C, dtype) is not None
     phased = K.fuse_forward(plan, kxs, kscales, kshifts)
     monkeypatch.setattr(K, "_phase_launch", lambda *args: None)
     tiled = K.fuse_forward(plan, kxs, kscales, kshifts)
     assert phased.stride() == tiled.stride()
-    assert torch.equal(phased.view(torch.int16), tiled.view(torch.int16))
+    assert torch.equal(phased.view(bits), tiled.view(bits))
     assert torch.isnan(tiled).any() and torch.isinf(tiled).any()
 
 
@@ -130,8 +132,8 @@ def _adjoint_phase_terms(case: Case, dtype, layout):
 
 
 @pytest.mark.parametrize("max_q", [32, 2])
-@pytest.mark.parametrize("dtype, layout", [(BF16, "nchw"), (BF16, "channels_last"), (F16, "nchw")],
-                         ids=["bf16_nchw", "bf16_cl", "fp16_nchw"])
+@pytest.mark.parametrize("dtype, layout", [(BF16, "nchw"), (BF16, "channels_last"), (F16, "nchw"), (F32, "nchw")],
+                         ids=["bf16_nchw", "bf16_cl", "fp16_nchw", "fp32_nchw"])
 def test_adjoint_phase_form(dtype, layout, max_q, monkeypatch):
     from hrfast.kernels import fuse as K
 

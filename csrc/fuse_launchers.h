@@ -150,12 +150,10 @@ bool vec_ok(const at::Tensor& out, const std::vector<TermSpec>& terms) {
   return true;
 }
 
-// The compile-time pack forward, one launch for all terms: ForwardVecKernel where `vec_ok`, else
-// ForwardTileKernel.
-template <class Exec, typename scalar_t, typename acc_t>
-void forward_pack_launch(const at::Tensor& out, const std::vector<TermSpec>& terms, bool relu, uint32_t code) {
-  const int64_t N = out.size(0), C = out.size(1), H = out.size(2), W = out.size(3);
-  const bool vec = vec_ok<scalar_t>(out, terms);
+// The fields every pack forward fills alike: the terms' int32 views, the output's pointer, strides and sizes.
+template <typename scalar_t, typename acc_t>
+ForwardTileParams<scalar_t, acc_t> pack_params(const at::Tensor& out, const std::vector<TermSpec>& terms) {
+  const int64_t C = out.size(1), H = out.size(2), W = out.size(3);
   ForwardTileParams<scalar_t, acc_t> p;
   for (size_t k = 0; k < terms.size(); ++k) p.t[k] = view32(make_view<scalar_t, acc_t>(terms[k], H, W));
   p.out = out.data_ptr<scalar_t>();
@@ -166,6 +164,16 @@ void forward_pack_launch(const at::Tensor& out, const std::vector<TermSpec>& ter
   p.C = static_cast<int32_t>(C);
   p.H = static_cast<int32_t>(H);
   p.W = static_cast<int32_t>(W);
+  return p;
+}
+
+// The compile-time pack forward, one launch for all terms: ForwardVecKernel where `vec_ok`, else
+// ForwardTileKernel.
+template <class Exec, typename scalar_t, typename acc_t>
+void forward_pack_launch(const at::Tensor& out, const std::vector<TermSpec>& terms, bool relu, uint32_t code) {
+  const int64_t N = out.size(0), C = out.size(1), H = out.size(2), W = out.size(3);
+  const bool vec = vec_ok<scalar_t>(out, terms);
+  auto p = pack_params<scalar_t, acc_t>(out, terms);
   // threads per image: (channel, row pair, kPX-pixel segment), or (kVec-channel group, row, kVPX-pixel segment)
   p.S = static_cast<int32_t>(vec ? (W + kVPX - 1) / kVPX : (W + kPX - 1) / kPX);
   p.HP = static_cast<int32_t>(vec ? H : (H + kRows - 1) / kRows);
@@ -240,16 +248,7 @@ void phase_launch(const at::Tensor& out, const std::vector<TermSpec>& terms, boo
                   std::index_sequence<I...>) {
   const int64_t N = out.size(0), C = out.size(1), H = out.size(2), W = out.size(3);
   const int64_t G = phase_group(code);
-  ForwardTileParams<scalar_t, acc_t> p;
-  for (size_t k = 0; k < terms.size(); ++k) p.t[k] = view32(make_view<scalar_t, acc_t>(terms[k], H, W));
-  p.out = out.data_ptr<scalar_t>();
-  p.so_n = static_cast<int32_t>(out.stride(0));
-  p.so_c = static_cast<int32_t>(out.stride(1));
-  p.so_h = static_cast<int32_t>(out.stride(2));
-  p.so_w = static_cast<int32_t>(out.stride(3));
-  p.C = static_cast<int32_t>(C);
-  p.H = static_cast<int32_t>(H);
-  p.W = static_cast<int32_t>(W);
+  auto p = pack_params<scalar_t, acc_t>(out, terms);
   p.S = static_cast<int32_t>(W / G);   // block columns
   p.HP = static_cast<int32_t>(H / G);  // block rows
   p.per_image = static_cast<int32_t>(C * p.HP * p.S);

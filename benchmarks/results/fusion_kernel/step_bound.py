@@ -71,7 +71,7 @@ def main(argv=None):
         "3x is out of reach even with no launch"
     print(f"\nEager fwd+bwd {e_total:.1f} us; 3x means <= {e_total / 3:.1f} us. The fused design's bytes alone take "
           f"{floor_us:.1f} us ({e_total / floor_us:.2f}x eager with no launch at all), so {verdict} "
-          f"(today {sum(today.values())}, ATen ops included).\n")
+          f"(today {sum(today.values())} in the defaults: a statistics and a finalize launch per BN).\n")
     print("| launches | step us (compulsory bytes + launches) | vs eager |")
     print("|---|---|---|")
     for launches in (5, 7, 8, 12, 16, 20, 26, sum(today.values())):

@@ -17,12 +17,14 @@ SyncBatchNorm while it would not synchronise); any other norm runs as a module.
 - `update_running_stats(...)`: `F.batch_norm`'s running-statistics update, given batch statistics.
 - `fold_batch_norm(bn, z)`: (term, scale, shift) with bn's side effects, in eval and training mode; with batch
   statistics through `_BatchStatsFold` (Triton kernels when `use_kernels`, else plain PyTorch).
+- `fold_batch_norms(bns, zs)`: the same for several (a fusion row's), the batch-statistics folds together: on the
+  kernels one statistics launch (and finalize) and one backward launch for all of them.
 """
 from __future__ import annotations
 
 import math
 import weakref
-from typing import Callable, Dict, Hashable, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, Hashable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -33,7 +35,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ["is_foldable_batchnorm", "can_fold", "affine", "running_affine", "eval_affine", "fold_into_conv",
-           "bn_step", "BNStep", "update_running_stats", "fold_batch_norm"]
+           "bn_step", "BNStep", "update_running_stats", "fold_batch_norm", "fold_batch_norms"]
 
 _PLAIN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
 
@@ -216,9 +218,23 @@ def check_batch_size(count: int, size) -> None:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
 
 
+class FoldSpec(NamedTuple):
+    """The constants of one term of `_BatchStatsFold`."""
+
+    term_dtype: torch.dtype  # the term's dtype (z's, or the row's promoted dtype)
+    dtype: torch.dtype  # the accumulation dtype (fp32, fp64 when anything is fp64)
+    eps: float
+    factor: float  # the running-average factor
+    use_kernels: bool  # the Triton kernels (else plain PyTorch)
+
+
 class _BatchStatsFold(torch.autograd.Function):
-    """(z, weight, bias) -> (term, scale, shift): batch norm's fold with batch statistics over (N, H, W),
-    bn(z) = term * scale + shift, with the running-statistics update as a side effect of the forward.
+    """(z_k, weight_k, bias_k) -> (term_k, scale_k, shift_k) for k folds at once: batch norm's fold with batch
+    statistics over (N, H, W), bn(z) = term * scale + shift, with the running-statistics update as a side effect
+    of the forward. Applied as ``apply(specs, *zs, *weights, *biases, *running_means, *running_vars, *counters)``
+    (k of each, None allowed but for z), returning the 3k outputs (term, scale, shift) term after term; one term
+    is the k = 1 case. On the kernels the k folds share their launches (`hrfast.kernels.batch_norm`: one
+    statistics launch, one finalize, one backward launch for a fusion row), each fold's arithmetic unchanged.
 
     Two implementations of the same computation: the Triton kernels (`hrfast.kernels.batch_norm`: one read of
     z for the statistics, one pass for z's gradient) and plain PyTorch (the reference, below). Both compute
@@ -231,52 +247,74 @@ class _BatchStatsFold(torch.autograd.Function):
         g_var = -0.5 * r^3 * w * (g_scale - mean * g_shift),
         dz = g_term + g_mean / count + 2 * g_var * (z - mean) / count
 
-    Once differentiable: a double backward raises (batch norm's fold has no second-order use in hrfast).
+    `counters`: num_batches_tracked tensors the kernels increment (None: the caller did). Once differentiable:
+    a double backward raises (batch norm's fold has no second-order use in hrfast).
     """
 
     @staticmethod
-    def forward(ctx, z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], term_dtype: torch.dtype,
-                dtype: torch.dtype, eps: float, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                factor: float, use_kernels: bool, counter: Optional[Tensor] = None):
-        count = z.shape[0] * z.shape[2] * z.shape[3]
-        if use_kernels:
+    def forward(ctx, specs: Tuple[FoldSpec, ...], *tensors: Optional[Tensor]):
+        k = len(specs)
+        zs, weights, biases, running_means, running_vars, counters = (tensors[i * k:(i + 1) * k] for i in range(6))
+        results: List[Optional[Tuple[Tensor, Tensor, Tensor]]] = [None] * k
+        on_kernels = [i for i in range(k) if specs[i].use_kernels]
+        if on_kernels:
             from hrfast.kernels import batch_norm as kernels
-            stats, scale, shift = kernels.batch_stats(z, weight, bias, eps, dtype, running_mean, running_var, factor,
-                                                      counter)
-        else:
-            if counter is not None:
-                counter.add_(1)
-            stats, scale, shift = _reference_stats(z, weight, bias, eps, dtype, running_mean, running_var, factor,
-                                                   count)
-        ctx.use_kernels, ctx.count = use_kernels, count
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(z, weight, stats, scale)
-        term = z.to(term_dtype) if term_dtype != z.dtype else z.view_as(z)
-        return term, scale, shift
+            launched = kernels.batch_stats([
+                kernels.StatsTerm(zs[i], weights[i], biases[i], specs[i].eps, specs[i].dtype, running_means[i],
+                                  running_vars[i], specs[i].factor, counters[i]) for i in on_kernels])
+            for i, result in zip(on_kernels, launched):
+                results[i] = result
+        for i in range(k):
+            if not specs[i].use_kernels:
+                z = zs[i]
+                if counters[i] is not None:
+                    counters[i].add_(1)
+                results[i] = _reference_stats(z, weights[i], biases[i], specs[i].eps, specs[i].dtype,
+                                              running_means[i], running_vars[i], specs[i].factor,
+                                              z.shape[0] * z.shape[2] * z.shape[3])
+        ctx.specs = specs
+        ctx.bias_dtypes = [None if b is None else b.dtype for b in biases]
+        ctx.save_for_backward(*zs, *weights, *[r[0] for r in results], *[r[1] for r in results])
+        out = []
+        for z, spec, (_, scale, shift) in zip(zs, specs, results):
+            out += [z.to(spec.term_dtype) if spec.term_dtype != z.dtype else z.view_as(z), scale, shift]
+        return tuple(out)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_term: Optional[Tensor], g_scale: Optional[Tensor], g_shift: Optional[Tensor]):
-        z, weight, stats, scale = ctx.saved_tensors
-        need_dz, need_dw, need_db = ctx.needs_input_grad[:3]
-        need_dw = need_dw and weight is not None
-        g_bias = g_bias_out = None
-        if need_db:
-            if g_shift is not None and g_shift.dtype == ctx.bias_dtype:
-                g_bias = g_shift
-            elif ctx.use_kernels:  # written by the backward kernel (no conversion launch)
-                g_bias = g_bias_out = torch.empty(scale.shape, dtype=ctx.bias_dtype, device=scale.device)
-            else:
-                g_bias = (torch.zeros_like(scale) if g_shift is None else g_shift).to(ctx.bias_dtype)
-        dz = g_weight = None
-        if ctx.use_kernels:
+    def backward(ctx, *grads: Optional[Tensor]):
+        specs = ctx.specs
+        k = len(specs)
+        saved = ctx.saved_tensors
+        zs, weights, stats, scales = (saved[i * k:(i + 1) * k] for i in range(4))
+        needs = ctx.needs_input_grad[1:]
+        dzs, g_weights, g_biases = [None] * k, [None] * k, [None] * k
+        launch = []  # (term, BackwardTerm) for the kernels
+        for i, spec in enumerate(specs):
+            g_term, g_scale, g_shift = grads[3 * i:3 * i + 3]
+            need_dz, need_dw, need_db = needs[i], needs[k + i] and weights[i] is not None, needs[2 * k + i]
+            g_bias_out = None
+            if need_db:
+                if g_shift is not None and g_shift.dtype == ctx.bias_dtypes[i]:
+                    g_biases[i] = g_shift
+                elif spec.use_kernels:  # written by the backward kernel (no conversion launch)
+                    g_biases[i] = g_bias_out = torch.empty(scales[i].shape, dtype=ctx.bias_dtypes[i],
+                                                           device=scales[i].device)
+                else:
+                    g_biases[i] = (torch.zeros_like(scales[i]) if g_shift is None else g_shift).to(ctx.bias_dtypes[i])
+            if spec.use_kernels:
+                from hrfast.kernels import batch_norm as kernels
+                launch.append((i, kernels.BackwardTerm(zs[i], g_term, stats[i], weights[i], g_scale, g_shift,
+                                                       need_dz, need_dw, g_bias_out)))
+            elif need_dz or need_dw:
+                dz, g_weight = _reference_backward(zs[i], g_term, stats[i], weights[i], scales[i], g_scale,
+                                                   g_shift, zs[i].shape[0] * zs[i].shape[2] * zs[i].shape[3])
+                dzs[i], g_weights[i] = (dz if need_dz else None), (g_weight if need_dw else None)
+        if launch:
             from hrfast.kernels import batch_norm as kernels
-            dz, g_weight = kernels.batch_norm_backward(z, g_term, stats, weight, g_scale, g_shift, need_dz, need_dw,
-                                                       g_bias_out)
-        elif need_dz or need_dw:
-            dz, g_weight = _reference_backward(z, g_term, stats, weight, scale, g_scale, g_shift, ctx.count)
-        return (dz if need_dz else None, g_weight if need_dw else None, g_bias,
-                None, None, None, None, None, None, None, None)
+            for (i, _), (dz, g_weight) in zip(launch, kernels.batch_norm_backward([t for _, t in launch])):
+                dzs[i], g_weights[i] = dz, g_weight
+        return (None, *dzs, *g_weights, *g_biases, *([None] * (3 * k)))
 
 
 def _reference_stats(z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, dtype: torch.dtype,
@@ -329,29 +367,54 @@ def fold_batch_norm(bn: nn.Module, z: Tensor, term_dtype: Optional[torch.dtype] 
     (`hrfast.kernels.batch_norm`; the caller runs the fused op on Triton) where they can run on z's device and
     nothing traces the call; else in plain PyTorch (`_BatchStatsFold`). Same results up to rounding.
     """
-    if not can_fold(bn):
-        return None
-    term_dtype = term_dtype or z.dtype
-    bn._check_input_dim(z)
-    if z.dim() != 4:
-        raise ValueError(f"expected a 4-D input [N, C, H, W] for {type(bn).__name__}, got shape {tuple(z.shape)}")
-    count = z.shape[0] * math.prod(z.shape[2:])
-    # the statistics kernels increment num_batches_tracked (no add launch of its own) where the factor does not
-    # read it, and not for a batch too small (batch norm increments it before raising)
-    counter = None
-    if bn.training and use_kernels and bn.momentum is not None and bn.track_running_stats and count > 1 \
-            and bn.num_batches_tracked is not None and _kernels_run(z):
-        counter = bn.num_batches_tracked
-    step = bn_step(bn, count=counter is None)
-    dt = accumulation_dtype(z, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-    if not step.batch_stats:
-        scale, shift = eval_affine(bn, dt)
-        return (z if z.dtype == term_dtype else z.to(term_dtype)), scale, shift
-    check_batch_size(count, z.size())
-    kernels = counter is not None or (use_kernels and _kernels_run(z))
-    term, scale, shift = _BatchStatsFold.apply(z, bn.weight, bn.bias, term_dtype, dt, bn.eps, step.running_mean,
-                                               step.running_var, step.factor, kernels, counter)
-    return term, scale, shift
+    return fold_batch_norms([bn], [z], term_dtype, use_kernels)[0]
+
+
+def fold_batch_norms(bns: Sequence[nn.Module], zs: Sequence[Tensor], term_dtype: Optional[torch.dtype] = None,
+                     use_kernels: bool = False) -> List[Optional[Tuple[Tensor, Tensor, Tensor]]]:
+    """`fold_batch_norm` of each (bn, z) in order, with the same results and side effects, the batch-statistics
+    folds done together: one `_BatchStatsFold` for all of them, so on the kernels one statistics launch (one
+    finalize), and in backward one launch, for a whole fusion row (`hrfast.nn.fusion`). An error of term j
+    (`_check_input_dim`, a single value per channel) is raised after terms 0..j-1 have folded, as a loop of
+    `fold_batch_norm` would."""
+    if len(bns) != len(zs):
+        raise ValueError(f"fold_batch_norms: {len(bns)} modules for {len(zs)} inputs")
+    results: List[Optional[Tuple[Tensor, Tensor, Tensor]]] = [None] * len(bns)
+    pending: List[Tuple[int, FoldSpec, tuple]] = []  # batch-statistics folds: (index, spec, tensors)
+    try:
+        for i, (bn, z) in enumerate(zip(bns, zs)):
+            if not can_fold(bn):
+                continue
+            dtype = term_dtype or z.dtype
+            bn._check_input_dim(z)
+            if z.dim() != 4:
+                raise ValueError(f"expected a 4-D input [N, C, H, W] for {type(bn).__name__}, got shape "
+                                 f"{tuple(z.shape)}")
+            count = z.shape[0] * math.prod(z.shape[2:])
+            # the statistics kernels increment num_batches_tracked (no add launch of its own) where the factor does
+            # not read it, and not for a batch too small (batch norm increments it before raising)
+            counter = None
+            if bn.training and use_kernels and bn.momentum is not None and bn.track_running_stats and count > 1 \
+                    and bn.num_batches_tracked is not None and _kernels_run(z):
+                counter = bn.num_batches_tracked
+            step = bn_step(bn, count=counter is None)
+            dt = accumulation_dtype(z, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+            if not step.batch_stats:
+                scale, shift = eval_affine(bn, dt)
+                results[i] = (z if z.dtype == dtype else z.to(dtype)), scale, shift
+                continue
+            check_batch_size(count, z.size())
+            kernels = counter is not None or (use_kernels and _kernels_run(z))
+            pending.append((i, FoldSpec(dtype, dt, bn.eps, step.factor, kernels),
+                            (z, bn.weight, bn.bias, step.running_mean, step.running_var, counter)))
+    finally:  # on an error too: the folds before it have their side effects
+        if pending:
+            specs = tuple(spec for _, spec, _ in pending)
+            flat = [tensors[field] for field in range(6) for _, _, tensors in pending]
+            out = _BatchStatsFold.apply(specs, *flat)
+            for n, (i, _, _) in enumerate(pending):
+                results[i] = tuple(out[3 * n:3 * n + 3])
+    return results
 
 
 def _kernels_run(z: Tensor) -> bool:

@@ -30,6 +30,14 @@ norm's own backward does; summing two bf16 gradients would round the small stati
 program derives the per-channel coefficients from the [C] vectors itself; the program of each channel block
 that holds the first pixels also writes g_w (and g_b where the bias's dtype is not g_shift's).
 
+Several folds at once (a fusion row's: `batch_stats` and `batch_norm_backward` take a list of terms): one launch
+of each kernel for up to MAX_TERMS terms. The grid is 1-D; programs [start, end) are term k's, and each kernel
+is a static loop over its terms (`tl.static_range`) that runs the one-term code (`_stats_term`,
+`_finalize_channels`, `_backward_term`) with term k's tensors, sizes and tile constexprs on the program's local
+id: the same arithmetic in the same order as the term alone (one term is the k = 1 case), bitwise equal
+results. Terms that cannot share a launch's scalars (accumulation dtype, eps, the running-average factor) or
+that update the same buffers go in launches of their own, in order.
+
 Layouts: z is read as [N, C, P] over P = H*W pixels with strides (s_n, s_c, s_p), which covers NCHW and
 channels_last (and any layout whose H and W collapse); other layouts are copied contiguous first. Strides equal
 to 1 become compile-time constants (Triton's specialisation), so the contiguous axis gets vector loads.
@@ -37,8 +45,9 @@ to 1 become compile-time constants (Triton's specialisation), so the contiguous 
 from __future__ import annotations
 
 import os
+import struct
 from contextlib import nullcontext
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -47,7 +56,7 @@ from torch import Tensor
 
 from .resample import cdiv, launch_grid, next_power_of_2
 
-__all__ = ["batch_stats", "batch_norm_backward", "can_launch", "stats_config"]
+__all__ = ["StatsTerm", "BackwardTerm", "batch_stats", "batch_norm_backward", "can_launch", "stats_config"]
 
 TILE = 2048  # elements per loaded tile (4 warps: 16 per thread)
 STATS_PROGRAMS = 1024  # about this many statistics programs (fixed, not read from the device: deterministic)
@@ -55,6 +64,7 @@ MAX_PARTIALS = 256  # at most this many partials per channel: the finalize loops
 MAX_CHANNELS_LAST_BLOCK = 64
 FINALIZE_BLOCK_C = 32
 FINALIZE_BLOCK_S = 64
+MAX_TERMS = 4  # folds per launch (a fusion row of HRNet has at most 3): each count compiles a variant
 # the statistics launch finalizes too (its last program per channel block): one launch per fold, not two. Off
 # until a GPU has run it: the Triton interpreter runs programs one at a time, so the tests cannot reach the
 # ticket's cross-program memory ordering (HRFAST_BN_MERGED_FINALIZE=1 turns it on; benchmarks/gpu_session.sh
@@ -70,20 +80,22 @@ def _as(x, acc_t: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _bn_stats_kernel(z_ptr, part_ptr, C, P, s_n, s_c, s_p, S, SPLITS, CHUNK,
-                     weight_ptr, bias_ptr, stats_ptr, scale_ptr, shift_ptr, run_mean_ptr, run_var_ptr, counter_ptr,
-                     tickets_ptr, eps: tl.float64, factor: tl.float64, keep: tl.float64, unbias: tl.float64,
-                     F64: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-                     MERGED: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, UPDATE: tl.constexpr,
-                     COUNT: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Program (channel block, image n, split sp): (mean, M2) of pixels [sp*CHUNK, (sp+1)*CHUNK) of image n,
-    stored at row n*SPLITS + sp of the [2, S, C] partials. MERGED: the last of the S programs of a channel block
-    to finish (a ticket per channel block, an atomic counter; the values never go through atomics) finalizes
-    the block's channels as `_bn_finalize_kernel` does, in the same fixed order, and resets its ticket."""
+def _stats_term(pid, z_ptr, part_ptr, C, P, z_strides, S, SPLITS, CHUNK, unbias_bits, ticket_base,
+                weight_ptr, bias_ptr, stats_ptr, scale_ptr, shift_ptr, run_mean_ptr, run_var_ptr, counter_ptr,
+                tickets_ptr, eps, factor, keep, F64: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr,
+                BLOCK_P: tl.constexpr, MERGED: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                UPDATE: tl.constexpr, COUNT: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Program `pid` of one term (channel block fastest, then split, then image): (mean, M2) of pixels
+    [sp*CHUNK, (sp+1)*CHUNK) of image n, stored at row n*SPLITS + sp of the term's [2, S, C] partials. MERGED: the
+    last of the S programs of a channel block to finish (a ticket per channel block, an atomic counter; the
+    values never go through atomics) finalizes the block's channels as `_bn_finalize_kernel` does, in the same
+    fixed order, and resets its ticket."""
     acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
-    pid_c = tl.program_id(0)
-    sp = tl.program_id(1)
-    n = tl.program_id(2)
+    blocks = tl.cdiv(C, BLOCK_C)
+    pid_c = pid % blocks
+    sp = (pid // blocks) % SPLITS
+    n = pid // blocks // SPLITS
+    s_n, s_c, s_p = z_strides
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     start = sp * CHUNK
@@ -92,7 +104,7 @@ def _bn_stats_kernel(z_ptr, part_ptr, C, P, s_n, s_c, s_p, S, SPLITS, CHUNK,
         base = z_ptr + n.to(tl.int64) * s_n + c.to(tl.int64)[:, None] * s_c
     else:
         base = z_ptr + n * s_n + c[:, None] * s_c
-    count = tl.zeros([BLOCK_C], dtype=acc_t)
+    count_c = tl.zeros([BLOCK_C], dtype=acc_t)
     mean = tl.zeros([BLOCK_C], dtype=acc_t)
     m2 = tl.zeros([BLOCK_C], dtype=acc_t)
     for p0 in range(start, end, BLOCK_P):
@@ -108,11 +120,11 @@ def _bn_stats_kernel(z_ptr, part_ptr, C, P, s_n, s_c, s_p, S, SPLITS, CHUNK,
         d = tl.where(mask, x - t_mean[:, None], 0.0)
         t_m2 = tl.sum(d * d, axis=1)
         # Chan et al.: merge (count, mean, m2) with the tile's (m, t_mean, t_m2)
-        total = count + m
+        total = count_c + m
         delta = t_mean - mean
         mean += delta * (m / total)
-        m2 += t_m2 + delta * delta * (count * m / total)
-        count = total
+        m2 += t_m2 + delta * delta * (count_c * m / total)
+        count_c = total
     row = n * SPLITS + sp
     tl.store(part_ptr + row * C + c, mean, mask=c_mask)
     tl.store(part_ptr + (S + row) * C + c, m2, mask=c_mask)
@@ -120,26 +132,48 @@ def _bn_stats_kernel(z_ptr, part_ptr, C, P, s_n, s_c, s_p, S, SPLITS, CHUNK,
         # every thread's partial stores before the ticket (released at GPU scope); the last program acquires
         # them and reads the partials from L2 (.cg: never a line its SM's L1 cached before)
         tl.debug_barrier()
-        ticket = tl.atomic_add(tickets_ptr + pid_c, 1, sem="acq_rel", scope="gpu")
+        ticket = tl.atomic_add(tickets_ptr + ticket_base + pid_c, 1, sem="acq_rel", scope="gpu")
         if ticket == S - 1:
-            _finalize_channels(part_ptr, c, c_mask, P, S, SPLITS, CHUNK, C, weight_ptr, bias_ptr, stats_ptr,
-                               scale_ptr, shift_ptr, run_mean_ptr, run_var_ptr, eps, factor, keep, unbias,
+            _finalize_channels(part_ptr, c, c_mask, P, S, SPLITS, CHUNK, C, unbias_bits, weight_ptr, bias_ptr,
+                               stats_ptr, scale_ptr, shift_ptr, run_mean_ptr, run_var_ptr, eps, factor, keep,
                                HAS_WEIGHT, HAS_BIAS, UPDATE, F64, BLOCK_C, BLOCK_S, ".cg")
             if COUNT:
                 if pid_c == 0:
                     tl.store(counter_ptr, tl.load(counter_ptr) + 1)
-            tl.atomic_xchg(tickets_ptr + pid_c, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+            # ready for the next launch
+            tl.atomic_xchg(tickets_ptr + ticket_base + pid_c, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
-def _finalize_channels(part_ptr, c, c_mask, P, S, SPLITS, CHUNK, C, weight_ptr, bias_ptr, stats_ptr, scale_ptr,
-                       shift_ptr, run_mean_ptr, run_var_ptr, eps, factor, keep, unbias,
+def _bn_stats_kernel(terms, tickets_ptr, eps: tl.float64, factor: tl.float64, keep: tl.float64,
+                     F64: tl.constexpr, INT64: tl.constexpr, MERGED: tl.constexpr, BLOCK_C: tl.constexpr,
+                     BLOCK_P: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, UPDATE: tl.constexpr,
+                     COUNT: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The statistics of up to MAX_TERMS batch norms in one launch: programs [start, end) of the 1-D grid are
+    term k's (`terms[k]`: its tensors, sizes and program range; the constexprs are tuples, one entry per term),
+    each running `_stats_term` on its own local program id. One term: today's single-fold launch."""
+    pid = tl.program_id(0)
+    for k in tl.static_range(len(terms)):
+        (z_ptr, part_ptr, C, P, z_strides, S, SPLITS, CHUNK, unbias_bits, ticket_base, weight_ptr, bias_ptr,
+         stats_ptr, scale_ptr, shift_ptr, run_mean_ptr, run_var_ptr, counter_ptr, start, end) = terms[k]
+        if (pid >= start) & (pid < end):
+            _stats_term(pid - start, z_ptr, part_ptr, C, P, z_strides, S, SPLITS, CHUNK, unbias_bits, ticket_base,
+                        weight_ptr, bias_ptr, stats_ptr, scale_ptr, shift_ptr, run_mean_ptr, run_var_ptr,
+                        counter_ptr, tickets_ptr, eps, factor, keep, F64, INT64, BLOCK_C[k], BLOCK_P[k], MERGED,
+                        HAS_WEIGHT[k], HAS_BIAS[k], UPDATE[k], COUNT[k], BLOCK_S[k])
+
+
+@triton.jit
+def _finalize_channels(part_ptr, c, c_mask, P, S, SPLITS, CHUNK, C, unbias_bits, weight_ptr, bias_ptr, stats_ptr,
+                       scale_ptr, shift_ptr, run_mean_ptr, run_var_ptr, eps, factor, keep,
                        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, UPDATE: tl.constexpr, F64: tl.constexpr,
                        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, CACHE: tl.constexpr):
     """Channels c: merges the S partials in order, BLOCK_S at a time; writes stats [2, C] = (mean, r), scale,
-    shift and, with UPDATE, the running statistics (in their own dtype)."""
+    shift and, with UPDATE, the running statistics (in their own dtype; the variance made unbiased by
+    count / (count - 1), a float64 passed as its bits, an int64: a term's floats sit in a tuple, which Triton
+    would type float32)."""
     acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
-    count = tl.zeros([BLOCK_C], dtype=acc_t)
+    count_c = tl.zeros([BLOCK_C], dtype=acc_t)
     mean = tl.zeros([BLOCK_C], dtype=acc_t)
     m2 = tl.zeros([BLOCK_C], dtype=acc_t)
     for s0 in range(0, S, BLOCK_S):
@@ -156,12 +190,12 @@ def _finalize_channels(part_ptr, c, c_mask, P, S, SPLITS, CHUNK, C, weight_ptr, 
         t_mean = tl.sum(p_mean * n_s[:, None], axis=0) / t_count
         dev = p_mean - t_mean[None, :]
         t_m2 = tl.sum(p_m2 + dev * dev * n_s[:, None], axis=0)
-        total = count + t_count
+        total = count_c + t_count
         delta = t_mean - mean
         mean += delta * (t_count / total)
-        m2 += t_m2 + delta * delta * (count * t_count / total)
-        count = total
-    var = m2 / count
+        m2 += t_m2 + delta * delta * (count_c * t_count / total)
+        count_c = total
+    var = m2 / count_c
     if F64:  # fp64 sqrt and division round correctly
         r = 1.0 / tl.sqrt(var + _as(eps, acc_t, BLOCK_C))
     else:  # fp32 `/` and tl.sqrt are approximate in PTX: round as torch.rsqrt's 1 / sqrt does
@@ -177,48 +211,58 @@ def _finalize_channels(part_ptr, c, c_mask, P, S, SPLITS, CHUNK, C, weight_ptr, 
     tl.store(scale_ptr + c, scale, mask=c_mask)
     tl.store(shift_ptr + c, shift, mask=c_mask)
     if UPDATE:
+        unbias = unbias_bits.to(tl.float64, bitcast=True)
         f = _as(factor, acc_t, BLOCK_C)
         k = _as(keep, acc_t, BLOCK_C)
         old_mean = tl.load(run_mean_ptr + c, mask=c_mask, other=0.0).to(acc_t)
         old_var = tl.load(run_var_ptr + c, mask=c_mask, other=0.0).to(acc_t)
         new_mean = f * mean + k * old_mean
-        new_var = f * (var * _as(unbias, acc_t, BLOCK_C)) + k * old_var
+        new_var = f * (var * unbias.to(acc_t)) + k * old_var
         tl.store(run_mean_ptr + c, new_mean.to(run_mean_ptr.dtype.element_ty), mask=c_mask)
         tl.store(run_var_ptr + c, new_var.to(run_var_ptr.dtype.element_ty), mask=c_mask)
 
 
 @triton.jit
-def _bn_finalize_kernel(part_ptr, C, P, S, SPLITS, CHUNK, weight_ptr, bias_ptr, stats_ptr, scale_ptr, shift_ptr,
-                        run_mean_ptr, run_var_ptr, counter_ptr, eps: tl.float64, factor: tl.float64,
-                        keep: tl.float64, unbias: tl.float64,
+def _bn_finalize_kernel(terms, eps: tl.float64, factor: tl.float64, keep: tl.float64,
                         HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, UPDATE: tl.constexpr,
                         COUNT: tl.constexpr, F64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """The finalize as a launch of its own (MERGED_FINALIZE off). Program: BLOCK_C channels
-    (`_finalize_channels`); with COUNT program 0 adds 1 to the module's num_batches_tracked (batch norm's own
-    counter, no launch of its own)."""
-    if COUNT:
-        if tl.program_id(0) == 0:
-            tl.store(counter_ptr, tl.load(counter_ptr) + 1)
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    _finalize_channels(part_ptr, c, c < C, P, S, SPLITS, CHUNK, C, weight_ptr, bias_ptr, stats_ptr, scale_ptr,
-                       shift_ptr, run_mean_ptr, run_var_ptr, eps, factor, keep, unbias,
-                       HAS_WEIGHT, HAS_BIAS, UPDATE, F64, BLOCK_C, BLOCK_S, "")
+    """The finalize as a launch of its own (MERGED_FINALIZE off), for the terms of one statistics launch:
+    programs [start, end) are term k's, one per BLOCK_C channels (`_finalize_channels`); with COUNT[k] the
+    term's first program adds 1 to the module's num_batches_tracked (batch norm's own counter, no launch of its
+    own)."""
+    pid = tl.program_id(0)
+    for k in tl.static_range(len(terms)):
+        (part_ptr, C, P, S, SPLITS, CHUNK, unbias_bits, weight_ptr, bias_ptr, stats_ptr, scale_ptr, shift_ptr,
+         run_mean_ptr, run_var_ptr, counter_ptr, start, end) = terms[k]
+        if (pid >= start) & (pid < end):
+            if COUNT[k]:
+                if pid == start:
+                    tl.store(counter_ptr, tl.load(counter_ptr) + 1)
+            c = (pid - start) * BLOCK_C + tl.arange(0, BLOCK_C)
+            _finalize_channels(part_ptr, c, c < C, P, S, SPLITS, CHUNK, C, unbias_bits, weight_ptr, bias_ptr, stats_ptr,
+                               scale_ptr, shift_ptr, run_mean_ptr, run_var_ptr, eps, factor, keep,
+                               HAS_WEIGHT[k], HAS_BIAS[k], UPDATE[k], F64, BLOCK_C, BLOCK_S, "")
 
 
 @triton.jit
-def _bn_backward_kernel(z_ptr, z_strides, g_ptr, g_strides, dz_ptr, dz_strides, C, P, count: tl.float64,
-                        stats_ptr, weight_ptr, g_scale_ptr, g_shift_ptr, g_weight_ptr, g_bias_ptr,
-                        HAS_G: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_GSCALE: tl.constexpr,
-                        HAS_GSHIFT: tl.constexpr, NEED_DZ: tl.constexpr, NEED_DW: tl.constexpr,
-                        NEED_DB: tl.constexpr,
-                        F64: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Program (pixel block, channel block, image): dz on a [BLOCK_C x BLOCK_P] tile; program (0, cb, 0) also
-    writes g_w (NEED_DW) and g_b = g_shift in the bias's dtype (NEED_DB) of its channels. Strides are
-    (s_n, s_c, s_p) triples."""
+def _backward_term(pid, z_ptr, z_strides, g_ptr, g_strides, dz_ptr, dz_strides, C, P, count, stats_ptr,
+                   weight_ptr, g_scale_ptr, g_shift_ptr, g_weight_ptr, g_bias_ptr,
+                   HAS_G: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_GSCALE: tl.constexpr,
+                   HAS_GSHIFT: tl.constexpr, NEED_DZ: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+                   F64: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Program `pid` of one term (pixel block fastest, then channel block, then image; one program per channel
+    block without dz): dz on a [BLOCK_C x BLOCK_P] tile; the program of pixel block 0 of image 0 also writes g_w
+    (NEED_DW) and g_b = g_shift in the bias's dtype (NEED_DB) of its channels. Strides are (s_n, s_c, s_p)."""
     acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
-    pid_p = tl.program_id(0)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    n = tl.program_id(2)
+    if NEED_DZ:
+        tiles = tl.cdiv(P, BLOCK_P)
+        pid_p = pid % tiles
+        c = (pid // tiles) % tl.cdiv(C, BLOCK_C) * BLOCK_C + tl.arange(0, BLOCK_C)
+        n = pid // tiles // tl.cdiv(C, BLOCK_C)
+        first = (pid_p == 0) & (n == 0)
+    else:
+        c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+        first = True
     c_mask = c < C
     mean = tl.load(stats_ptr + c, mask=c_mask, other=0.0)
     r = tl.load(stats_ptr + C + c, mask=c_mask, other=0.0)
@@ -228,10 +272,10 @@ def _bn_backward_kernel(z_ptr, z_strides, g_ptr, g_strides, dz_ptr, dz_strides, 
     if HAS_GSCALE:
         t += tl.load(g_scale_ptr + c, mask=c_mask, other=0.0).to(acc_t)
     if NEED_DW:
-        if (pid_p == 0) & (n == 0):
+        if first:
             tl.store(g_weight_ptr + c, (r * t).to(g_weight_ptr.dtype.element_ty), mask=c_mask)
     if NEED_DB:
-        if (pid_p == 0) & (n == 0):
+        if first:
             tl.store(g_bias_ptr + c, (g_shift + tl.zeros([BLOCK_C], acc_t)).to(g_bias_ptr.dtype.element_ty),
                      mask=c_mask)
     if NEED_DZ:
@@ -256,7 +300,55 @@ def _bn_backward_kernel(z_ptr, z_strides, g_ptr, g_strides, dz_ptr, dz_strides, 
                  dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _bn_backward_kernel(terms, HAS_G: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_GSCALE: tl.constexpr,
+                        HAS_GSHIFT: tl.constexpr, NEED_DZ: tl.constexpr, NEED_DW: tl.constexpr,
+                        NEED_DB: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr,
+                        BLOCK_P: tl.constexpr):
+    """The backward of up to MAX_TERMS folds in one launch: programs [start, end) are term k's (`_backward_term`;
+    the constexprs are tuples, one entry per term)."""
+    pid = tl.program_id(0)
+    for k in tl.static_range(len(terms)):
+        (z_ptr, z_strides, g_ptr, g_strides, dz_ptr, dz_strides, C, P, count, stats_ptr, weight_ptr, g_scale_ptr,
+         g_shift_ptr, g_weight_ptr, g_bias_ptr, start, end) = terms[k]
+        if (pid >= start) & (pid < end):
+            _backward_term(pid - start, z_ptr, z_strides, g_ptr, g_strides, dz_ptr, dz_strides, C, P, count,
+                           stats_ptr, weight_ptr, g_scale_ptr, g_shift_ptr, g_weight_ptr, g_bias_ptr, HAS_G[k],
+                           HAS_WEIGHT[k], HAS_GSCALE[k], HAS_GSHIFT[k], NEED_DZ[k], NEED_DW[k], NEED_DB[k], F64,
+                           INT64, BLOCK_C[k], BLOCK_P[k])
+
+
 # ------------------------------------------------------------------------------------------------ launchers
+
+
+class StatsTerm(NamedTuple):
+    """One fold's statistics: z [N, C, H, W] over (N, H, W) in `dtype` (float32, or float64), the module's
+    weight / bias (None: 1 / 0), eps, and what to update: the running buffers (None: not tracked) with the
+    averaging `factor`, and `counter` (the module's num_batches_tracked, +1)."""
+
+    z: Tensor
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    eps: float
+    dtype: torch.dtype
+    running_mean: Optional[Tensor] = None
+    running_var: Optional[Tensor] = None
+    factor: float = 0.0
+    counter: Optional[Tensor] = None
+
+
+class BackwardTerm(NamedTuple):
+    """One fold's backward (see `batch_norm_backward`)."""
+
+    z: Tensor
+    g_term: Optional[Tensor]
+    stats: Tensor
+    weight: Optional[Tensor]
+    g_scale: Optional[Tensor]
+    g_shift: Optional[Tensor]
+    need_dz: bool = True
+    need_dw: bool = False
+    g_bias: Optional[Tensor] = None
 
 
 def can_launch(device: torch.device) -> bool:
@@ -308,7 +400,7 @@ def _tile(C: int, P: int, s_c: int) -> Tuple[int, int]:
 def stats_config(N: int, C: int, P: int, s_c: int) -> Tuple[int, int, int, int]:
     """(BLOCK_C, BLOCK_P, SPLITS, CHUNK): pixels of an image split into SPLITS chunks of CHUNK (a multiple of
     BLOCK_P), so that about STATS_PROGRAMS programs run and N * SPLITS stays within MAX_PARTIALS where N allows.
-    A function of the shape only (deterministic)."""
+    A function of the shape only (deterministic), the same whether the term is launched alone or grouped."""
     block_c, block_p = _tile(C, P, s_c)
     tiles = cdiv(P, block_p)
     splits = max(1, min(tiles, cdiv(STATS_PROGRAMS, cdiv(C, block_c) * N), MAX_PARTIALS // N))
@@ -316,53 +408,127 @@ def stats_config(N: int, C: int, P: int, s_c: int) -> Tuple[int, int, int, int]:
     return block_c, block_p, cdiv(P, chunk), chunk
 
 
+def _float64_bits(x: float) -> int:
+    """x's float64 bits as an int (the kernel bitcasts it back)."""
+    return struct.unpack("<q", struct.pack("<d", x))[0]
+
+
 def _device_context(t: Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else nullcontext()
 
 
-def batch_stats(z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, dtype: torch.dtype,
-                running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
-                factor: float = 0.0, counter: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    """(stats, scale, shift) of z [N, C, H, W] over (N, H, W), in `dtype` (float32, or float64):
-    stats [2, C] = (mean, 1 / sqrt(var + eps)) with the biased variance, scale = weight * r,
-    shift = bias - mean * scale (weight / bias None: 1 / 0). With running buffers given, they are updated in
-    place as F.batch_norm does: running = factor * batch + (1 - factor) * running, unbiased variance.
-    `counter`: a one-element integer tensor (the module's num_batches_tracked) incremented by 1.
-    The caller checks that there is more than one value per channel."""
-    z = _collapsible(z)
-    N, C, H, W = z.shape
-    P = H * W
-    s_n, s_c, s_p = _pixel_strides(z)
-    block_c, block_p, splits, chunk = stats_config(N, C, P, s_c)
-    S = N * splits
+def _groups(items: Sequence, joins: Callable[[list, object], bool], buffers) -> List[list]:
+    """`items` in launch groups: consecutive items, at most MAX_TERMS per group, a new group where
+    joins(group, item) is False or the item shares a buffer it updates with the group (buffers(item): tensors;
+    the same module twice must update in order, one launch after the other)."""
+    groups: List[list] = []
+    seen: set = set()
+    for item in items:
+        mine = {t.untyped_storage()._cdata for t in buffers(item) if t is not None}
+        if not groups or len(groups[-1]) == MAX_TERMS or not joins(groups[-1], item) or mine & seen:
+            groups.append([])
+            seen = set()
+        groups[-1].append(item)
+        seen |= mine
+    return groups
+
+
+def _updates(t: "StatsTerm") -> bool:
+    return t.running_mean is not None and t.running_var is not None
+
+
+def batch_stats(terms: Sequence[StatsTerm]) -> List[Tuple[Tensor, Tensor, Tensor]]:
+    """(stats, scale, shift) of each term's z [N, C, H, W] over (N, H, W), in its `dtype`: stats [2, C] =
+    (mean, 1 / sqrt(var + eps)) with the biased variance, scale = weight * r, shift = bias - mean * scale
+    (weight / bias None: 1 / 0). Running buffers given are updated in place as F.batch_norm does:
+    running = factor * batch + (1 - factor) * running, unbiased variance; a counter given is incremented by 1.
+
+    The terms go in as few launches as the launch's scalars allow: one statistics launch (and one finalize
+    launch without MERGED_FINALIZE) per group of up to MAX_TERMS consecutive terms with the same dtype and eps
+    and, among those that update running statistics, the same factor (`_groups`); each term's arithmetic is the
+    same as alone (bitwise). The caller checks that there is more than one value per channel."""
+    items = list(enumerate(t._replace(z=_collapsible(t.z)) for t in terms))
+
+    def joins(group, item) -> bool:
+        t = item[1]
+        first = group[0][1]
+        if (t.dtype, float(t.eps)) != (first.dtype, float(first.eps)):
+            return False
+        factors = {float(g.factor) for _, g in group if _updates(g)}
+        return not _updates(t) or not factors or factors == {float(t.factor)}
+
+    out: List[Optional[Tuple[Tensor, Tensor, Tensor]]] = [None] * len(terms)
+    for group in _groups(items, joins, lambda item: (item[1].running_mean, item[1].running_var, item[1].counter)):
+        group_terms = [t for _, t in group]
+        # the launch's factor: that of its updating terms (all equal), else any
+        factor = next((float(t.factor) for t in group_terms if _updates(t)), 0.0)
+        for (i, _), result in zip(group, _batch_stats_launch(group_terms, factor)):
+            out[i] = result
+    return out
+
+
+def _batch_stats_launch(terms: Sequence[StatsTerm], factor: float) -> List[Tuple[Tensor, Tensor, Tensor]]:
+    """One statistics launch (and one finalize launch without MERGED_FINALIZE) for `terms` (of one dtype and
+    eps; `factor` that of those updating running statistics): term k's programs follow term k-1's on the 1-D
+    grid, each term with the tile, splits and chunks it would have alone (`stats_config`)."""
+    z0 = terms[0].z
+    dtype = terms[0].dtype
     f64 = dtype == torch.float64
-    count = N * P
-    part = torch.empty((2, S, C), dtype=dtype, device=z.device)
-    stats = torch.empty((2, C), dtype=dtype, device=z.device)
-    scale = torch.empty((C,), dtype=dtype, device=z.device)
-    shift = torch.empty((C,), dtype=dtype, device=z.device)
-    update = running_mean is not None and running_var is not None
-    blocks = cdiv(C, block_c)
-    finalize_args = (scale if weight is None else weight, scale if bias is None else bias, stats, scale, shift,
-                     running_mean if update else scale, running_var if update else scale,
-                     scale if counter is None else counter)
-    scalars = (float(eps), float(factor), float(1.0 - factor), float(count / (count - 1)))
-    flags = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, UPDATE=update, COUNT=counter is not None)
-    with _device_context(z):
+    device = z0.device
+    stats_args, finalize_args, outs, conf = [], [], [], []
+    start = finalize_start = blocks_total = 0
+    for t in terms:
+        z = t.z
+        N, C, H, W = z.shape
+        P = H * W
+        strides = _pixel_strides(z)
+        block_c, block_p, splits, chunk = stats_config(N, C, P, strides[1])
+        S = N * splits
+        blocks = cdiv(C, block_c)
+        part = torch.empty((2, S, C), dtype=dtype, device=device)
+        stats = torch.empty((2, C), dtype=dtype, device=device)
+        scale = torch.empty((C,), dtype=dtype, device=device)
+        shift = torch.empty((C,), dtype=dtype, device=device)
+        update = _updates(t)
+        # stand-ins for absent tensors: one of the term's own (never read)
+        pointers = (scale if t.weight is None else t.weight, scale if t.bias is None else t.bias, stats, scale,
+                    shift, t.running_mean if update else scale, t.running_var if update else scale,
+                    scale if t.counter is None else t.counter)
+        programs = blocks * S
+        unbias = _float64_bits(N * P / (N * P - 1))
         if MERGED_FINALIZE:
-            _bn_stats_kernel[launch_grid(blocks, splits, N)](
-                z, part, C, P, s_n, s_c, s_p, S, splits, chunk, *finalize_args, _tickets(z.device, blocks),
-                *scalars, F64=f64, INT64=_int64(z), BLOCK_C=block_c, BLOCK_P=block_p, MERGED=True,
-                BLOCK_S=max(1, min(FINALIZE_BLOCK_S, TILE // 2 // block_c)), **flags)
-            return stats, scale, shift
-        _bn_stats_kernel[launch_grid(blocks, splits, N)](
-            z, part, C, P, s_n, s_c, s_p, S, splits, chunk, *([part] * 9), *scalars,
-            F64=f64, INT64=_int64(z), BLOCK_C=block_c, BLOCK_P=block_p, MERGED=False, HAS_WEIGHT=False,
-            HAS_BIAS=False, UPDATE=False, COUNT=False, BLOCK_S=1)
-        _bn_finalize_kernel[(cdiv(C, FINALIZE_BLOCK_C),)](
-            part, C, P, S, splits, chunk, *finalize_args, *scalars, F64=f64,
-            BLOCK_C=FINALIZE_BLOCK_C, BLOCK_S=FINALIZE_BLOCK_S, **flags)
-    return stats, scale, shift
+            stats_args.append((z, part, C, P, strides, S, splits, chunk, unbias, blocks_total, *pointers,
+                               start, start + programs))
+        else:
+            stats_args.append((z, part, C, P, strides, S, splits, chunk, unbias, 0, *([part] * 8),
+                               start, start + programs))
+            finalize_programs = cdiv(C, FINALIZE_BLOCK_C)
+            finalize_args.append((part, C, P, S, splits, chunk, unbias, *pointers, finalize_start,
+                                  finalize_start + finalize_programs))
+            finalize_start += finalize_programs
+        start += programs
+        blocks_total += blocks
+        outs.append((stats, scale, shift))
+        conf.append(dict(BLOCK_C=block_c, BLOCK_P=block_p, HAS_WEIGHT=t.weight is not None,
+                         HAS_BIAS=t.bias is not None, UPDATE=update, COUNT=t.counter is not None,
+                         BLOCK_S=max(1, min(FINALIZE_BLOCK_S, TILE // 2 // block_c))))
+    per_term = {name: tuple(c[name] for c in conf) for name in conf[0]}
+    scalars = (float(terms[0].eps), float(factor), float(1.0 - factor))
+    int64 = _int64(*[t.z for t in terms])
+    with _device_context(z0):
+        if MERGED_FINALIZE:
+            _bn_stats_kernel[launch_grid(start)](tuple(stats_args), _tickets(device, blocks_total), *scalars,
+                                                 F64=f64, INT64=int64, MERGED=True, **per_term)
+            return outs
+        off = dict(BLOCK_C=per_term["BLOCK_C"], BLOCK_P=per_term["BLOCK_P"], BLOCK_S=(1,) * len(terms),
+                   **{name: (False,) * len(terms) for name in ("HAS_WEIGHT", "HAS_BIAS", "UPDATE", "COUNT")})
+        _bn_stats_kernel[launch_grid(start)](tuple(stats_args), stats_args[0][1], *scalars, F64=f64, INT64=int64,
+                                             MERGED=False, **off)
+        _bn_finalize_kernel[launch_grid(finalize_start)](
+            tuple(finalize_args), *scalars, HAS_WEIGHT=per_term["HAS_WEIGHT"], HAS_BIAS=per_term["HAS_BIAS"],
+            UPDATE=per_term["UPDATE"], COUNT=per_term["COUNT"], F64=f64, BLOCK_C=FINALIZE_BLOCK_C,
+            BLOCK_S=FINALIZE_BLOCK_S)
+    return outs
 
 
 # The statistics kernel's per-channel-block tickets: zeroed once per (device, stream), reset by the program that
@@ -380,40 +546,56 @@ def _tickets(device: torch.device, n: int) -> Tensor:
     return tickets
 
 
-def batch_norm_backward(z: Tensor, g_term: Optional[Tensor], stats: Tensor, weight: Optional[Tensor],
-                        g_scale: Optional[Tensor], g_shift: Optional[Tensor], need_dz: bool = True,
-                        need_dw: bool = False, g_bias: Optional[Tensor] = None,
-                        ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-    """(dz, g_weight) of the fold (see the module docstring): dz in z's dtype and layout, g_weight in weight's
-    dtype (None where not asked for). `stats` is what `batch_stats` returned; its dtype is the accumulation
-    dtype. `g_bias`: a [C] buffer that receives g_shift (0 where None) in its own dtype (saves a conversion
-    launch when the bias is bf16/fp16)."""
-    N, C, H, W = z.shape
-    P = H * W
-    dtype = stats.dtype
-    z = _collapsible(z)
-    if g_term is not None:
-        g_term = _collapsible(g_term)
-    dz = torch.empty_like(z) if need_dz else None
-    g_weight = torch.empty_like(weight) if need_dw and weight is not None else None
-    s_c = z.stride(1)
-    block_c, block_p = _tile(C, P, s_c)
-    if not (need_dz or g_weight is not None or g_bias is not None):
-        return dz, g_weight
-    grid = launch_grid(cdiv(P, block_p) if need_dz else 1, cdiv(C, block_c), N if need_dz else 1)
-    z_strides = _pixel_strides(z)
-    stand_in = stats
-    with _device_context(z):
-        _bn_backward_kernel[grid](
-            z, z_strides, stand_in if g_term is None else g_term,
-            z_strides if g_term is None else _pixel_strides(g_term),
-            stand_in if dz is None else dz, z_strides if dz is None else _pixel_strides(dz), C, P, float(N * P),
-            stats, stand_in if weight is None else weight, stand_in if g_scale is None else g_scale,
-            stand_in if g_shift is None else g_shift, stand_in if g_weight is None else g_weight,
-            stand_in if g_bias is None else g_bias,
-            HAS_G=g_term is not None, HAS_WEIGHT=weight is not None, HAS_GSCALE=g_scale is not None,
-            HAS_GSHIFT=g_shift is not None, NEED_DZ=need_dz, NEED_DW=g_weight is not None,
-            NEED_DB=g_bias is not None,
-            F64=dtype == torch.float64, INT64=_int64(*[t for t in (z, g_term, dz) if t is not None]),
-            BLOCK_C=block_c, BLOCK_P=block_p)
-    return dz, g_weight
+def batch_norm_backward(terms: Sequence[BackwardTerm]) -> List[Tuple[Optional[Tensor], Optional[Tensor]]]:
+    """(dz, g_weight) of each fold (see the module docstring): dz in z's dtype and layout (None without
+    need_dz), g_weight in weight's dtype (None where not asked for). `stats` is what `batch_stats` returned; its
+    dtype is the accumulation dtype. `g_bias`: a [C] buffer that receives g_shift (0 where None) in its own
+    dtype (saves a conversion launch when the bias is bf16/fp16).
+
+    One launch per group of up to MAX_TERMS consecutive terms of the same accumulation dtype that have anything
+    to compute; each term's arithmetic is the same as alone (bitwise)."""
+    out: List[Tuple[Optional[Tensor], Optional[Tensor]]] = []
+    work = []
+    for t in terms:
+        t = t._replace(z=_collapsible(t.z), g_term=None if t.g_term is None else _collapsible(t.g_term))
+        dz = torch.empty_like(t.z) if t.need_dz else None
+        g_weight = torch.empty_like(t.weight) if t.need_dw and t.weight is not None else None
+        out.append((dz, g_weight))
+        if t.need_dz or g_weight is not None or t.g_bias is not None:
+            work.append((t, dz, g_weight))
+    for group in _groups(work, lambda group, w: w[0].stats.dtype == group[0][0].stats.dtype, lambda w: ()):
+        _backward_launch(group)
+    return out
+
+
+def _backward_launch(work) -> None:
+    """One backward launch for `work`, (BackwardTerm, dz, g_weight) of one accumulation dtype: term k's programs
+    follow term k-1's on the 1-D grid, each term with the tile it would have alone."""
+    args, conf, tensors = [], [], []
+    start = 0
+    for t, dz, g_weight in work:
+        N, C, H, W = t.z.shape
+        P = H * W
+        z, g_term = t.z, t.g_term
+        block_c, block_p = _tile(C, P, z.stride(1))
+        programs = cdiv(C, block_c) * (cdiv(P, block_p) * N if t.need_dz else 1)
+        stand_in = t.stats
+        if not t.need_dz:  # z and g_term unread: stand-ins (nor do their bytes count in `hrfast.perf`)
+            z = g_term = None
+        z_strides = (0, 0, 0) if z is None else _pixel_strides(z)
+        args.append((stand_in if z is None else z, z_strides, stand_in if g_term is None else g_term,
+                     z_strides if g_term is None else _pixel_strides(g_term),
+                     stand_in if dz is None else dz, z_strides if dz is None else _pixel_strides(dz), C, P, N * P,
+                     t.stats, stand_in if t.weight is None else t.weight,
+                     stand_in if t.g_scale is None else t.g_scale, stand_in if t.g_shift is None else t.g_shift,
+                     stand_in if g_weight is None else g_weight, stand_in if t.g_bias is None else t.g_bias,
+                     start, start + programs))
+        start += programs
+        conf.append(dict(HAS_G=g_term is not None, HAS_WEIGHT=t.weight is not None, HAS_GSCALE=t.g_scale is not None,
+                         HAS_GSHIFT=t.g_shift is not None, NEED_DZ=t.need_dz, NEED_DW=g_weight is not None,
+                         NEED_DB=t.g_bias is not None, BLOCK_C=block_c, BLOCK_P=block_p))
+        tensors += [x for x in (z, g_term, dz) if x is not None]
+    per_term = {name: tuple(c[name] for c in conf) for name in conf[0]}
+    with _device_context(work[0][0].z):
+        _bn_backward_kernel[launch_grid(start)](tuple(args), F64=work[0][0].stats.dtype == torch.float64,
+                                                INT64=_int64(*tensors), **per_term)

@@ -3,14 +3,15 @@ both implementations, the Triton kernels (`hrfast.kernels.batch_norm`, through t
 plain PyTorch, against nn.BatchNorm2d: the output term * scale + shift, the gradients of z, weight and bias, the
 running statistics and num_batches_tracked, in float64 on z = 3 + randn (a mean that hides cancellation bugs of a
 naive sum of squares), odd sizes, N=1, C=1, H=W=1, channels_last, affine=False, momentum=None; bf16 within twice
-PyTorch's own error; gradcheck; bitwise determinism of the kernels."""
+PyTorch's own error; gradcheck; bitwise determinism of the kernels; several folds at once (`fold_batch_norms`, a
+fusion row's: one statistics launch and one backward launch) bitwise equal to the folds one by one."""
 import copy
 
 import pytest
 import torch
 import torch.nn as nn
 
-from hrfast.batchnorm import _BatchStatsFold, fold_batch_norm
+from hrfast.batchnorm import FoldSpec, _BatchStatsFold, fold_batch_norm, fold_batch_norms
 from hrfast.testing import assert_low_precision_close, assert_rel_close, tolerance
 
 IMPLS = ("kernels", "reference")
@@ -237,15 +238,18 @@ def test_one_value_per_channel(impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_gradcheck(impl):
-    z = _z((2, 2, 3, 3)).requires_grad_()
+    """A group of two folds (different shapes, one without affine parameters, one channels_last), every input's
+    gradient: the grouped backward launch on the kernels."""
+    z0 = _z((2, 2, 3, 3)).requires_grad_()
+    z1 = _z((3, 2, 2, 1), channels_last=True).requires_grad_()
     w = torch.rand(2, dtype=torch.float64).add_(0.5).requires_grad_()
     b = torch.randn(2, dtype=torch.float64).requires_grad_()
+    spec = FoldSpec(torch.float64, torch.float64, 1e-5, 0.0, impl == "kernels")
 
-    def fold(z, w, b):
-        return _BatchStatsFold.apply(z, w, b, torch.float64, torch.float64, 1e-5, None, None, 0.0,
-                                     impl == "kernels")
+    def fold(z0, z1, w, b):
+        return _BatchStatsFold.apply((spec, spec), z0, z1, w, None, b, None, *([None] * 6))
 
-    assert torch.autograd.gradcheck(fold, (z, w, b))
+    assert torch.autograd.gradcheck(fold, (z0, z1, w, b))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -273,3 +277,130 @@ def test_kernels_deterministic(channels_last, kernels_module, small_tiles):
         results.append([y, zi.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var])
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------ several folds at once (a fusion row)
+
+
+class _Counting:
+    """A kernel whose launches are counted (kernel[grid](...) as the launchers call it)."""
+
+    def __init__(self, kernel, counts, name):
+        self.kernel, self.counts, self.name = kernel, counts, name
+
+    def __getitem__(self, grid):
+        self.counts[self.name] = self.counts.get(self.name, 0) + 1
+        return self.kernel[grid]
+
+
+def _group_case(dtype=torch.float64, module_dtype=torch.float64):
+    """Three folds as a fusion row has them (the same C, different sizes; one channels_last) plus variety: no
+    affine parameters, not tracked."""
+    shapes = [(3, 5, 6, 7), (3, 5, 3, 4), (3, 5, 2, 1)]
+    zs = [_z(shapes[0], dtype), _z(shapes[1], dtype, channels_last=True), _z(shapes[2], dtype)]
+    torch.manual_seed(1)
+    bns = [_bn(5, dtype=module_dtype)[0], _bn(5, dtype=module_dtype, affine=False)[0],
+           _bn(5, dtype=module_dtype, track_running_stats=False)[0]]
+    return bns, zs
+
+
+def _run_folds(bns, zs, gs, grouped, use_kernels=True):
+    zs = [z.clone().requires_grad_() for z in zs]
+    if grouped:
+        results = fold_batch_norms(bns, zs, use_kernels=use_kernels)
+    else:
+        results = [fold_batch_norm(bn, z, use_kernels=use_kernels) for bn, z in zip(bns, zs)]
+    ys = [term * scale[:, None, None] + shift[:, None, None] for term, scale, shift in results]
+    sum((y * g).sum() for y, g in zip(ys, gs)).backward()
+    out = [t for r in results for t in r] + ys + [z.grad for z in zs]
+    for bn in bns:
+        out += [t for t in (bn.weight.grad if bn.weight is not None else None,
+                            bn.bias.grad if bn.bias is not None else None, bn.running_mean, bn.running_var,
+                            bn.num_batches_tracked) if t is not None]
+    return out
+
+
+@pytest.mark.parametrize("merged, dtype", [(True, torch.float64), (False, torch.float64), (True, torch.bfloat16)],
+                         ids=["merged", "two_launches", "bf16"])
+def test_group_bitwise_equals_one_by_one(merged, dtype, kernels_module, small_tiles, monkeypatch):
+    """fold_batch_norms on the kernels: one statistics launch (+ one finalize), one backward launch for the three
+    folds, every output, gradient and running statistic bitwise equal to the folds one at a time (the same
+    per-term arithmetic); in float64 also equal to nn.BatchNorm2d (bf16 z, fp32 modules: the bitwise part)."""
+    monkeypatch.setattr(kernels_module, "MERGED_FINALIZE", merged)
+    bns, zs = _group_case(dtype, torch.float64 if dtype == torch.float64 else torch.float32)
+    refs = [copy.deepcopy(bn) for bn in bns]
+    singles = [copy.deepcopy(bn) for bn in bns]
+    gs = [torch.randn(z.shape, dtype=torch.float64) for z in zs]
+    counts = {}
+    for name in ("_bn_stats_kernel", "_bn_finalize_kernel", "_bn_backward_kernel"):
+        monkeypatch.setattr(kernels_module, name, _Counting(getattr(kernels_module, name), counts, name))
+    grouped = _run_folds(bns, zs, gs, grouped=True)
+    assert counts == {"_bn_stats_kernel": 1, "_bn_backward_kernel": 1, **({} if merged else {"_bn_finalize_kernel": 1})}
+    alone = _run_folds(singles, zs, gs, grouped=False)
+    assert counts["_bn_stats_kernel"] == 4 and counts["_bn_backward_kernel"] == 4
+    assert len(grouped) == len(alone)
+    for a, b in zip(grouped, alone):
+        assert a.dtype == b.dtype and a.stride() == b.stride() and torch.equal(a, b)
+    if dtype != torch.float64:
+        return
+    zr = [z.clone().requires_grad_() for z in zs]
+    ys = [ref(z) for ref, z in zip(refs, zr)]
+    sum((y * g).sum() for y, g in zip(ys, gs)).backward()
+    tol = tolerance(torch.float64)
+    for k, (bn, ref) in enumerate(zip(bns, refs)):
+        assert_rel_close(grouped[9 + k], ys[k], tol, f"output {k}")
+        assert_rel_close(grouped[12 + k], zr[k].grad, tol, f"grad z {k}")
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            if getattr(ref, name) is not None:
+                assert_rel_close(getattr(bn, name).double(), getattr(ref, name).double(), tol, f"{name} {k}")
+        if ref.weight is not None:
+            assert_rel_close(bn.weight.grad, ref.weight.grad, tol, f"grad weight {k}")
+            assert_rel_close(bn.bias.grad, ref.bias.grad, tol, f"grad bias {k}")
+    assert all(int(t.abs().sum()) == 0 for t in kernels_module._TICKETS.values())
+
+
+def test_group_splits_where_a_launch_cannot_hold_the_terms(kernels_module, monkeypatch):
+    """Launch groups: at most MAX_TERMS folds, one accumulation dtype, eps and (among tracked) factor per
+    launch; the same module twice in two launches, in order (its second update sees the first). Results bitwise
+    as one by one (fp32 and fp64 modules, momentum None after other step counts)."""
+    monkeypatch.setattr(kernels_module, "MAX_TERMS", 2)
+    monkeypatch.setattr(kernels_module, "MERGED_FINALIZE", True)
+    torch.manual_seed(2)
+    shared = _bn(3)[0]
+    bns = [_bn(3)[0], _bn(3)[0], _bn(3)[0], _bn(3, momentum=None)[0], _bn(3, dtype=torch.float32)[0], shared,
+           shared, _bn(3, eps=1e-3)[0]]
+    bns[3].num_batches_tracked.fill_(4)  # factor 1/5, not the others' 0.1
+    zs = [_z((2, 3, 4, 5), torch.float32 if k == 4 else torch.float64) for k in range(len(bns))]
+    gs = [torch.randn(z.shape, dtype=z.dtype) for z in zs]
+    singles = copy.deepcopy(bns)
+    assert singles[5] is singles[6]
+    counts = {}
+    for name in ("_bn_stats_kernel", "_bn_backward_kernel"):
+        monkeypatch.setattr(kernels_module, name, _Counting(getattr(kernels_module, name), counts, name))
+    grouped = _run_folds(bns, zs, gs, grouped=True)
+    # statistics [0, 1] [2] [3: factor] [4: fp32] [5] [6: same module] [7: eps]; backward (no updates, dtype
+    # only) [0, 1] [2, 3] [4] [5, 6] [7]
+    assert counts == {"_bn_stats_kernel": 7, "_bn_backward_kernel": 5}
+    alone = _run_folds(singles, zs, gs, grouped=False)
+    for a, b in zip(grouped, alone):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_group_error_after_earlier_folds(impl):
+    """A term that cannot fold (one value per channel) raises as batch norm does, after the folds before it ran
+    with their side effects (running statistics, counters), as folding one by one would."""
+    bn0, ref0 = _bn(3)
+    bn1, ref1 = _bn(3)
+    z0, z1 = _z((2, 3, 4, 5)), _z((1, 3, 1, 1))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        fold_batch_norms([bn0, bn1], [z0, z1], use_kernels=impl == "kernels")
+    ref0(z0)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        ref1(z1)
+    tol = tolerance(torch.float64)
+    assert_rel_close(bn0.running_mean, ref0.running_mean, tol, "running_mean")
+    assert_rel_close(bn0.running_var, ref0.running_var, tol, "running_var")
+    assert bn0.num_batches_tracked.item() == ref0.num_batches_tracked.item() == 1
+    assert bn1.num_batches_tracked.item() == ref1.num_batches_tracked.item() == 1
+    assert torch.equal(bn1.running_mean, ref1.running_mean)

@@ -512,13 +512,16 @@ def test_recording_training_attributes_backward_launches_and_fold_ops(w18_traini
             same = len(call.plan.terms) - upsampled
             assert backward.count("_upsample_adjoint_kernel") == upsampled
             assert backward.count("_fuse_backward_same_kernel") == (1 if same else 0)
-            folds = sum(t.has_scale for t in call.plan.terms)  # batch statistics: the BN kernels, per fold
+            # batch statistics: the BN kernels, one launch of each for all the row's folds
+            folds = int(any(t.has_scale for t in call.plan.terms))
             forward = [l.name for l in call.launches["forward"]]
             assert forward.count("_bn_stats_kernel") == folds
             from hrfast.kernels import batch_norm as batch_norm_kernels  # as hrfast imports it (not at the top:
             # this file also runs as a script, tests/test_perf.py, in a subprocess)
             assert forward.count("_bn_finalize_kernel") == (0 if batch_norm_kernels.MERGED_FINALIZE else folds)
             assert backward.count("_bn_backward_kernel") == folds
+            stats = [l for l in call.launches["forward"] if l.name == "_bn_stats_kernel"]
+            assert sum(len(l.params["terms"]) for l in stats) == sum(t.has_scale for t in call.plan.terms)
             assert "var_mean" not in [op.name for op in call.ops["forward"]]
         else:
             assert [l.name for l in call.launches["forward"]] == ["_head_stats_kernel", "_head_forward_kernel"]

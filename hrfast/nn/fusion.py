@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import backends
-from ..batchnorm import can_fold, fold_batch_norm
+from ..batchnorm import can_fold, fold_batch_norms
 from ..hrnet.fusion import IDENTITY, FusionTerm, describe_fuse_layers, resample_from_args
 from ..ops.fuse import fuse
 from ..plan import Resample
@@ -72,11 +72,13 @@ def _fuse_row(row: Sequence[FusionTerm], xs: Sequence[Tensor], size: Tuple[int, 
         dtype = functools.reduce(torch.promote_types, [t.dtype for t in terms])
     scales: List[Optional[Tensor]] = [None] * len(row)
     shifts: List[Optional[Tensor]] = [None] * len(row)
+    # all of the row's folds at once: on Triton one batch-statistics launch and one backward launch for the row
+    folded = fold_batch_norms([row[j].last for j in to_fold], [terms[j] for j in to_fold], dtype,
+                              use_kernels=resolved == "triton") if to_fold else []
+    for j, result in zip(to_fold, folded):
+        terms[j], scales[j], shifts[j] = result
     for j in range(len(row)):
-        if j in to_fold:
-            terms[j], scales[j], shifts[j] = fold_batch_norm(row[j].last, terms[j], dtype,
-                                                             use_kernels=resolved == "triton")
-        else:
+        if j not in to_fold:
             terms[j] = terms[j].to(dtype)
     return fuse(terms, scales=scales, shifts=shifts, resample=[e.resample for e in row], size=size, relu=True,
                 backend=backend)

@@ -11,7 +11,7 @@ What hrfast runs besides its kernels is recorded too, as ATen ops (`AtenOp`: byt
 not ops), the batch-norm folds of the fusion rows (in training on the Triton backend their kernels,
 `hrfast.kernels.batch_norm`, attributed by `_launcher_hook`; on the reference path their ATen ops) and everything the fused head does besides its kernels (the projections W_j x_j, the
 backward's GEMMs). An op belongs to an op call when it runs
-- in forward, inside `hrfast.nn.fusion.fold_batch_norm` / `hrfast.nn.fusion.fuse` (a row: its folds, then its
+- in forward, inside `hrfast.nn.fusion.fold_batch_norms` / `hrfast.nn.fusion.fuse` (a row: its folds, then its
   fuse call) or inside `hrfast.nn.HRNetV2Head.forward`; the autograd nodes such a scope creates are tagged
   with its op call;
 - in backward, under an autograd node tagged so (`torch._C._current_autograd_node`).
@@ -240,13 +240,13 @@ def _replaced(obj, name: str, value) -> Iterator[None]:
 
 
 def _fold_hook(attribution: Attribution, fold: Callable) -> Callable:
-    def fold_batch_norm(bn, z, *args, **kwargs):
+    def fold_batch_norms(bns, zs, *args, **kwargs):
         call = attribution.open("fuse", keep_pending=True)
         result = None
-        with attribution.scope(call, [z], lambda: list(result or ())):
-            result = fold(bn, z, *args, **kwargs)
+        with attribution.scope(call, list(zs), lambda: list(result or ())):
+            result = fold(bns, zs, *args, **kwargs)
         return result
-    return fold_batch_norm
+    return fold_batch_norms
 
 
 def _launcher_hook(attribution: Attribution, launcher: Callable) -> Callable:
@@ -343,7 +343,8 @@ def recording() -> Iterator[Attribution]:
         stack.enter_context(_replaced(custom_ops, "_unaliased", _unaliased))
         for op, impl, info in _custom_ops():
             stack.enter_context(_replaced(op, "_abstract_fn", _implementation(attribution, impl, info)))
-        stack.enter_context(_replaced(nn_fusion, "fold_batch_norm", _fold_hook(attribution, nn_fusion.fold_batch_norm)))
+        stack.enter_context(_replaced(nn_fusion, "fold_batch_norms",
+                                      _fold_hook(attribution, nn_fusion.fold_batch_norms)))
         from hrfast.kernels import batch_norm as bn_kernels
         for name in ("batch_stats", "batch_norm_backward"):
             stack.enter_context(_replaced(bn_kernels, name, _launcher_hook(attribution, getattr(bn_kernels, name))))

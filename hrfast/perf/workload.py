@@ -138,28 +138,33 @@ def _head_pixels_out(p: Params, channels: int) -> int:
 # ------------------------------------------------------------------------------------ batch-norm kernels
 
 
-def _bn_backward_unread(p: Params) -> Sequence[str]:
-    unread = [] if p["HAS_G"] and p["NEED_DZ"] else ["g_ptr"]
-    if not p["NEED_DZ"]:
-        unread += ["z_ptr", "dz_ptr"]
-    for flag, name in (("HAS_WEIGHT", "weight_ptr"), ("HAS_GSCALE", "g_scale_ptr"), ("HAS_GSHIFT", "g_shift_ptr"),
-                       ("NEED_DW", "g_weight_ptr"), ("NEED_DB", "g_bias_ptr")):
-        if not p[flag]:
-            unread.append(name)
-    return unread
+def _bn_programs(p: Params) -> List[Tuple[int, tuple]]:
+    """(programs, term) of each term of a grouped batch-norm launch (`terms`: per term a tuple ending in its
+    program range start, end)."""
+    return [(term[-1] - term[-2], term) for term in p["terms"]]
 
 
-def _bn_finalize_unread(p: Params) -> Sequence[str]:
-    return [name for flag, name in (("HAS_WEIGHT", "weight_ptr"), ("HAS_BIAS", "bias_ptr"),
-                                    ("UPDATE", "run_mean_ptr"), ("UPDATE", "run_var_ptr"),
-                                    ("COUNT", "counter_ptr")) if not p[flag]]
+def _bn_stats_trips(p: Params) -> List[float]:
+    """Per term k (the SASS holds one copy of the term code each, in term order): the loop over the BLOCK_P tiles
+    of a chunk, cdiv(P, BLOCK_P) / SPLITS per program of term k on average; MERGED: then the finalize loop over
+    the S partials (BLOCK_S at a time), run by one program of the S of a channel block: cdiv(S, BLOCK_S) / S. As
+    averages over all programs of the launch (a program runs its own term's loops only)."""
+    terms = _bn_programs(p)
+    total = sum(n for n, _ in terms)
+    trips = []
+    for k, (n, term) in enumerate(terms):
+        _, _, _, P, _, S, splits = term[:7]
+        trips.append(n / total * _cdiv(P, p["BLOCK_P"][k]) / splits)
+        if p["MERGED"]:
+            trips.append(n / total * _cdiv(S, p["BLOCK_S"][k]) / S)
+    return trips
 
 
-def _bn_stats_unread(p: Params) -> Sequence[str]:
-    if not p["MERGED"]:
-        return ["weight_ptr", "bias_ptr", "stats_ptr", "scale_ptr", "shift_ptr", "run_mean_ptr", "run_var_ptr",
-                "counter_ptr", "tickets_ptr"]
-    return _bn_finalize_unread(p)
+def _bn_finalize_trips(p: Params) -> List[float]:
+    """Per term: the loop over its S partials BLOCK_S at a time, by the term's programs."""
+    terms = _bn_programs(p)
+    total = sum(n for n, _ in terms)
+    return [n / total * _cdiv(term[3], p["BLOCK_S"]) for n, term in terms]
 
 
 KERNELS: Dict[str, KernelWork] = {
@@ -208,20 +213,17 @@ KERNELS: Dict[str, KernelWork] = {
     # one BLOCK_Y x BLOCK_X x BLOCK_M block of one branch's dP per program, the NA x NB candidate patches and the
     # bisections unrolled: no loop
     "_head_patch_gather_kernel": KernelWork(trips=lambda p: [], elements=lambda p: p["out_ptr"].numel()),
-    # batch norm (kernels/batch_norm.py). Statistics: program (channel block, split, image) loops over the
-    # BLOCK_P tiles of its chunk: cdiv(P, BLOCK_P) / SPLITS on average; elements: the values of z it reduces
-    # MERGED: then the finalize loop over the S partials (BLOCK_S at a time), run by one program of the S of a
-    # channel block (the last to finish): cdiv(S, BLOCK_S) / S on average
-    "_bn_stats_kernel": KernelWork(trips=lambda p: [_cdiv(p["P"], p["BLOCK_P"]) / p["SPLITS"]]
-                                   + ([_cdiv(p["S"], p["BLOCK_S"]) / p["S"]] if p["MERGED"] else []),
-                                   elements=lambda p: p["z_ptr"].numel(), unread=_bn_stats_unread),
-    # one program per BLOCK_C channels, loop over the S partials BLOCK_S at a time
-    "_bn_finalize_kernel": KernelWork(trips=lambda p: [_cdiv(p["S"], p["BLOCK_S"])],
-                                      elements=lambda p: p["S"] * p["C"], unread=_bn_finalize_unread),
+    # batch norm (kernels/batch_norm.py): grouped launches, programs [start, end) of the 1-D grid are term k's
+    # (`terms[k]`), stand-ins for absent or unread tensors are the term's own tensors (their bytes count once).
+    # Statistics: elements: the values of z it reduces; trips: `_bn_stats_trips`
+    "_bn_stats_kernel": KernelWork(trips=_bn_stats_trips, elements=lambda p: sum(t[0].numel() for t in p["terms"])),
+    # one program per BLOCK_C channels of a term, loop over its S partials BLOCK_S at a time
+    "_bn_finalize_kernel": KernelWork(trips=_bn_finalize_trips,
+                                      elements=lambda p: sum(t[3] * t[1] for t in p["terms"])),
     # one [BLOCK_C x BLOCK_P] tile per program (dz), no loop; without dz one program per channel block (g_w)
-    "_bn_backward_kernel": KernelWork(trips=lambda p: [],
-                                      elements=lambda p: p["z_ptr"].numel() if p["NEED_DZ"] else p["C"],
-                                      unread=_bn_backward_unread),
+    "_bn_backward_kernel": KernelWork(
+        trips=lambda p: [],
+        elements=lambda p: sum(t[0].numel() if need else t[6] for t, need in zip(p["terms"], p["NEED_DZ"]))),
 }
 
 # csrc/fuse_kernels.h (params: see cuda_cpp.py). ptxas keeps the loops over runtime counts: the generic

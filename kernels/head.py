@@ -858,12 +858,22 @@ class ForwardTile(NamedTuple):
     src: Tuple[int, ...]
 
 
-# Per element size, in order of preference (tile_h, tile_w, block_m, num_stages, num_warps). fp16/bf16: 8x16
-# pixels (a 128-row dot; patches of 6x10 / 4x6 / 3x4 for 2x / 4x / 8x bilinear) over 32-channel chunks,
-# two stages (sm_90, W48: 72 us NCHW / 56 us channels_last against 69 / 47 with 64-channel chunks, which spill
-# on sm_80). fp32 (3xTF32 dots, three times the operands): 8x8 pixels (with `_dot3`'s hand split, sm_90 W48:
-# 0 B spills at 2 stages, 278.8 us predicted at 1024x2048; 1 stage also 0 B, 16-channel chunks spill). Then
-# fewer stages and smaller tiles for smaller devices.
+# A candidate's optional sixth entry is a device class: the least shared memory per block (opt-in) of the devices
+# it is taken on. The launchers learn the target only through `device_limits` (a GPU's own figure at launch,
+# the instrument's `assume` per target: the very figure it records each architecture by, nothing queried at
+# import), and that figure tells the classes apart: 232,448 B on sm_90 (H100, H200), 166,912 B on sm_80 (A100),
+# 101,376 B on sm_86 / sm_89. Registers per thread are the same (255) everywhere, but ptxas allocates them
+# differently for mma.sync (sm_80) and wgmma (sm_90): some configurations spill only on sm_80. Without limits
+# (the interpreter, meta tensors without `assume`) the first candidate runs, whatever its class.
+SM90_SHARED = 232_448
+
+# Per element size, in order of preference (tile_h, tile_w, block_m, num_stages, num_warps[, device class]).
+# fp16/bf16: 8x16 pixels (a 128-row dot; patches of 6x10 / 4x6 / 3x4 for 2x / 4x / 8x bilinear) over 32-channel
+# chunks, two stages (sm_90, W48: 72 us NCHW / 56 us channels_last against 69 / 47 with 64-channel chunks, which
+# spill on sm_80). fp32 (3xTF32 dots, three times the operands): 8x8 pixels (with `_dot3`'s hand split, sm_90
+# W48: 0 B spills at 2 stages, 278.8 us predicted at 1024x2048; 1 stage also 0 B, 16-channel chunks spill; W18
+# spills 56-224 B on both archs: 1 stage 0-152 B, 4x8 tiles 0-40 B outside the loop but 798 us for W48 on sm_90,
+# 2.9x slower). Then fewer stages and smaller tiles for smaller devices.
 _FORWARD_CANDIDATES = {
     2: ((8, 16, 32, 2, 4), (8, 16, 32, 1, 4), (8, 8, 32, 1, 4), (4, 4, 16, 1, 4)),
     4: ((8, 8, 32, 2, 4), (8, 8, 32, 1, 4), (8, 8, 16, 1, 4), (4, 4, 16, 1, 4)),
@@ -877,13 +887,25 @@ _FORWARD_CANDIDATES = {
 # accumulator [pixels, C0P] and the exact adjoint's code: 8 warps, 32 channels (sm_90 W48, predicted 427 us, no
 # spills, with the exact gathers in a second pass over the tiles and one flag dot; before: 412 us with 228 B
 # spills; 16 channels 697 us, 128 B; 4 warps spill kilobytes). sm_80 still spills 120-272 B, 11-22 spill
-# instructions per dense chunk (16-channel chunks: 4-36 B, in the tile loop's own code only). fp32 (before the
-# hand split of `_dot3`, which took stats and ds to sm_90 W48 8 / 88 B) spilled in every configuration tried
-# (sm_90: the forward's 8x8 / 32 channels / 4 warps is fastest: reduce 1,481 us against 2,857 with 8 warps and
-# 2,001 with 16-channel chunks; ds (writing ds, `_FUSED_DTYPES`) 645 us against 764 with 16-channel chunks and
-# 1,816 with 4x8 tiles).
+# instructions per dense chunk; Triton 3.8, W18 / W48 at 512x1024: 16-channel chunks 0-36 B there (sm_90: 4-12 B,
+# W48 no longer spill-free) at 876 us against 710 us for W48 on sm_80; 8x8 tiles spill more (sm_80 20-400 B).
+# The statistics kernel takes 16-channel chunks: the forward's 32 spilled 4-24 B in the loop (bf16 sm_80 and
+# sm_90 W18; fp16 sm_90 W48 96 B), 16 are spill-free for bf16 and fp16 on both (W48 bf16: sm_90 160.0 -> 179.1
+# us NCHW, 140.7 -> 160.4 channels_last; sm_80 250.3 -> 258.6; 8 warps spill-free too but 241 us). The reduce
+# keeps 32-channel chunks where they are spill-free, sm_90 (413.4 us; 16 channels 467.3), and takes 16 on the
+# devices of less shared memory (sm_80: 4-84 B at 32 channels, none at 16: 616.9 -> 676.1 us W48).
+# fp32 (before the hand split of `_dot3`, which took stats and ds to sm_90 W48 8 / 88 B) spilled in every
+# configuration tried (sm_90: the forward's 8x8 / 32 channels / 4 warps is fastest: reduce 1,481 us against
+# 2,857 with 8 warps and 2,001 with 16-channel chunks; ds (writing ds, `_FUSED_DTYPES`) 645 us against 764 with
+# 16-channel chunks and 1,816 with 4x8 tiles). The fp32 reduce (sm_90 W48 1,396 B) holds its loop-invariant dot
+# operands (x0, the U_j, the gradient tile and its transpose) in registers, each in two layouts for Triton's
+# 3xTF32 split; tried on sm_90 W48 (B of spill stores): 4x8 tiles 656, 16-channel chunks 732, 1 stage 1,376,
+# 8 warps 1,364, 4x16 tiles 1,504, the gradient tile reloaded per chunk 1,476, the hand split for s 2,644 (for
+# every dot 3,092), dWc in its own chunk loop 1,728; without the dWc dot 632, without the dA dot 1,196.
 _TILE_CANDIDATES = {
-    "_head_backward_reduce_kernel": {**_FORWARD_CANDIDATES, 2: ((8, 16, 32, 2, 8),) + _FORWARD_CANDIDATES[2][1:]},
+    "_head_stats_kernel": {**_FORWARD_CANDIDATES, 2: ((8, 16, 16, 2, 4),) + _FORWARD_CANDIDATES[2][1:]},
+    "_head_backward_reduce_kernel": {**_FORWARD_CANDIDATES, 2: ((8, 16, 32, 2, 8, SM90_SHARED), (8, 16, 16, 2, 8))
+                                     + _FORWARD_CANDIDATES[2][1:]},
     "_head_backward_ds_kernel": {**_FORWARD_CANDIDATES, 2: ((8, 16, 32, 2, 8),) + _FORWARD_CANDIDATES[2][1:]},
 }
 
@@ -983,7 +1005,10 @@ def _forward_tile(name: str, elem: int, acc: int, c0p: int, kp: int, block_m: in
         src = tuple(max(16, next_power_of_2(h * w)) if low.mode != SAME else 0 for h, w, low in zip(ph, pw, lows))
         return ForwardTile(th, tw, min(bm, block_m), stages, warps, ph, pw, src)
 
-    tiles = [make(c) for c in _TILE_CANDIDATES.get(name, _FORWARD_CANDIDATES)[elem]]
+    candidates = _TILE_CANDIDATES.get(name, _FORWARD_CANDIDATES)[elem]
+    if limits is not None:  # a candidate tagged with a device class only where the device is of it
+        candidates = [c for c in candidates if len(c) < 6 or limits.shared_per_block >= c[5]]
+    tiles = [make(c[:5]) for c in candidates]
     fused = name == "_head_backward_ds_kernel" and (elem, acc) != (4, 4)  # bf16, fp64 (fp16: an upper bound)
     return first_fitting(tiles, lambda t: _tile_bound(name, elem, acc, c0p, kp, t.src, t, fused), limits)
 

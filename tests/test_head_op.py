@@ -706,6 +706,33 @@ def _aten_taps(mode: str, align: bool, n_in: int, n_out: int, d: int) -> Tuple[i
     return i0, min(i0 + 1, n_in - 1)
 
 
+def test_tile_configuration_per_device_class():
+    """A candidate tagged with a device class (`SM90_SHARED`) is taken only on devices with that much shared
+    memory per block: the launchers' only view of the target (`device_limits`), the figure the instrument
+    records each architecture by. W48 seg at 512x1024, bf16: the backward reduce's 32-channel chunks on sm_90,
+    16 on sm_80 (where 32 spill); without limits (the interpreter) the first candidate; every choice fits."""
+    from hrfast.kernels import head as KH
+    from hrfast.kernels.limits import DeviceLimits
+    from hrfast.plan import head_plan
+    bil_ = Resample("bilinear", align_corners=False)
+    lows_hw = ((64, 128), (32, 64), (16, 32))
+    plan = head_plan(lows_hw, (bil_,) * 3, (128, 256), True)
+
+    def chosen(name, limits):
+        return KH._forward_tile(name, 2, 4, 64, 32, 64, plan.lows, lows_hw, limits)
+
+    sm80, sm90 = DeviceLimits(shared_per_block=166_912), DeviceLimits(shared_per_block=232_448)
+    reduce = "_head_backward_reduce_kernel"
+    assert (chosen(reduce, sm90).block_m, chosen(reduce, sm90).num_warps) == (32, 8)
+    assert (chosen(reduce, sm80).block_m, chosen(reduce, sm80).num_warps) == (16, 8)
+    assert chosen(reduce, None) == chosen(reduce, sm90)
+    for name in ("_head_stats_kernel", "_head_forward_kernel", reduce, "_head_backward_ds_kernel"):
+        for limits in (sm80, sm90):
+            tile = chosen(name, limits)
+            fused = name == "_head_backward_ds_kernel"
+            assert KH._tile_bound(name, 2, 4, 64, 32, tile.src, tile, fused) <= limits.shared_per_block, name
+
+
 @pytest.mark.parametrize("mode, align", [("bilinear", False), ("bilinear", True), ("nearest", False)])
 def test_patch_extent_covers_every_tile(mode, align):
     """The host's patch bound holds for every tile of many sizes (the kernel falls back when it does not, but

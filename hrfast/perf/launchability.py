@@ -54,10 +54,14 @@ _HEAD_SPILLS = ("the head's tile kernels (issue 14) hold the x0 tile, the interp
                 "W18 / W48 at 512x1024)")
 # per kernel what still spills (bytes of spill stores, Triton 3.8, W18 / W48 at 512x1024, NCHW and channels_last)
 _HEAD_SPILLING = {
-    "_head_forward_kernel": "bf16 none; fp32 (3xTF32 split by hand, one split dot at a time) sm_90 W48 none, "
-                            "W18 56-76 B, sm_80 W48 8-64 B, W18 140-224 B",
-    "_head_stats_kernel": "bf16 sm_90 W18 NCHW 4 B, sm_80 12-24 B; fp32 sm_90 0-8 B, sm_80 W48 none, W18 48-68 B",
-    "_head_backward_reduce_kernel": "bf16 sm_90 none, sm_80 4-84 B; fp32 sm_90 972-1,396 B, sm_80 1,000-1,204 B",
+    "_head_forward_kernel": "bf16 / fp16 none in the loop (W18 channels_last 12-32 B outside it); fp32 (3xTF32 "
+                            "split by hand, one split dot at a time) sm_90 W48 none, W18 56-76 B, sm_80 W48 8-64 B, "
+                            "W18 140-224 B",
+    "_head_stats_kernel": "bf16 / fp16 none (16-channel chunks); fp32 sm_90 W48 4-8 B, W18 none, sm_80 W48 none, "
+                          "W18 48-68 B (outside the chunk loops)",
+    "_head_backward_reduce_kernel": "bf16 / fp16 none (sm_80: 16-channel chunks); fp32 (Triton's 3xTF32 split, the "
+                                    "invariant operands held in two register layouts) sm_90 972-1,396 B, sm_80 "
+                                    "1,000-1,204 B",
     "_head_backward_ds_kernel": "bf16 (fused) sm_90 W48 none, W18 4-12 B (in the tile loop's own code, the "
                                 "chunk loops spill-free), sm_80 120-272 B (11-22 spill instructions per dense "
                                 "chunk); fp32 (writing ds) sm_90 28-104 B, sm_80 100-252 B",

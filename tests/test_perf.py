@@ -657,6 +657,33 @@ def test_analyse_with_a_fake_compiler(w18_training):
     json.dumps(report, default=str)
 
 
+def test_grouped_launch_issues_each_terms_code_once(w18_training):
+    # a grouped batch-norm launch holds one copy of the term code per term; a warp runs its own term's only
+    from hrfast.perf.inspect import kernel_cost, term_launches
+    _, attribution = w18_training
+    backward = [l for l in attribution.launches if l.name == "_bn_backward_kernel"]  # no loop: straight-line only
+    grouped = next(l for l in backward if len(l.params["terms"]) > 1)
+    k = len(grouped.params["terms"])
+    terms = term_launches(grouped)
+    assert len(terms) == k and sum(t.programs for t in terms) == grouped.programs
+    for i, term in enumerate(terms):
+        assert len(term.params["terms"]) == 1 and term.params["terms"][0][-2:] == (0, term.programs)
+        assert term.params["BLOCK_P"] == (grouped.params["BLOCK_P"][i],)
+        assert term.options == grouped.options and term_launches(term) is None
+
+    def compile_fn(launch, sm):  # straight-line code: 8 FFMAs per term held by the binary
+        from hrfast.perf.compile import Compiled
+        body = "".join(f"        /*{0x100 + 0x10 * i:04x}*/                   FFMA R4, R4, R5, R6 ;\n"
+                       for i in range(8 * len(launch.params["terms"])))
+        return Compiled(launch.name, sm, 40, 0, 0, 0, 1024, 4, _FAKE_SASS.format(name=launch.name, loops=body))
+
+    one = parse_sass(compile_fn(terms[0], 90).sass)["_bn_backward_kernel"].counts["total"]
+    whole = parse_sass(compile_fn(grouped, 90).sass)["_bn_backward_kernel"].counts["total"]
+    assert whole == one + 8 * (k - 1)
+    cost = kernel_cost(A.H100, grouped, compile_fn(grouped, 90), compile_fn)
+    assert cost["warp_instructions"] == pytest.approx(one * grouped.warps)
+
+
 # ----------------------------------------------------------------------------------------- inspect: the CLI
 
 

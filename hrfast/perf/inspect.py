@@ -184,11 +184,54 @@ def _main_loop(kernel, trips: Optional[List[float]]) -> Optional[dict]:
             "classes": dict(loop.counts)}
 
 
-def kernel_cost(arch: Arch, launch: Launch, compiled: Compiled) -> dict:
-    """The compiler's facts and the prediction for one launch on `arch`."""
+def term_launches(launch: Launch) -> Optional[List[Launch]]:
+    """A grouped launch as the one-term launches its programs run, or None for any other launch.
+
+    Grouped kernels (kernels/batch_norm.py) take a `terms` parameter, one argument tuple per term ending in the
+    term's program range (start, end) of the 1-D grid, and per-term constexprs as tuples of the same length. A
+    program runs only its own term's copy of the code, while the binary holds every copy: charging each warp the
+    whole straight-line SASS would count every term's code K times. Term k's launch is the same kernel with
+    that term alone (programs [0, end - start), its constexprs), i.e. the k = 1 case the launcher makes for a
+    single fold."""
+    params = launch.params
+    terms = params.get("terms")
+    if not (isinstance(terms, tuple) and len(terms) > 1
+            and all(isinstance(t, tuple) and isinstance(t[-2], int) and isinstance(t[-1], int) for t in terms)):
+        return None
+    signature = launch.specialization().signature
+    per_term = [name for name, value in params.items() if signature.get(name) == "constexpr"
+                and isinstance(value, tuple) and len(value) == len(terms)]
+    launches = []
+    for k, term in enumerate(terms):
+        start, end = term[-2], term[-1]
+        one = {**params, "terms": (term[:-2] + (0, end - start),), **{n: (params[n][k],) for n in per_term}}
+        launches.append(Launch(launch.fn, (end - start,), (), {**one, **launch.options}))
+    return launches
+
+
+def _issued(arch: Arch, launch: Launch, kernel, trips, compile_fn: "CompileFn") -> Optional[float]:
+    """Dynamic warp instructions of the launch: for a grouped launch the sum of its terms' (`term_launches`),
+    each from the one-term binary."""
+    terms = term_launches(launch)
+    if terms is None:
+        return None if trips is None else dynamic_warp_instructions(kernel, trips, launch.warps)
+    total = 0.0
+    for term in terms:
+        compiled = compile_fn(term, arch.sm)
+        one = parse_sass(compiled.sass)[term.name]
+        one_trips = workload.trips_for(term, len(one.loops))
+        if one_trips is None:
+            return None
+        total += dynamic_warp_instructions(one, one_trips, term.warps)
+    return total
+
+
+def kernel_cost(arch: Arch, launch: Launch, compiled: Compiled, compile_fn: "CompileFn" = compile_launch) -> dict:
+    """The compiler's facts and the prediction for one launch on `arch` (registers, shared memory and occupancy
+    of the launch's own binary; a grouped launch's issue from its terms' binaries, made by `compile_fn`)."""
     kernel = parse_sass(compiled.sass)[launch.name]
     trips = workload.trips_for(launch, len(kernel.loops))
-    instructions = None if trips is None else dynamic_warp_instructions(kernel, trips, launch.warps)
+    instructions = _issued(arch, launch, kernel, trips, compile_fn)
     threads = 32 * compiled.num_warps
     occ = occupancy(arch, compiled.registers, threads, compiled.shared)
     flops, unit = workload.dot_flops(launch)
@@ -439,16 +482,16 @@ def analyse(config: Config, attribution: Union[Attribution, Dict[str, Attributio
         groups = variants(runs[gpu.name].launches)
         compiled = compile_variants(groups, [gpu.sm], compile_fn)
         report["archs"][gpu.name] = arch_report(gpu, config, groups, compiled, op_rows(runs[gpu.name].calls),
-                                                cuda_fn)
+                                                cuda_fn, compile_fn)
     return report
 
 
 def arch_report(gpu: Arch, config: Config, groups: Dict[tuple, List[Launch]], compiled: dict,
-                rows: List[List[OpCall]], cuda_fn) -> dict:
+                rows: List[List[OpCall]], cuda_fn, compile_fn: CompileFn = compile_launch) -> dict:
     launch_s, failing, variant_rows = {}, set(), []
     for key, launches in groups.items():
         binary, seconds = compiled[key, gpu.sm]
-        costs = [kernel_cost(gpu, launch, binary) for launch in launches]
+        costs = [kernel_cost(gpu, launch, binary, compile_fn) for launch in launches]
         launch_s.update((id(l), c["seconds"]) for l, c in zip(launches, costs))
         failing.update(id(l) for l, c in zip(launches, costs) if c["failure"])
         variant_rows.append(variant_row(gpu, launches, binary, seconds, costs))

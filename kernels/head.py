@@ -901,7 +901,9 @@ _FORWARD_CANDIDATES = {
 # operands (x0, the U_j, the gradient tile and its transpose) in registers, each in two layouts for Triton's
 # 3xTF32 split; tried on sm_90 W48 (B of spill stores): 4x8 tiles 656, 16-channel chunks 732, 1 stage 1,376,
 # 8 warps 1,364, 4x16 tiles 1,504, the gradient tile reloaded per chunk 1,476, the hand split for s 2,644 (for
-# every dot 3,092), dWc in its own chunk loop 1,728; without the dWc dot 632, without the dA dot 1,196.
+# every dot 3,092), dWc in its own chunk loop 1,728; without the dWc dot 632, without the dA dot 1,196; x0 and
+# the U_j split by hand once per tile (hi / lo held, Triton's split for dA and dWc) 1,016, the gradient tile too
+# (every dot by hand from pre-split operands) 1,000.
 _TILE_CANDIDATES = {
     "_head_stats_kernel": {**_FORWARD_CANDIDATES, 2: ((8, 16, 16, 2, 4),) + _FORWARD_CANDIDATES[2][1:]},
     "_head_backward_reduce_kernel": {**_FORWARD_CANDIDATES, 2: ((8, 16, 32, 2, 8, SM90_SHARED), (8, 16, 16, 2, 8))

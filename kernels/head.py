@@ -99,6 +99,9 @@ def _chunk_pre_bn(x0, n, oy, ox, p_mask, m, m_mask, m_c, w0_ptr, w0_strides, C0,
                  other=0.0)
     if PRECISION == "tf32x3":
         s, t = _dot3(x0, w0, tl.zeros([x0.shape[0], w0.shape[1]], acc_t), tl.zeros([x0.shape[0], w0.shape[1]], acc_t))
+    elif PRECISION == "tf32x3_split":  # x0 and the U_j come as (hi, lo), split once per tile
+        zeros = tl.zeros([x0[0].shape[0], w0.shape[1]], acc_t)
+        s, t = _dot3_split(x0[0], x0[1], w0, zeros, zeros)
     else:
         s = tl.dot(x0, w0, out_dtype=acc_t, input_precision=PRECISION)
     for j in tl.static_range(len(lows)):
@@ -116,9 +119,11 @@ def _chunk_pre_bn(x0, n, oy, ox, p_mask, m, m_mask, m_c, w0_ptr, w0_strides, C0,
                 patch = tl.load(x_ptr + (patch_offsets[:, None] + _channel_offsets(m_c, strides, INT64)[None, :]))
             if PRECISION == "tf32x3":
                 s, t = _dot3(u, patch, s, t)
+            elif PRECISION == "tf32x3_split":
+                s, t = _dot3_split(u[0], u[1], patch, s, t)
             else:
                 s = tl.dot(u, patch, acc=s, out_dtype=acc_t, input_precision=PRECISION)
-    if PRECISION == "tf32x3":
+    if (PRECISION == "tf32x3") or (PRECISION == "tf32x3_split"):
         s = _dot3_sum(s, t)
     return s
 
@@ -144,6 +149,30 @@ def _dot3(a, b, big, small):
     small = tl.dot(a_hi, b_lo, acc=small, input_precision="tf32")
     big = tl.dot(a_hi, b_hi, acc=big, input_precision="tf32")
     return big, small
+
+
+@triton.jit
+def _dot3_split(a_hi, a_lo, b, big, small):
+    """`_dot3` with a given as its split (a_hi, a_lo) = `_tf32_split(a)`: a loop-invariant operand split once,
+    outside the loop."""
+    b_hi, b_lo = _tf32_split(b)
+    small = tl.dot(a_lo, b_hi, acc=small, input_precision="tf32")
+    small = tl.dot(a_hi, b_lo, acc=small, input_precision="tf32")
+    big = tl.dot(a_hi, b_hi, acc=big, input_precision="tf32")
+    return big, small
+
+
+@triton.jit
+def _split_plans(plans, MODES: tl.constexpr):
+    """`_tile_plans`' plans with each U_j as its split (hi, lo) (`_tf32_split`)."""
+    split = ()
+    for j in tl.static_range(len(MODES)):
+        if MODES[j] != 0:
+            u, offsets = plans[j]
+            split = split + ((_tf32_split(u), offsets),)
+        else:
+            split = split + ((0, 0),)
+    return split
 
 
 @triton.jit
@@ -376,7 +405,12 @@ def _activation_grad(x0, g, n, cy, cx, p_mask, m, m_mask, m_c, w0_ptr, w0_stride
     k = tl.arange(0, KP)
     wc = tl.load(wc_ptr + tl.minimum(k, K - 1)[:, None] * wc_strides[0] + m_c[None, :] * wc_strides[1],
                  mask=(k < K)[:, None], other=0.0)
-    da = relu_backward(a_pre, tl.dot(g, wc, out_dtype=acc_t, input_precision=PRECISION))
+    if PRECISION == "tf32x3_split":  # g as (hi, lo)
+        zeros = tl.zeros([g[0].shape[0], wc.shape[1]], acc_t)
+        big, small = _dot3_split(g[0], g[1], wc, zeros, zeros)
+        da = relu_backward(a_pre, _dot3_sum(big, small))
+    else:
+        da = relu_backward(a_pre, tl.dot(g, wc, out_dtype=acc_t, input_precision=PRECISION))
     return s, a_pre, da, scale
 
 
@@ -418,7 +452,7 @@ def _reduce_chunk(x0, g, n, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale
     (see `_head_stats_kernel`) and return the chunk's start as where the exact gathers must resume; else
     `redo` is returned unchanged."""
     acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
-    dtype: tl.constexpr = x0.dtype
+    dtype: tl.constexpr = tl.float32 if PRECISION == "tf32x3_split" else x0.dtype  # (hi, lo) pairs: fp32
     m = m0 + tl.arange(0, BLOCK_M)
     m_mask = m < M
     s, a_pre, da, _ = _activation_grad(x0, g, n, cy, cx, p_mask, m, m_mask, tl.minimum(m, M - 1), w0_ptr,
@@ -428,7 +462,12 @@ def _reduce_chunk(x0, g, n, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale
     a = tl.where(p_mask[:, None], relu(a_pre), 0.0)
     da = tl.where(p_mask[:, None], da, 0.0)
     # a NaN of s reaches dWc's column through a (0 * NaN is NaN in the dot)
-    dwc = tl.dot(tl.trans(g), a.to(dtype), out_dtype=acc_t, input_precision=PRECISION)
+    if PRECISION == "tf32x3_split":
+        zeros = tl.zeros([KP, BLOCK_M], acc_t)
+        big, small = _dot3_split(tl.trans(g[0]), tl.trans(g[1]), a, zeros, zeros)
+        dwc = _dot3_sum(big, small)
+    else:
+        dwc = tl.dot(tl.trans(g), a.to(dtype), out_dtype=acc_t, input_precision=PRECISION)
     clean = True
     if not GATHER:
         clean = tl.sum(tl.sum(tl.where(dwc != dwc, 1, 0), axis=1), axis=0) == 0
@@ -463,9 +502,11 @@ def _head_backward_reduce_kernel(
     the splits. From the first chunk whose dWc holds NaN (or from 0 when a patch misses a tap), a tile's
     chunks go through the exact gathers instead (second loop; no trips on finite inputs), as in the forward."""
     dtype: tl.constexpr = x0_ptr.dtype.element_ty
-    # fp32: Triton's own 3xTF32 split for every dot, `_dot3` not taken (the same precision, spelt in capitals):
-    # the hand split spills more here (sm_90 W48 1,828 B against 1,396 B), in the other kernels less
-    dots: tl.constexpr = "TF32X3" if PRECISION == "tf32x3" else PRECISION
+    # fp32: every dot split by hand with its loop-invariant operand (x0, the U_j, the gradient tile) split once
+    # per tile (`_dot3_split`): Triton's own split held each in two register layouts (sm_90 W48: 1,396 B of
+    # spills, 1,481 us predicted; split once: 1,000 B, 915 us); splitting them per chunk spilled 3,092 B
+    SPLIT: tl.constexpr = PRECISION == "tf32x3"
+    dots: tl.constexpr = "tf32x3_split" if SPLIT else PRECISION
     split = tl.program_id(0)
     tiles_per_image = tl.cdiv(H, TILE_H) * tl.cdiv(W, TILE_W)
     rows = part_ptr + split * (K + 2) * M
@@ -478,6 +519,10 @@ def _head_backward_reduce_kernel(
                                      dtype)
         later = t != split  # the first tile overwrites the rows: no zero fill
         redo = tl.where(covered == 0, 0, M)
+        if SPLIT:
+            x0 = _tf32_split(x0)
+            g = _tf32_split(g)
+            plans = _split_plans(plans, MODES)
         for m0 in range(0, M, BLOCK_M):
             if m0 < redo:
                 redo = _reduce_chunk(x0, g, n, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr,
@@ -897,13 +942,15 @@ _FORWARD_CANDIDATES = {
 # fp32 (before the hand split of `_dot3`, which took stats and ds to sm_90 W48 8 / 88 B) spilled in every
 # configuration tried (sm_90: the forward's 8x8 / 32 channels / 4 warps is fastest: reduce 1,481 us against
 # 2,857 with 8 warps and 2,001 with 16-channel chunks; ds (writing ds, `_FUSED_DTYPES`) 645 us against 764 with
-# 16-channel chunks and 1,816 with 4x8 tiles). The fp32 reduce (sm_90 W48 1,396 B) holds its loop-invariant dot
-# operands (x0, the U_j, the gradient tile and its transpose) in registers, each in two layouts for Triton's
-# 3xTF32 split; tried on sm_90 W48 (B of spill stores): 4x8 tiles 656, 16-channel chunks 732, 1 stage 1,376,
-# 8 warps 1,364, 4x16 tiles 1,504, the gradient tile reloaded per chunk 1,476, the hand split for s 2,644 (for
-# every dot 3,092), dWc in its own chunk loop 1,728; without the dWc dot 632, without the dA dot 1,196; x0 and
-# the U_j split by hand once per tile (hi / lo held, Triton's split for dA and dWc) 1,016, the gradient tile too
-# (every dot by hand from pre-split operands) 1,000.
+# 16-channel chunks and 1,816 with 4x8 tiles). The fp32 reduce holds its loop-invariant dot operands (x0, the
+# U_j, the gradient tile and its transpose) in registers: with Triton's 3xTF32 split each in two layouts (sm_90
+# W48 1,396 B of spill stores, 1,481 us predicted at 512x1024 b8), split by hand once per tile (`_dot3_split`,
+# taken) as (hi, lo) pairs: 832 B, 916 us (sm_80 1,196 -> 1,080 B, 2,811 -> 2,101 us). Tried with Triton's
+# split on sm_90 W48 (B of spill stores): 4x8 tiles 656, 16-channel chunks 732, 1 stage 1,376, 8 warps 1,364,
+# 4x16 tiles 1,504, the gradient tile reloaded per chunk 1,476, the hand split per chunk for s 2,644 (for every
+# dot 3,092), dWc in its own chunk loop 1,728; without the dWc dot 632, without the dA dot 1,196. Spill-free
+# needs those operands out of the registers (e.g. a transposed chunk, s^T = W0[m] x0^T, whose invariant
+# operands are wgmma's B operand, in shared memory), not a configuration.
 _TILE_CANDIDATES = {
     "_head_stats_kernel": {**_FORWARD_CANDIDATES, 2: ((8, 16, 16, 2, 4),) + _FORWARD_CANDIDATES[2][1:]},
     "_head_backward_reduce_kernel": {**_FORWARD_CANDIDATES, 2: ((8, 16, 32, 2, 8, SM90_SHARED), (8, 16, 16, 2, 8))

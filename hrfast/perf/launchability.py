@@ -59,9 +59,9 @@ _HEAD_SPILLING = {
                             "W18 140-224 B",
     "_head_stats_kernel": "bf16 / fp16 none (16-channel chunks); fp32 sm_90 W48 4-8 B, W18 none, sm_80 W48 none, "
                           "W18 48-68 B (outside the chunk loops)",
-    "_head_backward_reduce_kernel": "bf16 / fp16 none (sm_80: 16-channel chunks); fp32 (Triton's 3xTF32 split, the "
-                                    "invariant operands held in two register layouts) sm_90 972-1,396 B, sm_80 "
-                                    "1,000-1,204 B",
+    "_head_backward_reduce_kernel": "bf16 / fp16 none (sm_80: 16-channel chunks); fp32 (3xTF32 split by hand, the "
+                                    "loop-invariant operands split once per tile and held in registers) sm_90 "
+                                    "744-832 B, sm_80 900-1,140 B",
     "_head_backward_ds_kernel": "bf16 (fused) sm_90 W48 none, W18 4-12 B (in the tile loop's own code, the "
                                 "chunk loops spill-free), sm_80 120-272 B (11-22 spill instructions per dense "
                                 "chunk); fp32 (writing ds) sm_90 28-104 B, sm_80 100-252 B",

@@ -36,7 +36,11 @@ from hrfast._patch import PatchedForward, PatchReport
 from hrfast.testing import FP32_RTOL, assert_low_precision_close, assert_rel_close, rel_error
 
 FP64_TOL = 1e-10
-TIMM_COUNTS = {"hrnet_w18_small": 3, "hrnet_w18_small_v2": 6, "hrnet_w18": 8, "hrnet_w48": 8}
+# patched fusion modules per timm model; hrnet_w48 (8, the layout and module count of hrnet_w18, only wider) is
+# left out: its float64 train + eval comparison was the suite's slowest case after the compile checks (~5% of
+# the suite) and adds no structure to hrnet_w18's; wider channels only change the kernels' channel blocks,
+# which the op tests cover (test_fuse_op.py, test_fuse_tiles.py)
+TIMM_COUNTS = {"hrnet_w18_small": 3, "hrnet_w18_small_v2": 6, "hrnet_w18": 8}
 # the upsample mode of these layouts is not visible on the model (F.interpolate in forward, no global)
 FORWARD_ARGS = {
     "seg_master": dict(upsample="bilinear", align_corners=False),

@@ -29,7 +29,9 @@ source pixel sums the output pixels that read it, with their weights, computed p
 bf16 / fp16 / fp32 terms upsampled bilinearly by 2, 4 or 8 take its phase form instead (`_adjoint_phases`): no loop,
 a thread owns a few source pixels of one source row, reads its window of g once per row as vectors (NCHW) or
 column by column (channels_last), sums it over the window's rows with compile-time tent weights, then over
-each pixel's columns. No
+each pixel's columns. Where a row has several such terms, `_adjoint_row_kernel` runs them in one launch that
+reads g once (a program owns a row of the coarsest term's source pixels and the finer terms' source rows under
+it; the same arithmetic per term, so the same bits as one launch per term). No
 atomics anywhere: per-channel gradients are per-tile partial sums, all of a backward call in one buffer, reduced
 in a fixed order by one `_reduce_partials_kernel` launch straight into each gradient's own [C] tensor (no ATen
 sums or copies), so results are bitwise deterministic.
@@ -664,6 +666,198 @@ def _adjoint_epilogue(u, n, c, cc, qy, qx, sy, sx, h, w, C, R, z_ptr, z_strides,
         tl.store(part_ptr + (R + row) * C + c, tl.sum(tl.sum(u, axis=2), axis=1), mask=c_mask)
 
 
+@triton.constexpr_function
+def _row_piece(L, FM, f, cols, i, field=None):
+    """`_adjoint_row_kernel`'s pieces: the loaded pieces of a thread's row are `_piece(L / FM, FM, cols)` (FM
+    the widest column factor, L = P f output columns per thread, the same for every term); piece i of a term
+    by f (`_piece(L / f, f, cols)`) is loaded piece `index` (field None), whose (start, width)[field] its row
+    sums take: in NCHW the same index (the edge pieces' f columns are part of the FM-wide loaded ones, the
+    other columns outside every window of the term), in `cols` the same column."""
+    j = i + (FM - f) // 2 if cols else i
+    return j if field is None else _piece(L // FM, FM, cols, j, field)
+
+
+@triton.constexpr_function
+def _row_start(FM, f, j):
+    """First output row (from FM * S - FM / 2, S the program's row of the coarsest term) of the window of the
+    term's source row j of the program's FM / f: f j - f / 2 from FM S."""
+    return FM // 2 + f * j - f // 2
+
+
+@triton.constexpr_function
+def _acc_slot(FH, FW, L, cols, t, j, i):
+    """Index of (term t, its source row j, its piece i) in `_adjoint_row_kernel`'s flat tuple of row sums."""
+    FM = max(FH)
+    n = 0
+    for s in range(t):
+        n += (FM // FH[s]) * _piece(L // FW[s], FW[s], cols)
+    return n + j * _piece(L // FW[t], FW[t], cols) + i
+
+
+@triton.constexpr_function
+def _cmax(values):
+    return max(values)
+
+
+@triton.jit
+def _adjoint_row_kernel(g_ptr, g_strides, W, h0, C, terms,
+                        HAS_SCALE: tl.constexpr, NEED_DZ: tl.constexpr, NEED_DSCALE: tl.constexpr,
+                        NEED_DSHIFT: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr, P: tl.constexpr,
+                        COLS: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """`_upsample_adjoint_kernel`'s phase form (`_adjoint_phases`) for all the upsampled terms of a row in one
+    launch that reads g once. Term t = (z, z strides, scale, dz, dz strides, partials [2, R_t, C]), bilinear
+    (no align_corners) by FH[t] x FW[t] (powers of 2), P[t] source columns per thread with P[t] FW[t] = L the
+    same for every term (so a thread covers the same L output columns [X0, X0 + L) in every term).
+
+    A program is one source row S of the coarsest rows (FM = max FH: h0 rows), BLOCK_Q threads x L output
+    columns, BLOCK_C channels; it owns FM / FH[t] source rows of term t, whose windows lie inside the
+    coarsest one's, output rows [FM S - FM / 2, FM S + 3 FM / 2). Each of those rows is loaded once (the
+    pieces of the widest window, `_piece(L / max FW, max FW)`), converted once, and added into the row sums
+    of every source row of every term whose window holds it, with that term's row weight; a source row's
+    sums complete at its window's last row, and its epilogue (columns, dz, partial sums) runs there. Per
+    term and source row: `_adjoint_phases`'s operations in its order on the same values (the same masks, the
+    same pieces but for the edge pieces' columns outside the window, which it leaves out too), and its partial
+    sums in the rows its own launch would write: the same bits as one `_upsample_adjoint_kernel` launch per
+    term."""
+    FM: tl.constexpr = _cmax(FH)
+    WM: tl.constexpr = _cmax(FW)
+    L: tl.constexpr = P[0] * FW[0]
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    n = tl.program_id(2)
+    tiles_q = W // (BLOCK_Q * L)
+    S = pid_p // tiles_q
+    tile = pid_p % tiles_q
+    q = tile * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    X0 = q * L
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    nn = n
+    cc = c
+    xo = X0
+    if INT64:
+        nn = n.to(tl.int64)
+        cc = c.to(tl.int64)
+        xo = X0.to(tl.int64)
+    g_n, g_c, g_h, g_w = g_strides
+    chan = (nn * g_n + cc * g_c)[:, None, None]
+    left_ok = (X0 > 0)[None, :, None]
+    right_ok = (X0 + L < W)[None, :, None]
+    first_x = (X0 == 0)[None, :, None]
+    last_x = (X0 + L == W)[None, :, None]
+    # the row sums of every (term, source row, piece): placeholders until their window's first row
+    acc = ()
+    for t in tl.static_range(len(FH)):
+        for j in tl.static_range(FM // FH[t]):
+            for i in tl.static_range(_piece(P[t], FW[t], COLS)):
+                acc = acc + (tl.full([BLOCK_C, BLOCK_Q, _row_piece(L, WM, FW[t], COLS, i, 1)], -0.0,
+                                     dtype=tl.float32),)
+    for r in tl.static_range(2 * FM):
+        dy = FM * S - FM // 2 + r
+        if INT64:
+            dy = dy.to(tl.int64)
+        row = g_ptr + (chan + dy * g_h)
+        # rows above (below) the image for the first (last) coarse row: masked
+        if 2 * r < FM:
+            row_ok = S > 0
+        else:
+            row_ok = S < h0 - 1
+        vals = ()
+        for i in tl.static_range(_piece(L // WM, WM, COLS)):
+            offs = ((xo + _piece(L // WM, WM, COLS, i, 0))[None, :, None]
+                    + tl.arange(0, _piece(L // WM, WM, COLS, i, 1))[None, None, :])
+            ptrs = row + offs * g_w
+            if (2 * r < FM) or (2 * r >= 3 * FM):
+                if _piece(L // WM, WM, COLS, i, 0) < 0:
+                    v = tl.load(ptrs, mask=row_ok & left_ok, other=0.0)
+                elif _piece(L // WM, WM, COLS, i, 0) >= L:
+                    v = tl.load(ptrs, mask=row_ok & right_ok, other=0.0)
+                else:
+                    v = tl.load(ptrs, mask=row_ok, other=0.0)
+            else:
+                if _piece(L // WM, WM, COLS, i, 0) < 0:
+                    v = tl.load(ptrs, mask=left_ok, other=0.0)
+                elif _piece(L // WM, WM, COLS, i, 0) >= L:
+                    v = tl.load(ptrs, mask=right_ok, other=0.0)
+                else:
+                    v = tl.load(ptrs)
+            vals = vals + (v.to(tl.float32),)
+        # add the row into every source row whose window holds it (term by term, rows in order)
+        nxt = ()
+        for t in tl.static_range(len(FH)):
+            for j in tl.static_range(FM // FH[t]):
+                s = (FM // FH[t]) * S + j
+                for i in tl.static_range(_piece(P[t], FW[t], COLS)):
+                    nxt = nxt + (_row_add(acc[_acc_slot(FH, FW, L, COLS, t, j, i)],
+                                          vals[_row_piece(L, WM, FW[t], COLS, i)], r - _row_start(FM, FH[t], j),
+                                          FH[t], s == 0, s == (FM // FH[t]) * h0 - 1),)
+        acc = nxt
+        # the source rows whose window ends here: columns, dz and the partial sums
+        for t in tl.static_range(len(FH)):
+            for j in tl.static_range(FM // FH[t]):
+                if r == _row_start(FM, FH[t], j) + 2 * FH[t] - 1:
+                    _adjoint_row_out(acc, _acc_slot(FH, FW, L, COLS, t, j, 0), terms[t], n, nn, c, cc,
+                                     (FM // FH[t]) * S + j, (FM // FH[t]) * h0, q, tile, tiles_q, C, first_x,
+                                     last_x, HAS_SCALE[t], NEED_DZ[t], NEED_DSCALE[t], NEED_DSHIFT[t], FW[t], P[t],
+                                     L, WM, COLS, INT64)
+
+
+@triton.jit
+def _row_add(a, v, k: tl.constexpr, f: tl.constexpr, first, last):
+    """A row sum a after output row k of its window (by f; `_tent_edge`'s weight) when it holds v's row:
+    `_adjoint_phases`' v * wy at the window's first row, a + v * wy after; a itself outside the window."""
+    if k >= 0 and k < 2 * f:
+        wy = _tent_edge(k, f, first, last)
+        if k == 0:
+            a = v * wy
+        else:
+            a = a + v * wy
+    return a
+
+
+@triton.jit
+def _adjoint_row_out(acc, base: tl.constexpr, term, n, nn, c, cc, sy, h, q, tile, tiles_q, C, first_x, last_x,
+                     HAS_SCALE: tl.constexpr, NEED_DZ: tl.constexpr, NEED_DSCALE: tl.constexpr,
+                     NEED_DSHIFT: tl.constexpr, F: tl.constexpr, P: tl.constexpr, L: tl.constexpr,
+                     WM: tl.constexpr, COLS: tl.constexpr, INT64: tl.constexpr):
+    """`_adjoint_phases`' epilogue for one source row sy (of h) of one term of `_adjoint_row_kernel`: its row
+    sums are acc[base:], piece by piece; each pixel's u from its window's columns, dz = u * scale, and the
+    partial sums into the row its own launch would use (image n, source row sy, column tile `tile`)."""
+    z_ptr, z_strides, scale_ptr, dz_ptr, dz_strides, part_ptr = term
+    sx0 = q * P
+    sxo = sx0
+    syo = sy
+    if INT64:
+        sxo = sx0.to(tl.int64)
+        syo = sy.to(tl.int64)
+    sum_u = tl.zeros([c.shape[0], q.shape[0]], dtype=tl.float32)
+    sum_uz = tl.zeros([c.shape[0], q.shape[0]], dtype=tl.float32)
+    scale = 1.0
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + c).to(tl.float32)[:, None]
+    z_n, z_c, z_h, z_w = z_strides
+    d_n, d_c, d_h, d_w = dz_strides
+    for p in tl.static_range(P):
+        lo = p * F - F // 2
+        u = tl.zeros([c.shape[0], q.shape[0]], dtype=tl.float32)
+        for i in tl.static_range(_piece(P, F, COLS)):
+            start = _row_piece(L, WM, F, COLS, i, 0)
+            if (start < lo + 2 * F) and (start + _row_piece(L, WM, F, COLS, i, 1) > lo):
+                u += _window_sum(acc[base + i], start, lo, F, p == 0, p == P - 1, first_x, last_x)
+        if NEED_DZ:
+            tl.store(dz_ptr + ((nn * d_n + cc * d_c)[:, None] + (syo * d_h + (sxo + p) * d_w)[None, :]),
+                     (u * scale).to(dz_ptr.dtype.element_ty))
+        if NEED_DSCALE:
+            z = tl.load(z_ptr + ((nn * z_n + cc * z_c)[:, None] + (syo * z_h + (sxo + p) * z_w)[None, :]))
+            sum_uz += u * z.to(tl.float32)
+        sum_u += u
+    row_id = n * (h * tiles_q) + sy * tiles_q + tile
+    R = tl.num_programs(2) * (h * tiles_q)
+    if NEED_DSCALE:
+        tl.store(part_ptr + row_id * C + c, tl.sum(sum_uz, axis=1))
+    if NEED_DSHIFT:
+        tl.store(part_ptr + (R + row_id) * C + c, tl.sum(sum_u, axis=1))
+
+
 @triton.jit
 def _reduce_partials_kernel(part_ptr, C, sources, outs, F64: tl.constexpr, INT64: tl.constexpr,
                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -961,14 +1155,21 @@ def fuse_backward(plan: FusePlan, grad_y: Tensor, y: Optional[Tensor], xs: Seque
         dscale = reduced(scales[k], slot * R0 * C, R0) if needs[k][1] and plan.terms[k].has_scale else None
         dshift = reduced(shifts[k], len(same) * R0 * C, R0) if needs[k][2] and plan.terms[k].has_shift else None
         grads[k] = (dx, dscale, dshift)
+    term_needs = {k: (needs[k][0], needs[k][1] and plan.terms[k].has_scale, needs[k][2] and plan.terms[k].has_shift)
+                  for k in upsampled}
+    term_parts = {k: parts[start:start + 2 * adjoint_cfgs[k][3] * C].view(2, adjoint_cfgs[k][3], C)
+                  for k, start in zip(upsampled, starts[1:])}
+    # the phase-form terms that can share g's reads: one `_adjoint_row_kernel` launch for them all
+    row = _adjoint_row_group(upsampled, adjoint_cfgs, xs)
+    row_dz = _adjoint_row_launch(plan, row, g, xs, scales, term_needs, int64, adjoint_cfgs, term_parts) if row else {}
     for k, start in zip(upsampled, starts[1:]):
-        cfg = adjoint_cfgs[k]
-        R = cfg[3]
-        need_dz, need_dscale, need_dshift = needs[k]
-        need_dscale = need_dscale and plan.terms[k].has_scale
-        need_dshift = need_dshift and plan.terms[k].has_shift
-        dz = _adjoint_launch(plan.terms[k], g, xs[k], scales[k], (need_dz, need_dscale, need_dshift), int64, cfg,
-                             parts[start:start + 2 * R * C].view(2, R, C))
+        R = adjoint_cfgs[k][3]
+        need_dz, need_dscale, need_dshift = term_needs[k]
+        if k in row_dz:
+            dz = row_dz[k]
+        else:
+            dz = _adjoint_launch(plan.terms[k], g, xs[k], scales[k], term_needs[k], int64, adjoint_cfgs[k],
+                                 term_parts[k])
         grads[k] = (dz, reduced(scales[k], start, R) if need_dscale else None,
                     reduced(shifts[k], start + R * C, R) if need_dshift else None)
     _reduce_partials(parts, C, sources, outs, int64)
@@ -1147,6 +1348,64 @@ def _adjoint_launch(term: TermPlan, g: Tensor, z: Tensor, scale: Optional[Tensor
                 INT64=int64 or needs_int64(z, dz), BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w,
                 num_warps=4, **ph)
     return dz
+
+
+# Upsampled terms per `_adjoint_row_kernel` launch (HRNet's rows have at most 3): each term's row sums take
+# registers. Three (x2 / x4 / x8) fit for 2-byte floats in NCHW (sm_90 W48 stage 4: 192 registers, no spills);
+# fp32 (its rows twice the registers before conversion: 252 B spilled) and a channels_last g (a row sum per
+# column: 772 B) take two, the rest their own launches.
+ADJOINT_ROW_MAX_TERMS = 3
+ADJOINT_ROW_MAX_TERMS_WIDE = 2
+
+
+def _adjoint_row_group(upsampled: Sequence[int], cfgs: dict, xs: Sequence[Tensor]) -> List[int]:
+    """The upsampled terms (indices, in order) that one `_adjoint_row_kernel` launch takes: those in the
+    adjoint's phase form whose configurations (`_adjoint_config`) share BLOCK_C, BLOCK_Q, the output columns
+    per thread (PQ x PW) and COLS, and whose sources share a dtype, the first such up to ADJOINT_ROW_MAX_TERMS
+    (2-byte floats in NCHW) or ADJOINT_ROW_MAX_TERMS_WIDE; [] unless at least two (one term keeps
+    `_upsample_adjoint_kernel`)."""
+    def key(k):
+        block_c, _, block_w, _, _, phase = cfgs[k]
+        return block_c, block_w // phase[2], phase[2] * phase[1], phase[3], xs[k].dtype
+
+    phased = [k for k in upsampled if cfgs[k][5] is not None]
+    if not phased:
+        return []
+    narrow = xs[phased[0]].element_size() == 2 and not cfgs[phased[0]][5][3]
+    group = [k for k in phased if key(k) == key(phased[0])]
+    group = group[:ADJOINT_ROW_MAX_TERMS if narrow else ADJOINT_ROW_MAX_TERMS_WIDE]
+    return group if len(group) >= 2 else []
+
+
+def _adjoint_row_launch(plan: FusePlan, row: Sequence[int], g: Tensor, xs: Sequence[Tensor],
+                        scales: Sequence[Optional[Tensor]], needs: Dict[int, Tuple[bool, bool, bool]], int64: bool,
+                        cfgs: dict, parts: Dict[int, Tensor]) -> Dict[int, Optional[Tensor]]:
+    """One `_adjoint_row_kernel` launch for the terms `row` (`_adjoint_row_group`): dz by term index (None
+    unless needs[k][0]); each term's partial sums into parts[k] [2, R, C] as its own `_adjoint_launch` would
+    write them. g stands in for what a term does not read (its z without d(scale), scale, dz)."""
+    N, C, H, W = g.shape
+    block_c, _, block_w, _, _, phase = cfgs[row[0]]
+    block_q = block_w // phase[2]
+    fh = tuple(cfgs[k][5][0] for k in row)
+    fw = tuple(cfgs[k][5][1] for k in row)
+    pq = tuple(cfgs[k][5][2] for k in row)
+    dzs = {k: _empty_grad(xs[k], g) if needs[k][0] else None for k in row}
+    if N * C * H * W > 0:
+        terms = []
+        for k in row:
+            z = xs[k] if needs[k][1] else g
+            dz = _or(dzs[k], g)
+            terms.append((z, tuple(z.stride()), _or(scales[k], g), dz, tuple(dz.stride()), parts[k]))
+        h0 = H // max(fh)
+        grid = launch_grid(h0 * (W // (block_q * phase[2] * phase[1])), C // block_c, N)
+        with _device_context(g):
+            _adjoint_row_kernel[grid](
+                g, tuple(g.stride()), W, h0, C, tuple(terms),
+                HAS_SCALE=tuple(plan.terms[k].has_scale for k in row), NEED_DZ=tuple(needs[k][0] for k in row),
+                NEED_DSCALE=tuple(needs[k][1] for k in row), NEED_DSHIFT=tuple(needs[k][2] for k in row), FH=fh,
+                FW=fw, P=pq, COLS=phase[3], INT64=int64 or any(needs_int64(xs[k], dzs[k]) for k in row),
+                BLOCK_C=block_c, BLOCK_Q=block_q, num_warps=4)
+    return dzs
 
 
 def upsample_term_backward(term: TermPlan, g: Tensor, z: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],

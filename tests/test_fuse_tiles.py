@@ -180,3 +180,95 @@ def test_adjoint_phase_form_matches_gather(layout, monkeypatch):
             finite = torch.isfinite(e)
             assert torch.allclose(a[finite], e[finite], rtol=2 ** -7, atol=1e-5 * e[finite].abs().max()), (k, name)
         assert torch.isnan(phased[0]).any() and torch.isinf(phased[0]).any()
+
+
+# one `_adjoint_row_kernel` launch for the phase-form terms of a row (issue 18): it reads g once for all of
+# them. Three coarse rows (first, middle, last), two images, two column tiles and channel blocks (narrow
+# tiles), a x2 term, one by 4 rows x 8 columns and a x8 one, term 1 without scale ("mixed").
+# Against the float64 reference: test_adjoint_phase_form (its x2 / x4 / x8 terms take the row launch).
+ADJOINT_ROW = Case((24, 32), [((24, 32), None), ((12, 16), bil()), ((6, 4), bil()), ((3, 4), bil())], N=2, C=8,
+                   affine="mixed")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's 0 * inf
+@pytest.mark.parametrize("dtype, layout, which", [(BF16, "nchw", "all"), (BF16, "channels_last", "all"),
+                                                  (F32, "nchw", "some")], ids=["bf16_nchw", "bf16_cl", "fp32_nchw"])
+def test_adjoint_row_matches_per_term_launches_bitwise(dtype, layout, which, monkeypatch):
+    """The row launch computes each term's `_upsample_adjoint_kernel` phase-form arithmetic in its order: the
+    same dz and the same partial sums (so the same d(scale), d(shift)) as one launch per term, bit for bit, NaN
+    and inf included (g non-finite at the image's first and last rows and columns and inside). "some": a term
+    without dz, one without d(scale) (z not read). bf16 NCHW also through fuse_backward: one row launch and the
+    same gradients as one launch per term."""
+    plan, kxs, kscales, kshifts, terms, K = _adjoint_phase_terms(ADJOINT_ROW, dtype, layout)
+    max_q = 1 if layout == "nchw" else 2  # two column tiles (16 / 8 output columns per thread)
+    for name, value in (("ADJOINT_PHASE_MAX_Q", max_q), ("ADJOINT_PHASE_THREADS", 4), ("ADJOINT_PHASE_CL_C", 4)):
+        monkeypatch.setattr(K, name, value)
+    N, C = kxs[0].shape[:2]
+    H, W = ADJOINT_ROW.size
+    g = torch.randn(N, C, H, W, dtype=dtype)
+    if layout != "nchw":
+        g = g.contiguous(memory_format=CL)
+    g[0, 1, 0, 0] = float("inf")
+    g[0, 2, H - 1, W - 1] = float("-inf")
+    g[1, 3, 0, W - 1] = float("nan")
+    g[1, 4, 11, 13] = float("inf")
+    g[1, 5, H - 1, 1] = float("nan")
+    g[0, 6, 8, 16] = float("-inf")  # a coarse row's and a column tile's first pixel
+    g = g.to(TRITON_DEVICE)
+    needs = {k: (True, plan.terms[k].has_scale, plan.terms[k].has_shift) for k in terms}
+    if which == "some":
+        needs[1], needs[2] = (False, False, True), (True, False, True)
+    cfgs = {k: K._adjoint_config(kxs[k], plan.terms[k], H, W, layout != "nchw") for k in terms}
+    assert all(cfgs[k][0] < C and cfgs[k][4][0] > kxs[k].shape[2] for k in terms)  # channel blocks, column tiles
+    row = K._adjoint_row_group(terms, cfgs, kxs)
+    # x2, 4 x 8 and x8 together for bf16 in NCHW; channels_last and fp32 take two (ADJOINT_ROW_MAX_TERMS_WIDE)
+    assert row == (terms if dtype == BF16 and layout == "nchw" else terms[:2])
+    assert len({cfgs[k][5][:2] for k in row}) == len(row)
+    bits = torch.int16 if dtype == BF16 else torch.int32
+
+    def parts():
+        return {k: torch.full((2, cfgs[k][3], C), float("nan"), dtype=torch.float32, device=g.device) for k in row}
+
+    row_parts, term_parts = parts(), parts()
+    row_dz = K._adjoint_row_launch(plan, row, g, kxs, kscales, needs, False, cfgs, row_parts)
+    for k in row:
+        dz = K._adjoint_launch(plan.terms[k], g, kxs[k], kscales[k], needs[k], False, cfgs[k], term_parts[k])
+        assert (dz is None) == (row_dz[k] is None) == (not needs[k][0])
+        if dz is not None:
+            assert row_dz[k].stride() == dz.stride()
+            assert torch.equal(row_dz[k].view(bits), dz.view(bits)), k
+        for slot, need in enumerate(needs[k][1:]):
+            if need:  # the rows a launch writes (the others stay NaN in both)
+                assert torch.equal(row_parts[k][slot].view(torch.int32), term_parts[k][slot].view(torch.int32)), k
+    assert any(torch.isnan(row_dz[k]).any() and torch.isinf(row_dz[k]).any() for k in row if needs[k][0])
+    if dtype != BF16 or layout != "nchw":
+        return
+
+    monkeypatch.undo()  # the launchers' own tiles
+    launched = []
+    monkeypatch.setattr(K, "_adjoint_row_kernel", _Spy(K._adjoint_row_kernel, launched))
+    y = K.fuse_forward(plan, kxs, kscales, kshifts)
+    grad_y = torch.randn_like(y)
+    fuse_needs = [(True, True, True)] * len(kxs)
+    grads = K.fuse_backward(plan, grad_y, y, kxs, kscales, kshifts, fuse_needs)
+    assert len(launched) == 1
+    monkeypatch.setattr(K, "_adjoint_row_group", lambda *args: [])
+    per_term = K.fuse_backward(plan, grad_y, y, kxs, kscales, kshifts, fuse_needs)
+    assert len(launched) == 1
+    for k, (a, e) in enumerate(zip(grads, per_term)):
+        for name, x, x_e in zip(("dx", "dscale", "dshift"), a, e):
+            assert (x is None) == (x_e is None), (k, name)
+            if x is not None:
+                assert torch.equal(x.view(torch.int16 if x.dtype == BF16 else torch.int32),
+                                   x_e.view(torch.int16 if x_e.dtype == BF16 else torch.int32)), (k, name)
+
+
+class _Spy:
+    """A Triton kernel whose `[grid]` launches are counted into `launched`."""
+
+    def __init__(self, kernel, launched):
+        self.kernel, self.launched = kernel, launched
+
+    def __getitem__(self, grid):
+        self.launched.append(grid)
+        return self.kernel[grid]

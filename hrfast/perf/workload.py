@@ -82,6 +82,12 @@ def _adjoint_elements(p: Params) -> int:
     return z.shape[0] * p["C"] * z.shape[2] * z.shape[3]
 
 
+def _adjoint_row_elements(p: Params) -> int:
+    """The source pixels of all the row's terms (g's size over each term's factors)."""
+    N, C, H, W = p["g_ptr"].shape
+    return sum(N * C * (H // fh) * (W // fw) for fh, fw in zip(p["FH"], p["FW"]))
+
+
 def _adjoint_unread(p: Params) -> Sequence[str]:
     unread = [] if p["NEED_DSCALE"] else ["src"]  # z is read only for d(scale)
     if not p["NEED_DZ"]:
@@ -176,6 +182,10 @@ KERNELS: Dict[str, KernelWork] = {
     # phase form (PH > 0): one source row of BLOCK_W columns, no loop
     "_upsample_adjoint_kernel": KernelWork(trips=_adjoint_trips, elements=_adjoint_elements,
                                            unread=_adjoint_unread),
+    # the phase form for all the upsampled terms of a row (their source pixels are the elements): one coarse
+    # source row of BLOCK_Q x L output columns per program, its window's rows and every term unrolled, no loop;
+    # what a term does not read is g passed again (counted once)
+    "_adjoint_row_kernel": KernelWork(trips=lambda p: [], elements=_adjoint_row_elements),
     # program (channel block, output): a loop over its [R_i, C] partials BLOCK_R rows at a time
     "_reduce_partials_kernel": KernelWork(trips=_reduce_trips,
                                           elements=lambda p: len(p["outs"]) * p["C"]),

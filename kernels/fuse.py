@@ -1362,7 +1362,8 @@ def _adjoint_row_group(upsampled: Sequence[int], cfgs: dict, xs: Sequence[Tensor
     """The upsampled terms (indices, in order) that one `_adjoint_row_kernel` launch takes: those in the
     adjoint's phase form whose configurations (`_adjoint_config`) share BLOCK_C, BLOCK_Q, the output columns
     per thread (PQ x PW) and COLS, and whose sources share a dtype, the first such up to ADJOINT_ROW_MAX_TERMS
-    (2-byte floats in NCHW) or ADJOINT_ROW_MAX_TERMS_WIDE; [] unless at least two (one term keeps
+    (2-byte floats in NCHW, a [BLOCK_C, BLOCK_Q] program of at least ADJOINT_PHASE_THREADS) or
+    ADJOINT_ROW_MAX_TERMS_WIDE; [] unless at least two (one term keeps
     `_upsample_adjoint_kernel`)."""
     def key(k):
         block_c, _, block_w, _, _, phase = cfgs[k]
@@ -1371,7 +1372,11 @@ def _adjoint_row_group(upsampled: Sequence[int], cfgs: dict, xs: Sequence[Tensor
     phased = [k for k in upsampled if cfgs[k][5] is not None]
     if not phased:
         return []
-    narrow = xs[phased[0]].element_size() == 2 and not cfgs[phased[0]][5][3]
+    block_c, _, block_w, _, _, phase = cfgs[phased[0]]
+    # 3 only where every thread holds its own elements (sm_90 W18 bf16 row 0, [2 x 16] on 128 threads: 16 B
+    # spilled)
+    narrow = (xs[phased[0]].element_size() == 2 and not phase[3]
+              and block_c * (block_w // phase[2]) >= ADJOINT_PHASE_THREADS)
     group = [k for k in phased if key(k) == key(phased[0])]
     group = group[:ADJOINT_ROW_MAX_TERMS if narrow else ADJOINT_ROW_MAX_TERMS_WIDE]
     return group if len(group) >= 2 else []

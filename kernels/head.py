@@ -144,11 +144,7 @@ def _dot3(a, b, big, small):
     """3xTF32 a . b by hand, one split dot at a time: big += hi(a) hi(b) (carries every inf / NaN),
     small += lo(a) hi(b) + hi(a) lo(b) (NaN only where big is non-finite, see `_dot3_sum`)."""
     a_hi, a_lo = _tf32_split(a)
-    b_hi, b_lo = _tf32_split(b)
-    small = tl.dot(a_lo, b_hi, acc=small, input_precision="tf32")
-    small = tl.dot(a_hi, b_lo, acc=small, input_precision="tf32")
-    big = tl.dot(a_hi, b_hi, acc=big, input_precision="tf32")
-    return big, small
+    return _dot3_split(a_hi, a_lo, b, big, small)
 
 
 @triton.jit

@@ -143,6 +143,21 @@ def test_adjoint_phase_form(dtype, layout, max_q, monkeypatch):
     check_fuse(ADJOINT_PHASED, dtype, layout)
 
 
+def _grad_with_nonfinite(nc, size, dtype, layout, inner):
+    """A random output gradient [N, C, H, W] with inf / -inf / NaN at the image's corners and edges (outputs that
+    read a source with weight 1 or not at all) and at `inner` (y, x), channels 1-5."""
+    (N, C), (H, W) = nc, size
+    g = torch.randn(N, C, H, W, dtype=dtype)
+    if layout != "nchw":
+        g = g.contiguous(memory_format=CL)
+    g[0, 1, 0, 0] = float("inf")
+    g[0, 2, H - 1, W - 1] = float("-inf")
+    g[1, 3, 0, W - 1] = float("nan")
+    g[1, 4, inner[0], inner[1]] = float("inf")
+    g[1, 5, H - 1, 1] = float("nan")
+    return g
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's 0 * inf
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_adjoint_phase_form_matches_gather(layout, monkeypatch):
@@ -151,17 +166,8 @@ def test_adjoint_phase_form_matches_gather(layout, monkeypatch):
     last rows and columns (outputs that read a source with weight 1 or not at all) and inside."""
     plan, kxs, kscales, kshifts, terms, K = _adjoint_phase_terms(ADJOINT_PHASED, BF16, layout)
     monkeypatch.setattr(K, "ADJOINT_PHASE_MAX_Q", 2)
-    N, C = kxs[0].shape[:2]
     H, W = ADJOINT_PHASED.size
-    g = torch.randn(N, C, H, W, dtype=BF16)
-    if layout != "nchw":
-        g = g.contiguous(memory_format=CL)
-    g[0, 1, 0, 0] = float("inf")
-    g[0, 2, H - 1, W - 1] = float("-inf")
-    g[1, 3, 0, W - 1] = float("nan")
-    g[1, 4, 3, 13] = float("inf")
-    g[1, 5, H - 1, 1] = float("nan")
-    g = g.to(TRITON_DEVICE)
+    g = _grad_with_nonfinite(kxs[0].shape[:2], (H, W), BF16, layout, inner=(3, 13)).to(TRITON_DEVICE)
     for k in terms:
         term, z = plan.terms[k], kxs[k]
         assert K._adjoint_phase_factors(term, z, H, W) is not None
@@ -203,16 +209,8 @@ def test_adjoint_row_matches_per_term_launches_bitwise(dtype, layout, which, mon
     max_q = 1 if layout == "nchw" else 2  # two column tiles (16 / 8 output columns per thread)
     for name, value in (("ADJOINT_PHASE_MAX_Q", max_q), ("ADJOINT_PHASE_THREADS", 4), ("ADJOINT_PHASE_CL_C", 4)):
         monkeypatch.setattr(K, name, value)
-    N, C = kxs[0].shape[:2]
-    H, W = ADJOINT_ROW.size
-    g = torch.randn(N, C, H, W, dtype=dtype)
-    if layout != "nchw":
-        g = g.contiguous(memory_format=CL)
-    g[0, 1, 0, 0] = float("inf")
-    g[0, 2, H - 1, W - 1] = float("-inf")
-    g[1, 3, 0, W - 1] = float("nan")
-    g[1, 4, 11, 13] = float("inf")
-    g[1, 5, H - 1, 1] = float("nan")
+    (N, C), (H, W) = kxs[0].shape[:2], ADJOINT_ROW.size
+    g = _grad_with_nonfinite((N, C), (H, W), dtype, layout, inner=(11, 13))
     g[0, 6, 8, 16] = float("-inf")  # a coarse row's and a column tile's first pixel
     g = g.to(TRITON_DEVICE)
     needs = {k: (True, plan.terms[k].has_scale, plan.terms[k].has_shift) for k in terms}

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Callable, Dict, Hashable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, Hashable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -370,22 +370,33 @@ def fold_batch_norm(bn: nn.Module, z: Tensor, term_dtype: Optional[torch.dtype] 
     return fold_batch_norms([bn], [z], term_dtype, use_kernels)[0]
 
 
-def fold_batch_norms(bns: Sequence[nn.Module], zs: Sequence[Tensor], term_dtype: Optional[torch.dtype] = None,
+def fold_batch_norms(bns: Sequence[nn.Module], zs: Sequence[Tensor],
+                     term_dtype: Union[None, torch.dtype, Sequence[Optional[torch.dtype]]] = None,
                      use_kernels: bool = False) -> List[Optional[Tuple[Tensor, Tensor, Tensor]]]:
     """`fold_batch_norm` of each (bn, z) in order, with the same results and side effects, the batch-statistics
     folds done together: one `_BatchStatsFold` for all of them, so on the kernels one statistics launch (one
-    finalize), and in backward one launch, for a whole fusion row (`hrfast.nn.fusion`). An error of term j
-    (`_check_input_dim`, a single value per channel) is raised after terms 0..j-1 have folded, as a loop of
-    `fold_batch_norm` would."""
+    finalize), and in backward one launch, for a whole fusion step (`hrfast.nn.fusion`: every row's folds; up
+    to `hrfast.kernels.batch_norm.MAX_TERMS` per launch). `term_dtype`: one dtype for every term, or one per
+    term (None: z's own). An error of term j (`_check_input_dim`, a single value per channel) is raised after
+    terms 0..j-1 have folded, as a loop of `fold_batch_norm` would."""
     if len(bns) != len(zs):
         raise ValueError(f"fold_batch_norms: {len(bns)} modules for {len(zs)} inputs")
+    if isinstance(term_dtype, (list, tuple)):
+        if len(term_dtype) != len(zs):
+            raise ValueError(f"fold_batch_norms: term_dtype holds {len(term_dtype)} dtypes for {len(zs)} inputs")
+        term_dtypes = list(term_dtype)
+    elif term_dtype is None or isinstance(term_dtype, torch.dtype):
+        term_dtypes = [term_dtype] * len(zs)
+    else:
+        raise TypeError(f"fold_batch_norms: term_dtype must be a torch.dtype, a sequence of them or None, got "
+                        f"{type(term_dtype).__name__}")
     results: List[Optional[Tuple[Tensor, Tensor, Tensor]]] = [None] * len(bns)
     pending: List[Tuple[int, FoldSpec, tuple]] = []  # batch-statistics folds: (index, spec, tensors)
     try:
         for i, (bn, z) in enumerate(zip(bns, zs)):
             if not can_fold(bn):
                 continue
-            dtype = term_dtype or z.dtype
+            dtype = term_dtypes[i] or z.dtype
             bn._check_input_dim(z)
             if z.dim() != 4:
                 raise ValueError(f"expected a 4-D input [N, C, H, W] for {type(bn).__name__}, got shape "

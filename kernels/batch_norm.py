@@ -64,7 +64,7 @@ MAX_PARTIALS = 256  # at most this many partials per channel: the finalize loops
 MAX_CHANNELS_LAST_BLOCK = 64
 FINALIZE_BLOCK_C = 32
 FINALIZE_BLOCK_S = 64
-MAX_TERMS = 4  # folds per launch (a fusion row of HRNet has at most 3): each count compiles a variant
+MAX_TERMS = 12  # folds per launch (a fusion step of a 4-branch HRNet stage has 12): each count compiles a variant
 # the statistics launch finalizes too (its last program per channel block): one launch per fold, not two. Off
 # until a GPU has run it: the Triton interpreter runs programs one at a time, so the tests cannot reach the
 # ticket's cross-program memory ordering (HRFAST_BN_MERGED_FINALIZE=1 turns it on; benchmarks/gpu_session.sh

@@ -48,14 +48,20 @@ def fusion_forward(fuse_layers: nn.ModuleList, xs: Sequence[Tensor], *, default:
             raise TypeError(f"xs[{j}] must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4:
             raise ValueError(f"xs[{j}] must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
-    return [_fuse_row(row, xs, tuple(xs[i].shape[2:]), backend) for i, row in enumerate(rows)]
-
-
-def _fuse_row(row: Sequence[FusionTerm], xs: Sequence[Tensor], size: Tuple[int, int], backend: str) -> Tensor:
-    # first every term up to its foldable norm, then the common dtype (eager `+` promotes), then the fold; on the
-    # reference backend the norms run as modules: the eager computation, op for op
     resolved = backends.resolve(backend, xs[0].device)
-    fold = resolved != "reference"
+    # every row's terms up to its foldable norms, then all of the step's folds at once (on Triton one
+    # batch-statistics launch and one backward launch for the whole step), then one fused op per row
+    prepared = [_row_terms(row, xs, fold=resolved != "reference") for row in rows]
+    _fold_step(rows, prepared, use_kernels=resolved == "triton")
+    return [fuse(terms, scales=scales, shifts=shifts, resample=[e.resample for e in row], size=tuple(xs[i].shape[2:]),
+                 relu=True, backend=backend)
+            for i, (row, (terms, scales, shifts, _, _)) in enumerate(zip(rows, prepared))]
+
+
+def _row_terms(row: Sequence[FusionTerm], xs: Sequence[Tensor], fold: bool) -> tuple:
+    """(terms, scales, shifts, to_fold, dtype) of one row: each term up to its foldable norm (on the reference
+    backend, `fold` False, the norms run as modules: the eager computation, op for op), the others in the row's
+    common dtype (eager `+` promotes); `to_fold` the indices whose norm `_fold_step` folds."""
     terms, to_fold = [], []
     for j, entry in enumerate(row):
         h = xs[j]
@@ -70,18 +76,24 @@ def _fuse_row(row: Sequence[FusionTerm], xs: Sequence[Tensor], size: Tuple[int, 
     dtype = terms[0].dtype
     if any(t.dtype != dtype for t in terms):  # promote_types is an ATen call: only when there is mixing
         dtype = functools.reduce(torch.promote_types, [t.dtype for t in terms])
-    scales: List[Optional[Tensor]] = [None] * len(row)
-    shifts: List[Optional[Tensor]] = [None] * len(row)
-    # all of the row's folds at once: on Triton one batch-statistics launch and one backward launch for the row
-    folded = fold_batch_norms([row[j].last for j in to_fold], [terms[j] for j in to_fold], dtype,
-                              use_kernels=resolved == "triton") if to_fold else []
-    for j, result in zip(to_fold, folded):
-        terms[j], scales[j], shifts[j] = result
     for j in range(len(row)):
         if j not in to_fold:
             terms[j] = terms[j].to(dtype)
-    return fuse(terms, scales=scales, shifts=shifts, resample=[e.resample for e in row], size=size, relu=True,
-                backend=backend)
+    return terms, [None] * len(row), [None] * len(row), to_fold, dtype
+
+
+def _fold_step(rows: Sequence[Sequence[FusionTerm]], prepared: Sequence[tuple], use_kernels: bool) -> None:
+    """Folds every row's `to_fold` norms in one `fold_batch_norms` call (row after row, term after term: the
+    order eager runs them in, which is also the order an error leaves earlier folds done in), replacing each
+    folded term by (term in the row's dtype, scale, shift) in `prepared`."""
+    where = [(i, j) for i, (_, _, _, to_fold, _) in enumerate(prepared) for j in to_fold]
+    if not where:
+        return
+    folded = fold_batch_norms([rows[i][j].last for i, j in where], [prepared[i][0][j] for i, j in where],
+                              [prepared[i][4] for i, _ in where], use_kernels=use_kernels)
+    for (i, j), (term, scale, shift) in zip(where, folded):
+        terms, scales, shifts = prepared[i][:3]
+        terms[j], scales[j], shifts[j] = term, scale, shift
 
 
 class HRFusion(nn.Module):

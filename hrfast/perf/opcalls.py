@@ -11,9 +11,10 @@ What hrfast runs besides its kernels is recorded too, as ATen ops (`AtenOp`: byt
 not ops), the batch-norm folds of the fusion rows (in training on the Triton backend their kernels,
 `hrfast.kernels.batch_norm`, attributed by `_launcher_hook`; on the reference path their ATen ops) and everything the fused head does besides its kernels (the projections W_j x_j, the
 backward's GEMMs). An op belongs to an op call when it runs
-- in forward, inside `hrfast.nn.fusion.fold_batch_norms` / `hrfast.nn.fusion.fuse` (a row: its folds, then its
-  fuse call) or inside `hrfast.nn.HRNetV2Head.forward`; the autograd nodes such a scope creates are tagged
-  with its op call;
+- in forward, inside `hrfast.nn.fusion.fold_batch_norms` / `hrfast.nn.fusion.fuse` (a step folds every row's
+  batch norms in one call before the rows' fuse calls: the folds belong to the first row's call, so the step's
+  grouped batch-norm launches are listed under its first row; per-step totals are like for like) or inside
+  `hrfast.nn.HRNetV2Head.forward`; the autograd nodes such a scope creates are tagged with its op call;
 - in backward, under an autograd node tagged so (`torch._C._current_autograd_node`).
 Everything else (the trunk's convolutions, residual blocks, the fusion terms' own convolutions) is the same
 in eager and patched models and is not recorded.

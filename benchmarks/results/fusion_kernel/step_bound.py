@@ -16,7 +16,16 @@ Compulsory bytes of a fused design, per output row with output elements `out`, t
   BN's backward then reads dz_j and z_j and writes dx_j (5 e_j per upsampled term in all); each strided-down
   (output-size) term: its BN sums read z_j (g still in registers) and its BN backward reads g and z_j and
   writes dx_j (4 out).
-The recorded launches of today's step (`stage4_rows.record_training_step`) are counted beside it. Predictions.
+The recorded launches of today's step (`stage4_rows.record_training_step`) are counted beside it.
+
+The launch floor: a grid-wide reduction must finish before the launch that consumes it starts, and the step has
+a chain of them: the batch statistics (every z) before the forward (scale, shift); the ReLU-masked g, which
+the adjoint reads in windows that other programs wrote, before the adjoint (unless it re-reads dy and y
+instead of g, more bytes than a launch costs); the dscale / dshift sums before the BN backward (its dz needs
+them in every element). A last-program finalize (a ticket: `MERGED_FINALIZE`) can close a reduction inside the
+launch that produces its partials, so the floor is 5 launches: statistics | forward | g | adjoint (+ partial
+sums) | BN backward, each for all four rows at once. Priced at the compulsory bytes and at the bytes of
+today's kernels (their sum over the recorded step). Predictions.
 """
 import os
 import sys
@@ -25,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from hrfast.perf import eager  # noqa: E402
 from hrfast.perf.arch import LAUNCH_SECONDS  # noqa: E402
-from stage4_rows import branch_problem, record_training_step, step_arguments, step_setup  # noqa: E402
+from stage4_rows import branch_problem, cost_rows, record_training_step, step_arguments, step_setup  # noqa: E402
 
 
 def compulsory_elements(plan, shapes):
@@ -71,12 +80,22 @@ def main(argv=None):
         "3x is out of reach even with no launch"
     print(f"\nEager fwd+bwd {e_total:.1f} us; 3x means <= {e_total / 3:.1f} us. The fused design's bytes alone take "
           f"{floor_us:.1f} us ({e_total / floor_us:.2f}x eager with no launch at all), so {verdict} "
-          f"(today {sum(today.values())} in the defaults: a statistics and a finalize launch per BN).\n")
+          f"(today's step: {sum(today.values())} launches and ATen ops).\n")
     print("| launches | step us (compulsory bytes + launches) | vs eager |")
     print("|---|---|---|")
     for launches in (5, 7, 8, 12, 16, 20, 26, sum(today.values())):
         us = floor_us + launches * LAUNCH_SECONDS * 1e6
         print(f"| {launches} | {us:.1f} | {e_total / us:.2f}x |")
+    # today's kernels' own bytes (ATen ops left out: the grouped step has none to speak of)
+    rows = [r for _, _, phases, _ in step for p in ("forward", "backward") for r in cost_rows(arch, phases[p])]
+    today_bytes_us = sum(r["bytes_us"] for r in rows)
+    floor = 5
+    print(f"\nLaunch floor (module docstring): {floor} launches. At the compulsory bytes "
+          f"{floor_us + floor * LAUNCH_SECONDS * 1e6:.1f} us "
+          f"({e_total / (floor_us + floor * LAUNCH_SECONDS * 1e6):.2f}x eager); at today's kernels' bytes "
+          f"({today_bytes_us:.1f} us over {len(rows)} launches) {today_bytes_us + floor * LAUNCH_SECONDS * 1e6:.1f}"
+          f" us ({e_total / (today_bytes_us + floor * LAUNCH_SECONDS * 1e6):.2f}x eager). 3x needs the kernels' "
+          f"bytes <= {e_total / 3 - floor * LAUNCH_SECONDS * 1e6:.1f} us with {floor} launches.")
 
 
 if __name__ == "__main__":

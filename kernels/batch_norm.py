@@ -6,9 +6,12 @@ For z [N, C, H, W] the batch norm with batch statistics is, per channel c over t
     scale = w * r,          shift = b - mean * scale                     (the fold: bn(z) = z * scale + shift)
 
 Forward (`batch_stats`): one read of z in its own dtype, fp32 accumulation (fp64 for fp64), no copy.
-`_bn_stats_kernel` reduces [BLOCK_C x CHUNK] blocks of one image to (mean, M2) partials: each loaded [BLOCK_C x
-BLOCK_P] tile is centred on its own mean and merged into the running pair with Chan's formula, so no sum of
-squares of uncentred values ever forms (z = 1000 + noise keeps its variance). The finalize (`_finalize_channels`:
+`_bn_stats_kernel` reduces [BLOCK_C x CHUNK] blocks of IMGS images to (mean, M2) partials: every element slot of
+the [BLOCK_C x BLOCK_P] tile accumulates its values shifted by its own first value in registers (shifted sums,
+no cross-lane work per tile), and the slots are pooled once per program, centred (`_stats_term`: the error
+bound); the partial means are stored less a per-channel reference value (z's first), so no sum of squares of
+uncentred values ever forms and the partials' spread survives fp32 (z = 1000 + noise keeps its variance). The
+finalize (`_finalize_channels`:
 in the statistics launch itself, by the last program of each channel block to finish, found by a ticket counter
 (an atomic on the ticket only, the values never go through atomics); `_bn_finalize_kernel`, a second launch, with
 MERGED_FINALIZE off) merges the partials in a fixed order (a tile of partials at a time: the pooled mean and the
@@ -60,6 +63,7 @@ __all__ = ["StatsTerm", "BackwardTerm", "batch_stats", "batch_norm_backward", "c
 
 TILE = 2048  # elements per loaded tile (4 warps: 16 per thread)
 STATS_PROGRAMS = 1024  # about this many statistics programs (fixed, not read from the device: deterministic)
+PROGRAM_TILES = 16  # at least this many tiles per statistics program where the shape has them
 MAX_PARTIALS = 256  # at most this many partials per channel: the finalize loops over them (latency)
 MAX_CHANNELS_LAST_BLOCK = 64
 FINALIZE_BLOCK_C = 32
@@ -80,62 +84,94 @@ def _as(x, acc_t: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _stats_term(pid, z_ptr, part_ptr, C, P, z_strides, S, SPLITS, CHUNK, unbias_bits, ticket_base,
+def _stats_term(pid, z_ptr, part_ptr, C, P, z_strides, S, SPLITS, CHUNK, IMGS, unbias_bits, ticket_base,
                 weight_ptr, bias_ptr, stats_ptr, scale_ptr, shift_ptr, run_mean_ptr, run_var_ptr, counter_ptr,
                 tickets_ptr, eps, factor, keep, F64: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr,
                 BLOCK_P: tl.constexpr, MERGED: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                 UPDATE: tl.constexpr, COUNT: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Program `pid` of one term (channel block fastest, then split, then image): (mean, M2) of pixels
-    [sp*CHUNK, (sp+1)*CHUNK) of image n, stored at row n*SPLITS + sp of the term's [2, S, C] partials. MERGED: the
-    last of the S programs of a channel block to finish (a ticket per channel block, an atomic counter; the
-    values never go through atomics) finalizes the block's channels as `_bn_finalize_kernel` does, in the same
-    fixed order, and resets its ticket."""
+    """Program `pid` of one term (channel block fastest, then split, then image group): (mean, M2) of pixels
+    [sp*CHUNK, (sp+1)*CHUNK) of images [g*IMGS, (g+1)*IMGS), at row g*SPLITS + sp of the term's [2S + 1, C]
+    partials (S means less the channel's reference R, S M2s, then R, stored by the first partial's program).
+    MERGED: the last of the S programs of a channel block to finish (a ticket per channel block, an atomic
+    counter; the values never go through atomics) finalizes the block's channels as `_bn_finalize_kernel` does,
+    in the same fixed order, and resets its ticket.
+
+    Shifted sums per slot: every element slot j of the [BLOCK_C x BLOCK_P] tile keeps its value in the program's
+    first tile as its reference K_j (0 where it has none) and accumulates s1_j = sum(x - K_j) and s2_j =
+    sum((x - K_j)^2) over the program's other tiles in registers: no cross-lane work per tile. The slots are
+    pooled once: mean = sum_j(n_j K_j + s1_j) / n, M2 = sum_j(s2_j + e_j (2 s1_j + n_j e_j)) with e_j = K_j - mean
+    (exact algebra: x - mean = (x - K_j) + e_j), everything less R. Error bound: K_j is one of slot j's own n_j
+    values, so (K_j - mean_j)^2 <= M2_j and s2_j = M2_j + n_j (K_j - mean_j)^2 <= (1 + n_j) M2_j whatever the
+    mean: the rounding error of M2 is at most O(n_j^2 u) relative (a reference that is an outlier; O(n_j u) for
+    one near the middle), u the unit roundoff and n_j = IMGS x the chunk's tiles (<= PROGRAM_TILES when the shape
+    does not cap the partials), instead of u * mean^2 / var for a sum of squares of uncentred values (z = 1000 +
+    noise keeps its variance). A fixed order: deterministic."""
     acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
     blocks = tl.cdiv(C, BLOCK_C)
     pid_c = pid % blocks
     sp = (pid // blocks) % SPLITS
-    n = pid // blocks // SPLITS
+    g = pid // blocks // SPLITS
     s_n, s_c, s_p = z_strides
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     start = sp * CHUNK
     end = tl.minimum(start + CHUNK, P)
     if INT64:
-        base = z_ptr + n.to(tl.int64) * s_n + c.to(tl.int64)[:, None] * s_c
+        base = z_ptr + (g * IMGS).to(tl.int64) * s_n + c.to(tl.int64)[:, None] * s_c
     else:
-        base = z_ptr + n * s_n + c[:, None] * s_c
-    count_c = tl.zeros([BLOCK_C], dtype=acc_t)
-    mean = tl.zeros([BLOCK_C], dtype=acc_t)
-    m2 = tl.zeros([BLOCK_C], dtype=acc_t)
-    for p0 in range(start, end, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        mask = c_mask[:, None] & (p < end)[None, :]
-        if INT64:
-            offs = p.to(tl.int64)[None, :] * s_p
-        else:
-            offs = p[None, :] * s_p
-        x = tl.load(base + offs, mask=mask, other=0.0).to(acc_t)
-        m = tl.minimum(end - p0, BLOCK_P).to(acc_t)
-        t_mean = tl.sum(x, axis=1) / m
-        d = tl.where(mask, x - t_mean[:, None], 0.0)
-        t_m2 = tl.sum(d * d, axis=1)
-        # Chan et al.: merge (count, mean, m2) with the tile's (m, t_mean, t_m2)
-        total = count_c + m
-        delta = t_mean - mean
-        mean += delta * (m / total)
-        m2 += t_m2 + delta * delta * (count_c * m / total)
-        count_c = total
-    row = n * SPLITS + sp
+        base = z_ptr + g * IMGS * s_n + c[:, None] * s_c
+    p = start + tl.arange(0, BLOCK_P)
+    mask = c_mask[:, None] & (p < end)[None, :]
+    if INT64:
+        offs = p.to(tl.int64)[None, :] * s_p
+    else:
+        offs = p[None, :] * s_p
+    # the first tile of the first image: the references (their own shifted values are 0: not accumulated)
+    k = tl.load(base + offs, mask=mask, other=0.0).to(acc_t)
+    # the channel's own reference R (its first value), the same for all its partials: they hold their mean less
+    # R, exact to u * spread rather than u * |mean| (the finalize's between-partials term needs that)
+    if INT64:
+        ref = tl.load(z_ptr + c.to(tl.int64) * s_c, mask=c_mask, other=0.0).to(acc_t)
+    else:
+        ref = tl.load(z_ptr + c * s_c, mask=c_mask, other=0.0).to(acc_t)
+    s1 = tl.zeros([BLOCK_C, BLOCK_P], dtype=acc_t)
+    s2 = tl.zeros([BLOCK_C, BLOCK_P], dtype=acc_t)
+    image = base
+    for i in range(0, IMGS):
+        for p0 in range(start + BLOCK_P * (i == 0), end, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            mask = c_mask[:, None] & (p < end)[None, :]
+            if INT64:
+                offs = p.to(tl.int64)[None, :] * s_p
+            else:
+                offs = p[None, :] * s_p
+            x = tl.load(image + offs, mask=mask, other=0.0).to(acc_t)
+            d = tl.where(mask, x - k, 0.0)
+            s1 += d
+            s2 += d * d
+        image += s_n  # a pointer: 64-bit whatever s_n's type
+    # values per slot: IMGS x the chunk's tiles, one less tile where the slot is past the end in the last one
+    tiles = tl.cdiv(end - start, BLOCK_P)
+    last = start + (tiles - 1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n_j = tl.where(last < end, IMGS * tiles, IMGS * (tiles - 1)).to(acc_t)[None, :]
+    count = (IMGS * (end - start)).to(acc_t)
+    k -= ref[:, None]
+    mean = tl.sum(n_j * k + s1, axis=1) / count
+    e = k - mean[:, None]
+    m2 = tl.sum(s2 + e * (2.0 * s1 + n_j * e), axis=1)
+    row = g * SPLITS + sp
     tl.store(part_ptr + row * C + c, mean, mask=c_mask)
     tl.store(part_ptr + (S + row) * C + c, m2, mask=c_mask)
+    if (g == 0) & (sp == 0):
+        tl.store(part_ptr + 2 * S * C + c, ref, mask=c_mask)
     if MERGED:
         # every thread's partial stores before the ticket (released at GPU scope); the last program acquires
         # them and reads the partials from L2 (.cg: never a line its SM's L1 cached before)
         tl.debug_barrier()
         ticket = tl.atomic_add(tickets_ptr + ticket_base + pid_c, 1, sem="acq_rel", scope="gpu")
         if ticket == S - 1:
-            _finalize_channels(part_ptr, c, c_mask, P, S, SPLITS, CHUNK, C, unbias_bits, weight_ptr, bias_ptr,
-                               stats_ptr, scale_ptr, shift_ptr, run_mean_ptr, run_var_ptr, eps, factor, keep,
+            _finalize_channels(part_ptr, c, c_mask, P, S, SPLITS, CHUNK, IMGS, C, unbias_bits, weight_ptr,
+                               bias_ptr, stats_ptr, scale_ptr, shift_ptr, run_mean_ptr, run_var_ptr, eps, factor, keep,
                                HAS_WEIGHT, HAS_BIAS, UPDATE, F64, BLOCK_C, BLOCK_S, ".cg")
             if COUNT:
                 if pid_c == 0:
@@ -154,18 +190,19 @@ def _bn_stats_kernel(terms, tickets_ptr, eps: tl.float64, factor: tl.float64, ke
     each running `_stats_term` on its own local program id. One term: today's single-fold launch."""
     pid = tl.program_id(0)
     for k in tl.static_range(len(terms)):
-        (z_ptr, part_ptr, C, P, z_strides, S, SPLITS, CHUNK, unbias_bits, ticket_base, weight_ptr, bias_ptr,
+        (z_ptr, part_ptr, C, P, z_strides, S, SPLITS, CHUNK, IMGS, unbias_bits, ticket_base, weight_ptr, bias_ptr,
          stats_ptr, scale_ptr, shift_ptr, run_mean_ptr, run_var_ptr, counter_ptr, start, end) = terms[k]
         if (pid >= start) & (pid < end):
-            _stats_term(pid - start, z_ptr, part_ptr, C, P, z_strides, S, SPLITS, CHUNK, unbias_bits, ticket_base,
+            _stats_term(pid - start, z_ptr, part_ptr, C, P, z_strides, S, SPLITS, CHUNK, IMGS, unbias_bits,
+                        ticket_base,
                         weight_ptr, bias_ptr, stats_ptr, scale_ptr, shift_ptr, run_mean_ptr, run_var_ptr,
                         counter_ptr, tickets_ptr, eps, factor, keep, F64, INT64, BLOCK_C[k], BLOCK_P[k], MERGED,
                         HAS_WEIGHT[k], HAS_BIAS[k], UPDATE[k], COUNT[k], BLOCK_S[k])
 
 
 @triton.jit
-def _finalize_channels(part_ptr, c, c_mask, P, S, SPLITS, CHUNK, C, unbias_bits, weight_ptr, bias_ptr, stats_ptr,
-                       scale_ptr, shift_ptr, run_mean_ptr, run_var_ptr, eps, factor, keep,
+def _finalize_channels(part_ptr, c, c_mask, P, S, SPLITS, CHUNK, IMGS, C, unbias_bits, weight_ptr, bias_ptr,
+                       stats_ptr, scale_ptr, shift_ptr, run_mean_ptr, run_var_ptr, eps, factor, keep,
                        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, UPDATE: tl.constexpr, F64: tl.constexpr,
                        BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, CACHE: tl.constexpr):
     """Channels c: merges the S partials in order, BLOCK_S at a time; writes stats [2, C] = (mean, r), scale,
@@ -179,8 +216,8 @@ def _finalize_channels(part_ptr, c, c_mask, P, S, SPLITS, CHUNK, C, unbias_bits,
     for s0 in range(0, S, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         s_mask = s < S
-        # values of partial s: pixels of its split, 0 for rows past S
-        n_s = tl.where(s_mask, tl.minimum(CHUNK, P - (s % SPLITS) * CHUNK), 0).to(acc_t)
+        # values of partial s: pixels of its split times its images, 0 for rows past S
+        n_s = tl.where(s_mask, IMGS * tl.minimum(CHUNK, P - (s % SPLITS) * CHUNK), 0).to(acc_t)
         mask = s_mask[:, None] & c_mask[None, :]
         offs = s[:, None] * C + c[None, :]
         p_mean = tl.load(part_ptr + offs, mask=mask, other=0.0, cache_modifier=CACHE)
@@ -196,6 +233,8 @@ def _finalize_channels(part_ptr, c, c_mask, P, S, SPLITS, CHUNK, C, unbias_bits,
         m2 += t_m2 + delta * delta * (count_c * t_count / total)
         count_c = total
     var = m2 / count_c
+    # the partials' means are less the channel's reference (stored after them by the first partial's program)
+    mean += tl.load(part_ptr + 2 * S * C + c, mask=c_mask, other=0.0, cache_modifier=CACHE)
     if F64:  # fp64 sqrt and division round correctly
         r = 1.0 / tl.sqrt(var + _as(eps, acc_t, BLOCK_C))
     else:  # fp32 `/` and tl.sqrt are approximate in PTX: round as torch.rsqrt's 1 / sqrt does
@@ -232,15 +271,15 @@ def _bn_finalize_kernel(terms, eps: tl.float64, factor: tl.float64, keep: tl.flo
     own)."""
     pid = tl.program_id(0)
     for k in tl.static_range(len(terms)):
-        (part_ptr, C, P, S, SPLITS, CHUNK, unbias_bits, weight_ptr, bias_ptr, stats_ptr, scale_ptr, shift_ptr,
+        (part_ptr, C, P, S, SPLITS, CHUNK, IMGS, unbias_bits, weight_ptr, bias_ptr, stats_ptr, scale_ptr, shift_ptr,
          run_mean_ptr, run_var_ptr, counter_ptr, start, end) = terms[k]
         if (pid >= start) & (pid < end):
             if COUNT[k]:
                 if pid == start:
                     tl.store(counter_ptr, tl.load(counter_ptr) + 1)
             c = (pid - start) * BLOCK_C + tl.arange(0, BLOCK_C)
-            _finalize_channels(part_ptr, c, c < C, P, S, SPLITS, CHUNK, C, unbias_bits, weight_ptr, bias_ptr, stats_ptr,
-                               scale_ptr, shift_ptr, run_mean_ptr, run_var_ptr, eps, factor, keep,
+            _finalize_channels(part_ptr, c, c < C, P, S, SPLITS, CHUNK, IMGS, C, unbias_bits, weight_ptr, bias_ptr,
+                               stats_ptr, scale_ptr, shift_ptr, run_mean_ptr, run_var_ptr, eps, factor, keep,
                                HAS_WEIGHT[k], HAS_BIAS[k], UPDATE[k], F64, BLOCK_C, BLOCK_S, "")
 
 
@@ -397,15 +436,23 @@ def _tile(C: int, P: int, s_c: int) -> Tuple[int, int]:
     return max(1, min(TILE // block_p, next_power_of_2(C))), block_p
 
 
-def stats_config(N: int, C: int, P: int, s_c: int) -> Tuple[int, int, int, int]:
-    """(BLOCK_C, BLOCK_P, SPLITS, CHUNK): pixels of an image split into SPLITS chunks of CHUNK (a multiple of
-    BLOCK_P), so that about STATS_PROGRAMS programs run and N * SPLITS stays within MAX_PARTIALS where N allows.
-    A function of the shape only (deterministic), the same whether the term is launched alone or grouped."""
+def stats_config(N: int, C: int, P: int, s_c: int) -> Tuple[int, int, int, int, int]:
+    """(BLOCK_C, BLOCK_P, SPLITS, CHUNK, IMGS): a program reduces CHUNK pixels (a multiple of BLOCK_P; SPLITS
+    chunks per image) of IMGS images (a divisor of N; more than 1 only for whole-image chunks), at least
+    PROGRAM_TILES tiles where the shape has them (its fixed cost, the final cross-lane pooling and the merged
+    finalize's code, spread over enough loads), about STATS_PROGRAMS programs where there are more, and at most
+    MAX_PARTIALS partials per channel where N allows. A function of the shape only (deterministic), the same
+    whether the term is launched alone or grouped."""
     block_c, block_p = _tile(C, P, s_c)
     tiles = cdiv(P, block_p)
-    splits = max(1, min(tiles, cdiv(STATS_PROGRAMS, cdiv(C, block_c) * N), MAX_PARTIALS // N))
-    chunk = cdiv(tiles, splits) * block_p
-    return block_c, block_p, cdiv(P, chunk), chunk
+    per_program = max(PROGRAM_TILES, cdiv(cdiv(C, block_c) * N * tiles, STATS_PROGRAMS))
+    if per_program < tiles:  # chunks of the image
+        splits = min(cdiv(tiles, per_program), max(1, MAX_PARTIALS // N))
+        chunk = cdiv(tiles, splits) * block_p
+        return block_c, block_p, cdiv(P, chunk), chunk, 1
+    # whole images, as many as the program takes that divide N
+    imgs = max(d for d in range(1, min(N, max(1, per_program // tiles)) + 1) if N % d == 0)
+    return block_c, block_p, 1, tiles * block_p, imgs
 
 
 def _float64_bits(x: float) -> int:
@@ -482,10 +529,10 @@ def _batch_stats_launch(terms: Sequence[StatsTerm], factor: float) -> List[Tuple
         N, C, H, W = z.shape
         P = H * W
         strides = _pixel_strides(z)
-        block_c, block_p, splits, chunk = stats_config(N, C, P, strides[1])
-        S = N * splits
+        block_c, block_p, splits, chunk, imgs = stats_config(N, C, P, strides[1])
+        S = N // imgs * splits
         blocks = cdiv(C, block_c)
-        part = torch.empty((2, S, C), dtype=dtype, device=device)
+        part = torch.empty((2 * S + 1, C), dtype=dtype, device=device)  # means, M2s, the references
         stats = torch.empty((2, C), dtype=dtype, device=device)
         scale = torch.empty((C,), dtype=dtype, device=device)
         shift = torch.empty((C,), dtype=dtype, device=device)
@@ -497,13 +544,13 @@ def _batch_stats_launch(terms: Sequence[StatsTerm], factor: float) -> List[Tuple
         programs = blocks * S
         unbias = _float64_bits(N * P / (N * P - 1))
         if MERGED_FINALIZE:
-            stats_args.append((z, part, C, P, strides, S, splits, chunk, unbias, blocks_total, *pointers,
+            stats_args.append((z, part, C, P, strides, S, splits, chunk, imgs, unbias, blocks_total, *pointers,
                                start, start + programs))
         else:
-            stats_args.append((z, part, C, P, strides, S, splits, chunk, unbias, 0, *([part] * 8),
+            stats_args.append((z, part, C, P, strides, S, splits, chunk, imgs, unbias, 0, *([part] * 8),
                                start, start + programs))
             finalize_programs = cdiv(C, FINALIZE_BLOCK_C)
-            finalize_args.append((part, C, P, S, splits, chunk, unbias, *pointers, finalize_start,
+            finalize_args.append((part, C, P, S, splits, chunk, imgs, unbias, *pointers, finalize_start,
                                   finalize_start + finalize_programs))
             finalize_start += finalize_programs
         start += programs

@@ -2,9 +2,11 @@
 both implementations, the Triton kernels (`hrfast.kernels.batch_norm`, through the interpreter without a GPU) and
 plain PyTorch, against nn.BatchNorm2d: the output term * scale + shift, the gradients of z, weight and bias, the
 running statistics and num_batches_tracked, in float64 on z = 3 + randn (a mean that hides cancellation bugs of a
-naive sum of squares), odd sizes, N=1, C=1, H=W=1, channels_last, affine=False, momentum=None; bf16 within twice
-PyTorch's own error; gradcheck; bitwise determinism of the kernels; several folds at once (`fold_batch_norms`, a
-fusion row's: one statistics launch and one backward launch) bitwise equal to the folds one by one."""
+naive sum of squares), odd sizes, N=1, C=1, H=W=1, channels_last, affine=False, momentum=None; a large mean over a
+small spread (|mean| / std 1e4 in fp32, 1e9 in fp64) against the exact statistics; bf16 within twice PyTorch's own
+error; gradcheck; bitwise determinism of the kernels (the merged finalize and the finalize launch alike); several
+folds at once (`fold_batch_norms`, a fusion row's: one statistics launch and one backward launch) bitwise equal to
+the folds one by one."""
 import copy
 
 import pytest
@@ -29,6 +31,7 @@ def small_tiles(kernels_module, monkeypatch):
     tiny test shapes (chunks of several tiles, a partial tail tile, more partials than one finalize step)."""
     monkeypatch.setattr(kernels_module, "TILE", 16)
     monkeypatch.setattr(kernels_module, "STATS_PROGRAMS", 32)
+    monkeypatch.setattr(kernels_module, "PROGRAM_TILES", 2)
     monkeypatch.setattr(kernels_module, "MAX_CHANNELS_LAST_BLOCK", 4)
     monkeypatch.setattr(kernels_module, "FINALIZE_BLOCK_C", 2)
     monkeypatch.setattr(kernels_module, "FINALIZE_BLOCK_S", 2)
@@ -108,21 +111,29 @@ def test_matches_batchnorm2d(impl, shape, channels_last, kernels_module):
     _compare(bn, ref, impl, kernels_module, _z(shape, channels_last=channels_last))
 
 
-@pytest.mark.parametrize("int64, merged", [(False, True), (True, True), (False, False)],
-                         ids=["int32", "int64", "two_launches"])
+@pytest.mark.parametrize("int64, merged, images", [(False, True, False), (True, True, False), (False, False, False),
+                                                   (False, True, True), (True, False, True)],
+                         ids=["int32", "int64", "two_launches", "images", "images_int64_two_launches"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-def test_kernel_loops(channels_last, int64, merged, kernels_module, small_tiles, monkeypatch):
-    """Several tiles per chunk, several chunks per image, several finalize steps (small_tiles); also with the
-    64-bit offsets tensors past 2**31 elements take, and with the finalize as a launch of its own. The merged
-    finalize leaves every ticket at 0 for the next launch."""
+def test_kernel_loops(channels_last, int64, merged, images, kernels_module, small_tiles, monkeypatch):
+    """Several tiles per chunk, several chunks per image, several finalize steps (small_tiles), or (images)
+    programs over several whole images of several tiles each; also with the 64-bit offsets tensors past 2**31
+    elements take, and with the finalize as a launch of its own. A partial last tile in every case (slots with
+    one value less). The merged finalize leaves every ticket at 0 for the next launch."""
     if int64:
         monkeypatch.setattr(kernels_module, "_int64", lambda *tensors: True)
     monkeypatch.setattr(kernels_module, "MERGED_FINALIZE", merged)
-    shape = (3, 5, 6, 7)
+    if images:
+        monkeypatch.setattr(kernels_module, "PROGRAM_TILES", 8)
+    shape = (6, 5, 3, 5) if images else (3, 5, 6, 7)
     C, P = shape[1], shape[2] * shape[3]
     s_c = 1 if channels_last else P
-    block_c, block_p, splits, chunk = kernels_module.stats_config(shape[0], C, P, s_c)
-    assert chunk > block_p and splits > 1 and P % block_p and shape[0] * splits > 2
+    block_c, block_p, splits, chunk, imgs = kernels_module.stats_config(shape[0], C, P, s_c)
+    assert P % block_p and chunk > block_p
+    if images:
+        assert splits == 1 and 1 < imgs < shape[0]
+    else:
+        assert imgs == 1 and splits > 1 and shape[0] * splits > 2
     bn, ref = _bn(C)
     _compare(bn, ref, "kernels", kernels_module, _z(shape, channels_last=channels_last))
     assert all(int(t.abs().sum()) == 0 for t in kernels_module._TICKETS.values())
@@ -163,6 +174,34 @@ def test_large_mean_fp32(impl, kernels_module):
     r = torch.rsqrt(var + bn.eps)
     assert_rel_close(scale, ref64.weight * r, tolerance(torch.float32), "scale")
     assert_rel_close(shift, ref64.bias - mean * ref64.weight * r, tolerance(torch.float32), "shift")
+
+
+@pytest.mark.parametrize("dtype, mean, std", [(torch.float32, 1e3, 0.1), (torch.float64, 1e6, 1e-3)],
+                         ids=["fp32", "fp64"])
+@pytest.mark.parametrize("tiles", ["default", "small", "images"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_large_mean_small_variance(dtype, mean, std, tiles, channels_last, kernels_module, request, monkeypatch):
+    """The statistics kernel's shifted sums keep the variance of z = mean + std * randn with |mean| / std = 1e4
+    (fp32) or 1e9 (fp64), where a sum of squares of uncentred values would lose all of it (its error,
+    u * mean^2 / std^2, is 6 in fp32 and 100 in fp64): mean and r = 1 / sqrt(var + eps) within the dtype's
+    tolerance of the exact statistics, odd sizes, both layouts, one program per channel block (default tiles),
+    several programs of several chunks each (small) and programs over several images (images)."""
+    if tiles != "default":
+        request.getfixturevalue("small_tiles")
+    if tiles == "images":
+        monkeypatch.setattr(kernels_module, "PROGRAM_TILES", 8)
+    shape = (6, 3, 5, 3) if tiles == "images" else (3, 3, 7, 5)
+    z = (mean + std * torch.randn(shape, dtype=torch.float64)).to(dtype)
+    if channels_last:
+        z = z.contiguous(memory_format=torch.channels_last)
+    eps = 1e-12 if dtype == torch.float64 else 1e-8
+    (stats, _, _), = kernels_module.batch_stats([kernels_module.StatsTerm(z, None, None, eps, dtype)])
+    # exact reference: shifted by one of its own values (exact in float64: Sterbenz), then centred
+    z64 = z.double()
+    ref = z64[0, :, 0, 0]
+    var, shifted_mean = torch.var_mean(z64 - ref[:, None, None], dim=(0, 2, 3), correction=0)
+    assert_rel_close(stats[0].double(), ref + shifted_mean, tolerance(dtype), "mean")
+    assert_rel_close(stats[1].double(), torch.rsqrt(var + eps), tolerance(dtype), "r")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -263,20 +302,23 @@ def test_double_backward_raises(impl):
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
-def test_kernels_deterministic(channels_last, kernels_module, small_tiles):
-    """Two runs give bitwise equal statistics, running statistics and gradients (no atomics, fixed order)."""
+def test_kernels_deterministic(channels_last, kernels_module, small_tiles, monkeypatch):
+    """Two runs give bitwise equal statistics, running statistics and gradients (no atomics, fixed order), and
+    so does a third with the finalize as a launch of its own instead of merged into the statistics launch."""
     z = _z((3, 5, 6, 7), torch.float32, channels_last)
     g = torch.randn(z.shape)
     results = []
-    for _ in range(2):
-        torch.manual_seed(0)  # the same module both times
+    for merged in (True, True, False):
+        monkeypatch.setattr(kernels_module, "MERGED_FINALIZE", merged)
+        torch.manual_seed(0)  # the same module every time
         bn, _ = _bn(5, dtype=torch.float32)
         zi = z.clone().requires_grad_()
         _, y = _fold(bn, zi, "kernels", kernels_module)
         (y * g).sum().backward()
         results.append([y, zi.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var])
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
 
 
 # ------------------------------------------------------------------------ several folds at once (a fusion row)

@@ -152,16 +152,21 @@ def _bn_programs(p: Params) -> List[Tuple[int, tuple]]:
 
 def _bn_stats_trips(p: Params) -> List[float]:
     """Per term k (the SASS holds one copy of the term code each, in term order): the loop over the BLOCK_P tiles
-    of a chunk, cdiv(P, BLOCK_P) / SPLITS per program of term k on average; MERGED: then the finalize loop over
-    the S partials (BLOCK_S at a time), run by one program of the S of a channel block: cdiv(S, BLOCK_S) / S. As
-    averages over all programs of the launch (a program runs its own term's loops only)."""
+    of a chunk, IMGS x its tiles less the first (peeled: the references) per program; where IMGS is not 1 (an
+    argument equal to 1 is a constant: no loop) the loop over the IMGS images around it; MERGED and S not 1:
+    then the finalize loop over the S partials (BLOCK_S at a time), run by one program of the S of a channel
+    block: cdiv(S, BLOCK_S) / S. As averages over all programs of the launch (a program runs its own term's loops
+    only)."""
     terms = _bn_programs(p)
     total = sum(n for n, _ in terms)
     trips = []
     for k, (n, term) in enumerate(terms):
-        _, _, _, P, _, S, splits = term[:7]
-        trips.append(n / total * _cdiv(P, p["BLOCK_P"][k]) / splits)
-        if p["MERGED"]:
+        _, _, _, P, _, S, splits, chunk, imgs = term[:9]
+        tiles = _cdiv(P, p["BLOCK_P"][k]) / splits  # per chunk, on average
+        trips.append(n / total * (imgs * tiles - 1))
+        if imgs != 1:
+            trips.append(n / total * imgs)
+        if p["MERGED"] and S != 1:
             trips.append(n / total * _cdiv(S, p["BLOCK_S"][k]) / S)
     return trips
 

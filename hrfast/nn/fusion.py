@@ -35,6 +35,12 @@ def fusion_forward(fuse_layers: nn.ModuleList, xs: Sequence[Tensor], *, default:
 
     `default` is the Resample of the j > i entries without an upsample module (None: such entries raise).
     Used by `HRFusion` and by `hrfast.patch`, which must not add a module to the model it patches.
+
+    Order: every row's terms first (the convolutions, and the norms that are not folded), then all of the
+    step's batch-norm folds at once, then the rows' fused ops; the same results and buffer updates as eager's
+    row after row. Where a fold raises (batch norm's single-value error), the folds before it have updated their
+    running statistics as eager's would, but so have the later rows' unfolded norms (those inside the
+    strided-down chains), which eager would not have reached.
     """
     # read on every call: cheap, and it follows module swaps made after construction
     # (e.g. nn.SyncBatchNorm.convert_sync_batchnorm replacing the norms)

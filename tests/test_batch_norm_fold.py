@@ -446,3 +446,24 @@ def test_group_error_after_earlier_folds(impl):
     assert bn0.num_batches_tracked.item() == ref0.num_batches_tracked.item() == 1
     assert bn1.num_batches_tracked.item() == ref1.num_batches_tracked.item() == 1
     assert torch.equal(bn1.running_mean, ref1.running_mean)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_group_term_dtypes(impl):
+    """term_dtype per fold (a fusion step's rows may promote to different dtypes): each term in its own dtype,
+    the same results as folding one at a time with that dtype; a wrong count or type is refused."""
+    torch.manual_seed(3)
+    bns = [_bn(4)[0], _bn(4)[0]]
+    singles = copy.deepcopy(bns)
+    zs = [_z((2, 4, 3, 5), torch.float32), _z((2, 4, 2, 3), torch.float32)]
+    grouped = fold_batch_norms(bns, zs, [torch.float64, None], use_kernels=impl == "kernels")
+    alone = [fold_batch_norm(bn, z, dtype, use_kernels=impl == "kernels")
+             for bn, z, dtype in zip(singles, zs, [torch.float64, None])]
+    assert [r[0].dtype for r in grouped] == [torch.float64, torch.float32]
+    for a, b in zip(grouped, alone):
+        for x, y in zip(a, b):
+            assert x.dtype == y.dtype and torch.equal(x, y)
+    with pytest.raises(ValueError, match="term_dtype holds 1 dtypes for 2 inputs"):
+        fold_batch_norms(bns, zs, [torch.float64])
+    with pytest.raises(TypeError, match="term_dtype must be a torch.dtype"):
+        fold_batch_norms(bns, zs, "float64")

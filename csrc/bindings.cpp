@@ -205,7 +205,7 @@ std::vector<TermGrads> fuse_backward(const std::vector<TermPlanTuple>& term_plan
                                      const OptTensor& y, const std::vector<at::Tensor>& xs,
                                      const std::vector<OptTensor>& scales, const std::vector<OptTensor>& shifts,
                                      const std::vector<std::array<bool, 3>>& needs, bool relu, bool poison,
-                                     bool phase) {
+                                     bool phase, bool row) {
   TORCH_CHECK(grad_y.defined() && grad_y.dim() == 4, "hrfast fuse: grad_y must be a 4-D tensor");
   const auto terms = check_terms(term_plans, xs, scales, shifts, grad_y.size(2), grad_y.size(3));
   const size_t K = terms.size();
@@ -232,11 +232,16 @@ std::vector<TermGrads> fuse_backward(const std::vector<TermPlanTuple>& term_plan
 
   const Launchers& launch = launchers_for(grad_y.device());
   std::vector<TermGrads> result(K);
-  // output-size terms share launches (gathered here, run after the loop); each upsampled term has its own
+  // output-size terms share launches (gathered here, run after the loop); upsampled terms too (gathered
+  // here): those adjoint_row_group takes in one RowAdjointKernel launch, each other one its own
   std::vector<TermSpec> same_terms;
   std::vector<at::Tensor> same_dx;
   std::vector<bool> same_dscale;
   std::vector<size_t> same_index;
+  std::vector<TermSpec> up_terms;
+  std::vector<at::Tensor> up_dx;
+  std::vector<bool> up_dscale, up_dshift;
+  std::vector<size_t> up_index;
   bool need_sum_g = false, same_busy = false;
   for (size_t k = 0; k < K; ++k) {
     const TermSpec& t = terms[k];
@@ -256,12 +261,42 @@ std::vector<TermGrads> fuse_backward(const std::vector<TermPlanTuple>& term_plan
       continue;
     }
     if (!(need_dx || need_dscale || need_dshift)) continue;
-    const at::Tensor parts = launch.backward_adjoint(grad_y, y_t, relu, t, dx, need_dscale, need_dshift, phase);
-    if (!(need_dscale || need_dshift)) continue;
+    up_terms.push_back(t);
+    up_dx.push_back(dx);
+    up_dscale.push_back(need_dscale);
+    up_dshift.push_back(need_dshift);
+    up_index.push_back(k);
+  }
+  std::vector<at::Tensor> up_parts(up_terms.size());
+  if (phase && row) {
+    const std::vector<int64_t> group = launch.adjoint_row_group(grad_y, y_t, relu, up_terms, up_dx);
+    if (!group.empty()) {
+      std::vector<TermSpec> terms_g;
+      std::vector<at::Tensor> dx_g;
+      std::vector<bool> dscale_g, dshift_g;
+      for (int64_t i : group) {
+        terms_g.push_back(up_terms[i]);
+        dx_g.push_back(up_dx[i]);
+        dscale_g.push_back(up_dscale[i]);
+        dshift_g.push_back(up_dshift[i]);
+      }
+      const std::vector<at::Tensor> parts = launch.backward_adjoint_row(grad_y, y_t, relu, terms_g, dx_g, dscale_g,
+                                                                        dshift_g);
+      for (size_t j = 0; j < group.size(); ++j) up_parts[group[j]] = parts[j];
+    }
+  }
+  for (size_t i = 0; i < up_terms.size(); ++i) {
+    if (!up_parts[i].defined()) {
+      up_parts[i] = launch.backward_adjoint(grad_y, y_t, relu, up_terms[i], up_dx[i], up_dscale[i], up_dshift[i],
+                                            phase);
+    }
+    if (!(up_dscale[i] || up_dshift[i])) continue;
     // per-tile partial sums, reduced over the tiles here: a fixed-order reduction (deterministic)
-    const at::Tensor totals = parts.sum(1);
-    if (need_dscale) dscale_k = totals[0].to(scales[k]->scalar_type());
-    if (need_dshift) dshift_k = totals[1].to(shifts[k]->scalar_type());
+    const size_t k = up_index[i];
+    auto& [dx_k, dscale_k, dshift_k] = result[k];
+    const at::Tensor totals = up_parts[i].sum(1);
+    if (up_dscale[i]) dscale_k = totals[0].to(scales[k]->scalar_type());
+    if (up_dshift[i]) dshift_k = totals[1].to(shifts[k]->scalar_type());
   }
   if (same_busy) {
     const at::Tensor totals =
@@ -277,22 +312,38 @@ std::vector<TermGrads> fuse_backward(const std::vector<TermPlanTuple>& term_plan
   return result;
 }
 
-// Per term, the adjoint kernel fuse_backward runs for it when its dx is needed (fuse_launchers.h
+// Per term, the adjoint kernel fuse_backward runs for it when its dx is needed ("RowAdjointKernel<f0,...>" for
+// the terms of one row launch, fuse_launchers.h adjoint_row_name; else fuse_launchers.h
 // adjoint_kernel_name: "AdjointKernel<KMAX,MODE>"), "" for an output-size term. Tests and the model.
 std::vector<std::string> adjoint_kernels(const std::vector<TermPlanTuple>& term_plans, const at::Tensor& grad_y,
                                          const OptTensor& y, const std::vector<at::Tensor>& xs,
                                          const std::vector<OptTensor>& scales, const std::vector<OptTensor>& shifts,
-                                         bool relu, bool phase) {
+                                         bool relu, bool phase, bool row) {
   TORCH_CHECK(grad_y.defined() && grad_y.dim() == 4, "hrfast fuse: grad_y must be a 4-D tensor");
   const auto terms = check_terms(term_plans, xs, scales, shifts, grad_y.size(2), grad_y.size(3));
   TORCH_CHECK(!relu || (y.has_value() && y->defined()), "hrfast fuse: y is required when relu is true");
   const at::Tensor y_t = relu ? *y : at::Tensor();
   const Launchers& launch = launchers_for(grad_y.device());
   std::vector<std::string> names;
-  for (const TermSpec& t : terms) {
-    names.push_back(t.desc.mode == SAME ? std::string()
-                                        : launch.adjoint_kernel(grad_y, y_t, relu, t, empty_grad(t.x, grad_y, false),
-                                                                phase));
+  std::vector<TermSpec> up_terms;
+  std::vector<at::Tensor> up_dx;
+  std::vector<size_t> up_index;
+  for (size_t k = 0; k < terms.size(); ++k) {
+    const TermSpec& t = terms[k];
+    const at::Tensor dx = t.desc.mode == SAME ? at::Tensor() : empty_grad(t.x, grad_y, false);
+    names.push_back(t.desc.mode == SAME ? std::string() : launch.adjoint_kernel(grad_y, y_t, relu, t, dx, phase));
+    if (t.desc.mode == SAME) continue;
+    up_terms.push_back(t);
+    up_dx.push_back(dx);
+    up_index.push_back(k);
+  }
+  const std::vector<int64_t> group =
+      phase && row ? launch.adjoint_row_group(grad_y, y_t, relu, up_terms, up_dx) : std::vector<int64_t>();
+  if (!group.empty()) {
+    std::vector<TermSpec> terms_g;
+    for (int64_t i : group) terms_g.push_back(up_terms[i]);
+    const std::string name = launch.adjoint_row_kernel(grad_y, terms_g);
+    for (int64_t i : group) names[up_index[i]] = name;
   }
   return names;
 }
@@ -317,10 +368,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fuse_backward", &hrfast::fuse_backward,
         "Per term (dx, dscale, dshift) of the fused fusion step (deterministic, no atomics)", py::arg("terms"),
         py::arg("grad_y"), py::arg("y"), py::arg("xs"), py::arg("scales"), py::arg("shifts"), py::arg("needs"),
-        py::arg("relu"), py::arg("poison") = false, py::arg("phase") = true);
+        py::arg("relu"), py::arg("poison") = false, py::arg("phase") = true, py::arg("row") = true);
   m.def("adjoint_kernels", &hrfast::adjoint_kernels, "Per term, the adjoint kernel fuse_backward runs for it",
         py::arg("terms"), py::arg("grad_y"), py::arg("y"), py::arg("xs"), py::arg("scales"), py::arg("shifts"),
-        py::arg("relu"), py::arg("phase") = true);
+        py::arg("relu"), py::arg("phase") = true, py::arg("row") = true);
   m.def("forward_kernel", &hrfast::forward_kernel, "The forward kernel fuse_forward runs for these arguments",
         py::arg("terms"), py::arg("xs"), py::arg("scales"), py::arg("shifts"), py::arg("size"),
         py::arg("channels_last"));

@@ -6,8 +6,9 @@
 // chained launches and the launchers' grids and limits all run as written, so the whole correctness suite
 // checks them. A launch loops over the grid's blocks; within a block each phase of `run_block` runs for all
 // 32 x 8 threads before the next phase starts (the __syncthreads() of the GPU), and a per-block red[8][32]
-// array stands in for shared memory. Blocks are independent and write disjoint outputs and partial rows,
-// so they run in parallel (at::parallel_for) and the results do not depend on the number of threads.
+// array (more rows where the kernel asks: red_rows) stands in for shared memory. Blocks are independent and
+// write disjoint outputs and partial rows, so they run in parallel (at::parallel_for) and the results do not
+// depend on the number of threads.
 //
 // What this cannot check is the hardware itself: real concurrency and shared-memory semantics (a missing
 // barrier is a race there, not here: the phases are separated by construction), whether a launch is valid
@@ -24,7 +25,7 @@ template <class K>
 struct HostBlock {
   using acc_t = typename K::acc_type;
   ThreadIdx base;  // blockIdx and gridDim.x; threadIdx set per thread
-  acc_t red_[kBY][kBX];
+  acc_t red_[red_rows<K>::value][kBX];
   typename K::State state[kThreads];
 
   acc_t (*red())[kBX] { return red_; }

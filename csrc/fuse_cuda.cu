@@ -62,10 +62,11 @@ __global__ void __launch_bounds__(kThreads, min_blocks<K>::value) elementwise_ke
   run_block<K>(p, blk);
 }
 
-// Kernels with block reductions (backward): phase 0, then per reduction store / barrier / reduce / barrier.
+// Kernels with block reductions (backward): phase 0, then per reduction store / barrier / reduce / barrier
+// (RowAdjointKernel: its own phases, red_rows<K> rows of shared memory).
 template <class K>
 __global__ void __launch_bounds__(kThreads, 1) block_reduce_kernel(const typename K::Params p) {
-  __shared__ typename K::acc_type red[kBY][kBX];
+  __shared__ typename K::acc_type red[red_rows<K>::value][kBX];
   DeviceBlock<K> blk;
   blk.ti = this_thread();
   blk.red_ = red;

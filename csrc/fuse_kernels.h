@@ -24,6 +24,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 
 #include "fuse.h"
@@ -133,7 +134,7 @@ HRFAST_INLINE void block_sum_reduce(acc_t (*red)[kBX], const ThreadIdx& ti, bool
 // blk.each(f) calls f(ThreadIdx, K::State&) for the thread(s) it runs, blk.barrier() separates phases,
 // blk.red() is the [kBY][kBX] shared-memory array (unused when K::kSlots is 0).
 template <class K, class Block>
-HRFAST_INLINE void run_block(const typename K::Params& p, Block& blk) {
+HRFAST_INLINE void run_block_phases(const typename K::Params& p, Block& blk) {
   using acc_t = typename K::acc_type;
   blk.each([&](const ThreadIdx& ti, typename K::State& s) { K::start(p, ti, s); });
   for (int r = 0; r < K::kSlots; ++r) {
@@ -146,6 +147,34 @@ HRFAST_INLINE void run_block(const typename K::Params& p, Block& blk) {
       block_sum_reduce<acc_t>(blk.red(), ti, p.cl, s.c, p.C, K::dst(p, ti, r));
     });
     blk.barrier();
+  }
+}
+
+// A kernel with its own sequence of phases (K::kOwnBlock, RowAdjointKernel) runs K::run(p, blk) instead; its
+// shared memory is K::kRedRows rows of kBX (red_rows; the others kBY).
+template <class K, class = void>
+struct own_block {
+  static constexpr bool value = false;
+};
+template <class K>
+struct own_block<K, std::void_t<decltype(K::kOwnBlock)>> {
+  static constexpr bool value = K::kOwnBlock;
+};
+template <class K, class = void>
+struct red_rows {
+  static constexpr int value = kBY;
+};
+template <class K>
+struct red_rows<K, std::void_t<decltype(K::kRedRows)>> {
+  static constexpr int value = K::kRedRows;
+};
+
+template <class K, class Block>
+HRFAST_INLINE void run_block(const typename K::Params& p, Block& blk) {
+  if constexpr (own_block<K>::value) {
+    K::run(p, blk);
+  } else {
+    run_block_phases<K>(p, blk);
   }
 }
 
@@ -1059,6 +1088,31 @@ HRFAST_INLINE constexpr acc_t tent_weight(int k, int f) {  // k in [0, 2f): (k +
                : static_cast<acc_t>(4 * f - 2 * k - 1) / static_cast<acc_t>(2 * f);
 }
 
+// Pixel j's (of PS, by f = F) sum over its window's 2F columns of one window row, gm[j F + k] its column k, in
+// column order with the tent weights (1 where ATen clamps at the image's first / last column, columns
+// outside the image left out): adjoint_row_tent's and RowAdjointKernel's one column sum.
+template <int F, int PS, typename acc_t>
+HRFAST_INLINE acc_t tent_columns(const acc_t* gm, int j, bool first_x, bool last_x) {
+  constexpr int HALF = F / 2;
+  acc_t row = static_cast<acc_t>(0);
+#pragma unroll
+  for (int k = 0; k < 2 * F; ++k) {
+    const acc_t gk = gm[j * F + k];
+    if (j == 0 && k < HALF) {  // before the image where pixel 0 is the first column
+      if (!first_x) row += tent_weight<acc_t>(k, F) * gk;
+    } else if (j == PS - 1 && k >= F + HALF) {  // past it where pixel PS - 1 is the last column
+      if (!last_x) row += tent_weight<acc_t>(k, F) * gk;
+    } else if (j == 0 && k < F) {
+      row += (first_x ? static_cast<acc_t>(1) : tent_weight<acc_t>(k, F)) * gk;
+    } else if (j == PS - 1 && k >= F && k < F + HALF) {
+      row += (last_x ? static_cast<acc_t>(1) : tent_weight<acc_t>(k, F)) * gk;
+    } else {
+      row += tent_weight<acc_t>(k, F) * gk;
+    }
+  }
+  return row;
+}
+
 // What adjoint_row_tent's rows share (one thread): the row bases, the flags, the columns' offsets.
 template <int NC, typename scalar_t>
 struct TentRows {
@@ -1093,25 +1147,7 @@ HRFAST_INLINE void tent_row(const TentRows<(adjoint_ps(KMAX) - 1) * (KMAX / 2) +
     gm[m] = yv <= static_cast<acc_t>(0) ? static_cast<acc_t>(0) : gv;
   }
 #pragma unroll
-  for (int j = 0; j < PS; ++j) {
-    acc_t row = static_cast<acc_t>(0);
-#pragma unroll
-    for (int k = 0; k < KMAX; ++k) {
-      const acc_t gk = gm[j * F + k];
-      if (j == 0 && k < HALF) {  // before the image where pixel 0 is the first column
-        if (!r.first_x) row += tent_weight<acc_t>(k, F) * gk;
-      } else if (j == PS - 1 && k >= F + HALF) {  // past it where pixel PS - 1 is the last column
-        if (!r.last_x) row += tent_weight<acc_t>(k, F) * gk;
-      } else if (j == 0 && k < F) {
-        row += (r.first_x ? static_cast<acc_t>(1) : tent_weight<acc_t>(k, F)) * gk;
-      } else if (j == PS - 1 && k >= F && k < F + HALF) {
-        row += (r.last_x ? static_cast<acc_t>(1) : tent_weight<acc_t>(k, F)) * gk;
-      } else {
-        row += tent_weight<acc_t>(k, F) * gk;
-      }
-    }
-    v[j] += wy * row;
-  }
+  for (int j = 0; j < PS; ++j) v[j] += wy * tent_columns<F, PS, acc_t>(gm, j, r.first_x, r.last_x);
 }
 
 template <int KMAX, typename scalar_t, typename acc_t, int... KY>
@@ -1252,6 +1288,299 @@ struct AdjointKernel {
   }
   static HRFAST_INLINE acc_t* dst(const Params& p, const ThreadIdx& ti, int r) {
     return p.parts + (static_cast<int64_t>(r) * p.R + partial_row(ti)) * p.C;
+  }
+};
+
+// ------------------------------------------------------------------------------ the row adjoint (issue 18)
+
+// RowAdjointKernel<PACK>: AdjointKernel<2f, ADJOINT_TENT> for several upsampled terms of a row in one launch
+// that reads grad_y and y once. PACK: the term count in bits 0-3, term k's log2 f in bits 4 + 2k (bilinear
+// without align_corners by f on both axes, g exactly f times the source); kRowPacks the compiled ones.
+// Every term's thread covers kRowL = adjoint_ps(2f) * f = 16 output columns, so one thread holds the same
+// output columns [X0, X0 + 16) of every term: source columns X0 / f .. + 16 / f.
+constexpr int kRowL = 16;
+constexpr int row_count(uint32_t pack) { return static_cast<int>(pack & 15u); }
+constexpr int row_factor(uint32_t pack, int k) { return 1 << ((pack >> (4 + 2 * k)) & 3u); }
+constexpr int row_fmax(uint32_t pack) {
+  int f = 1;
+  for (int k = 0; k < row_count(pack); ++k) f = row_factor(pack, k) > f ? row_factor(pack, k) : f;
+  return f;
+}
+// source rows of term k per thread (FM / f), and those of the terms before k
+constexpr int row_m(uint32_t pack, int k) { return row_fmax(pack) / row_factor(pack, k); }
+constexpr int row_base(uint32_t pack, int k) {
+  int n = 0;
+  for (int t = 0; t < k; ++t) n += row_m(pack, t);
+  return n;
+}
+constexpr uint32_t row_log2(int f) { return f == 2 ? 1u : f == 4 ? 2u : f == 8 ? 3u : 0u; }
+constexpr uint32_t row_code(int f0, int f1, int f2 = 0) {  // factors in term order (0: no third term)
+  return (f2 ? 3u : 2u) | (row_log2(f0) << 4) | (row_log2(f1) << 6) | (f2 ? row_log2(f2) << 8 : 0u);
+}
+// HRNet's rows: stage 4 / the head at branch 0 (x2, x4, x8), branch 1 (x2, x4)
+constexpr uint32_t kRowPacks[] = {row_code(2, 4, 8), row_code(2, 4)};
+
+// The thread mapping is AdjointKernel's over the coarsest term's (f = FM) segments: S = W / kRowL segments per
+// source row of it (h0 = H / FM rows), numbered row-major; NCHW threadIdx.x -> segment, threadIdx.y -> channel,
+// channels_last the other way round; grid x = segment block. A thread owns coarse row S0 and the FM / f source
+// rows FM / f * S0 + j of term f under it (their windows inside the coarse one's, output rows [FM S0 - FM / 2,
+// FM S0 + 3 FM / 2)). Each of those 2 FM rows is read once (the NC = 16 + FM columns of the widest window,
+// grad_y and y, the mask applied once per value); per term its pixels' column sums (tent_columns) once, added
+// into every source row of the term whose window holds the row, with that row's weight. Per source row the
+// multiply-adds of adjoint_row_tent in its order, so dz is the same bits as one AdjointKernel<2f, 3> launch
+// per term.
+// Partials: each term's [2, R_t, C] as its own launch writes them. Its blocks of kBX (kBY in channels_last)
+// segments lie inside this kernel's blocks (the launcher checks S % along == 0 or along % S == 0): phase 0
+// stores every thread's per-(term, source row) sums of u * z and u into shared memory; after a barrier one
+// thread per (term block, slot, channel) adds its along values in AdjointKernel's block order (block_sum_reduce)
+// and writes the term's partial row.
+template <typename scalar_t, typename acc_t, uint32_t PACK>
+struct RowAdjointKernel {
+  using acc_type = acc_t;
+  static constexpr int NT = row_count(PACK);
+  static constexpr int FM = row_fmax(PACK);
+  static constexpr int NC = kRowL + FM;
+  static constexpr int kRows = row_base(PACK, NT);  // source rows per thread, all terms
+  static constexpr int kPlanes = 2 * kRows;           // shared planes [kBY][kBX]: (row, slot)
+  static constexpr bool kOwnBlock = true;
+  static constexpr int kSlots = kPlanes;  // > 0: the executor gives it shared memory
+  static constexpr int kRedRows = kPlanes * kBY;
+  struct Params {
+    TermView<scalar_t, acc_t> t[NT];
+    scalar_t* dz[NT];  // null: not needed
+    Strides sd[NT];
+    acc_t* parts[NT];  // [2, R_t, C]
+    int64_t R[NT];
+    int32_t gx[NT];  // the term's own launch's grid x
+    bool need_dscale[NT], need_dshift[NT];
+    GradIn<scalar_t> g;
+    int64_t C;
+    int32_t W, h0, S;  // output width, coarse source rows, segments per row (W / kRowL)
+    int32_t log2s;     // log2(S) where S < the block's segments along the row (then a power of 2), else 0
+    bool cl;
+  };
+  struct State {};  // nothing is kept between phases but shared memory
+
+  // what one thread's rows share
+  struct Rows {
+    const scalar_t* gy;
+    const scalar_t* y;
+    int32_t gbase, ybase, gsh, ysh, s0;
+    bool first_y, last_y, first_x, last_x;
+    int32_t gx_off[NC], yx_off[NC];
+  };
+
+  // Term T's contribution of output row RR (from FM S0 - FM / 2): its pixels' column sums, added into its
+  // source rows J whose window holds the row (adjoint_row_tent's tent_row, row KY = RR - the window's first).
+  template <int RR, int T, int J>
+  static HRFAST_INLINE void add_row(const Rows& r, const acc_t* cols, acc_t (*v)[8]) {
+    constexpr int F = row_factor(PACK, T), HALF = F / 2, M = row_m(PACK, T);
+    constexpr int KY = RR - (FM / 2 + F * J - HALF);
+    constexpr int PS = kRowL / F;
+    if constexpr (KY >= 0 && KY < 2 * F) {
+      const bool first = r.first_y && J == 0, last = r.last_y && J == M - 1;
+      if (KY < HALF && first) return;      // above the image
+      if (KY >= F + HALF && last) return;  // below it
+      acc_t wy = tent_weight<acc_t>(KY, F);
+      if (KY >= HALF && KY < F && first) wy = static_cast<acc_t>(1);
+      if (KY >= F && KY < F + HALF && last) wy = static_cast<acc_t>(1);
+#pragma unroll
+      for (int j = 0; j < PS; ++j) v[row_base(PACK, T) + J][j] += wy * cols[j];
+    }
+  }
+  template <int RR, int T, int... J>
+  static HRFAST_INLINE void term_row(const Rows& r, const acc_t* gm, acc_t (*v)[8], std::integer_sequence<int, J...>) {
+    constexpr int F = row_factor(PACK, T), HALF = F / 2, M = row_m(PACK, T);
+    constexpr int PS = kRowL / F;
+    // the term's source rows' windows: [FM / 2 - HALF, FM / 2 - HALF + F (M - 1) + 2 F)
+    if constexpr (RR >= FM / 2 - HALF && RR < FM / 2 - HALF + F * (M + 1)) {
+      constexpr int OFF = (FM - F) / 2;  // its column 0 among the NC read
+      acc_t cols[PS];
+#pragma unroll
+      for (int j = 0; j < PS; ++j) cols[j] = tent_columns<F, PS, acc_t>(gm + OFF, j, r.first_x, r.last_x);
+      (add_row<RR, T, J>(r, cols, v), ...);
+    }
+  }
+  template <int RR, int... T>
+  static HRFAST_INLINE void terms_row(const Rows& r, const acc_t* gm, acc_t (*v)[8], std::integer_sequence<int, T...>) {
+    (term_row<RR, T>(r, gm, v, std::make_integer_sequence<int, row_m(PACK, T)>{}), ...);
+  }
+  template <int RR>
+  static HRFAST_INLINE void row(const Rows& r, acc_t (*v)[8]) {
+    if (RR < FM / 2 && r.first_y) return;          // above the image
+    if (RR >= FM + FM / 2 && r.last_y) return;     // below it
+    const int32_t dy = r.s0 * FM - FM / 2 + RR;
+    const int32_t grow = r.gbase + dy * r.gsh, yrow = r.ybase + dy * r.ysh;
+    acc_t gm[NC];  // the row's g, masked by y > 0
+#pragma unroll
+    for (int m = 0; m < NC; ++m) {
+      const acc_t gv = static_cast<acc_t>(load_ro(at32(r.gy, grow + r.gx_off[m])));
+      const acc_t yv = static_cast<acc_t>(load_ro(at32(r.y, yrow + r.yx_off[m])));
+      gm[m] = yv <= static_cast<acc_t>(0) ? static_cast<acc_t>(0) : gv;
+    }
+    terms_row<RR>(r, gm, v, std::make_integer_sequence<int, NT>{});
+  }
+  template <int... RR>
+  static HRFAST_INLINE void rows(const Rows& r, acc_t (*v)[8], std::integer_sequence<int, RR...>) {
+    (row<RR>(r, v), ...);  // rows in order
+  }
+
+  // shared plane of (source row i of all terms, slot: 0 sum(u * z), 1 sum(u))
+  static HRFAST_INLINE acc_t* plane(acc_t (*red)[kBX], int i, int slot) { return &red[(2 * i + slot) * kBY][0]; }
+
+  // Term T's source row J of this thread: dz = u * scale, and the sums of u * z and u into shared memory
+  // (AdjointKernel's start, value).
+  template <int T, int J>
+  static HRFAST_INLINE void out_row(const Params& p, const Rows& r, int64_t n, int64_t c, int32_t cs,
+                                    acc_t (*v)[8], acc_t (*red)[kBX], int cell) {
+    constexpr int F = row_factor(PACK, T), M = row_m(PACK, T), PS = kRowL / F;
+    constexpr int I = row_base(PACK, T) + J;
+    const TermView<scalar_t, acc_t>& t = p.t[T];
+    const int64_t sy = static_cast<int64_t>(r.s0) * M + J, sx = static_cast<int64_t>(cs) * PS;
+    if (p.dz[T] != nullptr) {
+      const acc_t a = t.scale != nullptr ? load_ro(t.scale + c) : acc_t(1);
+      scalar_t* dz = p.dz[T] + offset4(n, c, sy, sx, p.sd[T]);
+#pragma unroll
+      for (int j = 0; j < PS; ++j) dz[j * p.sd[T].w] = static_cast<scalar_t>(t.scale != nullptr ? v[I][j] * a : v[I][j]);
+    }
+    if (p.need_dscale[T]) {
+      const scalar_t* z = t.x + offset4(n, c, sy, sx, t.sn, t.sc, t.sh, t.sw);
+      acc_t s = acc_t(0);
+#pragma unroll
+      for (int j = 0; j < PS; ++j) s += v[I][j] * static_cast<acc_t>(load_ro(z + j * t.sw));
+      plane(red, I, 0)[cell] = s;
+    }
+    if (p.need_dshift[T]) {
+      acc_t s = acc_t(0);
+#pragma unroll
+      for (int j = 0; j < PS; ++j) s += v[I][j];
+      plane(red, I, 1)[cell] = s;
+    }
+  }
+  template <int T, int... J>
+  static HRFAST_INLINE void out_term(const Params& p, const Rows& r, int64_t n, int64_t c, int32_t cs,
+                                     acc_t (*v)[8], acc_t (*red)[kBX], int cell, std::integer_sequence<int, J...>) {
+    (out_row<T, J>(p, r, n, c, cs, v, red, cell), ...);
+  }
+  template <int... T>
+  static HRFAST_INLINE void out_terms(const Params& p, const Rows& r, int64_t n, int64_t c, int32_t cs,
+                                      acc_t (*v)[8], acc_t (*red)[kBX], int cell, std::integer_sequence<int, T...>) {
+    (out_term<T>(p, r, n, c, cs, v, red, cell, std::make_integer_sequence<int, row_m(PACK, T)>{}), ...);
+  }
+
+  // phase 0: the thread's rows, dz, its sums into shared memory (zeros where it has no pixels)
+  static HRFAST_INLINE void start(const Params& p, const ThreadIdx& ti, acc_t (*red)[kBX]) {
+    const int32_t q = p.cl ? static_cast<int32_t>(ti.bx * kBY + ti.ty) : static_cast<int32_t>(ti.bx * kBX + ti.tx);
+    const int64_t c = p.cl ? static_cast<int64_t>(ti.by) * kBX + ti.tx : static_cast<int64_t>(ti.by) * kBY + ti.ty;
+    const int cell = static_cast<int>(ti.ty * kBX + ti.tx);
+    const int32_t s0 = q / p.S, cs = q - s0 * p.S;
+    if (!(c < p.C && s0 < p.h0)) {
+#pragma unroll
+      for (int i = 0; i < kPlanes; ++i) (&red[i * kBY][0])[cell] = acc_t(0);
+      return;
+    }
+    const int64_t n = ti.bz;
+    const GradIn<scalar_t>& g = p.g;
+    Rows r;
+    r.gy = g.gy;
+    r.y = g.y;
+    r.s0 = s0;
+    r.first_y = s0 == 0;
+    r.last_y = s0 == p.h0 - 1;
+    const int32_t x0 = cs * kRowL;
+    r.first_x = x0 == 0;
+    r.last_x = x0 + kRowL == p.W;
+    r.gsh = static_cast<int32_t>(g.sg.h);
+    r.ysh = static_cast<int32_t>(g.sy.h);
+    const int32_t gsw = static_cast<int32_t>(g.sg.w), ysw = static_cast<int32_t>(g.sy.w);
+    r.gbase = static_cast<int32_t>(n) * static_cast<int32_t>(g.sg.n) + static_cast<int32_t>(c) * static_cast<int32_t>(g.sg.c);
+    r.ybase = static_cast<int32_t>(n) * static_cast<int32_t>(g.sy.n) + static_cast<int32_t>(c) * static_cast<int32_t>(g.sy.c);
+    // column m is output x0 - FM / 2 + m; only the first (last) FM / 2 can lie before (past) the image: clamped
+#pragma unroll
+    for (int m = 0; m < NC; ++m) {
+      int32_t d = x0 - FM / 2 + m;
+      if (m < FM / 2) d = max_(d, 0);
+      if (m >= NC - FM / 2) d = min_(d, p.W - 1);
+      r.gx_off[m] = d * gsw;
+      r.yx_off[m] = d * ysw;
+    }
+    acc_t v[kRows][8];  // per source row, its pixels' u (the first kRowL / f used)
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[i][j] = static_cast<acc_t>(0);
+    }
+    rows(r, v, std::make_integer_sequence<int, 2 * FM>{});
+    out_terms(p, r, n, c, cs, v, red, cell, std::make_integer_sequence<int, NT>{});
+  }
+
+  // phase 1: one thread per (term block, slot, channel) sums its ALONG values in AdjointKernel's order
+  // (block_sum_reduce). ALONG and the channels per block compile-time (CL), the loops unrolled.
+  template <bool CL>
+  static HRFAST_INLINE void reduce(const Params& p, const ThreadIdx& ti, acc_t (*red)[kBX]) {
+    constexpr int ALONG = CL ? kBY : kBX, CHANS = CL ? kBX : kBY;
+    const int64_t B = ti.bx;
+    const bool wide = p.S >= ALONG;  // S % ALONG == 0: a term block is ALONG segments of one source row
+    const int log2s = p.log2s;       // else ALONG % S == 0: S = 2^log2s, a term block whole rows
+#pragma unroll
+    for (int it = 0; it < (kPlanes * CHANS + kThreads - 1) / kThreads; ++it) {
+      const int idx = static_cast<int>(ti.ty * kBX + ti.tx) + it * kThreads;
+      if (idx >= kPlanes * CHANS) break;
+      const int cb = idx % CHANS, slot = (idx / CHANS) % 2, i = idx / CHANS / 2;
+      int t = 0;
+#pragma unroll
+      for (int k = 1; k < NT; ++k) t += i >= row_base(PACK, k) ? 1 : 0;
+      int base = 0, m = 0, log2m = 0;
+      bool need = false;
+#pragma unroll
+      for (int k = 0; k < NT; ++k) {  // term t's constants without a runtime-indexed array
+        if (k == t) {
+          base = row_base(PACK, k);
+          m = row_m(PACK, k);
+          log2m = static_cast<int>(row_log2(m));  // m = 1 gives 0
+          need = slot == 0 ? p.need_dscale[k] : p.need_dshift[k];
+        }
+      }
+      const int l = i - base;
+      const int64_t c = static_cast<int64_t>(ti.by) * CHANS + cb;
+      if (!need || c >= p.C) continue;
+      // the term's block b; its element e is this block's segment ei, source row ej of the thread
+      int64_t b;
+      if (wide) {
+        const int64_t s0 = ALONG * B / p.S, cs0 = ALONG * B - s0 * p.S;
+        b = ((m * s0 + l) * p.S + cs0) / ALONG;
+      } else {
+        b = m * B + l;
+      }
+      if (b >= p.gx[t]) continue;
+      const int rows0 = (l * ALONG) >> log2s;  // the term block's first row, from the m B rows of this block
+      acc_t s = acc_t(0);
+#pragma unroll
+      for (int e = 0; e < ALONG; ++e) {
+        int ei = e, ej = l;
+        if (!wide) {  // term row sy = (its m B rows) + rows0 + e / S, column segment e % S
+          const int sy = rows0 + (e >> log2s), cs = e & (p.S - 1);
+          ei = ((sy >> log2m) << log2s) + cs;  // m a power of 2
+          ej = sy & (m - 1);
+        }
+        const acc_t* pl = plane(red, base + ej, slot);
+        const acc_t val = CL ? pl[ei * kBX + cb] : pl[cb * kBX + ei];
+        s = e == 0 ? val : s + val;
+      }
+      p.parts[t][(static_cast<int64_t>(slot) * p.R[t] + static_cast<int64_t>(ti.bz) * p.gx[t] + b) * p.C + c] = s;
+    }
+  }
+
+  template <class Block>
+  static HRFAST_INLINE void run(const Params& p, Block& blk) {
+    acc_t (*red)[kBX] = blk.red();
+    blk.each([&](const ThreadIdx& ti, State&) { start(p, ti, red); });
+    blk.barrier();
+    if (p.cl) {
+      blk.each([&](const ThreadIdx& ti, State&) { reduce<true>(p, ti, red); });
+    } else {
+      blk.each([&](const ThreadIdx& ti, State&) { reduce<false>(p, ti, red); });
+    }
   }
 };
 

@@ -121,11 +121,24 @@ struct Launchers {
   // `phase`: its phase form where it applies (fuse_launchers.h adjoint_choice; false: tests of the other form).
   at::Tensor (*backward_adjoint)(const at::Tensor& grad_y, const at::Tensor& y, bool relu, const TermSpec& term,
                                  const at::Tensor& dz, bool need_dscale, bool need_dshift, bool phase);
+  // Several upsampled terms in one launch that reads grad_y and y once (fuse_kernels.h RowAdjointKernel):
+  // `terms` those adjoint_row_group chose, in order; per term its partials [2, R, C] as backward_adjoint
+  // returns them (the same bits: dz, and the partial rows its own launch writes).
+  std::vector<at::Tensor> (*backward_adjoint_row)(const at::Tensor& grad_y, const at::Tensor& y, bool relu,
+                                                  const std::vector<TermSpec>& terms, const std::vector<at::Tensor>& dz,
+                                                  const std::vector<bool>& need_dscale,
+                                                  const std::vector<bool>& need_dshift);
   // The name of the kernel struct `forward` runs for `out` and `terms` (tests; the instrument's model).
   const char* (*forward_kernel)(const at::Tensor& out, const std::vector<TermSpec>& terms);
   // The adjoint kernel `backward_adjoint` runs for these arguments, "AdjointKernel<KMAX,MODE>".
   std::string (*adjoint_kernel)(const at::Tensor& grad_y, const at::Tensor& y, bool relu, const TermSpec& term,
                                 const at::Tensor& dz, bool phase);
+  // The upsampled terms (positions in `terms`) that backward_adjoint_row takes in one launch, none when it
+  // takes none (fuse_launchers.h adjoint_row_group); dz[k] as backward_adjoint takes it.
+  std::vector<int64_t> (*adjoint_row_group)(const at::Tensor& grad_y, const at::Tensor& y, bool relu,
+                                            const std::vector<TermSpec>& terms, const std::vector<at::Tensor>& dz);
+  // Its kernel's name, "RowAdjointKernel<f0,f1,...>" (the terms' factors, in order).
+  std::string (*adjoint_row_kernel)(const at::Tensor& grad_y, const std::vector<TermSpec>& terms);
 };
 
 const Launchers& host_launchers();

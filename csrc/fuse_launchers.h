@@ -378,6 +378,13 @@ at::Tensor backward_same_launch(const at::Tensor& grad_y, const at::Tensor& y, b
   return parts;
 }
 
+// The thread mapping's layout of an upsampled term's adjoint: that of what it writes (dz), else of z; a
+// stride-0 stand-in z (its dscale not needed) has none: then grad_y's, the layout empty_grad gives dz.
+inline bool adjoint_layout_cl(const at::Tensor& grad_y, const TermSpec& term, const at::Tensor& dz) {
+  const at::Tensor& layout = dz.defined() ? dz : (has_zero_stride(term.x) ? grad_y : term.x);
+  return channels_last_like(layout);
+}
+
 // The adjoint kernel backward_adjoint_launch runs (AdjointKernel<KMAX, MODE>): kmax 0 the generic gather,
 // else the register variant of an exact window (int32 offsets) KMAX wide, MODE its mode, or ADJOINT_TENT for
 // its phase form (fuse_kernels.h adjoint_row_tent) when `phase` and bilinear without align_corners by the same
@@ -424,8 +431,7 @@ at::Tensor backward_adjoint_launch(const at::Tensor& grad_y, const at::Tensor& y
   const at::Tensor& z = term.x;
   const int64_t N = z.size(0), C = z.size(1), h = z.size(2), w = z.size(3);
   const int64_t H = grad_y.size(2), W = grad_y.size(3);
-  const at::Tensor& layout = dz.defined() ? dz : (has_zero_stride(z) ? grad_y : z);
-  const bool cl = channels_last_like(layout);
+  const bool cl = adjoint_layout_cl(grad_y, term, dz);
   const Grid limits = grid_for(cl, C, h * w, N);  // the generic mapping's grid; its limits hold for both
   // the register variant of an exact window (int32 offsets) when one fits, else the generic gather
   const TermDesc& d = term.desc;
@@ -490,11 +496,127 @@ at::Tensor backward_adjoint_launch(const at::Tensor& grad_y, const at::Tensor& y
   return parts;
 }
 
+// The upsampled terms (positions in `terms`, in order) that one RowAdjointKernel launch takes: the longest
+// run from the first of those in the phase form (adjoint_choice: ADJOINT_TENT) of at least two whose
+// factors, in order, are a compiled pack (kRowPacks) and whose thread mappings share a layout, where every
+// term's blocks of segments lie inside the row kernel's (S = W / kRowL segments per row: S % along == 0 or
+// along % S == 0, along = kBX, kBY in channels_last); none otherwise. `dz[k]` as backward_adjoint takes it.
+inline std::vector<int64_t> adjoint_row_group(const at::Tensor& grad_y, const at::Tensor& y, bool relu,
+                                              const std::vector<TermSpec>& terms, const std::vector<at::Tensor>& dz) {
+  std::vector<int64_t> phased;
+  for (size_t k = 0; k < terms.size(); ++k) {
+    if (adjoint_choice(grad_y, y, relu, terms[k], dz[k], true).mode == ADJOINT_TENT) {
+      phased.push_back(static_cast<int64_t>(k));
+    }
+  }
+  const int64_t W = grad_y.size(3);
+  for (size_t n = std::min<size_t>(phased.size(), 3); n >= 2; --n) {
+    const bool cl = adjoint_layout_cl(grad_y, terms[phased[0]], dz[phased[0]]);
+    uint32_t code = static_cast<uint32_t>(n);
+    bool same_layout = true;
+    for (size_t i = 0; i < n; ++i) {
+      const TermSpec& t = terms[phased[i]];
+      code |= row_log2(static_cast<int>(grad_y.size(3) / t.x.size(3))) << (4 + 2 * i);
+      same_layout &= adjoint_layout_cl(grad_y, t, dz[phased[i]]) == cl;
+    }
+    bool known = false;
+    for (uint32_t c : kRowPacks) known |= c == code;
+    const int64_t S = W / kRowL, along = cl ? kBY : kBX;
+    if (known && same_layout && W % kRowL == 0 && (S % along == 0 || along % S == 0)) {
+      return std::vector<int64_t>(phased.begin(), phased.begin() + static_cast<int64_t>(n));
+    }
+  }
+  return {};
+}
+
+// Its kernel's name, "RowAdjointKernel<f0,f1,...>" (tests; hrfast/perf/cuda_cpp.py's model of the choice).
+inline std::string adjoint_row_name(const at::Tensor& grad_y, const std::vector<TermSpec>& terms) {
+  std::string name = "RowAdjointKernel<";
+  for (size_t i = 0; i < terms.size(); ++i) {
+    name += (i ? "," : "") + std::to_string(grad_y.size(3) / terms[i].x.size(3));
+  }
+  return name + ">";
+}
+
+// The upsampled terms of adjoint_row_group in one RowAdjointKernel launch (see fuse_launch.h
+// Launchers::backward_adjoint_row): per term its partials [2, R_t, C] as backward_adjoint_launch returns them
+// (R_t = N * its own launch's grid x), dz[k] its gradient (undefined: not needed).
+template <class Exec>
+std::vector<at::Tensor> backward_adjoint_row_launch(const at::Tensor& grad_y, const at::Tensor& y, bool relu,
+                                                    const std::vector<TermSpec>& terms,
+                                                    const std::vector<at::Tensor>& dz,
+                                                    const std::vector<bool>& need_dscale,
+                                                    const std::vector<bool>& need_dshift) {
+  const typename Exec::Guard guard(grad_y.device());
+  const int64_t NT = static_cast<int64_t>(terms.size());
+  const int64_t N = grad_y.size(0), C = grad_y.size(1), H = grad_y.size(2), W = grad_y.size(3);
+  TORCH_CHECK(NT >= 2 && NT <= 3 && adjoint_row_group(grad_y, y, relu, terms, dz).size() == static_cast<size_t>(NT),
+              "hrfast fuse: these terms do not make one RowAdjointKernel launch");
+  const bool cl = adjoint_layout_cl(grad_y, terms[0], dz[0]);
+  uint32_t code = static_cast<uint32_t>(NT);
+  int64_t fm = 1;
+  for (int64_t i = 0; i < NT; ++i) {
+    const int64_t f = W / terms[i].x.size(3);
+    code |= row_log2(static_cast<int>(f)) << (4 + 2 * i);
+    fm = std::max(fm, f);
+  }
+  const int64_t h0 = H / fm, S = W / kRowL, along = cl ? kBY : kBX;
+  const Grid limits = grid_for(cl, C, h0 * S, N);
+  const Grid grid{(h0 * S + along - 1) / along, limits.y, limits.z};
+  std::vector<at::Tensor> parts;
+  std::vector<int64_t> gx;
+  for (int64_t i = 0; i < NT; ++i) {  // each term's own launch's grid x (backward_adjoint_launch)
+    const int64_t h = terms[i].x.size(2);
+    gx.push_back((h * S + along - 1) / along);
+    parts.push_back(at::zeros({2, N * gx.back(), C}, grad_y.options().dtype(acc_dtype_of(grad_y))));
+  }
+  if (grad_y.numel() == 0) return parts;
+  const at::Tensor one = !relu ? at::ones({1, 1, 1, 1}, grad_y.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_y.scalar_type(), "hrfast_fuse_bwd_adjoint_row", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto launch = [&](auto kernel_tag) {
+      using Kernel = typename decltype(kernel_tag)::type;
+      typename Kernel::Params p;
+      for (int64_t i = 0; i < NT; ++i) {
+        p.t[i] = make_view<scalar_t, acc_t>(terms[i], H, W);
+        p.dz[i] = dz[i].defined() ? dz[i].data_ptr<scalar_t>() : nullptr;
+        p.sd[i] = dz[i].defined() ? strides_of(dz[i]) : Strides{0, 0, 0, 0};
+        p.parts[i] = parts[i].data_ptr<acc_t>();
+        p.R[i] = N * gx[i];
+        p.gx[i] = static_cast<int32_t>(gx[i]);
+        p.need_dscale[i] = need_dscale[i];
+        p.need_dshift[i] = need_dshift[i];
+      }
+      p.g = grad_in<scalar_t>(grad_y, y, relu);
+      if (one.defined()) {  // the mask always applied: without relu a y of 1 (strides 0) passes every g
+        p.g.y = one.data_ptr<scalar_t>();
+        p.g.sy = Strides{0, 0, 0, 0};
+      }
+      p.C = C;
+      p.W = static_cast<int32_t>(W);
+      p.h0 = static_cast<int32_t>(h0);
+      p.S = static_cast<int32_t>(S);
+      p.log2s = 0;
+      while (S < along && (int64_t{1} << p.log2s) < S) ++p.log2s;
+      p.cl = cl;
+      Exec::template run<Kernel>(grid, p);
+    };
+    if (code == row_code(2, 4, 8)) {
+      launch(type_tag<RowAdjointKernel<scalar_t, acc_t, row_code(2, 4, 8)>>{});
+    } else {
+      launch(type_tag<RowAdjointKernel<scalar_t, acc_t, row_code(2, 4)>>{});  // kRowPacks' other
+    }
+  });
+  return parts;
+}
+
 // The launchers above with one executor (fuse_launch.h host_launchers / cuda_launchers).
 template <class Exec>
 const Launchers& launchers_of() {
-  static const Launchers table{&forward_launch<Exec>, &backward_same_launch<Exec>, &backward_adjoint_launch<Exec>,
-                               &forward_kernel_name, &adjoint_kernel_name};
+  static const Launchers table{&forward_launch<Exec>,       &backward_same_launch<Exec>,
+                               &backward_adjoint_launch<Exec>, &backward_adjoint_row_launch<Exec>,
+                               &forward_kernel_name,          &adjoint_kernel_name,
+                               &adjoint_row_group,            &adjoint_row_name};
   return table;
 }
 

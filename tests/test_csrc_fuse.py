@@ -246,69 +246,119 @@ ADJ_PHASE_CASES = [
 ]
 
 
-def _adjoint_kernels(xs, scales, shifts, resamples, size, relu, channels_last, phase=True):
-    """Per term, the adjoint kernel the C++ backward runs for it (fuse_launchers.h adjoint_kernel_name)."""
+def _adjoint_kernels(xs, scales, shifts, resamples, size, relu, channels_last, phase=True, row=True):
+    """Per term, the adjoint kernel the C++ backward runs for it (fuse_launchers.h adjoint_kernel_name, or
+    adjoint_row_name for the terms of one RowAdjointKernel launch)."""
     plan, kxs, kscales, kshifts = base._kernel_args(xs, scales, shifts, resamples, size, relu, channels_last)
     N, C = kxs[0].shape[:2]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     grad_y = torch.empty(N, C, *plan.size, dtype=kxs[0].dtype, device=DEVICE).contiguous(memory_format=fmt)
-    return _ext().adjoint_kernels(plan.terms, grad_y, grad_y if relu else None, kxs, kscales, kshifts, relu, phase)
+    return _ext().adjoint_kernels(plan.terms, grad_y, grad_y if relu else None, kxs, kscales, kshifts, relu, phase,
+                                  row)
 
 
 @pytest.mark.parametrize("case, dtype, layout, param_dtype", ADJ_PHASE_CASES)
 def test_adjoint_phase_kernel(case, dtype, layout, param_dtype):
     xs, scales, shifts, resamples, _ = base._build(case, dtype, layout, param_dtype)
-    names = _adjoint_kernels(xs, scales, shifts, resamples, case.size, case.relu, layout == "channels_last")
-    expected = [""] + [f"AdjointKernel<{2 * case.size[0] // hw[0]},3>" for hw, _ in case.terms[1:]]
-    assert names == expected
+    cl = layout == "channels_last"
+    factors = [case.size[0] // hw[0] for hw, _ in case.terms[1:]]
+    per_term = [""] + [f"AdjointKernel<{2 * f},3>" for f in factors]
+    assert _adjoint_kernels(xs, scales, shifts, resamples, case.size, case.relu, cl, row=False) == per_term
+    # factors 2, 4, 8 in term order: one RowAdjointKernel launch for them all (8, 2: one launch each)
+    row = factors == [2, 4, 8]
+    assert _adjoint_kernels(xs, scales, shifts, resamples, case.size, case.relu, cl) == (
+        [""] + ["RowAdjointKernel<2,4,8>"] * 3 if row else per_term)
     base.check_fuse(case, dtype, layout, param_dtype, backend="cuda")
 
 
-@pytest.mark.parametrize("dtype", [F64, F32, BF16], ids=str)
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_adjoint_phase_matches_the_register_kernel_bitwise(layout, dtype):
+# RowAdjointKernel's shapes (factors in term order; each term's blocks of segments inside the row kernel's: a
+# row of W / 16 segments, blocks of 32 in NCHW and 8 in channels_last): 16 x 32 (2 segments per row, blocks of
+# whole rows; the last block of every term partly past the rows: 2 coarse rows of 2 segments), 8 x 16 (one
+# segment: the thread's columns are the image's first and last), 8 x 512 / 8 x 256 (a term block is part of one
+# source row: 32 / 16 segments), and x2 x4 alone.
+ROW_SHAPES = {"248_16x32": ((16, 32), 3), "248_8x16": ((8, 16), 3), "248_wide": (None, 3), "24_16x32": ((16, 32), 2)}
+
+
+ROW_BITWISE = [pytest.param(shape, layout, dtype, id=f"{shape}-{layout}-{dtype}".replace("torch.", ""))
+               for shape in ROW_SHAPES for layout in ("nchw", "channels_last")
+               for dtype in ([F64, F32, BF16] if shape == "248_16x32" else [F32])]  # the others in float32 only
+
+
+@pytest.mark.parametrize("shape, layout, dtype", ROW_BITWISE)
+def test_adjoint_phase_matches_the_register_kernel_bitwise(shape, layout, dtype):
     """The phase form computes the register AdjointKernel<KMAX, BILINEAR>'s arithmetic in its order (its terms
-    of weight 0 add +0): the same bits for dz, dscale and dshift, NaN and inf included, with non-finite
-    gradients in the image's first and last rows and columns (outside every source's window but the edge
-    ones' where ATen clamps: weight 1) and one NaN y (the mask passes it)."""
+    of weight 0 add +0), and RowAdjointKernel the phase form's per term and source row (its partial sums in
+    the rows and the order of the per-term launches): the same bits for dz, dscale and dshift from all three,
+    NaN and inf included, with non-finite gradients in the image's first and last rows and columns (outside
+    every source's window but the edge ones' where ATen clamps: weight 1) and one NaN y (the mask passes it).
+    C = 3 and 2 images: blocks partly past the channels, partial rows of several images."""
     cl = layout == "channels_last"
-    case = Case((16, 32), ADJ_PHASE_124, N=2, C=3, affine="mixed")
+    (H, W), n_up = ROW_SHAPES[shape][0] or ((8, 256) if cl else (8, 512)), ROW_SHAPES[shape][1]
+    terms = [((H, W), None)] + [((H // f, W // f), bil()) for f in (2, 4, 8)[:n_up]]
+    N, C = 2, 3
+    case = Case((H, W), terms, N=N, C=C, affine="mixed")
     xs, scales, shifts, resamples, _ = base._build(case, dtype, layout)
     plan, kxs, kscales, kshifts = base._kernel_args(xs, scales, shifts, resamples, case.size, True, cl)
     fmt = torch.channels_last if cl else torch.contiguous_format
     gen = torch.Generator().manual_seed(5)
-    grad_y = torch.randn(2, 3, 16, 32, generator=gen, dtype=F64).to(dtype).to(DEVICE).contiguous(memory_format=fmt)
-    y = torch.randn(2, 3, 16, 32, generator=gen, dtype=F64).to(dtype).to(DEVICE).contiguous(memory_format=fmt)
-    for n, c, r, col, v in [(0, 0, 0, 0, "inf"), (0, 1, 0, 31, "nan"), (1, 2, 15, 0, "-inf"), (1, 0, 15, 31, "nan"),
-                            (0, 2, 7, 0, "inf"), (1, 1, 0, 17, "nan"), (0, 0, 9, 31, "-inf")]:
+    # a finite gradient (with a non-zero mean: the partial sums do not cancel), and one with non-finite values
+    finite = (torch.randn(N, C, H, W, generator=gen, dtype=F64) + 0.5).to(dtype).to(DEVICE)
+    finite = finite.contiguous(memory_format=fmt)
+    grad_y = torch.randn(N, C, H, W, generator=gen, dtype=F64).to(dtype).to(DEVICE).contiguous(memory_format=fmt)
+    y = torch.randn(N, C, H, W, generator=gen, dtype=F64).to(dtype).to(DEVICE).contiguous(memory_format=fmt)
+    for n, c, r, col, v in [(0, 0, 0, 0, "inf"), (0, 1, 0, W - 1, "nan"), (1, 2, H - 1, 0, "-inf"),
+                            (1, 0, H - 1, W - 1, "nan"), (0, 2, H // 2 - 1, 0, "inf"), (1, 1, 0, W // 2 + 1, "nan"),
+                            (0, 0, H // 2 + 1, W - 1, "-inf")]:
         grad_y[n, c, r, col] = float(v)
         y[n, c, r, col] = 1.0
-    y[1, 1, 5, 5] = float("nan")
-    assert _adjoint_kernels(xs, scales, shifts, resamples, case.size, True, cl) == [
-        "", "AdjointKernel<4,3>", "AdjointKernel<8,3>", "AdjointKernel<16,3>"]
-    assert _adjoint_kernels(xs, scales, shifts, resamples, case.size, True, cl, phase=False) == [
-        "", "AdjointKernel<4,2>", "AdjointKernel<8,2>", "AdjointKernel<16,2>"]
-    needs = [(True, True, True)] * 4
-    grads = {phase: _ext().fuse_backward(plan.terms, grad_y, y, kxs, kscales, kshifts, needs, True, True, phase)
-             for phase in (True, False)}
+    y_finite = y.clone()
+    y[1, 1, H // 2 + 1, 5] = float("nan")
+    kmax = [4, 8, 16][:n_up]
+    forms = {"row": dict(phase=True, row=True), "tent": dict(phase=True, row=False),
+             "register": dict(phase=False, row=False)}
+    expected = {"row": [f"RowAdjointKernel<{','.join('248'[:n_up])}>"] * n_up,
+                "tent": [f"AdjointKernel<{k},3>" for k in kmax], "register": [f"AdjointKernel<{k},2>" for k in kmax]}
+    for form, kw in forms.items():
+        assert _adjoint_kernels(xs, scales, shifts, resamples, case.size, True, cl, **kw) == [""] + expected[form]
+    every = [(True, True, True)] * (n_up + 1)
+    # and some gradients only: a term without dz (its sums only), one with dz only, one with d(shift) only
+    some = [(True, True, True), (True, False, False), (False, True, False), (False, False, True)][:n_up + 1]
     bits = {F64: torch.int64, F32: torch.int32, BF16: torch.int16}
-    seen = 0
-    for phased, other in zip(grads[True][1:], grads[False][1:]):
-        for a, b in zip(phased, other):
-            if a is None:
-                assert b is None
-                continue
-            seen += 1
-            assert a.stride() == b.stride()
-            assert torch.equal(a.view(bits[a.dtype]), b.view(bits[b.dtype]))
-    assert seen == 3 + 2 + 2  # dz every term; dscale and dshift where the term has them ("mixed")
-    dz = torch.cat([g[0].flatten() for g in grads[True][1:]])
-    assert torch.isnan(dz).any() and torch.isinf(dz).any() and torch.isfinite(dz).float().mean() > 0.5
+    for g, mask, needs in ((finite, y_finite, every), (grad_y, y, every), (finite, y_finite, some)):
+        grads = {form: _ext().fuse_backward(plan.terms, g, mask, kxs, kscales, kshifts, needs, True, True, **kw)
+                 for form, kw in forms.items()}
+        seen = 0
+        for other in ("tent", "register"):
+            for row_grads, other_grads in zip(grads["row"][1:], grads[other][1:]):
+                for a, b in zip(row_grads, other_grads):
+                    if a is None:
+                        assert b is None
+                        continue
+                    seen += 1
+                    assert a.stride() == b.stride()
+                    assert torch.equal(a.view(bits[a.dtype]), b.view(bits[b.dtype]))
+        # dz every term; dscale and dshift where the term has them ("mixed": k % 3 == 1 no scale, 2 no shift)
+        ks = range(1, n_up + 1)
+        assert seen == 2 * sum(need[0] + (need[1] and k % 3 != 1) + (need[2] and k % 3 != 2)
+                               for k, need in zip(ks, needs[1:]))
+        params = [t for gr in grads["row"][1:] for t in gr[1:] if t is not None]
+        if g is finite:
+            assert all(torch.isfinite(t).all() for t in params)
+        else:
+            dz = torch.cat([gr[0].flatten() for gr in grads["row"][1:]])
+            assert torch.isnan(dz).any() and torch.isinf(dz).any() and torch.isfinite(dz).float().mean() > 0.5
 
 
 @pytest.mark.parametrize("name, case, layout, dtype, kernels", [
-    ("phase", Case((16, 32), ADJ_PHASE_124, N=1, C=8), "nchw", BF16, ["4,3", "8,3", "16,3"]),
-    ("phase_cl_fp32", Case((16, 32), ADJ_PHASE_124, N=1, C=8), "channels_last", F32, ["4,3", "8,3", "16,3"]),
+    ("row", Case((16, 32), ADJ_PHASE_124, N=1, C=8), "nchw", BF16, ["row 2,4,8"] * 3),
+    ("row_cl_fp32", Case((16, 32), ADJ_PHASE_124, N=1, C=8), "channels_last", F32, ["row 2,4,8"] * 3),
+    ("row_24", Case((16, 32), ADJ_PHASE_124[:3], N=1, C=8), "nchw", F32, ["row 2,4"] * 2),
+    # x8 before x2: no compiled pack, the phase form per term; 48 columns: 3 segments per row, not a divisor
+    # of the block's 32 (or 8): the same
+    ("phase_84", Case((16, 32), [ADJ_PHASE_124[0], ADJ_PHASE_124[3], ADJ_PHASE_124[1]], N=1, C=8), "nchw", BF16,
+     ["16,3", "4,3"]),
+    ("phase_48_columns", Case((16, 48), [((16, 48), None), ((8, 24), bil()), ((4, 12), bil()), ((2, 6), bil())],
+                              N=1, C=8), "channels_last", F32, ["4,3", "8,3", "16,3"]),
     # rows of a ragged number of segments, g not f times the source, align_corners, nearest, 3x: the others
     ("ragged_rows", Case((8, 20), [((8, 20), None), ((4, 10), bil()), ((2, 5), bil())], N=1, C=8), "nchw", BF16,
      ["4,2", "8,2"]),
@@ -326,11 +376,19 @@ def test_adjoint_kernel_choice_matches_the_model(name, case, layout, dtype, kern
     xs, scales, shifts, resamples, size_arg = base._build(case, dtype, layout)
     cl = layout == "channels_last"
     names = _adjoint_kernels(xs, scales, shifts, resamples, size_arg or case.size, case.relu, cl)
-    assert names == [""] + [f"AdjointKernel<{k}>" for k in kernels]
+    assert names == [""] + [f"RowAdjointKernel<{k[4:]}>" if k.startswith("row") else f"AdjointKernel<{k}>"
+                            for k in kernels]
     plan, *_ = base._kernel_args(xs, scales, shifts, resamples, size_arg or case.size, case.relu, cl)
     call = OpCall(kind="fuse", inputs=[tuple(x.shape) for x in xs], dtype=dtype, plan=plan)
-    modelled = [launch for launch in cuda_cpp.launches(call, True) if launch.kernel == "AdjointKernel"]
-    assert [f"{lc.params['kmax']},{lc.params['mode']}" for lc in modelled] == kernels
+    modelled = {}  # the model's launches by term
+    for launch in cuda_cpp.launches(call, True):
+        if launch.kernel == "AdjointKernel":
+            modelled[launch.params["term"]] = f"{launch.params['kmax']},{launch.params['mode']}"
+        elif launch.kernel == "RowAdjointKernel":
+            terms = [k for k in range(len(xs)) if launch.params["terms"] >> k & 1]
+            for k in terms:
+                modelled[k] = "row " + ",".join(str(case.size[1] // xs[j].shape[3]) for j in terms)
+    assert [modelled[k] for k in sorted(modelled)] == kernels
 
 
 # ------------------------------------------------------------------------------------- the launch structure
@@ -486,12 +544,15 @@ DETERMINISM_CASES = {
     "11_terms_c40": Case((6, 7), TERMS_11, N=3, C=40, affine="mixed"),
     # the fast paths: ForwardTileKernel, the register AdjointKernel, BackwardSameKernel's segments
     "sbbb": Case((8, 20), PACK_SBBB, N=2, C=9, affine="mixed"),
+    # RowAdjointKernel (x2, x4, x8 in one launch)
+    "row_248": Case((16, 32), ADJ_PHASE_124, N=2, C=9, affine="mixed"),
 }
 
 
 @pytest.mark.parametrize("dtype, layout, name", [(F32, "nchw", "6_terms"), (F16, "channels_last", "6_terms"),
                                                  (F64, "strided", "6_terms"), (F32, "channels_last", "11_terms_c40"),
-                                                 (F32, "nchw", "11_terms_c40"), (F32, "nchw", "sbbb")])
+                                                 (F32, "nchw", "11_terms_c40"), (F32, "nchw", "sbbb"),
+                                                 (BF16, "channels_last", "row_248")])
 def test_bitwise_deterministic(dtype, layout, name):
     """Same inputs, same bits: on a GPU over repeated runs, on CPU also with 1 and 2 threads (the host build
     runs the grid's blocks in parallel; each block writes its own outputs and partial rows, and the partials

@@ -20,6 +20,11 @@ plan and shapes, following csrc/README.md: blocks of 32 x 8 threads, grid z = im
   or ADJOINT_TENT (3, the phase form: compile-time tent weights, runtime flags only for the image's first and
   last rows and columns) for bilinear without align_corners by the same f on both axes with g exactly f times
   the source and whole rows of 32 / KMAX-pixel segments; KMAX 0 the generic one (one source pixel per thread).
+  Where at least two terms take the phase form with factors, in term order, of ROW_PACKS (x2 x4 x8, x2 x4)
+  and W / ROW_L segments per row that divide, or are divided by, a block's 32 (channels_last 8): one
+  `RowAdjointKernel<PACK>` launch for them instead (`adjoint_row_group`): grad_y and y read once for all
+  of them, a thread per ROW_L = 16 output columns of one source row of the coarsest term (the finer terms'
+  rows under it), the partial sums of each term into the rows its own launch would write.
 The kernel names are `KernelName`s: the struct (the workload.CUDA_KERNELS key) carrying its extra template
 arguments as mangled (`mangled_name` finds the instantiation). Compulsory bytes are counted as for the Triton
 kernels (each tensor once). The kernels are compiled with nvcc for the target (`compile.compile_cuda`, the
@@ -50,6 +55,9 @@ PHASE_PACKS = (("sbbb", "1248"), ("ssbb", "1124"), ("sbb", "124"), ("snnn", "124
 ADJOINT_WINDOWS = {2: (4, 8, 16), 1: (2, 4, 8)}  # by mode: bilinear, nearest (exact windows)
 ADJOINT_TENT = 3  # csrc/fuse_kernels.h: AdjointKernel's MODE for the phase form of bilinear (adjoint_row_tent)
 INT32_SPAN = 1 << 30  # csrc/fuse_launchers.h fits_int32
+# csrc/fuse_kernels.h kRowL (output columns per thread of RowAdjointKernel) and kRowPacks (its terms' factors)
+ROW_L = 16
+ROW_PACKS = ((2, 4, 8), (2, 4))
 
 # the template arguments <scalar_t, acc_t> as they appear in the mangled kernel names
 _MANGLED_TYPES = {torch.float32: "IffEE", torch.float64: "IddEE", torch.bfloat16: "IN3c108BFloat16EfEE",
@@ -76,6 +84,14 @@ def pack_code(modes: str, factors: str = "") -> int:
         code |= "snb".index(m) << (4 + 2 * k)
     for k, f in enumerate(factors):
         code |= "1248".index(f) << (16 + 2 * k)
+    return code
+
+
+def row_code(factors) -> int:
+    """csrc/fuse_kernels.h row_code: the count in bits 0-3, term k's log2 factor in bits 4 + 2k."""
+    code = len(factors)
+    for k, f in enumerate(factors):
+        code |= (f.bit_length() - 1) << (4 + 2 * k)
     return code
 
 
@@ -210,6 +226,36 @@ def _adjoint_ps(kmax: int) -> int:
     return 32 // kmax if kmax >= 8 else PS
 
 
+def adjoint_row_group(terms, H: int, W: int, cl: bool, fits: bool) -> List[int]:
+    """csrc/fuse_launchers.h adjoint_row_group for dense tensors (every term's gradient in one layout): the
+    positions in `terms` ((shape, TermPlan) of the upsampled terms) that one RowAdjointKernel launch takes, the
+    longest run from the first in the phase form (ADJOINT_TENT) of at least two whose factors, in order, are one
+    of ROW_PACKS, where S = W / ROW_L segments per row and the block's segments along the row (32, channels_last
+    8) divide one another; [] otherwise."""
+    phased = [i for i, (shape, t) in enumerate(terms) if _adjoint_choice(shape, t, H, W, fits)[1] == ADJOINT_TENT]
+    S, along = W // ROW_L, BLOCK_Y if cl else BLOCK_X
+    for n in range(min(len(phased), 3), 1, -1):
+        factors = tuple(W // terms[i][0][3] for i in phased[:n])
+        if factors in ROW_PACKS and W % ROW_L == 0 and (S % along == 0 or along % S == 0):
+            return phased[:n]
+    return []
+
+
+def _adjoint_choice(shape, t, H: int, W: int, fits: bool):
+    """csrc/fuse_launchers.h adjoint_choice: (KMAX, MODE) of a term's AdjointKernel."""
+    k_h = _window(t.ratio_h, t.mode, t.align_corners, H)
+    k_w = _window(t.ratio_w, t.mode, t.align_corners, W)
+    exact = all(num == 1 and den & (den - 1) == 0 for num, den in (t.ratio_h, t.ratio_w)) and not (
+        t.mode == 2 and t.align_corners)
+    windows = ADJOINT_WINDOWS.get(t.mode, ()) if fits and exact and k_h <= k_w else ()
+    kmax = k_w if k_w in windows else 0  # the window exactly KMAX wide
+    mode = t.mode if kmax else 0
+    if kmax and t.mode == 2 and t.ratio_h == t.ratio_w and shape[2] * k_h // 2 == H and (
+            shape[3] * k_w // 2 == W and shape[3] % _adjoint_ps(kmax) == 0):
+        mode = ADJOINT_TENT  # the phase form: g exactly f times the source, whole rows of segments
+    return kmax, mode
+
+
 def _backward(terms, N, C, H, W, cl, out, size, fits) -> List[CudaLaunch]:
     same = [(s, t) for s, t in terms if t.mode == 0]
     result = []
@@ -222,21 +268,26 @@ def _backward(terms, N, C, H, W, cl, out, size, fits) -> List[CudaLaunch]:
         result.append(CudaLaunch(KernelName("BackwardSameKernel"), "backward", blocks * BLOCK_X * BLOCK_Y // 32,
                                  elems * size,
                                  dict(count=len(same), slots=slots, elements=out)))
-    for shape, t in terms:
-        if t.mode == 0:
+    upsampled = [(k, shape, t) for k, (shape, t) in enumerate(terms) if t.mode != 0]
+    group = [upsampled[i] for i in adjoint_row_group([(s, t) for _, s, t in upsampled], H, W, cl, fits)]
+    if group:  # one RowAdjointKernel launch: grad_y and y read once for its terms
+        factors = [W // shape[3] for _, shape, _ in group]
+        h0, S = H // max(factors), W // ROW_L
+        along, chans = (BLOCK_Y, BLOCK_X) if cl else (BLOCK_X, BLOCK_Y)  # segments, channels per block
+        blocks = math.ceil(h0 * S / along) * math.ceil(C / chans) * N
+        src = [math.prod(shape) * (2 if t.has_scale else 1) for _, shape, t in group]  # dz, z for dscale
+        result.append(CudaLaunch(KernelName("RowAdjointKernel", f"Lj{row_code(factors)}E"), "backward",
+                                 blocks * BLOCK_X * BLOCK_Y // 32, (2 * out + sum(src)) * size,
+                                 dict(count=len(group), terms=sum(1 << k for k, _, _ in group),
+                                      elements=sum(math.prod(shape) for _, shape, _ in group))))
+    for k, shape, t in upsampled:
+        if any(k == g[0] for g in group):
             continue
         e = math.prod(shape)
         elems = 2 * out + e * (2 if t.has_scale else 1)  # grad_y, y, dz, z for dscale
         k_h = _window(t.ratio_h, t.mode, t.align_corners, H)
         k_w = _window(t.ratio_w, t.mode, t.align_corners, W)
-        exact = all(num == 1 and den & (den - 1) == 0 for num, den in (t.ratio_h, t.ratio_w)) and not (
-            t.mode == 2 and t.align_corners)
-        windows = ADJOINT_WINDOWS.get(t.mode, ()) if fits and exact and k_h <= k_w else ()
-        kmax = k_w if k_w in windows else 0  # the window exactly KMAX wide
-        mode = t.mode if kmax else 0
-        if kmax and t.mode == 2 and t.ratio_h == t.ratio_w and shape[2] * k_h // 2 == H and (
-                shape[3] * k_w // 2 == W and shape[3] % _adjoint_ps(kmax) == 0):
-            mode = ADJOINT_TENT  # the phase form: g exactly f times the source, whole rows of segments
+        kmax, mode = _adjoint_choice(shape, t, H, W, fits)
         if kmax:  # adjoint_ps(KMAX) source pixels of a row per thread, segments numbered row-major
             segments = shape[2] * math.ceil(shape[3] / _adjoint_ps(kmax))
             blocks = (math.ceil(segments / (BLOCK_Y if cl else BLOCK_X)) * math.ceil(C / (BLOCK_X if cl else BLOCK_Y))
@@ -245,7 +296,7 @@ def _backward(terms, N, C, H, W, cl, out, size, fits) -> List[CudaLaunch]:
         else:
             warps = _warps(cl, C, shape[2] * shape[3], N)
         result.append(CudaLaunch(KernelName("AdjointKernel", f"Li{kmax}ELi{mode}E"), "backward", warps, elems * size,
-                                 dict(k_h=k_h, k_w=k_w, kmax=kmax, mode=mode, elements=e)))
+                                 dict(k_h=k_h, k_w=k_w, kmax=kmax, mode=mode, term=k, elements=e)))
     return result
 
 

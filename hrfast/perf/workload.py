@@ -262,6 +262,9 @@ CUDA_KERNELS: Dict[str, KernelWork] = {
     # generic gather's two loops
     "AdjointKernel": KernelWork(trips=lambda p: [] if p.get("kmax") else [p["k_h"] * p["k_w"], p["k_h"]],
                                 elements=lambda p: p["elements"]),
+    # the 2 FM rows and the terms unrolled, the partials' reduction phase unrolled per layout (both counted:
+    # an upper bound): straight-line code
+    "RowAdjointKernel": KernelWork(trips=lambda p: [], elements=lambda p: p["elements"]),
 }
 
 # kernels deliberately without an entry (reported with "trip counts unknown"), with the reason

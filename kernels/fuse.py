@@ -429,15 +429,24 @@ def _upsample_adjoint_kernel(
     else:
         _adjoint_gather(g_ptr, g_strides, H, W, scale_ptr, dz_ptr, dz_strides, part_ptr, R, C, src, window_h,
                         window_w, MODE, ALIGN, HAS_SCALE, NEED_DZ, NEED_DSCALE, NEED_DSHIFT, F64, INT64, BLOCK_C,
-                        BLOCK_H, BLOCK_W)
+                        BLOCK_H, BLOCK_W, _is_one(g_strides[1]))
+
+
+@triton.constexpr_function
+def _is_one(x):
+    """Whether x is the integer 1 at compile time (a kernel argument Triton specialized; under the interpreter,
+    any 1): False for a run-time value. Only a kernel's own arguments: passed on to a @jit function, a
+    specialized tuple element arrives as a tensor."""
+    return isinstance(x, int) and x == 1
 
 
 @triton.jit
 def _adjoint_gather(g_ptr, g_strides, H, W, scale_ptr, dz_ptr, dz_strides, part_ptr, R, C, src, window_h, window_w,
                     MODE: tl.constexpr, ALIGN: tl.constexpr, HAS_SCALE: tl.constexpr, NEED_DZ: tl.constexpr,
                     NEED_DSCALE: tl.constexpr, NEED_DSHIFT: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr,
-                    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """The general `_upsample_adjoint_kernel`: windows [first_reader(s), + K), two loops."""
+                    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, COLS: tl.constexpr):
+    """The general `_upsample_adjoint_kernel`: windows [first_reader(s), + K), two loops. COLS: g's channel
+    stride is the constant 1 (channels_last)."""
     acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
     z_ptr, h, w, z_strides, ratio_h, ratio_w = src
     KH, step_h, off_h = window_h
@@ -449,10 +458,15 @@ def _adjoint_gather(g_ptr, g_strides, H, W, scale_ptr, dz_ptr, dz_strides, part_
     qy = (pid_p // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)
     qx = (pid_p % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    # the tile's tail clamped onto the last source pixel / channel: it computes a valid value, never stored
+    # the tile's tail clamped onto the last source pixel / channel: it computes a valid value, never stored.
+    # channels_last: wrapped (c % C), which keeps the channels' contiguity where C is a multiple of 16 (vector
+    # loads along them; min(c, C - 1) loses it)
     sy = tl.minimum(qy, h - 1)
     sx = tl.minimum(qx, w - 1)
-    cc = tl.minimum(c, C - 1)
+    if COLS:
+        cc = c % C
+    else:
+        cc = tl.minimum(c, C - 1)
     ry = ratio_h[0]
     rx = ratio_w[0]
     if MODE == 2:
@@ -460,9 +474,18 @@ def _adjoint_gather(g_ptr, g_strides, H, W, scale_ptr, dz_ptr, dz_strides, part_
         rx = bilinear_ratio(ratio_w, F64)
     lo_y = first_reader(sy, ry, step_h, off_h, MODE, ALIGN, F64)
     lo_x = first_reader(sx, rx, step_w, off_w, MODE, ALIGN, F64)
-    u = tl.zeros([BLOCK_C, BLOCK_H, BLOCK_W], dtype=acc_t)
-    # columns outer: a thread holds many columns of few rows (the layout follows the contiguous dz store), so
-    # the column weights are the costly ones to compute; here once per kx, not once per (ky, kx)
+    s_n, s_c, s_h, s_w = g_strides
+    # channels_last (COLS): the tile held as [channels, columns, rows], back to [channels, rows, columns] for the
+    # epilogue. Triton spreads a warp over the contiguous channels, then over the last axis, so a thread holds
+    # several columns of one row (fp32: 4 channels x 4 columns x 1 row, not 4 rows x 1 column) and computes the
+    # inner loop's row weight once, not once per row it holds. The same products and sums per element in the
+    # same order: bitwise the same results either way.
+    if COLS:
+        u = tl.zeros([BLOCK_C, BLOCK_W, BLOCK_H], dtype=acc_t)
+    else:
+        u = tl.zeros([BLOCK_C, BLOCK_H, BLOCK_W], dtype=acc_t)
+    # columns outer: a thread holds many columns of few rows (NCHW: the layout follows the contiguous dz store),
+    # so the column weights are the costly ones to compute; here once per kx, not once per (ky, kx)
     for kx in range(0, KW):
         dx = lo_x + kx
         wx = adjoint_weight(dx, sx, rx, w, W, MODE, ALIGN, F64)
@@ -470,10 +493,16 @@ def _adjoint_gather(g_ptr, g_strides, H, W, scale_ptr, dz_ptr, dz_strides, part_
         for ky in range(0, KH):
             dy = lo_y + ky
             wy = adjoint_weight(dy, sy, ry, h, H, MODE, ALIGN, F64)
-            wgt = (wy[:, None] * wx[None, :]).to(acc_t)[None, :, :]
-            gv = tl.load(g_ptr + grid_offsets(n, cc, tl.minimum(dy, H - 1), dx, g_strides, INT64), mask=wgt != 0.0,
-                         other=0.0)
+            if COLS:
+                wgt = (wy[None, :] * wx[:, None]).to(acc_t)[None, :, :]
+                offsets = grid_offsets(n, cc, dx, tl.minimum(dy, H - 1), (s_n, s_c, s_w, s_h), INT64)
+            else:
+                wgt = (wy[:, None] * wx[None, :]).to(acc_t)[None, :, :]
+                offsets = grid_offsets(n, cc, tl.minimum(dy, H - 1), dx, g_strides, INT64)
+            gv = tl.load(g_ptr + offsets, mask=wgt != 0.0, other=0.0)
             u += gv.to(acc_t) * wgt
+    if COLS:
+        u = tl.permute(u, (0, 2, 1))
     _adjoint_epilogue(u, n, c, cc, qy, qx, sy, sx, h, w, C, R, z_ptr, z_strides, scale_ptr, dz_ptr, dz_strides,
                       part_ptr, HAS_SCALE, NEED_DZ, NEED_DSCALE, NEED_DSHIFT, F64, INT64)
 

@@ -115,6 +115,40 @@ def test_fuse_phase_form_matches_tiles_bitwise(layout, dtype, bits, monkeypatch)
     assert torch.isnan(tiled).any() and torch.isinf(tiled).any()
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's 0 * inf
+def test_adjoint_gather_layouts_bitwise(monkeypatch):
+    """The gather form holds a channels_last tile as [channels, columns, rows] (its channels wrapped, not
+    clamped, past C): per source pixel the same products and sums in the same order as the NCHW form, so dz
+    is bitwise equal across layouts, NaN and inf included (g non-finite at the edges and inside), for a x2
+    bilinear, an align_corners bilinear and a 13 / 5 nearest term, C = 20 (a channel block past C). The
+    per-channel sums (tiles of other shapes) to summation order."""
+    from hrfast.kernels import fuse as K
+    from hrfast.plan import BILINEAR, NEAREST, TermPlan
+
+    monkeypatch.setattr(K, "_adjoint_phase_factors", lambda *a: None)
+    N, C, dtype = 2, 20, F32
+    for term, (h, w), (H, W) in [(TermPlan(BILINEAR, False, (1, 2), (1, 2), True, True), (5, 9), (10, 18)),
+                                 (TermPlan(BILINEAR, True, (4, 9), (6, 16), True, True), (5, 7), (10, 17)),
+                                 (TermPlan(NEAREST, False, (5, 13), (1, 3), True, True), (5, 4), (13, 12))]:
+        z = (1.0 + torch.randn(N, C, h, w)).to(dtype)
+        g = _grad_with_nonfinite((N, C), (H, W), dtype, "nchw", inner=(H // 2, W // 2))
+        scale = torch.rand(C).add(0.5).to(dtype)
+        out = {}
+        for layout in ("nchw", "channels_last"):
+            fmt = CL if layout == "channels_last" else torch.contiguous_format
+            args = [t.contiguous(memory_format=fmt).to(TRITON_DEVICE) for t in (g, z)]
+            out[layout] = K.upsample_term_backward(term, *args, scale.to(TRITON_DEVICE), scale.to(TRITON_DEVICE),
+                                                   (True, True, True))
+        (dz, dscale, dshift), (dz_cl, dscale_cl, dshift_cl) = out["nchw"], out["channels_last"]
+        assert dz_cl.is_contiguous(memory_format=CL)
+        assert torch.equal(dz.contiguous().view(torch.int32), dz_cl.contiguous().view(torch.int32))
+        assert torch.isnan(dz).any() and torch.isinf(dz).any()
+        for a, e in ((dscale_cl, dscale), (dshift_cl, dshift)):
+            assert torch.equal(a.isnan(), e.isnan()) and torch.equal(a.isinf(), e.isinf())
+            finite = torch.isfinite(e)
+            assert torch.allclose(a[finite], e[finite], rtol=1e-5, atol=1e-5 * e[finite].abs().max())
+
+
 # the adjoint's phase form (`_adjoint_phases`: 2-byte floats, bilinear without align_corners by exactly 2, 4 or 8
 # per axis): x2 / x4 / x8 terms, unequal factors (x4 rows, x8 columns), one-pixel-high / -wide sources (the
 # first and last edge at once); with ADJOINT_PHASE_MAX_Q = 2 several threads and programs along a row

@@ -57,7 +57,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .resample import cdiv, launch_grid, next_power_of_2
+from .resample import cdiv, channel_block, launch_grid, next_power_of_2
 
 __all__ = ["StatsTerm", "BackwardTerm", "batch_stats", "batch_norm_backward", "can_launch", "stats_config"]
 
@@ -66,6 +66,7 @@ STATS_PROGRAMS = 1024  # about this many statistics programs (fixed, not read fr
 PROGRAM_TILES = 16  # at least this many tiles per statistics program where the shape has them
 MAX_PARTIALS = 256  # at most this many partials per channel: the finalize loops over them (latency)
 MAX_CHANNELS_LAST_BLOCK = 64
+MIN_FITTED_BLOCK = 16  # channels_last statistics: a lane-fitted channel block (`stats_config`) from 16 channels
 FINALIZE_BLOCK_C = 32
 FINALIZE_BLOCK_S = 64
 MAX_TERMS = 12  # folds per launch (a fusion step of a 4-branch HRNet stage has 12): each count compiles a variant
@@ -444,6 +445,11 @@ def stats_config(N: int, C: int, P: int, s_c: int) -> Tuple[int, int, int, int, 
     MAX_PARTIALS partials per channel where N allows. A function of the shape only (deterministic), the same
     whether the term is launched alone or grouped."""
     block_c, block_p = _tile(C, P, s_c)
+    fitted = channel_block(C, MAX_CHANNELS_LAST_BLOCK)
+    if s_c == 1 and C > 1 and fitted >= MIN_FITTED_BLOCK:
+        # channels_last: blocks with >= 90% of their lanes on real channels (C = 48: 16, not 64 with a quarter
+        # idle), where each pixel's run stays a sector wide
+        block_c, block_p = fitted, max(1, min(TILE // fitted, next_power_of_2(P)))
     tiles = cdiv(P, block_p)
     per_program = max(PROGRAM_TILES, cdiv(cdiv(C, block_c) * N * tiles, STATS_PROGRAMS))
     if per_program < tiles:  # chunks of the image

@@ -100,7 +100,9 @@ def _compare(bn, ref, impl, kernels_module, z, steps=1):
             assert bn.num_batches_tracked.item() == ref.num_batches_tracked.item()
 
 
-SHAPES = {"odd": (2, 3, 5, 7), "n1": (1, 4, 3, 5), "c1": (3, 1, 4, 5), "hw1": (5, 3, 1, 1), "h1": (2, 3, 1, 9)}
+# c48: channels_last statistics in lane-fitted channel blocks (16 of 48, `stats_config`)
+SHAPES = {"odd": (2, 3, 5, 7), "n1": (1, 4, 3, 5), "c1": (3, 1, 4, 5), "hw1": (5, 3, 1, 1), "h1": (2, 3, 1, 9),
+          "c48": (2, 48, 3, 5)}
 
 
 @pytest.mark.parametrize("impl", IMPLS)

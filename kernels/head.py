@@ -23,6 +23,11 @@ result holds NaN, or whose patches miss a tap, is redone with ATen's exact per-p
   fp32 (3xTF32 dots: the fused chunk would spill kilobytes) writes ds instead, one tile per program, for the
   op's GEMMs and the fusion op's adjoint gather (`upsample_adjoint`).
 
+fp32's 3xTF32 dots split both operands in (hi, lo) tf32 pairs; an interpolation matrix U_j whose weights are
+exact in tf32 (`UEXACT`, `_weights_exact_in_tf32`: nearest, and bilinear at power-of-two ratios, HRNet's 2x /
+4x / 8x) has lo = 0, so its dots run unsplit (`_dot3_exact`: two dots, not three, the same sums): a third
+fewer dots for those branches, and no (hi, lo) pair of U to hold over the chunk loop.
+
 Per-split and per-tile partial sums are reduced in a fixed order (on the host, or by the gather): deterministic,
 no atomics.
 """
@@ -88,7 +93,8 @@ def _tile_plans(n, oy, ox, lows, MODES: tl.constexpr, ALIGNS: tl.constexpr, PATC
 
 @triton.jit
 def _chunk_pre_bn(x0, n, oy, ox, p_mask, m, m_mask, m_c, w0_ptr, w0_strides, C0, plans, lows,
-                  MODES: tl.constexpr, ALIGNS: tl.constexpr, CL: tl.constexpr, GATHER: tl.constexpr,
+                  MODES: tl.constexpr, ALIGNS: tl.constexpr, UEXACT: tl.constexpr, CL: tl.constexpr,
+                  GATHER: tl.constexpr,
                   F64: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr, C0P: tl.constexpr):
     """s [pixels, BLOCK_M] = x0^T W0[m]^T + sum_j Up(P_j)[m] on the tile, in the accumulation dtype: U_j . patch_j
     dots (`_tile_plans`) or, GATHER, ATen's per-pixel taps. (oy, ox) clamped into the image, m_c = m clamped
@@ -117,7 +123,9 @@ def _chunk_pre_bn(x0, n, oy, ox, p_mask, m, m_mask, m_c, w0_ptr, w0_strides, C0,
                                 mask=m_mask[None, :], other=0.0)
             else:  # scalar loads either way: clamped, no mask to compute
                 patch = tl.load(x_ptr + (patch_offsets[:, None] + _channel_offsets(m_c, strides, INT64)[None, :]))
-            if PRECISION == "tf32x3":
+            if UEXACT[j] and ((PRECISION == "tf32x3") or (PRECISION == "tf32x3_split")):
+                s, t = _dot3_exact(u, patch, s, t)
+            elif PRECISION == "tf32x3":
                 s, t = _dot3(u, patch, s, t)
             elif PRECISION == "tf32x3_split":
                 s, t = _dot3_split(u[0], u[1], patch, s, t)
@@ -159,11 +167,24 @@ def _dot3_split(a_hi, a_lo, b, big, small):
 
 
 @triton.jit
-def _split_plans(plans, MODES: tl.constexpr):
-    """`_tile_plans`' plans with each U_j as its split (hi, lo) (`_tf32_split`)."""
+def _dot3_exact(a, b, big, small):
+    """`_dot3` for an a exact in tf32 (lo(a) = 0: `UEXACT`'s interpolation weights): big += a hi(b), small +=
+    a lo(b), the same sums without the dot of zeros and without a's split."""
+    b_hi, b_lo = _tf32_split(b)
+    small = tl.dot(a, b_lo, acc=small, input_precision="tf32")
+    big = tl.dot(a, b_hi, acc=big, input_precision="tf32")
+    return big, small
+
+
+@triton.jit
+def _split_plans(plans, MODES: tl.constexpr, UEXACT: tl.constexpr):
+    """`_tile_plans`' plans with each U_j as its split (hi, lo) (`_tf32_split`), U_j as is where it is exact in
+    tf32 (`UEXACT`)."""
     split = ()
     for j in tl.static_range(len(MODES)):
-        if MODES[j] != 0:
+        if UEXACT[j]:
+            split = split + (plans[j],)
+        elif MODES[j] != 0:
             u, offsets = plans[j]
             split = split + ((_tf32_split(u), offsets),)
         else:
@@ -192,7 +213,8 @@ def _redo_from(probe, covered, M):
 
 @triton.jit
 def _stats_chunk(x0, n, cy, cx, p_mask, count, m0, M, w0_ptr, w0_strides, C0, plans, lows, part_ptr, row, R,
-                 MODES: tl.constexpr, ALIGNS: tl.constexpr, CL: tl.constexpr, GATHER: tl.constexpr,
+                 MODES: tl.constexpr, ALIGNS: tl.constexpr, UEXACT: tl.constexpr, CL: tl.constexpr,
+                 GATHER: tl.constexpr,
                  F64: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr, C0P: tl.constexpr,
                  BLOCK_M: tl.constexpr):
     """Stores the tile's sum and centred sum of squares of s for channels m0 + [0, BLOCK_M); returns the sums
@@ -200,7 +222,7 @@ def _stats_chunk(x0, n, cy, cx, p_mask, count, m0, M, w0_ptr, w0_strides, C0, pl
     m = m0 + tl.arange(0, BLOCK_M)
     m_mask = m < M
     s = _chunk_pre_bn(x0, n, cy, cx, p_mask, m, m_mask, tl.minimum(m, M - 1), w0_ptr, w0_strides, C0, plans, lows,
-                      MODES, ALIGNS, CL, GATHER, F64, INT64, PRECISION, C0P)
+                      MODES, ALIGNS, UEXACT, CL, GATHER, F64, INT64, PRECISION, C0P)
     s = tl.where(p_mask[:, None], s, 0.0)
     total = tl.sum(s, axis=0)
     centred = tl.where(p_mask[:, None], s - (total / count)[None, :], 0.0)
@@ -213,7 +235,7 @@ def _stats_chunk(x0, n, cy, cx, p_mask, count, m0, M, w0_ptr, w0_strides, C0, pl
 def _head_stats_kernel(
     x0_ptr, x0_strides, C0, H, W,
     w0_ptr, w0_strides, M, part_ptr, R,
-    lows, MODES: tl.constexpr, ALIGNS: tl.constexpr, PATCH_H: tl.constexpr, PATCH_W: tl.constexpr,
+    lows, MODES: tl.constexpr, ALIGNS: tl.constexpr, UEXACT: tl.constexpr, PATCH_H: tl.constexpr, PATCH_W: tl.constexpr,
     SRC: tl.constexpr, CL: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr,
     C0P: tl.constexpr, BLOCK_M: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
 ):
@@ -232,11 +254,11 @@ def _head_stats_kernel(
     probe = tl.zeros([BLOCK_M], dtype=acc_t)
     for m0 in range(0, M, BLOCK_M):
         probe += _stats_chunk(x0, n, cy, cx, p_mask, count, m0, M, w0_ptr, w0_strides, C0, plans, lows, part_ptr,
-                              row, R, MODES, ALIGNS, CL, False, F64, INT64, PRECISION, C0P, BLOCK_M)
+                              row, R, MODES, ALIGNS, UEXACT, CL, False, F64, INT64, PRECISION, C0P, BLOCK_M)
     redo = _redo_from(probe, covered, M)
     for m0 in range(redo, M, GATHER_M):
         _stats_chunk(x0, n, cy, cx, p_mask, count, m0, M, w0_ptr, w0_strides, C0, plans, lows, part_ptr, row, R,
-                     MODES, ALIGNS, CL, True, F64, INT64, PRECISION, C0P, GATHER_M)
+                     MODES, ALIGNS, UEXACT, CL, True, F64, INT64, PRECISION, C0P, GATHER_M)
 
 
 @triton.jit
@@ -315,8 +337,9 @@ def _head_forward_kernel(
     x0_ptr, x0_strides, C0, H, W,
     w0_ptr, w0_strides, M, scale_ptr, shift_ptr,
     wc_ptr, wc_strides, K, bc_ptr, out_ptr, out_strides,
-    lows, MODES: tl.constexpr, ALIGNS: tl.constexpr, PATCH_H: tl.constexpr, PATCH_W: tl.constexpr,
-    SRC: tl.constexpr, CL: tl.constexpr, HAS_BC: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr,
+    lows, MODES: tl.constexpr, ALIGNS: tl.constexpr, UEXACT: tl.constexpr, PATCH_H: tl.constexpr, PATCH_W: tl.constexpr,
+    SRC: tl.constexpr, CL: tl.constexpr, HAS_BC: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr,
+    PRECISION: tl.constexpr,
     C0P: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
 ):
     """One TILE_H x TILE_W tile of output pixels per program, looping over the M head channels in chunks.
@@ -333,13 +356,14 @@ def _head_forward_kernel(
     oy, ox, p_mask, cy, cx = _tile_pixels(tl.program_id(0), H, W, TILE_H, TILE_W)
     x0 = _load_x0_tile(x0_ptr, n, cy, cx, p_mask, C0, x0_strides, INT64, C0P)
     logits, covered = _tile_logits(x0, n, cy, cx, p_mask, w0_ptr, w0_strides, C0, M, scale_ptr, shift_ptr,
-                                   wc_ptr, wc_strides, K, lows, MODES, ALIGNS, PATCH_H, PATCH_W, SRC, CL, False,
+                                   wc_ptr, wc_strides, K, lows, MODES, ALIGNS, UEXACT, PATCH_H, PATCH_W, SRC, CL, False,
                                    F64, INT64, PRECISION, C0P, KP, BLOCK_M)
     nan_seen = tl.sum(tl.where(logits != logits, 1, 0), axis=1)
     if (tl.sum(nan_seen, axis=0) > 0) | (covered == 0):
         # (narrow chunks: the gathers hold 4 taps per branch at once, and this loop's registers count too)
         logits, covered = _tile_logits(x0, n, cy, cx, p_mask, w0_ptr, w0_strides, C0, M, scale_ptr, shift_ptr,
-                                       wc_ptr, wc_strides, K, lows, MODES, ALIGNS, PATCH_H, PATCH_W, SRC, CL, True,
+                                       wc_ptr, wc_strides, K, lows, MODES, ALIGNS, UEXACT, PATCH_H, PATCH_W, SRC, CL,
+                                       True,
                                        F64, INT64, PRECISION, C0P, KP, 16)
     k = tl.arange(0, KP)
     if HAS_BC:
@@ -350,7 +374,8 @@ def _head_forward_kernel(
 
 @triton.jit
 def _tile_logits(x0, n, oy, ox, p_mask, w0_ptr, w0_strides, C0, M, scale_ptr, shift_ptr,
-                 wc_ptr, wc_strides, K, lows, MODES: tl.constexpr, ALIGNS: tl.constexpr, PATCH_H: tl.constexpr,
+                 wc_ptr, wc_strides, K, lows, MODES: tl.constexpr, ALIGNS: tl.constexpr, UEXACT: tl.constexpr,
+                 PATCH_H: tl.constexpr,
                  PATCH_W: tl.constexpr, SRC: tl.constexpr, CL: tl.constexpr, GATHER: tl.constexpr, F64: tl.constexpr,
                  INT64: tl.constexpr, PRECISION: tl.constexpr, C0P: tl.constexpr, KP: tl.constexpr,
                  BLOCK_M: tl.constexpr):
@@ -368,6 +393,7 @@ def _tile_logits(x0, n, oy, ox, p_mask, w0_ptr, w0_strides, C0, M, scale_ptr, sh
         # clamped to the last channel / class where that keeps loads unmasked: the padding is zeroed below
         m_c = tl.minimum(m, M - 1)
         s = _chunk_pre_bn(x0, n, oy, ox, p_mask, m, m_mask, m_c, w0_ptr, w0_strides, C0, plans, lows, MODES, ALIGNS,
+                          UEXACT,
                           CL, GATHER, F64, INT64, PRECISION, C0P)
         scale = tl.load(scale_ptr + m_c).to(acc_t)
         shift = tl.load(shift_ptr + m_c).to(acc_t)
@@ -387,13 +413,15 @@ def _tile_logits(x0, n, oy, ox, p_mask, w0_ptr, w0_strides, C0, M, scale_ptr, sh
 @triton.jit
 def _activation_grad(x0, g, n, cy, cx, p_mask, m, m_mask, m_c, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr,
                      wc_ptr, wc_strides, K, plans, lows, MODES: tl.constexpr, ALIGNS: tl.constexpr,
+                     UEXACT: tl.constexpr,
                      CL: tl.constexpr, GATHER: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr,
                      PRECISION: tl.constexpr, C0P: tl.constexpr, KP: tl.constexpr):
     """On one tile and M chunk: (s, a_pre = s * scale + shift, dA = ReLU'(a_pre) (g Wc[:, m]), scale), all
     [pixels, BLOCK_M] in the accumulation dtype; g [pixels, KP] is the logits' gradient in Wc's dtype (eager's
     classifier backward multiplies in the input dtype)."""
     acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
-    s = _chunk_pre_bn(x0, n, cy, cx, p_mask, m, m_mask, m_c, w0_ptr, w0_strides, C0, plans, lows, MODES, ALIGNS, CL,
+    s = _chunk_pre_bn(x0, n, cy, cx, p_mask, m, m_mask, m_c, w0_ptr, w0_strides, C0, plans, lows, MODES, ALIGNS,
+                      UEXACT, CL,
                       GATHER, F64, INT64, PRECISION, C0P)
     scale = tl.load(scale_ptr + m_c).to(acc_t)
     shift = tl.load(shift_ptr + m_c).to(acc_t)
@@ -405,6 +433,10 @@ def _activation_grad(x0, g, n, cy, cx, p_mask, m, m_mask, m_c, w0_ptr, w0_stride
         zeros = tl.zeros([g[0].shape[0], wc.shape[1]], acc_t)
         big, small = _dot3_split(g[0], g[1], wc, zeros, zeros)
         da = relu_backward(a_pre, _dot3_sum(big, small))
+    elif PRECISION == "tf32x3":
+        zeros = tl.zeros([g.shape[0], wc.shape[1]], acc_t)
+        big, small = _dot3(g, wc, zeros, zeros)
+        da = relu_backward(a_pre, _dot3_sum(big, small))
     else:
         da = relu_backward(a_pre, tl.dot(g, wc, out_dtype=acc_t, input_precision=PRECISION))
     return s, a_pre, da, scale
@@ -413,6 +445,7 @@ def _activation_grad(x0, g, n, cy, cx, p_mask, m, m_mask, m_c, w0_ptr, w0_stride
 @triton.jit
 def _pre_bn_grad(x0, g, n, cy, cx, p_mask, m, m_mask, m_c, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr, alpha_ptr,
                  beta_ptr, wc_ptr, wc_strides, K, plans, lows, MODES: tl.constexpr, ALIGNS: tl.constexpr,
+                 UEXACT: tl.constexpr,
                  CL: tl.constexpr, GATHER: tl.constexpr, BATCH_STATS: tl.constexpr, F64: tl.constexpr,
                  INT64: tl.constexpr, PRECISION: tl.constexpr, C0P: tl.constexpr, KP: tl.constexpr):
     """(s, ds) on one tile and M chunk: ds = dA * scale, plus alpha + beta * s under batch statistics (BN's
@@ -420,6 +453,7 @@ def _pre_bn_grad(x0, g, n, cy, cx, p_mask, m, m_mask, m_c, w0_ptr, w0_strides, C
     acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
     s, a_pre, da, scale = _activation_grad(x0, g, n, cy, cx, p_mask, m, m_mask, m_c, w0_ptr, w0_strides, C0,
                                            scale_ptr, shift_ptr, wc_ptr, wc_strides, K, plans, lows, MODES, ALIGNS,
+                                           UEXACT,
                                            CL, GATHER, F64, INT64, PRECISION, C0P, KP)
     ds = da * scale[None, :]
     if BATCH_STATS:
@@ -441,6 +475,7 @@ def _load_grad_tile(g_ptr, g_strides, n, oy, ox, p_mask, K, INT64: tl.constexpr,
 @triton.jit
 def _reduce_chunk(x0, g, n, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr, wc_ptr,
                   wc_strides, K, plans, lows, rows, later, redo, MODES: tl.constexpr, ALIGNS: tl.constexpr,
+                  UEXACT: tl.constexpr,
                   CL: tl.constexpr, GATHER: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr,
                   PRECISION: tl.constexpr, C0P: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr):
     """Adds the tile's dWc[:, chunk], sum_p dA and sum_p dA * s into the split's rows (`later`: rows hold earlier
@@ -453,7 +488,7 @@ def _reduce_chunk(x0, g, n, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale
     m_mask = m < M
     s, a_pre, da, _ = _activation_grad(x0, g, n, cy, cx, p_mask, m, m_mask, tl.minimum(m, M - 1), w0_ptr,
                                        w0_strides, C0, scale_ptr, shift_ptr, wc_ptr, wc_strides, K, plans, lows,
-                                       MODES, ALIGNS, CL, GATHER, F64, INT64, PRECISION, C0P, KP)
+                                       MODES, ALIGNS, UEXACT, CL, GATHER, F64, INT64, PRECISION, C0P, KP)
     # padded pixels are 0: their activation relu(shift) may be inf or NaN, and every sum runs over pixels
     a = tl.where(p_mask[:, None], relu(a_pre), 0.0)
     da = tl.where(p_mask[:, None], da, 0.0)
@@ -487,7 +522,7 @@ def _head_backward_reduce_kernel(
     x0_ptr, x0_strides, C0, H, W,
     w0_ptr, w0_strides, M, scale_ptr, shift_ptr,
     wc_ptr, wc_strides, K, g_ptr, g_strides, part_ptr, SPLITS, TILES,
-    lows, MODES: tl.constexpr, ALIGNS: tl.constexpr, PATCH_H: tl.constexpr, PATCH_W: tl.constexpr,
+    lows, MODES: tl.constexpr, ALIGNS: tl.constexpr, UEXACT: tl.constexpr, PATCH_H: tl.constexpr, PATCH_W: tl.constexpr,
     SRC: tl.constexpr, CL: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr,
     C0P: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
 ):
@@ -518,15 +553,16 @@ def _head_backward_reduce_kernel(
         if SPLIT:
             x0 = _tf32_split(x0)
             g = _tf32_split(g)
-            plans = _split_plans(plans, MODES)
+            plans = _split_plans(plans, MODES, UEXACT)
         for m0 in range(0, M, BLOCK_M):
             if m0 < redo:
                 redo = _reduce_chunk(x0, g, n, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr,
-                                     wc_ptr, wc_strides, K, plans, lows, rows, later, redo, MODES, ALIGNS, CL, False,
+                                     wc_ptr, wc_strides, K, plans, lows, rows, later, redo, MODES, ALIGNS, UEXACT,
+                                     CL, False,
                                      F64, INT64, dots, C0P, KP, BLOCK_M)
         for m0 in range(redo, M, GATHER_M):
             _reduce_chunk(x0, g, n, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr, wc_ptr,
-                          wc_strides, K, plans, lows, rows, later, redo, MODES, ALIGNS, CL, True, F64, INT64,
+                          wc_strides, K, plans, lows, rows, later, redo, MODES, ALIGNS, UEXACT, CL, True, F64, INT64,
                           dots, C0P, KP, GATHER_M)
 
 
@@ -589,7 +625,8 @@ def _exact_adjoint(u, codes, ds, PRECISION: tl.constexpr):
 @triton.jit
 def _grads_chunk(x0, g, t, n, oy, ox, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr,
                  alpha_ptr, beta_ptr, wc_ptr, wc_strides, K, plans, lows, outs, dx0, rows, later, covered, redo,
-                 MODES: tl.constexpr, ALIGNS: tl.constexpr, PATCH_H: tl.constexpr, PATCH_W: tl.constexpr,
+                 MODES: tl.constexpr, ALIGNS: tl.constexpr, UEXACT: tl.constexpr, PATCH_H: tl.constexpr,
+                 PATCH_W: tl.constexpr,
                  SRC: tl.constexpr, CL: tl.constexpr, GATHER: tl.constexpr, BATCH_STATS: tl.constexpr,
                  F64: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr, C0P: tl.constexpr,
                  KP: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -607,7 +644,7 @@ def _grads_chunk(x0, g, t, n, oy, ox, cy, cx, p_mask, m0, M, w0_ptr, w0_strides,
     m_mask = m < M
     m_c = tl.minimum(m, M - 1)
     s, ds = _pre_bn_grad(x0, g, n, cy, cx, p_mask, m, m_mask, m_c, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr,
-                         alpha_ptr, beta_ptr, wc_ptr, wc_strides, K, plans, lows, MODES, ALIGNS, CL, GATHER,
+                         alpha_ptr, beta_ptr, wc_ptr, wc_strides, K, plans, lows, MODES, ALIGNS, UEXACT, CL, GATHER,
                          BATCH_STATS, F64, INT64, PRECISION, C0P, KP)
     # padded pixels and channels are 0: every dot below sums over pixels or channels
     ds = tl.where(p_mask[:, None] & m_mask[None, :], ds, 0.0)
@@ -678,7 +715,8 @@ def _store_origins(origin_ptr, n, pid, tiles_w, TILES_H, TILES_W, cy, cx, lows, 
 @triton.jit
 def _ds_chunk(x0, g, n, oy, ox, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr, alpha_ptr,
               beta_ptr, wc_ptr, wc_strides, K, plans, lows, ds_ptr, ds_strides, MODES: tl.constexpr,
-              ALIGNS: tl.constexpr, CL: tl.constexpr, GATHER: tl.constexpr, BATCH_STATS: tl.constexpr,
+              ALIGNS: tl.constexpr, UEXACT: tl.constexpr, CL: tl.constexpr, GATHER: tl.constexpr,
+              BATCH_STATS: tl.constexpr,
               F64: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr, C0P: tl.constexpr, KP: tl.constexpr,
               BLOCK_M: tl.constexpr):
     """Stores ds for channels m0 + [0, BLOCK_M) of the tile; returns s summed over the chunk (the NaN probe)."""
@@ -687,7 +725,7 @@ def _ds_chunk(x0, g, n, oy, ox, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, s
     m_mask = m < M
     m_c = tl.minimum(m, M - 1)
     s, ds = _pre_bn_grad(x0, g, n, cy, cx, p_mask, m, m_mask, m_c, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr,
-                         alpha_ptr, beta_ptr, wc_ptr, wc_strides, K, plans, lows, MODES, ALIGNS, CL, GATHER,
+                         alpha_ptr, beta_ptr, wc_ptr, wc_strides, K, plans, lows, MODES, ALIGNS, UEXACT, CL, GATHER,
                          BATCH_STATS, F64, INT64, PRECISION, C0P, KP)
     tl.store(ds_ptr + _offsets(n, m, oy, ox, ds_strides, INT64), ds.to(ds_ptr.dtype.element_ty),
              mask=p_mask[:, None] & m_mask[None, :])
@@ -701,7 +739,8 @@ def _head_backward_ds_kernel(
     x0_ptr, x0_strides, C0, H, W,
     w0_ptr, w0_strides, M, scale_ptr, shift_ptr, alpha_ptr, beta_ptr,
     wc_ptr, wc_strides, K, g_ptr, g_strides, dx0_ptr, dx0_strides, dw0_ptr, origin_ptr, redo_ptr, SPLITS, TILES,
-    lows, outs, MODES: tl.constexpr, ALIGNS: tl.constexpr, PATCH_H: tl.constexpr, PATCH_W: tl.constexpr,
+    lows, outs, MODES: tl.constexpr, ALIGNS: tl.constexpr, UEXACT: tl.constexpr, PATCH_H: tl.constexpr,
+    PATCH_W: tl.constexpr,
     SRC: tl.constexpr, CL: tl.constexpr, BATCH_STATS: tl.constexpr, FUSED: tl.constexpr, F64: tl.constexpr,
     INT64: tl.constexpr, PRECISION: tl.constexpr, C0P: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr,
@@ -740,10 +779,11 @@ def _head_backward_ds_kernel(
         for m0 in range(0, M, BLOCK_M):
             probe += _ds_chunk(x0, g, n, oy, ox, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr,
                                shift_ptr, alpha_ptr, beta_ptr, wc_ptr, wc_strides, K, plans, lows, ds_ptr, ds_strides,
-                               MODES, ALIGNS, CL, False, BATCH_STATS, F64, INT64, PRECISION, C0P, KP, BLOCK_M)
+                               MODES, ALIGNS, UEXACT, CL, False, BATCH_STATS, F64, INT64, PRECISION, C0P, KP, BLOCK_M)
         for m0 in range(_redo_from(probe, covered, M), M, GATHER_M):
             _ds_chunk(x0, g, n, oy, ox, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr,
                       alpha_ptr, beta_ptr, wc_ptr, wc_strides, K, plans, lows, ds_ptr, ds_strides, MODES, ALIGNS,
+                      UEXACT,
                       CL, True, BATCH_STATS, F64, INT64, PRECISION, C0P, KP, GATHER_M)
     else:
         tiles_w = tl.cdiv(W, TILE_W)
@@ -780,7 +820,7 @@ def _head_backward_ds_kernel(
                             dx0, redo = _grads_chunk(x0, g, t, n, oy, ox, cy, cx, p_mask, m0, M, w0_ptr, w0_strides,
                                                      C0, scale_ptr, shift_ptr, alpha_ptr, beta_ptr, wc_ptr,
                                                      wc_strides, K, plans, lows, outs, dx0, rows, later, covered,
-                                                     redo, MODES, ALIGNS, PATCH_H, PATCH_W, SRC, CL, False,
+                                                     redo, MODES, ALIGNS, UEXACT, PATCH_H, PATCH_W, SRC, CL, False,
                                                      BATCH_STATS, F64, INT64, PRECISION, C0P, KP, BLOCK_M)
                         if (m0 >= redo) & (not later):  # rows the exact pass adds into
                             m = m0 + tl.arange(0, BLOCK_M)
@@ -796,7 +836,8 @@ def _head_backward_ds_kernel(
                     for m0 in range(0, M, GATHER_M):
                         dx0, _ = _grads_chunk(x0, g, t, n, oy, ox, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0,
                                               scale_ptr, shift_ptr, alpha_ptr, beta_ptr, wc_ptr, wc_strides, K, plans,
-                                              lows, outs, dx0, rows, True, covered, redo, MODES, ALIGNS, PATCH_H,
+                                              lows, outs, dx0, rows, True, covered, redo, MODES, ALIGNS, UEXACT,
+                                              PATCH_H,
                                               PATCH_W, SRC, CL, True, BATCH_STATS, F64, INT64, PRECISION, C0P, KP,
                                               GATHER_M)
                 # the pixels again (redo // (M + 1) is 0): recomputed rather than held over the chunk loops
@@ -947,11 +988,26 @@ _FORWARD_CANDIDATES = {
 # dot 3,092), dWc in its own chunk loop 1,728; without the dWc dot 632, without the dA dot 1,196. Spill-free
 # needs those operands out of the registers (e.g. a transposed chunk, s^T = W0[m] x0^T, whose invariant
 # operands are wgmma's B operand, in shared memory), not a configuration.
+# fp32 with U exact in tf32 (`_dot3_exact`; Triton 3.8, W18 / W48 512x1024 b8 training, NCHW and channels_last,
+# spill stores, predicted us W48 NCHW): forward sm_90 0-68 B outside the loop (was 0-76 B), sm_80 0-8 B outside
+# the loops (8-224 B), 553.5 -> 504.0 us on sm_90; statistics sm_90 W48 4 B in the loop (4-8 B), sm_80 none
+# (48-68 B), 466.9 -> 445.1 us; backward reduce sm_90 660-796 B (744-832 B), sm_80 772-1,068 B (900-1,140 B),
+# 916.5 -> 901.9 us. The ds kernel (fp32 writes ds) also splits the gradient tile once by hand (`_dot3`) and
+# takes one stage: 32 channels on sm_90 (0-92 B, none in the loop; two stages 76-104 B in the loop; 555.3 ->
+# 472.2 us), 16 on smaller devices (sm_80: 0-24 B, W48 channels_last 24 B in the loop, where 32 channels spill
+# 104-136 B at two stages and 96-252 B at one; 1,506.5 -> 1,272.0 us). The instrument counts issued
+# instructions, not the latency a second stage hides: one stage is its prediction, unmeasured. Tried: fp32
+# statistics in 16-channel chunks (spill-free on sm_90 but 445 -> 571 us), with 8 warps on 8x16 tiles (W48
+# NCHW spill-free, 382 us, channels_last 28 B in the loop), one stage for the forward (sm_90 W18 108 B in the
+# loop); in the reduce, dWc^T = a^T g with the gradient tile as the dot's B operand (sm_90 W48 796 -> 736 B, but
+# sm_80's SASS gains a loop the trip table does not know), reloading x0 and the gradient tile per chunk (1,900
+# B: the pipeliner holds the prefetched tiles).
 _TILE_CANDIDATES = {
     "_head_stats_kernel": {**_FORWARD_CANDIDATES, 2: ((8, 16, 16, 2, 4),) + _FORWARD_CANDIDATES[2][1:]},
     "_head_backward_reduce_kernel": {**_FORWARD_CANDIDATES, 2: ((8, 16, 32, 2, 8, SM90_SHARED), (8, 16, 16, 2, 8))
                                      + _FORWARD_CANDIDATES[2][1:]},
-    "_head_backward_ds_kernel": {**_FORWARD_CANDIDATES, 2: ((8, 16, 32, 2, 8),) + _FORWARD_CANDIDATES[2][1:]},
+    "_head_backward_ds_kernel": {**_FORWARD_CANDIDATES, 2: ((8, 16, 32, 2, 8),) + _FORWARD_CANDIDATES[2][1:],
+                                 4: ((8, 8, 32, 1, 4, SM90_SHARED), (8, 8, 16, 1, 4), (4, 4, 16, 1, 4))},
 }
 
 
@@ -1059,10 +1115,39 @@ def _forward_tile(name: str, elem: int, acc: int, c0p: int, kp: int, block_m: in
 
 
 def _lows(plan: HeadPlan, t: HeadTensors) -> Tuple[tuple, Dict[str, tuple]]:
-    """The low branches as the kernels take them: a tuple of sources and the constexpr tuples MODES, ALIGNS."""
+    """The low branches as the kernels take them: a tuple of sources and the constexpr tuples MODES, ALIGNS and
+    UEXACT (`_weights_exact_in_tf32`)."""
     sources = tuple(source_args(p, low) for p, low in zip(t.lows, plan.lows))
+    out = tuple(t.x0.shape[2:])
     return sources, dict(MODES=tuple(low.mode for low in plan.lows),
-                         ALIGNS=tuple(bool(low.align_corners) for low in plan.lows))
+                         ALIGNS=tuple(bool(low.align_corners) for low in plan.lows),
+                         UEXACT=tuple(_weights_exact_in_tf32(low, out, tuple(p.shape[2:]))
+                                      for p, low in zip(t.lows, plan.lows)))
+
+
+def _weights_exact_in_tf32(low, out: Tuple[int, int], size: Tuple[int, int]) -> bool:
+    """Whether every entry of the branch's interpolation matrix U (`_patch_plan`: a product of the two axes'
+    weights, coinciding taps added) is exact in tf32 (11 significant bits), so that fp32's 3xTF32 dots need no
+    split of U (its lo part is 0: `_dot3_exact`, one dot fewer, and U held once). Nearest: weights 1. Bilinear
+    without align_corners at a ratio r = 2^-k per axis (k >= 0; a ratio 2^e, e > 0, has k = 0): the source
+    coordinate (d + 0.5) r - 0.5 is exact in float32 (below 2^20 indices), so each weight is a multiple of
+    2^-(k+1) in [0, 1] (k + 1 bits; coinciding taps add up to 1) and a product has k_h + k_w + 2 bits: exact up
+    to 8x in both axes (8 bits), 16x in one. Anything else (align_corners, other ratios): False, the split."""
+    if low.mode == SAME:
+        return False  # no U
+    if max(*out, *size) >= 2 ** 20:
+        return False
+    if low.mode == NEAREST:
+        return True
+    if low.align_corners:
+        return False
+    bits = 0
+    for num, den in (low.ratio_h, low.ratio_w):
+        r = Fraction(num, den)
+        if r.numerator & (r.numerator - 1) or r.denominator & (r.denominator - 1):
+            return False  # not a power of two
+        bits += r.denominator.bit_length()  # k + 1 for r = 2^-k, 1 for r >= 1
+    return bits <= 11
 
 
 def _common(t: HeadTensors, force_int64: bool) -> Tuple[list, dict]:

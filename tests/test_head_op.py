@@ -733,6 +733,29 @@ def test_tile_configuration_per_device_class():
             assert KH._tile_bound(name, 2, 4, 64, 32, tile.src, tile, fused) <= limits.shared_per_block, name
 
 
+@pytest.mark.parametrize("mode, align, scale_h, scale_w, exact", [
+    ("bilinear", False, 2, 2, True), ("bilinear", False, 8, 8, True), ("bilinear", False, 16, 4, True),
+    ("bilinear", False, 32, 2, True), ("bilinear", False, 16, 16, True), ("bilinear", False, 32, 32, False),
+    ("bilinear", False, 3, 2, False),
+    ("bilinear", True, 2, 2, False), ("nearest", None, 3, 2, True)])
+def test_interpolation_weights_exact_in_tf32(mode, align, scale_h, scale_w, exact):
+    """`_weights_exact_in_tf32` (fp32's 3xTF32 dots skip the split of U where it holds): where it holds, every
+    entry of the interpolation matrix (ATen's fp32 weights of each source pixel at each output pixel, products
+    of the two axes' weights) has its low 13 bits zero, which tf32 drops; the rule refuses the ratios where some
+    weight would not be exact (32x in both axes: 12 bits; 3x; align_corners), and those cases do hold one."""
+    from hrfast.kernels import head as KH
+    from hrfast.plan import head_plan
+    h, w = 3, 5
+    out = (h * scale_h, w * scale_w)
+    plan = head_plan(((h, w),), (Resample(mode, align_corners=align),), out, True)
+    claim = KH._weights_exact_in_tf32(plan.lows[0], out, (h, w))
+    basis = torch.eye(h * w, dtype=F32).reshape(h * w, 1, h, w)  # one source pixel per image
+    weights = F.interpolate(basis, size=out, mode=mode, align_corners=align)
+    tf32_exact = bool(((weights.view(torch.int32) & 0x1FFF) == 0).all())
+    assert claim == exact
+    assert tf32_exact == exact
+
+
 @pytest.mark.parametrize("mode, align", [("bilinear", False), ("bilinear", True), ("nearest", False)])
 def test_patch_extent_covers_every_tile(mode, align):
     """The host's patch bound holds for every tile of many sizes (the kernel falls back when it does not, but

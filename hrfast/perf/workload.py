@@ -133,6 +133,13 @@ def _tile_dot_flops(p: Params, width: int) -> float:
             * (3 if p["PRECISION"] == "tf32x3" else 1))
 
 
+def _src_width(p: Params) -> float:
+    """The summed patch sizes of the U_j dots, in units of `_tile_dot_flops`' width: under 3xTF32 a U exact in
+    tf32 (`UEXACT`, kernels/head.py `_dot3_exact`) runs two dots per product, not three."""
+    split = p["PRECISION"] == "tf32x3"
+    return sum(src * (2 / 3 if split and exact else 1) for src, exact in zip(p["SRC"], p["UEXACT"]))
+
+
 def _tile_dot_unit(p: Params) -> str:
     return "tf32" if p["PRECISION"] == "tf32x3" else _dot_unit(p)
 
@@ -200,19 +207,19 @@ KERNELS: Dict[str, KernelWork] = {
     # NaN or whose patch missed a tap: 0 trips on finite inputs. Statistics: no further dot.
     "_head_stats_kernel": KernelWork(
         trips=lambda p: [_chunks(p), 0], elements=lambda p: _head_pixels_out(p, p["M"]),
-        dots=lambda p: _forward_tiles(p) * _chunks(p) * _tile_dot_flops(p, p["C0P"] + sum(p["SRC"])),
+        dots=lambda p: _forward_tiles(p) * _chunks(p) * _tile_dot_flops(p, p["C0P"] + _src_width(p)),
         dot_unit=_tile_dot_unit),
     # + the classifier dot
     "_head_forward_kernel": KernelWork(
         trips=lambda p: [_chunks(p), 0], elements=lambda p: _head_pixels_out(p, p["K"]),
-        dots=lambda p: _forward_tiles(p) * _chunks(p) * _tile_dot_flops(p, p["C0P"] + sum(p["SRC"]) + p["KP"]),
+        dots=lambda p: _forward_tiles(p) * _chunks(p) * _tile_dot_flops(p, p["C0P"] + _src_width(p) + p["KP"]),
         unread=lambda p: [] if p["HAS_BC"] else ["bc_ptr"], dot_unit=_tile_dot_unit),
     # program `split` visits TILES / SPLITS tiles (outer loop, innermost last): per tile and chunk also g Wc
     # and g^T a
     "_head_backward_reduce_kernel": KernelWork(
         trips=lambda p: [p["TILES"] / p["SPLITS"] * _chunks(p), 0, p["TILES"] / p["SPLITS"]],
         elements=lambda p: _head_pixels_out(p, p["M"]),
-        dots=lambda p: _forward_tiles(p) * _chunks(p) * _tile_dot_flops(p, p["C0P"] + sum(p["SRC"]) + 2 * p["KP"]),
+        dots=lambda p: _forward_tiles(p) * _chunks(p) * _tile_dot_flops(p, p["C0P"] + _src_width(p) + 2 * p["KP"]),
         dot_unit=_tile_dot_unit),
     # FUSED: program `split` visits TILES / SPLITS tiles (outer loop, as the reduce); per tile and chunk also
     # g Wc, then from ds: ds W0 (dx0), ds^T x0 (dW0) and U_j^T ds (the patch partials), ds never written. Else
@@ -222,7 +229,7 @@ KERNELS: Dict[str, KernelWork] = {
                          else [_chunks(p), 0]),
         elements=lambda p: _head_pixels_out(p, p["M"]),
         dots=lambda p: _forward_tiles(p) * _chunks(p) * _tile_dot_flops(
-            p, (3 * p["C0P"] + 2 * sum(p["SRC"]) if p["FUSED"] else p["C0P"] + sum(p["SRC"])) + p["KP"]),
+            p, (3 * p["C0P"] + 2 * sum(p["SRC"]) if p["FUSED"] else p["C0P"] + _src_width(p)) + p["KP"]),
         unread=lambda p: ([] if p["BATCH_STATS"] else ["alpha_ptr", "beta_ptr"])
         + ([] if p["FUSED"] else ["dx0_ptr", "dw0_ptr", "origin_ptr"]), dot_unit=_tile_dot_unit),
     # one BLOCK_Y x BLOCK_X x BLOCK_M block of one branch's dP per program, the NA x NB candidate patches and the

@@ -1300,7 +1300,7 @@ def _adjoint_config(z: Tensor, term: TermPlan, H: int, W: int, channels_last: bo
         phase = None  # fp32 / fp16 channels_last: their columns spill (sm_90 W48 x8: fp32 11,460 B, fp16 696 B)
     if phase is not None:
         cols = channels_last
-        block_c, block_q, pq = _adjoint_phase_tile(C, w, phase[1], cols)
+        block_c, block_q, pq = _adjoint_phase_tile(C, w, phase[1], cols, z.element_size())
         grid = launch_grid(h * (w // (block_q * pq)), C // block_c, N)
         return block_c, 1, block_q * pq, grid[0] * N, grid, (*phase, pq, cols)
     block_c, block_h, block_w = _grid_tile(C, h, w, _is_channels_last(z), budget=ADJOINT_TILE, max_w=ADJOINT_MAX_W)
@@ -1313,6 +1313,10 @@ def _adjoint_config(z: Tensor, term: TermPlan, H: int, W: int, channels_last: bo
 ADJOINT_PHASE_THREADS = 128
 ADJOINT_PHASE_MAX_Q = 32
 ADJOINT_PHASE_PIXELS = 16
+# 4-byte floats: half the output columns per thread, so that a row's three upsampled terms fit one
+# `_adjoint_row_kernel` (sm_90 W48 stage-4 fp32 row 0: 200 registers, no spills, issue/bytes 0.70; with 16
+# columns 255 registers and spills)
+ADJOINT_PHASE_PIXELS_WIDE = 8
 # channels_last: up to 64 channels per program (contiguous), 512 elements (4 per thread: 8-byte loads of 4
 # channels; sm_90, W48 stage 4 bf16 x2 / x4 / x8 issue/bytes 0.89 / 0.97 / 1.13 with 128, 0.47 / 0.55 / 0.68
 # with 512 at 95 / 102 / 134 registers)
@@ -1320,12 +1324,14 @@ ADJOINT_PHASE_CL_C = 64
 ADJOINT_PHASE_CL_ELEMS = 512
 
 
-def _adjoint_phase_tile(C: int, w: int, fw: int, cols: bool) -> Tuple[int, int, int]:
+def _adjoint_phase_tile(C: int, w: int, fw: int, cols: bool, itemsize: int) -> Tuple[int, int, int]:
     """(BLOCK_C, BLOCK_Q, PQ) of the phase form: PQ source columns per thread (a thread's share of fixed costs
-    against its loads: ADJOINT_PHASE_PIXELS // fw, at least 1; cols: half that, its columns one by one),
-    BLOCK_Q threads along a row (a power of 2 up to 32: a warp's loads along a row are contiguous in NCHW),
-    BLOCK_Q * PQ dividing w, BLOCK_C channels (a power of 2 dividing C)."""
-    pq = max(1, ADJOINT_PHASE_PIXELS // fw // (2 if cols else 1))
+    against its loads: ADJOINT_PHASE_PIXELS // fw, ADJOINT_PHASE_PIXELS_WIDE // fw for 4-byte floats, at least
+    1; cols: half that, its columns one by one), BLOCK_Q threads along a row (a power of 2 up to 32: a warp's
+    loads along a row are contiguous in NCHW), BLOCK_Q * PQ dividing w, BLOCK_C channels (a power of 2 dividing
+    C)."""
+    pixels = ADJOINT_PHASE_PIXELS_WIDE if itemsize == 4 else ADJOINT_PHASE_PIXELS
+    pq = max(1, pixels // fw // (2 if cols else 1))
     while pq > 1 and w % pq:
         pq //= 2
     block_q = min(ADJOINT_PHASE_MAX_Q, next_power_of_2(w // pq))
@@ -1380,9 +1386,9 @@ def _adjoint_launch(term: TermPlan, g: Tensor, z: Tensor, scale: Optional[Tensor
 
 
 # Upsampled terms per `_adjoint_row_kernel` launch (HRNet's rows have at most 3): each term's row sums take
-# registers. Three (x2 / x4 / x8) fit for 2-byte floats in NCHW (sm_90 W48 stage 4: 192 registers, no spills);
-# fp32 (its rows twice the registers before conversion: 252 B spilled) and a channels_last g (a row sum per
-# column: 772 B) take two, the rest their own launches.
+# registers. Three (x2 / x4 / x8) fit in NCHW (sm_90 W48 stage 4: bf16 192 registers, fp32 200 with its half-width
+# rows, ADJOINT_PHASE_PIXELS_WIDE; no spills); a channels_last g (a row sum per column: 772 B spilled) takes two,
+# the rest their own launches.
 ADJOINT_ROW_MAX_TERMS = 3
 ADJOINT_ROW_MAX_TERMS_WIDE = 2
 
@@ -1391,7 +1397,7 @@ def _adjoint_row_group(upsampled: Sequence[int], cfgs: dict, xs: Sequence[Tensor
     """The upsampled terms (indices, in order) that one `_adjoint_row_kernel` launch takes: those in the
     adjoint's phase form whose configurations (`_adjoint_config`) share BLOCK_C, BLOCK_Q, the output columns
     per thread (PQ x PW) and COLS, and whose sources share a dtype, the first such up to ADJOINT_ROW_MAX_TERMS
-    (2-byte floats in NCHW, a [BLOCK_C, BLOCK_Q] program of at least ADJOINT_PHASE_THREADS) or
+    (NCHW, a [BLOCK_C, BLOCK_Q] program of at least ADJOINT_PHASE_THREADS) or
     ADJOINT_ROW_MAX_TERMS_WIDE; [] unless at least two (one term keeps
     `_upsample_adjoint_kernel`)."""
     def key(k):
@@ -1404,8 +1410,7 @@ def _adjoint_row_group(upsampled: Sequence[int], cfgs: dict, xs: Sequence[Tensor
     block_c, _, block_w, _, _, phase = cfgs[phased[0]]
     # 3 only where every thread holds its own elements (sm_90 W18 bf16 row 0, [2 x 16] on 128 threads: 16 B
     # spilled)
-    narrow = (xs[phased[0]].element_size() == 2 and not phase[3]
-              and block_c * (block_w // phase[2]) >= ADJOINT_PHASE_THREADS)
+    narrow = not phase[3] and block_c * (block_w // phase[2]) >= ADJOINT_PHASE_THREADS
     group = [k for k in phased if key(k) == key(phased[0])]
     group = group[:ADJOINT_ROW_MAX_TERMS if narrow else ADJOINT_ROW_MAX_TERMS_WIDE]
     return group if len(group) >= 2 else []

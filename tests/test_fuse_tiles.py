@@ -253,8 +253,9 @@ def test_adjoint_row_matches_per_term_launches_bitwise(dtype, layout, which, mon
     cfgs = {k: K._adjoint_config(kxs[k], plan.terms[k], H, W, layout != "nchw") for k in terms}
     assert all(cfgs[k][0] < C and cfgs[k][4][0] > kxs[k].shape[2] for k in terms)  # channel blocks, column tiles
     row = K._adjoint_row_group(terms, cfgs, kxs)
-    # x2, 4 x 8 and x8 together for bf16 in NCHW; channels_last and fp32 take two (ADJOINT_ROW_MAX_TERMS_WIDE)
-    assert row == (terms if dtype == BF16 and layout == "nchw" else terms[:2])
+    # x2, 4 x 8 and x8 together in NCHW (fp32 with its half-width rows); channels_last takes two
+    # (ADJOINT_ROW_MAX_TERMS_WIDE)
+    assert row == (terms if layout == "nchw" else terms[:2])
     assert len({cfgs[k][5][:2] for k in row}) == len(row)
     bits = torch.int16 if dtype == BF16 else torch.int32
 

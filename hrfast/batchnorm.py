@@ -17,8 +17,8 @@ SyncBatchNorm while it would not synchronise); any other norm runs as a module.
 - `update_running_stats(...)`: `F.batch_norm`'s running-statistics update, given batch statistics.
 - `fold_batch_norm(bn, z)`: (term, scale, shift) with bn's side effects, in eval and training mode; with batch
   statistics through `_BatchStatsFold` (Triton kernels when `use_kernels`, else plain PyTorch).
-- `fold_batch_norms(bns, zs)`: the same for several (a fusion row's), the batch-statistics folds together: on the
-  kernels one statistics launch (and finalize) and one backward launch for all of them.
+- `fold_batch_norms(bns, zs)`: the same for several (a fusion step's, every row's), the batch-statistics folds
+  together: on the kernels one statistics launch (and finalize) and one backward launch for all of them.
 """
 from __future__ import annotations
 
@@ -234,7 +234,7 @@ class _BatchStatsFold(torch.autograd.Function):
     of the forward. Applied as ``apply(specs, *zs, *weights, *biases, *running_means, *running_vars, *counters)``
     (k of each, None allowed but for z), returning the 3k outputs (term, scale, shift) term after term; one term
     is the k = 1 case. On the kernels the k folds share their launches (`hrfast.kernels.batch_norm`: one
-    statistics launch, one finalize, one backward launch for a fusion row), each fold's arithmetic unchanged.
+    statistics launch, one finalize, one backward launch for a fusion step), each fold's arithmetic unchanged.
 
     Two implementations of the same computation: the Triton kernels (`hrfast.kernels.batch_norm`: one read of
     z for the statistics, one pass for z's gradient) and plain PyTorch (the reference, below). Both compute

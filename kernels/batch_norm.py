@@ -33,13 +33,13 @@ norm's own backward does; summing two bf16 gradients would round the small stati
 program derives the per-channel coefficients from the [C] vectors itself; the program of each channel block
 that holds the first pixels also writes g_w (and g_b where the bias's dtype is not g_shift's).
 
-Several folds at once (a fusion row's: `batch_stats` and `batch_norm_backward` take a list of terms): one launch
-of each kernel for up to MAX_TERMS terms. The grid is 1-D; programs [start, end) are term k's, and each kernel
-is a static loop over its terms (`tl.static_range`) that runs the one-term code (`_stats_term`,
-`_finalize_channels`, `_backward_term`) with term k's tensors, sizes and tile constexprs on the program's local
-id: the same arithmetic in the same order as the term alone (one term is the k = 1 case), bitwise equal
-results. Terms that cannot share a launch's scalars (accumulation dtype, eps, the running-average factor) or
-that update the same buffers go in launches of their own, in order.
+Several folds at once (a fusion step's, every row's: `batch_stats` and `batch_norm_backward` take a list of terms):
+one launch of each kernel for up to MAX_TERMS terms. The grid is 1-D; programs [start, end) are term k's, and each
+kernel is a static loop over its terms (`tl.static_range`) that runs the one-term code (`_stats_term`,
+`_finalize_channels`, `_backward_term`) with term k's tensors, sizes and tile constexprs on the program's local id:
+the same arithmetic in the same order as the term alone (one term is the k = 1 case), bitwise equal results. Terms
+that cannot share a launch's scalars (accumulation dtype, eps, the running-average factor) or that update the same
+buffers go in launches of their own, in order.
 
 Layouts: z is read as [N, C, P] over P = H*W pixels with strides (s_n, s_c, s_p), which covers NCHW and
 channels_last (and any layout whose H and W collapse); other layouts are copied contiguous first. Strides equal

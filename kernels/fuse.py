@@ -1296,8 +1296,11 @@ def _adjoint_config(z: Tensor, term: TermPlan, H: int, W: int, channels_last: bo
     `_adjoint_phase_tile`), else None."""
     N, C, h, w = z.shape
     phase = _adjoint_phase_factors(term, z, H, W)
-    if phase is not None and channels_last and z.dtype != torch.bfloat16:
-        phase = None  # fp32 / fp16 channels_last: their columns spill (sm_90 W48 x8: fp32 11,460 B, fp16 696 B)
+    if phase is not None and channels_last and (z.dtype == torch.float16 or (z.dtype == torch.float32
+                                                                             and max(phase) >= 8)):
+        # channels_last columns spill for fp16 and for fp32 by 8 (sm_90 W48 x8: fp16 696 B, fp32 11,460 B); fp32
+        # x2 / x4 fit (their row launch: 180 registers)
+        phase = None
     if phase is not None:
         cols = channels_last
         block_c, block_q, pq = _adjoint_phase_tile(C, w, phase[1], cols, z.element_size())
@@ -1348,9 +1351,9 @@ def _adjoint_phase_tile(C: int, w: int, fw: int, cols: bool, itemsize: int) -> T
 
 
 def _adjoint_phase_factors(term: TermPlan, z: Tensor, H: int, W: int) -> Optional[Tuple[int, int]]:
-    """(PH, PW) where `_upsample_adjoint_kernel` takes the phase form: bf16, fp16 or fp32 (fp64, and fp16 / fp32
-    with a channels_last g, keep the gather: `_adjoint_config`), bilinear without align_corners by exactly 1/f
-    on both axes with f a power of 2 in 2..8, g exactly f times z's size; else None."""
+    """(PH, PW) where `_upsample_adjoint_kernel` takes the phase form: bf16, fp16 or fp32 (fp64, and with a
+    channels_last g fp16 and fp32 by 8, keep the gather: `_adjoint_config`), bilinear without align_corners by
+    exactly 1/f on both axes with f a power of 2 in 2..8, g exactly f times z's size; else None."""
     if z.dtype not in (torch.bfloat16, torch.float16, torch.float32) or term.mode != BILINEAR or term.align_corners:
         return None
     factors = []

@@ -166,14 +166,18 @@ def _adjoint_phase_terms(case: Case, dtype, layout):
 
 
 @pytest.mark.parametrize("max_q", [32, 2])
-@pytest.mark.parametrize("dtype, layout", [(BF16, "nchw"), (BF16, "channels_last"), (F16, "nchw"), (F32, "nchw")],
-                         ids=["bf16_nchw", "bf16_cl", "fp16_nchw", "fp32_nchw"])
+@pytest.mark.parametrize("dtype, layout", [(BF16, "nchw"), (BF16, "channels_last"), (F16, "nchw"), (F32, "nchw"),
+                                           (F32, "channels_last")],
+                         ids=["bf16_nchw", "bf16_cl", "fp16_nchw", "fp32_nchw", "fp32_cl"])
 def test_adjoint_phase_form(dtype, layout, max_q, monkeypatch):
     from hrfast.kernels import fuse as K
 
     monkeypatch.setattr(K, "ADJOINT_PHASE_MAX_Q", max_q)
     plan, kxs, _, _, terms, _ = _adjoint_phase_terms(ADJOINT_PHASED, dtype, layout)
     assert all(K._adjoint_phase_factors(plan.terms[k], kxs[k], *ADJOINT_PHASED.size) for k in terms)
+    if dtype == F32 and layout == "channels_last":  # x2 and x4 in the phase form (one row launch), by 8 the gather
+        forms = [K._adjoint_config(kxs[k], plan.terms[k], *ADJOINT_PHASED.size, True)[5] is not None for k in terms]
+        assert forms == [True, True, False, False]
     check_fuse(ADJOINT_PHASED, dtype, layout)
 
 

@@ -14,7 +14,7 @@ upsampled or normalised tensors.
 from __future__ import annotations
 
 import functools
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -59,15 +59,24 @@ def fusion_forward(fuse_layers: nn.ModuleList, xs: Sequence[Tensor], *, default:
     # batch-statistics launch and one backward launch for the whole step), then one fused op per row
     prepared = [_row_terms(row, xs, fold=resolved != "reference") for row in rows]
     _fold_step(rows, prepared, use_kernels=resolved == "triton")
-    return [fuse(terms, scales=scales, shifts=shifts, resample=[e.resample for e in row], size=tuple(xs[i].shape[2:]),
-                 relu=True, backend=backend)
-            for i, (row, (terms, scales, shifts, _, _)) in enumerate(zip(rows, prepared))]
+    return [fuse(r.terms, scales=r.scales, shifts=r.shifts, resample=[e.resample for e in row],
+                 size=tuple(xs[i].shape[2:]), relu=True, backend=backend)
+            for i, (row, r) in enumerate(zip(rows, prepared))]
 
 
-def _row_terms(row: Sequence[FusionTerm], xs: Sequence[Tensor], fold: bool) -> tuple:
-    """(terms, scales, shifts, to_fold, dtype) of one row: each term up to its foldable norm (on the reference
-    backend, `fold` False, the norms run as modules: the eager computation, op for op), the others in the row's
-    common dtype (eager `+` promotes); `to_fold` the indices whose norm `_fold_step` folds."""
+class _RowTerms(NamedTuple):
+    """One row's fused-op arguments while the step is prepared; `_fold_step` fills the folded entries."""
+
+    terms: List[Tensor]
+    scales: List[Optional[Tensor]]
+    shifts: List[Optional[Tensor]]
+    to_fold: List[int]  # the terms whose norm `_fold_step` folds
+    dtype: torch.dtype  # the row's common dtype (eager `+` promotes)
+
+
+def _row_terms(row: Sequence[FusionTerm], xs: Sequence[Tensor], fold: bool) -> _RowTerms:
+    """One row: each term up to its foldable norm (on the reference backend, `fold` False, the norms run as
+    modules: the eager computation, op for op), the others in the row's common dtype."""
     terms, to_fold = [], []
     for j, entry in enumerate(row):
         h = xs[j]
@@ -85,21 +94,21 @@ def _row_terms(row: Sequence[FusionTerm], xs: Sequence[Tensor], fold: bool) -> t
     for j in range(len(row)):
         if j not in to_fold:
             terms[j] = terms[j].to(dtype)
-    return terms, [None] * len(row), [None] * len(row), to_fold, dtype
+    return _RowTerms(terms, [None] * len(row), [None] * len(row), to_fold, dtype)
 
 
-def _fold_step(rows: Sequence[Sequence[FusionTerm]], prepared: Sequence[tuple], use_kernels: bool) -> None:
+def _fold_step(rows: Sequence[Sequence[FusionTerm]], prepared: Sequence[_RowTerms], use_kernels: bool) -> None:
     """Folds every row's `to_fold` norms in one `fold_batch_norms` call (row after row, term after term: the
     order eager runs them in, which is also the order an error leaves earlier folds done in), replacing each
     folded term by (term in the row's dtype, scale, shift) in `prepared`."""
-    where = [(i, j) for i, (_, _, _, to_fold, _) in enumerate(prepared) for j in to_fold]
+    where = [(i, j) for i, r in enumerate(prepared) for j in r.to_fold]
     if not where:
         return
-    folded = fold_batch_norms([rows[i][j].last for i, j in where], [prepared[i][0][j] for i, j in where],
-                              [prepared[i][4] for i, _ in where], use_kernels=use_kernels)
+    folded = fold_batch_norms([rows[i][j].last for i, j in where], [prepared[i].terms[j] for i, j in where],
+                              [prepared[i].dtype for i, _ in where], use_kernels=use_kernels)
     for (i, j), (term, scale, shift) in zip(where, folded):
-        terms, scales, shifts = prepared[i][:3]
-        terms[j], scales[j], shifts[j] = term, scale, shift
+        r = prepared[i]
+        r.terms[j], r.scales[j], r.shifts[j] = term, scale, shift
 
 
 class HRFusion(nn.Module):

@@ -9,8 +9,9 @@ fake in `CustomOpDef._abstract_fn`), so the launchers run and the kernels, repla
 What hrfast runs besides its kernels is recorded too, as ATen ops (`AtenOp`: bytes moved, FLOPs), by a
 `TorchDispatchMode` that is active throughout: the launchers' own ops (per-tile partial sums, allocations are
 not ops), the batch-norm folds of the fusion rows (in training on the Triton backend their kernels,
-`hrfast.kernels.batch_norm`, attributed by `_launcher_hook`; on the reference path their ATen ops) and everything the fused head does besides its kernels (the projections W_j x_j, the
-backward's GEMMs). An op belongs to an op call when it runs
+`hrfast.kernels.batch_norm`, attributed by `_launcher_hook`; on the reference path their ATen ops) and
+everything the fused head does besides its kernels (the projections W_j x_j, the backward's GEMMs). An op
+belongs to an op call when it runs
 - in forward, inside `hrfast.nn.fusion.fold_batch_norms` / `hrfast.nn.fusion.fuse` (a step folds every row's
   batch norms in one call before the rows' fuse calls: the folds belong to the first row's call, so the step's
   grouped batch-norm launches are listed under its first row; per-step totals are like for like) or inside

@@ -482,21 +482,14 @@ def test_sync_batchnorm_folds(timm_modules, train, backend):
 def test_training_step_folds_in_one_launch(timm_modules, merged, monkeypatch):
     """The whole step's batch norms (the 4-branch module's 12 folds, every row's) share one statistics launch (+ one
     finalize) and one backward launch on Triton, with the eager step's results (fp64) and running statistics."""
+    from test_batch_norm_fold import _Counting
+
     from hrfast.kernels import batch_norm as kernels
 
     monkeypatch.setattr(kernels, "MERGED_FINALIZE", merged)
     counts = {}
-
-    class Counting:
-        def __init__(self, kernel, name):
-            self.kernel, self.name = kernel, name
-
-        def __getitem__(self, grid):
-            counts[self.name] = counts.get(self.name, 0) + 1
-            return self.kernel[grid]
-
     for name in ("_bn_stats_kernel", "_bn_finalize_kernel", "_bn_backward_kernel"):
-        monkeypatch.setattr(kernels, name, Counting(getattr(kernels, name), name))
+        monkeypatch.setattr(kernels, name, _Counting(getattr(kernels, name), counts, name))
     m = timm_modules[4]
     _check_fusion(m.fuse_layers, lambda fl: _timm_eager(fl, nn.ReLU(False)), _branch_outputs(m, SIZES),
                   torch.float64, True, "triton", FP64_TOL)

@@ -13,7 +13,8 @@ result holds NaN, or whose patches miss a tap, is redone with ATen's exact per-p
 - `_head_stats_kernel`: per-tile sum and centred sum of squares of s (BN batch statistics, training);
 - `_head_forward_kernel`: logits = Wc . ReLU(s * scale + shift) + bc, accumulated over M chunks;
 - `_head_backward_reduce_kernel`: over splits of the tiles, dWc = sum g a^T, sum dA and sum dA * s, where
-  dA = g Wc, zeroed where a <= 0 (ReLU's backward: NaN passes), each split adding into its own rows;
+  dA = g Wc, zeroed where a <= 0 (ReLU's backward: NaN passes), each split adding into its own rows; fp32 on
+  sm_90 in transposed chunks (`_reduce_chunk_t`: the loop-invariant operands as wgmma's B, in shared memory);
 - `_head_backward_ds_kernel`: over splits of the tiles, ds = dA * scale + alpha + beta * s (alpha, beta: BN's
   batch-statistics terms) per chunk, never written: dx0 = W0^T ds accumulated per tile, dW0 = ds x0^T into
   the split's rows, and per upsampled branch the tile's patch partial U_j^T ds (the transpose of the forward's
@@ -232,12 +233,30 @@ def _stats_chunk(x0, n, cy, cx, p_mask, count, m0, M, w0_ptr, w0_strides, C0, pl
 
 
 @triton.jit
+def _stats_chunk_t(x0t, n, cy, cx, p_mask, count, m0, M, w0_ptr, w0_strides, C0, plans, lows, part_ptr, row, R,
+                   MODES: tl.constexpr, ALIGNS: tl.constexpr, UEXACT: tl.constexpr, CL: tl.constexpr,
+                   GATHER: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr):
+    """`_stats_chunk` for fp32 on the transposed chunk (`_chunk_pre_bn_t`)."""
+    m = m0 + tl.arange(0, BLOCK_M)
+    m_mask = m < M
+    s = _chunk_pre_bn_t(x0t, n, cy, cx, p_mask, m, m_mask, tl.minimum(m, M - 1), w0_ptr, w0_strides, C0, plans,
+                        lows, MODES, ALIGNS, UEXACT, CL, GATHER, INT64)
+    s = tl.where(p_mask[None, :], s, 0.0)
+    total = tl.sum(s, axis=1)
+    centred = tl.where(p_mask[None, :], s - (total / count)[:, None], 0.0)
+    tl.store(part_ptr + row * M + m, total, mask=m_mask)
+    tl.store(part_ptr + (R + row) * M + m, tl.sum(centred * centred, axis=1), mask=m_mask)
+    return total
+
+
+@triton.jit
 def _head_stats_kernel(
     x0_ptr, x0_strides, C0, H, W,
     w0_ptr, w0_strides, M, part_ptr, R,
     lows, MODES: tl.constexpr, ALIGNS: tl.constexpr, UEXACT: tl.constexpr, PATCH_H: tl.constexpr, PATCH_W: tl.constexpr,
     SRC: tl.constexpr, CL: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr,
     C0P: tl.constexpr, BLOCK_M: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+    TRANSPOSED: tl.constexpr, C0Q: tl.constexpr,
 ):
     """Per TILE_H x TILE_W tile (the forward's) and channel: sum of s (slot 0) and sum of (s - tile mean)^2
     (slot 1), for Chan's merge on the host. As in the forward, a tile whose dense s holds NaN (a non-finite
@@ -248,10 +267,23 @@ def _head_stats_kernel(
     n = tl.program_id(1)
     oy, ox, p_mask, cy, cx = _tile_pixels(pid, H, W, TILE_H, TILE_W)
     count = tl.sum(p_mask.to(tl.float32), axis=0)
-    x0 = _load_x0_tile(x0_ptr, n, cy, cx, p_mask, C0, x0_strides, INT64, C0P)
-    plans, covered = _tile_plans(n, cy, cx, lows, MODES, ALIGNS, PATCH_H, PATCH_W, SRC, False, F64, INT64, x0.dtype)
     row = n * tl.num_programs(0) + pid
     probe = tl.zeros([BLOCK_M], dtype=acc_t)
+    if TRANSPOSED:  # fp32 (sm_90): s^T in 3xTF32, x0^T and the U_j^T as wgmma's B (`_reduce_chunk_t`)
+        x0t = _x0t_parts(x0_ptr, n, cy, cx, p_mask, C0, x0_strides, INT64, C0Q)
+        plans, covered = _tile_plans(n, cy, cx, lows, MODES, ALIGNS, PATCH_H, PATCH_W, SRC, False, F64, INT64,
+                                     tl.float32)
+        plans = _transposed_plans(plans, MODES, UEXACT)
+        for m0 in range(0, M, BLOCK_M):
+            probe += _stats_chunk_t(x0t, n, cy, cx, p_mask, count, m0, M, w0_ptr, w0_strides, C0, plans, lows,
+                                    part_ptr, row, R, MODES, ALIGNS, UEXACT, CL, False, INT64, BLOCK_M)
+        redo = _redo_from(probe, covered, M)
+        for m0 in range(redo, M, GATHER_M):
+            _stats_chunk_t(x0t, n, cy, cx, p_mask, count, m0, M, w0_ptr, w0_strides, C0, plans, lows, part_ptr, row,
+                           R, MODES, ALIGNS, UEXACT, CL, True, INT64, GATHER_M)
+        return
+    x0 = _load_x0_tile(x0_ptr, n, cy, cx, p_mask, C0, x0_strides, INT64, C0P)
+    plans, covered = _tile_plans(n, cy, cx, lows, MODES, ALIGNS, PATCH_H, PATCH_W, SRC, False, F64, INT64, x0.dtype)
     for m0 in range(0, M, BLOCK_M):
         probe += _stats_chunk(x0, n, cy, cx, p_mask, count, m0, M, w0_ptr, w0_strides, C0, plans, lows, part_ptr,
                               row, R, MODES, ALIGNS, UEXACT, CL, False, F64, INT64, PRECISION, C0P, BLOCK_M)
@@ -518,6 +550,136 @@ def _reduce_chunk(x0, g, n, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale
 
 
 @triton.jit
+def _dot3_b(a, b_hi, b_lo, acc):
+    """acc + a . b in 3xTF32 with b given as its split (b_hi, b_lo), the loop-invariant operand as the dot's B (on
+    sm_90 wgmma reads B from shared memory, where Triton keeps a loop-invariant one: out of the registers).
+    As Triton's own 3xTF32: the small products first (their NaN dropped, `_dot3_sum`), then hi(a) b_hi onto
+    them and acc, so only one accumulator lives across a chunk's dots."""
+    a_hi, a_lo = _tf32_split(a)
+    small = tl.dot(a_lo, b_hi, input_precision="tf32")
+    small = tl.dot(a_hi, b_lo, acc=small, input_precision="tf32")
+    return tl.dot(a_hi, b_hi, acc=_dot3_sum(acc, small), input_precision="tf32")
+
+
+@triton.jit
+def _dot3_exact_b(a, b, acc):
+    """`_dot3_b` for a b exact in tf32 (`UEXACT`'s U_j^T): acc + lo(a) b + hi(a) b."""
+    a_hi, a_lo = _tf32_split(a)
+    small = tl.dot(a_lo, b, input_precision="tf32")
+    return tl.dot(a_hi, b, acc=_dot3_sum(acc, small), input_precision="tf32")
+
+
+@triton.jit
+def _x0t_parts(x0_ptr, n, cy, cx, p_mask, C0, strides, INT64: tl.constexpr, C0Q: tl.constexpr):
+    """x0^T on the tile as the transposed dots' B operand, channels [0, C0Q) (C0Q a multiple of 16) in parts of 32
+    and a last one of 16 ([part, pixels], padded pixels and channels 0), each as its split (hi, lo)."""
+    s_n, s_c, s_h, s_w = strides
+    parts = ()
+    for h in tl.static_range((C0Q + 16) // 32):
+        c = h * 32 + tl.arange(0, min(32, C0Q - 32 * h))
+        if INT64:
+            offsets = (n.to(tl.int64) * s_n + c.to(tl.int64) * s_c)[:, None] + (cy.to(tl.int64) * s_h
+                                                                                 + cx.to(tl.int64) * s_w)[None, :]
+        else:
+            offsets = (n * s_n + c * s_c)[:, None] + (cy * s_h + cx * s_w)[None, :]
+        parts = parts + (_tf32_split(tl.load(x0_ptr + offsets, mask=(c < C0)[:, None] & p_mask[None, :],
+                                             other=0.0)),)
+    return parts
+
+
+@triton.jit
+def _transposed_plans(plans, MODES: tl.constexpr, UEXACT: tl.constexpr):
+    """`_split_plans` transposed: each U_j^T [SRC, pixels], as (hi, lo) unless exact in tf32."""
+    out = ()
+    for j in tl.static_range(len(MODES)):
+        if MODES[j] != 0:
+            u, offsets = plans[j]
+            if UEXACT[j]:
+                out = out + ((tl.trans(u), offsets),)
+            else:
+                hi, lo = _tf32_split(u)
+                out = out + (((tl.trans(hi), tl.trans(lo)), offsets),)
+        else:
+            out = out + ((0, 0),)
+    return out
+
+
+@triton.jit
+def _chunk_pre_bn_t(x0t, n, oy, ox, p_mask, m, m_mask, m_c, w0_ptr, w0_strides, C0, plans, lows,
+                    MODES: tl.constexpr, ALIGNS: tl.constexpr, UEXACT: tl.constexpr, CL: tl.constexpr,
+                    GATHER: tl.constexpr, INT64: tl.constexpr):
+    """`_chunk_pre_bn` transposed for fp32: s^T [BLOCK_M, pixels] = W0[m] x0^T + sum_j patch_j^T U_j^T in 3xTF32,
+    x0^T (hi, lo) and the U_j^T (`_transposed_plans`) the dots' B operands."""
+    s = tl.zeros([m.shape[0], x0t[0][0].shape[1]], tl.float32)
+    for part in tl.static_range(len(x0t)):  # in parts of 32 channels (`_x0t_parts`): less of W0 live at once
+        c = part * 32 + tl.arange(0, x0t[part][0].shape[0])
+        w0 = tl.load(w0_ptr + m_c[:, None] * w0_strides[0] + c[None, :] * w0_strides[1], mask=(c < C0)[None, :],
+                     other=0.0)
+        s = _dot3_b(w0, x0t[part][0], x0t[part][1], s)
+    for j in tl.static_range(len(lows)):
+        x_ptr, h, w, strides, _, _ = lows[j]
+        if MODES[j] == 0:
+            s += tl.trans(tl.load(x_ptr + _offsets(n, m_c, oy, ox, strides, INT64)))
+        elif GATHER:
+            s += upsampled_tile(n, m_c, m_mask, oy, ox, p_mask, lows[j], MODES[j], ALIGNS[j], False, INT64)
+        else:
+            ut, patch_offsets = plans[j]
+            if CL[j]:
+                patch = tl.load(x_ptr + (_channel_offsets(m, strides, INT64)[:, None] + patch_offsets[None, :]),
+                                mask=m_mask[:, None], other=0.0)
+            else:
+                patch = tl.load(x_ptr + (_channel_offsets(m_c, strides, INT64)[:, None] + patch_offsets[None, :]))
+            if UEXACT[j]:
+                s = _dot3_exact_b(patch, ut, s)
+            else:
+                s = _dot3_b(patch, ut[0], ut[1], s)
+    return s
+
+
+@triton.jit
+def _reduce_chunk_t(x0t, g, gt, n, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr, wc_ptr,
+                    wc_strides, K, plans, lows, rows, later, redo, MODES: tl.constexpr, ALIGNS: tl.constexpr,
+                    UEXACT: tl.constexpr, CL: tl.constexpr, GATHER: tl.constexpr, INT64: tl.constexpr,
+                    KP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """`_reduce_chunk` for fp32, transposed: s^T (`_chunk_pre_bn_t`), dA^T = Wc[:, m]^T g^T and dWc^T = a^T g,
+    the gradient tile as (hi, lo) in both orientations (g, gt), always the dots' B operand."""
+    m = m0 + tl.arange(0, BLOCK_M)
+    m_mask = m < M
+    m_c = tl.minimum(m, M - 1)
+    s = _chunk_pre_bn_t(x0t, n, cy, cx, p_mask, m, m_mask, m_c, w0_ptr, w0_strides, C0, plans, lows, MODES, ALIGNS,
+                        UEXACT, CL, GATHER, INT64)
+    k = tl.arange(0, KP)
+    wct = tl.load(wc_ptr + m_c[:, None] * wc_strides[1] + tl.minimum(k, K - 1)[None, :] * wc_strides[0],
+                  mask=(k < K)[None, :], other=0.0)
+    dat = _dot3_b(wct, gt[0], gt[1], tl.zeros([BLOCK_M, gt[0].shape[1]], tl.float32))
+    scale = tl.load(scale_ptr + m_c)
+    shift = tl.load(shift_ptr + m_c)
+    a_pre = s * scale[:, None] + shift[:, None]
+    # padded pixels are 0: their activation relu(shift) may be inf or NaN, and every sum runs over pixels
+    da = tl.where(p_mask[None, :], relu_backward(a_pre, dat), 0.0)
+    sum_da = tl.sum(da, axis=1)  # before the dWc dot: s and dA are dead there
+    sum_das = tl.sum(da * s, axis=1)
+    a = tl.where(p_mask[None, :], relu(a_pre), 0.0)
+    # a NaN of s reaches dWc's column through a (0 * NaN is NaN in the dot)
+    dwct = _dot3_b(a, g[0], g[1], tl.zeros([BLOCK_M, KP], tl.float32))
+    clean = True
+    if not GATHER:
+        clean = tl.sum(tl.sum(tl.where(dwct != dwct, 1, 0), axis=1), axis=0) == 0
+    if clean:
+        dwc_mask = m_mask[:, None] & (k < K)[None, :]
+        dwc_at = rows + k[None, :] * M + m[:, None]
+        dwct += tl.load(dwc_at, mask=dwc_mask & later, other=0.0)
+        tl.store(dwc_at, dwct, mask=dwc_mask)
+        sum_da += tl.load(rows + K * M + m, mask=m_mask & later, other=0.0)
+        tl.store(rows + K * M + m, sum_da, mask=m_mask)
+        sum_das += tl.load(rows + (K + 1) * M + m, mask=m_mask & later, other=0.0)
+        tl.store(rows + (K + 1) * M + m, sum_das, mask=m_mask)
+    else:
+        redo = m0
+    return redo
+
+
+@triton.jit
 def _head_backward_reduce_kernel(
     x0_ptr, x0_strides, C0, H, W,
     w0_ptr, w0_strides, M, scale_ptr, shift_ptr,
@@ -525,6 +687,7 @@ def _head_backward_reduce_kernel(
     lows, MODES: tl.constexpr, ALIGNS: tl.constexpr, UEXACT: tl.constexpr, PATCH_H: tl.constexpr, PATCH_W: tl.constexpr,
     SRC: tl.constexpr, CL: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr,
     C0P: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+    TRANSPOSED: tl.constexpr, C0Q: tl.constexpr,
 ):
     """Program `split` visits the forward's tiles split, split + SPLITS, ... (of the whole batch) and, per
     tile and M chunk, adds into its own rows part[split] = [dWc (K rows); sum_p dA; sum_p dA * s] ([K + 2, M],
@@ -535,7 +698,8 @@ def _head_backward_reduce_kernel(
     dtype: tl.constexpr = x0_ptr.dtype.element_ty
     # fp32: every dot split by hand with its loop-invariant operand (x0, the U_j, the gradient tile) split once
     # per tile (`_dot3_split`): Triton's own split held each in two register layouts (sm_90 W48: 1,396 B of
-    # spills, 1,481 us predicted; split once: 1,000 B, 915 us); splitting them per chunk spilled 3,092 B
+    # spills, 1,481 us predicted; split once: 1,000 B, 915 us); splitting them per chunk spilled 3,092 B.
+    # TRANSPOSED (sm_90's candidate): those operands as the dots' B, in shared memory (`_reduce_chunk_t`)
     SPLIT: tl.constexpr = PRECISION == "tf32x3"
     dots: tl.constexpr = "tf32x3_split" if SPLIT else PRECISION
     split = tl.program_id(0)
@@ -544,26 +708,40 @@ def _head_backward_reduce_kernel(
     for t in range(split, TILES, SPLITS):
         n = t // tiles_per_image
         oy, ox, p_mask, cy, cx = _tile_pixels(t % tiles_per_image, H, W, TILE_H, TILE_W)
-        x0 = _load_x0_tile(x0_ptr, n, cy, cx, p_mask, C0, x0_strides, INT64, C0P)
         g = _load_grad_tile(g_ptr, g_strides, n, cy, cx, p_mask, K, INT64, KP, dtype)
         plans, covered = _tile_plans(n, cy, cx, lows, MODES, ALIGNS, PATCH_H, PATCH_W, SRC, False, F64, INT64,
                                      dtype)
         later = t != split  # the first tile overwrites the rows: no zero fill
         redo = tl.where(covered == 0, 0, M)
-        if SPLIT:
-            x0 = _tf32_split(x0)
-            g = _tf32_split(g)
-            plans = _split_plans(plans, MODES, UEXACT)
-        for m0 in range(0, M, BLOCK_M):
-            if m0 < redo:
-                redo = _reduce_chunk(x0, g, n, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr,
-                                     wc_ptr, wc_strides, K, plans, lows, rows, later, redo, MODES, ALIGNS, UEXACT,
-                                     CL, False,
-                                     F64, INT64, dots, C0P, KP, BLOCK_M)
-        for m0 in range(redo, M, GATHER_M):
-            _reduce_chunk(x0, g, n, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr, wc_ptr,
-                          wc_strides, K, plans, lows, rows, later, redo, MODES, ALIGNS, UEXACT, CL, True, F64, INT64,
-                          dots, C0P, KP, GATHER_M)
+        if TRANSPOSED:
+            x0t = _x0t_parts(x0_ptr, n, cy, cx, p_mask, C0, x0_strides, INT64, C0Q)
+            gs = _tf32_split(g)
+            gt = (tl.trans(gs[0]), tl.trans(gs[1]))
+            plans = _transposed_plans(plans, MODES, UEXACT)
+            for m0 in range(0, M, BLOCK_M):
+                if m0 < redo:
+                    redo = _reduce_chunk_t(x0t, gs, gt, n, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr,
+                                           shift_ptr, wc_ptr, wc_strides, K, plans, lows, rows, later, redo, MODES,
+                                           ALIGNS, UEXACT, CL, False, INT64, KP, BLOCK_M)
+            for m0 in range(redo, M, GATHER_M):
+                _reduce_chunk_t(x0t, gs, gt, n, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr,
+                                wc_ptr, wc_strides, K, plans, lows, rows, later, redo, MODES, ALIGNS, UEXACT, CL, True,
+                                INT64, KP, GATHER_M)
+        else:
+            x0 = _load_x0_tile(x0_ptr, n, cy, cx, p_mask, C0, x0_strides, INT64, C0P)
+            if SPLIT:
+                x0 = _tf32_split(x0)
+                g = _tf32_split(g)
+                plans = _split_plans(plans, MODES, UEXACT)
+            for m0 in range(0, M, BLOCK_M):
+                if m0 < redo:
+                    redo = _reduce_chunk(x0, g, n, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr,
+                                         shift_ptr, wc_ptr, wc_strides, K, plans, lows, rows, later, redo, MODES,
+                                         ALIGNS, UEXACT, CL, False, F64, INT64, dots, C0P, KP, BLOCK_M)
+            for m0 in range(redo, M, GATHER_M):
+                _reduce_chunk(x0, g, n, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr, wc_ptr,
+                              wc_strides, K, plans, lows, rows, later, redo, MODES, ALIGNS, UEXACT, CL, True, F64,
+                              INT64, dots, C0P, KP, GATHER_M)
 
 
 # the exact adjoint's flag of a non-finite value (and the code of a tap of weight 0): any count this large is NaN
@@ -938,6 +1116,7 @@ class ForwardTile(NamedTuple):
     patch_h: Tuple[int, ...]
     patch_w: Tuple[int, ...]
     src: Tuple[int, ...]
+    transposed: bool = False  # fp32 backward reduce: the transposed chunk (`_reduce_chunk_t`)
 
 
 # A candidate's optional sixth entry is a device class: the least shared memory per block (opt-in) of the devices
@@ -948,6 +1127,8 @@ class ForwardTile(NamedTuple):
 # differently for mma.sync (sm_80) and wgmma (sm_90): some configurations spill only on sm_80. Without limits
 # (the interpreter, meta tensors without `assume`) the first candidate runs, whatever its class.
 SM90_SHARED = 232_448
+# a statistics or backward-reduce candidate's optional seventh entry: fp32's transposed chunk (`_reduce_chunk_t`)
+TRANSPOSED = "transposed"
 
 # Per element size, in order of preference (tile_h, tile_w, block_m, num_stages, num_warps[, device class]).
 # fp16/bf16: 8x16 pixels (a 128-row dot; patches of 6x10 / 4x6 / 3x4 for 2x / 4x / 8x bilinear) over 32-channel
@@ -986,8 +1167,21 @@ _FORWARD_CANDIDATES = {
 # split on sm_90 W48 (B of spill stores): 4x8 tiles 656, 16-channel chunks 732, 1 stage 1,376, 8 warps 1,364,
 # 4x16 tiles 1,504, the gradient tile reloaded per chunk 1,476, the hand split per chunk for s 2,644 (for every
 # dot 3,092), dWc in its own chunk loop 1,728; without the dWc dot 632, without the dA dot 1,196. Spill-free
-# needs those operands out of the registers (e.g. a transposed chunk, s^T = W0[m] x0^T, whose invariant
-# operands are wgmma's B operand, in shared memory), not a configuration.
+# needed those operands out of the registers: on sm_90 the reduce takes the transposed chunk (`_reduce_chunk_t`,
+# the candidate tagged TRANSPOSED): s^T = W0[m] x0^T + patch^T U^T, dA^T = Wc[:, m]^T g^T, dWc^T = a^T g, so
+# x0^T, the U_j^T, g and g^T are wgmma's B operands, which Triton keeps in shared memory (each local_alloc
+# hoisted out of the chunk loop: TTGIR checked). wgmma takes 64 rows per warpgroup: 64-channel chunks. What
+# stays in registers is a 64-bit shared-memory descriptor per B operand and k-step (8x8 tiles: 52, 104
+# registers), hence the small tiles. sm_90 W48 (B of spill stores NCHW / channels_last, predicted us NCHW):
+# 8x8, 2 stages 440 / 476 (601.9); the pixel sums before the dWc dot 320 / 328; 1 stage 264 / 268 (587.7;
+# 8 warps 772 / 684); 4x8 tiles 116 / 100 (421.3); x0's dot in 32-channel parts 92 / 64; 4x4 tiles 0 / 8 (H - 1,
+# W - 1 reloaded per tile); x0's K cut to C0 rounded up to 16 (C0Q: 48, not C0P's 64): 0 / 0, 395.2 us
+# tensor-bound (row form: 901.9 / 854.4 issue-bound), W18 0 / 0 (134.4 us). 2 stages at 4x4 spill 28 / 16 B.
+# sm_80 keeps the row form (mma.sync holds even B in registers: the transposed chunk at 8x8 / 32 spilled
+# 3,156 B there): W48 804 / 796 B (1,869 / 1,922 us), W18 848 / 960 B. The fp32 statistics on sm_90 take
+# the transposed chunk too (`_stats_chunk_t`; the row form spilled 4 B in the loop at W48): 8x8 tiles, 64
+# channels, 2 stages, spill-free, W48 445.1 -> 454.2 us NCHW, 398.4 -> 404.2 channels_last (4 warps per SM by
+# shared memory, 126,976 B), W18 193.0 -> 210.0 us; 1 stage 56 / 12 B (387.3 us), 4x8 tiles 516.6, 8 warps 708.0.
 # fp32 with U exact in tf32 (`_dot3_exact`; Triton 3.8, W18 / W48 512x1024 b8 training, NCHW and channels_last,
 # spill stores, predicted us W48 NCHW): forward sm_90 0-68 B outside the loop (was 0-76 B), sm_80 0-8 B outside
 # the loops (8-224 B), 553.5 -> 504.0 us on sm_90; statistics sm_90 W48 4 B in the loop (4-8 B), sm_80 none
@@ -1003,9 +1197,11 @@ _FORWARD_CANDIDATES = {
 # sm_80's SASS gains a loop the trip table does not know), reloading x0 and the gradient tile per chunk (1,900
 # B: the pipeliner holds the prefetched tiles).
 _TILE_CANDIDATES = {
-    "_head_stats_kernel": {**_FORWARD_CANDIDATES, 2: ((8, 16, 16, 2, 4),) + _FORWARD_CANDIDATES[2][1:]},
+    "_head_stats_kernel": {**_FORWARD_CANDIDATES, 2: ((8, 16, 16, 2, 4),) + _FORWARD_CANDIDATES[2][1:],
+                           4: ((8, 8, 64, 2, 4, SM90_SHARED, TRANSPOSED),) + _FORWARD_CANDIDATES[4]},
     "_head_backward_reduce_kernel": {**_FORWARD_CANDIDATES, 2: ((8, 16, 32, 2, 8, SM90_SHARED), (8, 16, 16, 2, 8))
-                                     + _FORWARD_CANDIDATES[2][1:]},
+                                     + _FORWARD_CANDIDATES[2][1:],
+                                     4: ((4, 4, 64, 1, 4, SM90_SHARED, TRANSPOSED),) + _FORWARD_CANDIDATES[4]},
     "_head_backward_ds_kernel": {**_FORWARD_CANDIDATES, 2: ((8, 16, 32, 2, 8),) + _FORWARD_CANDIDATES[2][1:],
                                  4: ((8, 8, 32, 1, 4, SM90_SHARED), (8, 8, 16, 1, 4), (4, 4, 16, 1, 4))},
 }
@@ -1099,17 +1295,17 @@ def _forward_tile(name: str, elem: int, acc: int, c0p: int, kp: int, block_m: in
     """The first tile configuration that fits the device for kernel `name` (cached: the launchers run on every
     call)."""
     def make(candidate):
-        th, tw, bm, stages, warps = candidate
+        th, tw, bm, stages, warps = candidate[:5]
         extent = _backward_patch_extent if name == "_head_backward_ds_kernel" else _patch_extent
         ph = tuple(extent(low.mode, low.ratio_h, th, size[0]) for low, size in zip(lows, sizes))
         pw = tuple(extent(low.mode, low.ratio_w, tw, size[1]) for low, size in zip(lows, sizes))
         src = tuple(max(16, next_power_of_2(h * w)) if low.mode != SAME else 0 for h, w, low in zip(ph, pw, lows))
-        return ForwardTile(th, tw, min(bm, block_m), stages, warps, ph, pw, src)
+        return ForwardTile(th, tw, min(bm, block_m), stages, warps, ph, pw, src, candidate[6:] == (TRANSPOSED,))
 
     candidates = _TILE_CANDIDATES.get(name, _FORWARD_CANDIDATES)[elem]
     if limits is not None:  # a candidate tagged with a device class only where the device is of it
         candidates = [c for c in candidates if len(c) < 6 or limits.shared_per_block >= c[5]]
-    tiles = [make(c[:5]) for c in candidates]
+    tiles = [make(c) for c in candidates]
     fused = name == "_head_backward_ds_kernel" and (elem, acc) != (4, 4)  # bf16, fp64 (fp16: an upper bound)
     return first_fitting(tiles, lambda t: _tile_bound(name, elem, acc, c0p, kp, t.src, t, fused), limits)
 
@@ -1173,6 +1369,13 @@ def _tiled(name: str, plan: HeadPlan, t: HeadTensors, consts: dict) -> Tuple[For
     return tile, cdiv(H, tile.tile_h) * cdiv(W, tile.tile_w)
 
 
+def _transposed(tile: ForwardTile, t: HeadTensors, consts: dict) -> dict:
+    """The statistics' and backward reduce's TRANSPOSED (fp32's transposed chunk where the configuration asks for
+    it) and C0Q: the transposed x0 dot covers C0 rounded up to 16 (W48: 48, not C0P's 64)."""
+    return dict(TRANSPOSED=tile.transposed and consts["PRECISION"] == "tf32x3",
+                C0Q=min(consts["C0P"], max(16, cdiv(t.x0.shape[1], 16) * 16)))
+
+
 def _acc_dtype(t: HeadTensors) -> torch.dtype:
     return torch.float64 if t.x0.dtype == torch.float64 else torch.float32
 
@@ -1190,7 +1393,8 @@ def head_batch_stats(plan: HeadPlan, t: HeadTensors, force_int64: bool = False) 
     parts = _empty((2, R, M), _acc_dtype(t), t.x0.device)
     with _device_context(t.x0):
         _head_stats_kernel[launch_grid(tiles, N)](*common, parts, R, lows, **consts, **low_consts,
-                                                  num_warps=tile.num_warps, num_stages=tile.num_stages)
+                                                  **_transposed(tile, t, consts), num_warps=tile.num_warps,
+                                                  num_stages=tile.num_stages)
     counts = _tile_counts(H, W, tile.tile_h, tile.tile_w, t.x0.device).repeat(N)[:, None]
     sums, m2 = parts[0].double(), parts[1].double()
     total = float(N * H * W)
@@ -1245,7 +1449,8 @@ def head_backward_reduce(plan: HeadPlan, t: HeadTensors, scale: Tensor, shift: T
     with _device_context(t.x0):
         _head_backward_reduce_kernel[launch_grid(splits)](
             *common, scale, shift, t.wc, tuple(t.wc.stride()), K, grad, tuple(grad.stride()), parts, splits,
-            tiles * N, lows, **consts, **low_consts, num_warps=tile.num_warps, num_stages=tile.num_stages)
+            tiles * N, lows, **consts, **low_consts, **_transposed(tile, t, consts), num_warps=tile.num_warps,
+            num_stages=tile.num_stages)
     total = parts.sum(0)
     return total[:K], total[K], total[K + 1]
 

@@ -135,9 +135,11 @@ def test_head_choices_at_w48_shapes():
     """Every head kernel runs on the forward's 2-D tiles (8x8 pixels for fp32, 8x16 for bf16), 2 stages, on A100
     and H100 alike (issue 13: the old fp32 backward reduce needed 352 KB at 3 stages on sm_90); 32-channel chunks
     but bf16's statistics (16: 32 spilled, 4fc1e27), bf16's backward reduce on devices below sm_90's shared
-    memory (16 on A100: 32 spilled 4-84 B there; without limits, the interpreter, the first candidate: 32), and
+    memory (16 on A100: 32 spilled 4-84 B there; without limits, the interpreter, the first candidate: 32),
     fp32's ds kernel: 1 stage, 32 channels on sm_90 (2 stages spilled 76-104 B in the loop), 16 below (32 spilled
-    100-188 B on sm_80)."""
+    100-188 B on sm_80), and fp32's statistics and backward reduce on sm_90: the transposed chunk, 64 channels
+    (a warpgroup's wgmma rows), the reduce on 4x4 tiles and 1 stage (spill-free; on sm_80 the transposed chunk
+    spills kilobytes: the row form there)."""
     for dtype, channels_last in ((torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)):
         pixels = 64 if dtype == torch.float32 else 128
         for gpu in (None, A100, H100):
@@ -148,6 +150,9 @@ def test_head_choices_at_w48_shapes():
                     expected["_head_backward_reduce_kernel"] = (16, pixels, 2)
             else:
                 expected["_head_backward_ds_kernel"] = (16 if gpu is A100 else 32, pixels, 1)
+                if gpu is not A100:
+                    expected["_head_stats_kernel"] = (64, pixels, 2)
+                    expected["_head_backward_reduce_kernel"] = (64, 16, 1)
             choices = head_choices(dtype, channels_last, gpu and gpu.shared_per_block)
             assert {k: c[:3] for k, c in choices.items()} == expected, (gpu and gpu.name, dtype, channels_last)
             assert gpu is None or all(bound <= gpu.shared_per_block for *_, bound in choices.values())

@@ -691,6 +691,37 @@ def test_training_over_tiles_and_splits(case, dtype, layout, monkeypatch, fused)
     check_head(case, dtype, layout, True, backend=fused)
 
 
+@pytest.mark.parametrize("transposed, layout", [(True, "channels_last"), (False, "nchw")],
+                         ids=["transposed_sm90", "rows_sm80"])
+def test_fp32_statistics_and_reduce_forms(transposed, layout, monkeypatch):
+    """fp32's statistics and backward reduce in both their forms, the reduce over several tiles per split: the
+    transposed chunk (s^T, dA^T, dWc^T with x0^T, the U_j^T and the gradient tile as the dots' B operands:
+    sm_90's candidates, the interpreter's first) and the row form with the operands split by hand once per tile
+    (sm_80's candidates). One branch's weights are not exact in tf32 (align_corners: its U_j as (hi, lo)); M is
+    not a multiple of the chunk."""
+    from hrfast.kernels import head as KH
+    from hrfast.kernels.limits import DeviceLimits, assume
+    monkeypatch.setattr(KH, "_REDUCE_SPLITS", 3)
+    taken = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                taken.append(kwargs["TRANSPOSED"])
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    for name in ("_head_stats_kernel", "_head_backward_reduce_kernel"):
+        monkeypatch.setattr(KH, name, Spy(getattr(KH, name)))
+    case = Case(C3, [(10, 8), (5, 4), (3, 2)], [bil(2), bil(align_corners=True)], N=2, M=20)
+    with assume(DeviceLimits(shared_per_block=232_448 if transposed else 166_912)):
+        check_head(case, F32, layout, True)
+    assert taken == [transposed, transposed]
+
+
 def _aten_taps(mode: str, align: bool, n_in: int, n_out: int, d: int) -> Tuple[int, int]:
     """ATen's first and last source index read by output index d (float32, as the kernels)."""
     r = torch.tensor(n_in / n_out, dtype=torch.float32)

@@ -646,12 +646,12 @@ def _reduce_chunk_t(x0t, g, gt, n, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0
     m = m0 + tl.arange(0, BLOCK_M)
     m_mask = m < M
     m_c = tl.minimum(m, M - 1)
-    s = _chunk_pre_bn_t(x0t, n, cy, cx, p_mask, m, m_mask, m_c, w0_ptr, w0_strides, C0, plans, lows, MODES, ALIGNS,
-                        UEXACT, CL, GATHER, INT64)
     k = tl.arange(0, KP)
     wct = tl.load(wc_ptr + m_c[:, None] * wc_strides[1] + tl.minimum(k, K - 1)[None, :] * wc_strides[0],
                   mask=(k < K)[None, :], other=0.0)
     dat = _dot3_b(wct, gt[0], gt[1], tl.zeros([BLOCK_M, gt[0].shape[1]], tl.float32))
+    s = _chunk_pre_bn_t(x0t, n, cy, cx, p_mask, m, m_mask, m_c, w0_ptr, w0_strides, C0, plans, lows, MODES, ALIGNS,
+                        UEXACT, CL, GATHER, INT64)
     scale = tl.load(scale_ptr + m_c)
     shift = tl.load(shift_ptr + m_c)
     a_pre = s * scale[:, None] + shift[:, None]
@@ -1167,16 +1167,20 @@ _FORWARD_CANDIDATES = {
 # split on sm_90 W48 (B of spill stores): 4x8 tiles 656, 16-channel chunks 732, 1 stage 1,376, 8 warps 1,364,
 # 4x16 tiles 1,504, the gradient tile reloaded per chunk 1,476, the hand split per chunk for s 2,644 (for every
 # dot 3,092), dWc in its own chunk loop 1,728; without the dWc dot 632, without the dA dot 1,196. Spill-free
-# needed those operands out of the registers: on sm_90 the reduce takes the transposed chunk (`_reduce_chunk_t`,
-# the candidate tagged TRANSPOSED): s^T = W0[m] x0^T + patch^T U^T, dA^T = Wc[:, m]^T g^T, dWc^T = a^T g, so
-# x0^T, the U_j^T, g and g^T are wgmma's B operands, which Triton keeps in shared memory (each local_alloc
-# hoisted out of the chunk loop: TTGIR checked). wgmma takes 64 rows per warpgroup: 64-channel chunks. What
-# stays in registers is a 64-bit shared-memory descriptor per B operand and k-step (8x8 tiles: 52, 104
-# registers), hence the small tiles. sm_90 W48 (B of spill stores NCHW / channels_last, predicted us NCHW):
-# 8x8, 2 stages 440 / 476 (601.9); the pixel sums before the dWc dot 320 / 328; 1 stage 264 / 268 (587.7;
-# 8 warps 772 / 684); 4x8 tiles 116 / 100 (421.3); x0's dot in 32-channel parts 92 / 64; 4x4 tiles 0 / 8 (H - 1,
-# W - 1 reloaded per tile); x0's K cut to C0 rounded up to 16 (C0Q: 48, not C0P's 64): 0 / 0, 395.2 us
-# tensor-bound (row form: 901.9 / 854.4 issue-bound), W18 0 / 0 (134.4 us). 2 stages at 4x4 spill 28 / 16 B.
+# needs those operands out of the registers: on sm_90 the reduce takes the transposed chunk (`_reduce_chunk_t`, the
+# candidate tagged TRANSPOSED): s^T = W0[m] x0^T + patch^T U^T, dA^T = Wc[:, m]^T g^T, dWc^T = a^T g, so x0^T,
+# the U_j^T, g and g^T are wgmma's B operands, which Triton keeps in shared memory (each local_alloc hoisted
+# out of the chunk loop: TTGIR checked, every wgmma of the loop reads a B allocated outside it). wgmma takes 64
+# rows per warpgroup: 64-channel chunks. What stays in registers is a 64-bit shared-memory descriptor per B
+# operand and k-step (8x8 tiles: 52, 104 registers), hence small tiles; x0's dot covers C0 rounded up to 16
+# (C0Q: 48 at W48, not C0P's 64), in 32-channel parts. sm_90 W48 (B of spill stores NCHW / channels_last,
+# predicted us NCHW / channels_last; the transposed SASS has 4 loops, the instrument's trip table 3: issue
+# counted by hand, trips [chunks x tiles, 0, tiles, tiles] per program): 8x8 tiles 364 / 396 B, 685 / 650 us;
+# **4x8 (taken)** 44 / 52 B, 885 / 849 us (row form: 796 / 660 B, 902 / 854 us), W18 116 / 48 B, 388 / 398 us
+# (744 / 748 B, 390 / 395 us); 4x4 spill-free (W48 and W18) but 1,355 / 1,312 us, 1.5x the row form: the
+# per-chunk W0 / Wc loads and splits repeat per tile (1,507 SASS per 16-pixel chunk). Before C0Q: 8x8, 2 stages
+# 440 / 476 B; 1 stage 264 / 268; 8 warps 772 / 684; 4x4 0 / 8. Spill-free at the row form's time needs fewer
+# per-chunk instructions (e.g. W0 and Wc split once on the host) or fewer descriptors.
 # sm_80 keeps the row form (mma.sync holds even B in registers: the transposed chunk at 8x8 / 32 spilled
 # 3,156 B there): W48 804 / 796 B (1,869 / 1,922 us), W18 848 / 960 B. The fp32 statistics on sm_90 take
 # the transposed chunk too (`_stats_chunk_t`; the row form spilled 4 B in the loop at W48): 8x8 tiles, 64
@@ -1201,7 +1205,7 @@ _TILE_CANDIDATES = {
                            4: ((8, 8, 64, 2, 4, SM90_SHARED, TRANSPOSED),) + _FORWARD_CANDIDATES[4]},
     "_head_backward_reduce_kernel": {**_FORWARD_CANDIDATES, 2: ((8, 16, 32, 2, 8, SM90_SHARED), (8, 16, 16, 2, 8))
                                      + _FORWARD_CANDIDATES[2][1:],
-                                     4: ((4, 4, 64, 1, 4, SM90_SHARED, TRANSPOSED),) + _FORWARD_CANDIDATES[4]},
+                                     4: ((4, 8, 64, 1, 4, SM90_SHARED, TRANSPOSED),) + _FORWARD_CANDIDATES[4]},
     "_head_backward_ds_kernel": {**_FORWARD_CANDIDATES, 2: ((8, 16, 32, 2, 8),) + _FORWARD_CANDIDATES[2][1:],
                                  4: ((8, 8, 32, 1, 4, SM90_SHARED), (8, 8, 16, 1, 4), (4, 4, 16, 1, 4))},
 }

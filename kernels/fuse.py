@@ -532,15 +532,19 @@ def _tent_edge(k: tl.constexpr, f: tl.constexpr, first, last):
 
 
 @triton.constexpr_function
-def _piece(P, f, cols, i=None, field=None):
+def _piece(P, f, cols, vec, i=None, field=None):
     """How `_adjoint_phases` reads a thread's output columns [-f, (P + 1) f) (from s0 f, s0 its first source
     column) along a row: the number of pieces (i None), else piece i's (start, width)[field]. Vectors along the
     row (cols False, NCHW): the left group (its upper half used: left of s0's window), the P f middle columns
-    in vectors of up to 8 elements (16 bytes of bf16), the right group (its lower half used). cols (channels
+    in vectors of up to `vec` elements (16 bytes), the right group (its lower half used); where f > vec only
+    those used halves (sm_90 W48 stage-4 fp32 row 0, `_adjoint_row_kernel`: issue / bytes 0.70 -> 0.41 against
+    8-element fp32 pieces, which Triton splits over two lanes: shuffles in every window sum). cols (channels
     along the contiguous axis): each of the (P + 1) f columns [-f/2, P f + f/2) it uses on its own."""
-    middle = min(8, P * f)
+    middle = min(vec, P * f)
     if cols:
         pieces = [(j - f // 2, 1) for j in range((P + 1) * f)]
+    elif f > vec:  # the used halves only, themselves aligned vectors
+        pieces = [(-f // 2, f // 2)] + [(m * middle, middle) for m in range(P * f // middle)] + [(P * f, f // 2)]
     else:
         pieces = [(-f, f)] + [(m * middle, middle) for m in range(P * f // middle)] + [(P * f, f)]
     return len(pieces) if i is None else pieces[i][field]
@@ -560,6 +564,8 @@ def _adjoint_phases(g_ptr, g_strides, H, scale_ptr, dz_ptr, dz_strides, part_ptr
     [(s0 - 1) f, (s0 + P + 1) f) in pieces (`_piece`: aligned vectors, or single columns where COLS), each
     summed over the window's 2 PH rows with the row weights (in row order); then each source pixel's u = its
     window's columns of those sums with the column weights (in column order). A fixed order: deterministic."""
+    # 16-byte vectors along a row (`_piece`)
+    VEC: tl.constexpr = 128 // g_ptr.dtype.element_ty.primitive_bitwidth
     z_ptr, h, w, z_strides, ratio_h, ratio_w = src
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -597,21 +603,21 @@ def _adjoint_phases(g_ptr, g_strides, H, scale_ptr, dz_ptr, dz_strides, part_ptr
         else:
             row_ok = sy < h - 1
         vals = ()
-        for i in tl.static_range(_piece(P, PW, COLS)):
-            offs = ((PW * sxo + _piece(P, PW, COLS, i, 0))[None, :, None]
-                    + tl.arange(0, _piece(P, PW, COLS, i, 1))[None, None, :])
+        for i in tl.static_range(_piece(P, PW, COLS, VEC)):
+            offs = ((PW * sxo + _piece(P, PW, COLS, VEC, i, 0))[None, :, None]
+                    + tl.arange(0, _piece(P, PW, COLS, VEC, i, 1))[None, None, :])
             ptrs = row + offs * g_w
             if (2 * k < PH) or (2 * k >= 3 * PH):
-                if _piece(P, PW, COLS, i, 0) < 0:
+                if _piece(P, PW, COLS, VEC, i, 0) < 0:
                     v = tl.load(ptrs, mask=row_ok & left_ok, other=0.0)
-                elif _piece(P, PW, COLS, i, 0) >= P * PW:
+                elif _piece(P, PW, COLS, VEC, i, 0) >= P * PW:
                     v = tl.load(ptrs, mask=row_ok & right_ok, other=0.0)
                 else:
                     v = tl.load(ptrs, mask=row_ok, other=0.0)
             else:
-                if _piece(P, PW, COLS, i, 0) < 0:
+                if _piece(P, PW, COLS, VEC, i, 0) < 0:
                     v = tl.load(ptrs, mask=left_ok, other=0.0)
-                elif _piece(P, PW, COLS, i, 0) >= P * PW:
+                elif _piece(P, PW, COLS, VEC, i, 0) >= P * PW:
                     v = tl.load(ptrs, mask=right_ok, other=0.0)
                 else:
                     v = tl.load(ptrs)
@@ -636,9 +642,9 @@ def _adjoint_phases(g_ptr, g_strides, H, scale_ptr, dz_ptr, dz_strides, part_ptr
     for p in tl.static_range(P):
         lo = p * PW - PW // 2  # window of pixel p, columns from s0 PW
         u = tl.zeros([BLOCK_C, BLOCK_Q], dtype=tl.float32)
-        for i in tl.static_range(_piece(P, PW, COLS)):
-            start = _piece(P, PW, COLS, i, 0)
-            if (start < lo + 2 * PW) and (start + _piece(P, PW, COLS, i, 1) > lo):  # the piece meets the window
+        for i in tl.static_range(_piece(P, PW, COLS, VEC)):
+            start = _piece(P, PW, COLS, VEC, i, 0)
+            if (start < lo + 2 * PW) and (start + _piece(P, PW, COLS, VEC, i, 1) > lo):  # the piece meets the window
                 u += _window_sum(acc[i], start, lo, PW, p == 0, p == P - 1, first_x, last_x)
         if NEED_DZ:
             tl.store(dz_ptr + ((nn * d_n + cc * d_c)[:, None] + (syo * d_h + (sxo + p) * d_w)[None, :]),
@@ -696,14 +702,14 @@ def _adjoint_epilogue(u, n, c, cc, qy, qx, sy, sx, h, w, C, R, z_ptr, z_strides,
 
 
 @triton.constexpr_function
-def _row_piece(L, FM, f, cols, i, field=None):
-    """`_adjoint_row_kernel`'s pieces: the loaded pieces of a thread's row are `_piece(L / FM, FM, cols)` (FM
+def _row_piece(L, FM, f, cols, vec, i, field=None):
+    """`_adjoint_row_kernel`'s pieces: the loaded pieces of a thread's row are `_piece(L / FM, FM, cols, vec)` (FM
     the widest column factor, L = P f output columns per thread, the same for every term); piece i of a term
-    by f (`_piece(L / f, f, cols)`) is loaded piece `index` (field None), whose (start, width)[field] its row
+    by f (`_piece(L / f, f, cols, vec)`) is loaded piece `index` (field None), whose (start, width)[field] its row
     sums take: in NCHW the same index (the edge pieces' f columns are part of the FM-wide loaded ones, the
     other columns outside every window of the term), in `cols` the same column."""
     j = i + (FM - f) // 2 if cols else i
-    return j if field is None else _piece(L // FM, FM, cols, j, field)
+    return j if field is None else _piece(L // FM, FM, cols, vec, j, field)
 
 
 @triton.constexpr_function
@@ -714,13 +720,13 @@ def _row_start(FM, f, j):
 
 
 @triton.constexpr_function
-def _acc_slot(FH, FW, L, cols, t, j, i):
+def _acc_slot(FH, FW, L, cols, vec, t, j, i):
     """Index of (term t, its source row j, its piece i) in `_adjoint_row_kernel`'s flat tuple of row sums."""
     FM = max(FH)
     n = 0
     for s in range(t):
-        n += (FM // FH[s]) * _piece(L // FW[s], FW[s], cols)
-    return n + j * _piece(L // FW[t], FW[t], cols) + i
+        n += (FM // FH[s]) * _piece(L // FW[s], FW[s], cols, vec)
+    return n + j * _piece(L // FW[t], FW[t], cols, vec) + i
 
 
 @triton.constexpr_function
@@ -732,7 +738,8 @@ def _cmax(values):
 def _adjoint_row_kernel(g_ptr, g_strides, W, h0, C, terms,
                         HAS_SCALE: tl.constexpr, NEED_DZ: tl.constexpr, NEED_DSCALE: tl.constexpr,
                         NEED_DSHIFT: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr, P: tl.constexpr,
-                        COLS: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr):
+                        COLS: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr,
+                        PAIRS: tl.constexpr = False):
     """`_upsample_adjoint_kernel`'s phase form (`_adjoint_phases`) for all the upsampled terms of a row in one
     launch that reads g once. Term t = (z, z strides, scale, dz, dz strides, partials [2, R_t, C]), bilinear
     (no align_corners) by FH[t] x FW[t] (powers of 2), P[t] source columns per thread with P[t] FW[t] = L the
@@ -750,6 +757,7 @@ def _adjoint_row_kernel(g_ptr, g_strides, W, h0, C, terms,
     term."""
     FM: tl.constexpr = _cmax(FH)
     WM: tl.constexpr = _cmax(FW)
+    VEC: tl.constexpr = 128 // g_ptr.dtype.element_ty.primitive_bitwidth
     L: tl.constexpr = P[0] * FW[0]
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -777,8 +785,8 @@ def _adjoint_row_kernel(g_ptr, g_strides, W, h0, C, terms,
     acc = ()
     for t in tl.static_range(len(FH)):
         for j in tl.static_range(FM // FH[t]):
-            for i in tl.static_range(_piece(P[t], FW[t], COLS)):
-                acc = acc + (tl.full([BLOCK_C, BLOCK_Q, _row_piece(L, WM, FW[t], COLS, i, 1)], -0.0,
+            for i in tl.static_range(_piece(P[t], FW[t], COLS, VEC)):
+                acc = acc + (tl.full([BLOCK_C, BLOCK_Q, _row_piece(L, WM, FW[t], COLS, VEC, i, 1)], -0.0,
                                      dtype=tl.float32),)
     for r in tl.static_range(2 * FM):
         dy = FM * S - FM // 2 + r
@@ -791,43 +799,50 @@ def _adjoint_row_kernel(g_ptr, g_strides, W, h0, C, terms,
         else:
             row_ok = S < h0 - 1
         vals = ()
-        for i in tl.static_range(_piece(L // WM, WM, COLS)):
-            offs = ((xo + _piece(L // WM, WM, COLS, i, 0))[None, :, None]
-                    + tl.arange(0, _piece(L // WM, WM, COLS, i, 1))[None, None, :])
+        for i in tl.static_range(_piece(L // WM, WM, COLS, VEC)):
+            offs = ((xo + _piece(L // WM, WM, COLS, VEC, i, 0))[None, :, None]
+                    + tl.arange(0, _piece(L // WM, WM, COLS, VEC, i, 1))[None, None, :])
             ptrs = row + offs * g_w
+            if PAIRS:
+                # bf16 read as 32-bit words of two columns, widened by bit operations: Triton's conversion
+                # moves the high half down (PRMT) before shifting it back up
+                ptrs = (row.to(tl.pointer_type(tl.int32), bitcast=True)
+                        + ((xo + _piece(L // WM, WM, COLS, VEC, i, 0)) // 2)[None, :, None]
+                        + tl.arange(0, _piece(L // WM, WM, COLS, VEC, i, 1) // 2)[None, None, :])
+            mask = None
             if (2 * r < FM) or (2 * r >= 3 * FM):
-                if _piece(L // WM, WM, COLS, i, 0) < 0:
-                    v = tl.load(ptrs, mask=row_ok & left_ok, other=0.0)
-                elif _piece(L // WM, WM, COLS, i, 0) >= L:
-                    v = tl.load(ptrs, mask=row_ok & right_ok, other=0.0)
-                else:
-                    v = tl.load(ptrs, mask=row_ok, other=0.0)
+                mask = row_ok
+            if _piece(L // WM, WM, COLS, VEC, i, 0) < 0:
+                mask = left_ok if mask is None else mask & left_ok
+            elif _piece(L // WM, WM, COLS, VEC, i, 0) >= L:
+                mask = right_ok if mask is None else mask & right_ok
+            if mask is None:
+                v = tl.load(ptrs)
             else:
-                if _piece(L // WM, WM, COLS, i, 0) < 0:
-                    v = tl.load(ptrs, mask=left_ok, other=0.0)
-                elif _piece(L // WM, WM, COLS, i, 0) >= L:
-                    v = tl.load(ptrs, mask=right_ok, other=0.0)
-                else:
-                    v = tl.load(ptrs)
+                v = tl.load(ptrs, mask=mask, other=0)
+            if PAIRS:
+                lo = (v << 16).to(tl.float32, bitcast=True)
+                hi = (v & -65536).to(tl.float32, bitcast=True)
+                v = tl.reshape(tl.join(lo, hi), (BLOCK_C, BLOCK_Q, _piece(L // WM, WM, COLS, VEC, i, 1)))
             vals = vals + (v.to(tl.float32),)
         # add the row into every source row whose window holds it (term by term, rows in order)
         nxt = ()
         for t in tl.static_range(len(FH)):
             for j in tl.static_range(FM // FH[t]):
                 s = (FM // FH[t]) * S + j
-                for i in tl.static_range(_piece(P[t], FW[t], COLS)):
-                    nxt = nxt + (_row_add(acc[_acc_slot(FH, FW, L, COLS, t, j, i)],
-                                          vals[_row_piece(L, WM, FW[t], COLS, i)], r - _row_start(FM, FH[t], j),
+                for i in tl.static_range(_piece(P[t], FW[t], COLS, VEC)):
+                    nxt = nxt + (_row_add(acc[_acc_slot(FH, FW, L, COLS, VEC, t, j, i)],
+                                          vals[_row_piece(L, WM, FW[t], COLS, VEC, i)], r - _row_start(FM, FH[t], j),
                                           FH[t], s == 0, s == (FM // FH[t]) * h0 - 1),)
         acc = nxt
         # the source rows whose window ends here: columns, dz and the partial sums
         for t in tl.static_range(len(FH)):
             for j in tl.static_range(FM // FH[t]):
                 if r == _row_start(FM, FH[t], j) + 2 * FH[t] - 1:
-                    _adjoint_row_out(acc, _acc_slot(FH, FW, L, COLS, t, j, 0), terms[t], n, nn, c, cc,
+                    _adjoint_row_out(acc, _acc_slot(FH, FW, L, COLS, VEC, t, j, 0), terms[t], n, nn, c, cc,
                                      (FM // FH[t]) * S + j, (FM // FH[t]) * h0, q, tile, tiles_q, C, first_x,
                                      last_x, HAS_SCALE[t], NEED_DZ[t], NEED_DSCALE[t], NEED_DSHIFT[t], FW[t], P[t],
-                                     L, WM, COLS, INT64)
+                                     L, WM, COLS, VEC, INT64)
 
 
 @triton.jit
@@ -847,7 +862,7 @@ def _row_add(a, v, k: tl.constexpr, f: tl.constexpr, first, last):
 def _adjoint_row_out(acc, base: tl.constexpr, term, n, nn, c, cc, sy, h, q, tile, tiles_q, C, first_x, last_x,
                      HAS_SCALE: tl.constexpr, NEED_DZ: tl.constexpr, NEED_DSCALE: tl.constexpr,
                      NEED_DSHIFT: tl.constexpr, F: tl.constexpr, P: tl.constexpr, L: tl.constexpr,
-                     WM: tl.constexpr, COLS: tl.constexpr, INT64: tl.constexpr):
+                     WM: tl.constexpr, COLS: tl.constexpr, VEC: tl.constexpr, INT64: tl.constexpr):
     """`_adjoint_phases`' epilogue for one source row sy (of h) of one term of `_adjoint_row_kernel`: its row
     sums are acc[base:], piece by piece; each pixel's u from its window's columns, dz = u * scale, and the
     partial sums into the row its own launch would use (image n, source row sy, column tile `tile`)."""
@@ -868,9 +883,9 @@ def _adjoint_row_out(acc, base: tl.constexpr, term, n, nn, c, cc, sy, h, q, tile
     for p in tl.static_range(P):
         lo = p * F - F // 2
         u = tl.zeros([c.shape[0], q.shape[0]], dtype=tl.float32)
-        for i in tl.static_range(_piece(P, F, COLS)):
-            start = _row_piece(L, WM, F, COLS, i, 0)
-            if (start < lo + 2 * F) and (start + _row_piece(L, WM, F, COLS, i, 1) > lo):
+        for i in tl.static_range(_piece(P, F, COLS, VEC)):
+            start = _row_piece(L, WM, F, COLS, VEC, i, 0)
+            if (start < lo + 2 * F) and (start + _row_piece(L, WM, F, COLS, VEC, i, 1) > lo):
                 u += _window_sum(acc[base + i], start, lo, F, p == 0, p == P - 1, first_x, last_x)
         if NEED_DZ:
             tl.store(dz_ptr + ((nn * d_n + cc * d_c)[:, None] + (syo * d_h + (sxo + p) * d_w)[None, :]),
@@ -1296,10 +1311,8 @@ def _adjoint_config(z: Tensor, term: TermPlan, H: int, W: int, channels_last: bo
     `_adjoint_phase_tile`), else None."""
     N, C, h, w = z.shape
     phase = _adjoint_phase_factors(term, z, H, W)
-    if phase is not None and channels_last and (z.dtype == torch.float16 or (z.dtype == torch.float32
-                                                                             and max(phase) >= 8)):
-        # channels_last columns spill for fp16 and for fp32 by 8 (sm_90 W48 x8: fp16 696 B, fp32 11,460 B); fp32
-        # x2 / x4 fit (their row launch: 180 registers)
+    if phase is not None and channels_last and z.dtype == torch.float16:
+        # channels_last columns spill for fp16 (sm_90 W48 x8: 696 B)
         phase = None
     if phase is not None:
         cols = channels_last
@@ -1320,20 +1333,24 @@ ADJOINT_PHASE_PIXELS = 16
 # `_adjoint_row_kernel` (sm_90 W48 stage-4 fp32 row 0: 200 registers, no spills, issue/bytes 0.70; with 16
 # columns 255 registers and spills)
 ADJOINT_PHASE_PIXELS_WIDE = 8
-# channels_last: up to 64 channels per program (contiguous), 512 elements (4 per thread: 8-byte loads of 4
-# channels; sm_90, W48 stage 4 bf16 x2 / x4 / x8 issue/bytes 0.89 / 0.97 / 1.13 with 128, 0.47 / 0.55 / 0.68
-# with 512 at 95 / 102 / 134 registers)
+# channels_last: up to 64 channels per program (contiguous), 2-byte floats 512 elements (4 per thread: 8-byte
+# loads of 4 channels; sm_90, W48 stage 4 bf16 x2 / x4 / x8 issue/bytes 0.89 / 0.97 / 1.13 with 128, 0.47 /
+# 0.55 / 0.68 with 512 at 95 / 102 / 134 registers), 4-byte floats one per thread, so that a row's x2, x4 and
+# x8 terms fit one `_adjoint_row_kernel` (sm_90 W48 stage-4 fp32 row 0: 184 registers, no spills, issue /
+# bytes 0.50, 33.1 us against 32.3 + 21.8 us for the x2 / x4 row launch and the x8 gather; 4 per thread spill
+# 1,632 B, 2 per thread 136 B)
 ADJOINT_PHASE_CL_C = 64
 ADJOINT_PHASE_CL_ELEMS = 512
 
 
 def _adjoint_phase_tile(C: int, w: int, fw: int, cols: bool, itemsize: int) -> Tuple[int, int, int]:
     """(BLOCK_C, BLOCK_Q, PQ) of the phase form: PQ source columns per thread (a thread's share of fixed costs
-    against its loads: ADJOINT_PHASE_PIXELS // fw, ADJOINT_PHASE_PIXELS_WIDE // fw for 4-byte floats, at least
-    1; cols: half that, its columns one by one), BLOCK_Q threads along a row (a power of 2 up to 32: a warp's
-    loads along a row are contiguous in NCHW), BLOCK_Q * PQ dividing w, BLOCK_C channels (a power of 2 dividing
-    C)."""
-    pixels = ADJOINT_PHASE_PIXELS_WIDE if itemsize == 4 else ADJOINT_PHASE_PIXELS
+    against its loads: ADJOINT_PHASE_PIXELS // fw, ADJOINT_PHASE_PIXELS_WIDE // fw for 4-byte floats in NCHW,
+    at least 1; cols: half ADJOINT_PHASE_PIXELS // fw, its columns one by one), BLOCK_Q threads along a row (a
+    power of 2 up to 32: a warp's loads along a row are contiguous in NCHW), BLOCK_Q * PQ dividing w, BLOCK_C
+    channels (a power of 2 dividing C; cols: BLOCK_C x BLOCK_Q up to ADJOINT_PHASE_CL_ELEMS elements for 2-byte
+    floats, ADJOINT_PHASE_THREADS for 4-byte ones)."""
+    pixels = ADJOINT_PHASE_PIXELS_WIDE if itemsize == 4 and not cols else ADJOINT_PHASE_PIXELS
     pq = max(1, pixels // fw // (2 if cols else 1))
     while pq > 1 and w % pq:
         pq //= 2
@@ -1342,7 +1359,8 @@ def _adjoint_phase_tile(C: int, w: int, fw: int, cols: bool, itemsize: int) -> T
         block_q //= 2
     if cols:
         block_c = channel_block(C, ADJOINT_PHASE_CL_C)
-        block_q = min(block_q, max(1, ADJOINT_PHASE_CL_ELEMS // block_c))
+        elems = ADJOINT_PHASE_CL_ELEMS if itemsize == 2 else ADJOINT_PHASE_THREADS
+        block_q = min(block_q, max(1, elems // block_c))
     else:
         block_c = min(channel_block(C, ADJOINT_PHASE_THREADS), max(1, ADJOINT_PHASE_THREADS // block_q))
     while block_c > 1 and C % block_c:
@@ -1389,9 +1407,10 @@ def _adjoint_launch(term: TermPlan, g: Tensor, z: Tensor, scale: Optional[Tensor
 
 
 # Upsampled terms per `_adjoint_row_kernel` launch (HRNet's rows have at most 3): each term's row sums take
-# registers. Three (x2 / x4 / x8) fit in NCHW (sm_90 W48 stage 4: bf16 192 registers, fp32 200 with its half-width
-# rows, ADJOINT_PHASE_PIXELS_WIDE; no spills); a channels_last g (a row sum per column: 772 B spilled) takes two,
-# the rest their own launches.
+# registers. Three (x2 / x4 / x8) fit where a thread holds one (channel, column group) cell: NCHW (sm_90 W48 stage
+# 4: bf16 190 registers, fp32 178 with its half-width rows, ADJOINT_PHASE_PIXELS_WIDE; no spills) and fp32
+# channels_last (one channel per thread, 184); bf16 channels_last (4 channels per thread, a row sum per column:
+# 796 B spilled) takes two, the rest their own launches.
 ADJOINT_ROW_MAX_TERMS = 3
 ADJOINT_ROW_MAX_TERMS_WIDE = 2
 
@@ -1400,9 +1419,8 @@ def _adjoint_row_group(upsampled: Sequence[int], cfgs: dict, xs: Sequence[Tensor
     """The upsampled terms (indices, in order) that one `_adjoint_row_kernel` launch takes: those in the
     adjoint's phase form whose configurations (`_adjoint_config`) share BLOCK_C, BLOCK_Q, the output columns
     per thread (PQ x PW) and COLS, and whose sources share a dtype, the first such up to ADJOINT_ROW_MAX_TERMS
-    (NCHW, a [BLOCK_C, BLOCK_Q] program of at least ADJOINT_PHASE_THREADS) or
-    ADJOINT_ROW_MAX_TERMS_WIDE; [] unless at least two (one term keeps
-    `_upsample_adjoint_kernel`)."""
+    (a [BLOCK_C, BLOCK_Q] program of ADJOINT_PHASE_THREADS cells, one per thread) or ADJOINT_ROW_MAX_TERMS_WIDE;
+    [] unless at least two (one term keeps `_upsample_adjoint_kernel`)."""
     def key(k):
         block_c, _, block_w, _, _, phase = cfgs[k]
         return block_c, block_w // phase[2], phase[2] * phase[1], phase[3], xs[k].dtype
@@ -1411,12 +1429,20 @@ def _adjoint_row_group(upsampled: Sequence[int], cfgs: dict, xs: Sequence[Tensor
     if not phased:
         return []
     block_c, _, block_w, _, _, phase = cfgs[phased[0]]
-    # 3 only where every thread holds its own elements (sm_90 W18 bf16 row 0, [2 x 16] on 128 threads: 16 B
-    # spilled)
-    narrow = not phase[3] and block_c * (block_w // phase[2]) >= ADJOINT_PHASE_THREADS
+    # 3 only where every thread holds one cell (sm_90 W18 bf16 row 0, [2 x 16] on 128 threads: 16 B spilled;
+    # bf16 channels_last [16 x 32])
+    narrow = block_c * (block_w // phase[2]) == ADJOINT_PHASE_THREADS
     group = [k for k in phased if key(k) == key(phased[0])]
     group = group[:ADJOINT_ROW_MAX_TERMS if narrow else ADJOINT_ROW_MAX_TERMS_WIDE]
     return group if len(group) >= 2 else []
+
+
+def _reads_pairs(g: Tensor, cols: bool) -> bool:
+    """Whether `_adjoint_row_kernel` reads g's rows as 32-bit words of two bf16 columns (PAIRS): bf16 with
+    unit column stride (not `cols`), every other stride even and the data 4-byte aligned, so that each of its
+    pieces (even starts and widths) is whole words."""
+    return (g.dtype == torch.bfloat16 and not cols and g.stride(3) == 1 and all(s % 2 == 0 for s in g.stride()[:3])
+            and g.data_ptr() % 4 == 0)
 
 
 def _adjoint_row_launch(plan: FusePlan, row: Sequence[int], g: Tensor, xs: Sequence[Tensor],
@@ -1446,7 +1472,7 @@ def _adjoint_row_launch(plan: FusePlan, row: Sequence[int], g: Tensor, xs: Seque
                 HAS_SCALE=tuple(plan.terms[k].has_scale for k in row), NEED_DZ=tuple(needs[k][0] for k in row),
                 NEED_DSCALE=tuple(needs[k][1] for k in row), NEED_DSHIFT=tuple(needs[k][2] for k in row), FH=fh,
                 FW=fw, P=pq, COLS=phase[3], INT64=int64 or any(needs_int64(xs[k], dzs[k]) for k in row),
-                BLOCK_C=block_c, BLOCK_Q=block_q, num_warps=4)
+                BLOCK_C=block_c, BLOCK_Q=block_q, PAIRS=_reads_pairs(g, phase[3]), num_warps=4)
     return dzs
 
 

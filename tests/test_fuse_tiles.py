@@ -175,9 +175,9 @@ def test_adjoint_phase_form(dtype, layout, max_q, monkeypatch):
     monkeypatch.setattr(K, "ADJOINT_PHASE_MAX_Q", max_q)
     plan, kxs, _, _, terms, _ = _adjoint_phase_terms(ADJOINT_PHASED, dtype, layout)
     assert all(K._adjoint_phase_factors(plan.terms[k], kxs[k], *ADJOINT_PHASED.size) for k in terms)
-    if dtype == F32 and layout == "channels_last":  # x2 and x4 in the phase form (one row launch), by 8 the gather
+    if layout == "channels_last":  # x2, x4 and x8 in the phase form (fp32: one row launch)
         forms = [K._adjoint_config(kxs[k], plan.terms[k], *ADJOINT_PHASED.size, True)[5] is not None for k in terms]
-        assert forms == [True, True, False, False]
+        assert forms == [True, True, True, True]
     check_fuse(ADJOINT_PHASED, dtype, layout)
 
 
@@ -236,7 +236,8 @@ ADJOINT_ROW = Case((24, 32), [((24, 32), None), ((12, 16), bil()), ((6, 4), bil(
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's 0 * inf
 @pytest.mark.parametrize("dtype, layout, which", [(BF16, "nchw", "all"), (BF16, "channels_last", "all"),
-                                                  (F32, "nchw", "some")], ids=["bf16_nchw", "bf16_cl", "fp32_nchw"])
+                                                  (F32, "nchw", "some"), (F32, "channels_last", "all")],
+                         ids=["bf16_nchw", "bf16_cl", "fp32_nchw", "fp32_cl"])
 def test_adjoint_row_matches_per_term_launches_bitwise(dtype, layout, which, monkeypatch):
     """The row launch computes each term's `_upsample_adjoint_kernel` phase-form arithmetic in its order: the
     same dz and the same partial sums (so the same d(scale), d(shift)) as one launch per term, bit for bit, NaN
@@ -245,7 +246,9 @@ def test_adjoint_row_matches_per_term_launches_bitwise(dtype, layout, which, mon
     same gradients as one launch per term."""
     plan, kxs, kscales, kshifts, terms, K = _adjoint_phase_terms(ADJOINT_ROW, dtype, layout)
     max_q = 1 if layout == "nchw" else 2  # two column tiles (16 / 8 output columns per thread)
-    for name, value in (("ADJOINT_PHASE_MAX_Q", max_q), ("ADJOINT_PHASE_THREADS", 4), ("ADJOINT_PHASE_CL_C", 4)):
+    # fp32 channels_last: [4 x 2] programs of one element per thread (ADJOINT_PHASE_THREADS, its row launch's cells)
+    threads = 8 if (dtype, layout) == (F32, "channels_last") else 4
+    for name, value in (("ADJOINT_PHASE_MAX_Q", max_q), ("ADJOINT_PHASE_THREADS", threads), ("ADJOINT_PHASE_CL_C", 4)):
         monkeypatch.setattr(K, name, value)
     (N, C), (H, W) = kxs[0].shape[:2], ADJOINT_ROW.size
     g = _grad_with_nonfinite((N, C), (H, W), dtype, layout, inner=(11, 13))
@@ -257,9 +260,9 @@ def test_adjoint_row_matches_per_term_launches_bitwise(dtype, layout, which, mon
     cfgs = {k: K._adjoint_config(kxs[k], plan.terms[k], H, W, layout != "nchw") for k in terms}
     assert all(cfgs[k][0] < C and cfgs[k][4][0] > kxs[k].shape[2] for k in terms)  # channel blocks, column tiles
     row = K._adjoint_row_group(terms, cfgs, kxs)
-    # x2, 4 x 8 and x8 together in NCHW (fp32 with its half-width rows); channels_last takes two
-    # (ADJOINT_ROW_MAX_TERMS_WIDE)
-    assert row == (terms if layout == "nchw" else terms[:2])
+    # x2, 4 x 8 and x8 together in NCHW (fp32 with its half-width rows) and fp32 channels_last (a channel per
+    # thread); bf16 channels_last takes two (ADJOINT_ROW_MAX_TERMS_WIDE)
+    assert row == (terms if layout == "nchw" or dtype == F32 else terms[:2])
     assert len({cfgs[k][5][:2] for k in row}) == len(row)
     bits = torch.int16 if dtype == BF16 else torch.int32
 
@@ -280,6 +283,14 @@ def test_adjoint_row_matches_per_term_launches_bitwise(dtype, layout, which, mon
     assert any(torch.isnan(row_dz[k]).any() and torch.isinf(row_dz[k]).any() for k in row if needs[k][0])
     if dtype != BF16 or layout != "nchw":
         return
+
+    # bf16 NCHW reads g as words of two columns (PAIRS); a g 2 bytes off a word reads the columns one by one:
+    # the same bits
+    g_odd = torch.empty(g.numel() + 1, dtype=g.dtype, device=g.device)[1:].view(g.shape).copy_(g)
+    assert K._reads_pairs(g, False) and not K._reads_pairs(g_odd, False) and not K._reads_pairs(g, True)
+    odd_dz = K._adjoint_row_launch(plan, row, g_odd, kxs, kscales, needs, False, cfgs, parts())
+    for k in row:
+        assert torch.equal(odd_dz[k].view(bits), row_dz[k].view(bits)), k
 
     monkeypatch.undo()  # the launchers' own tiles
     launched = []

@@ -78,7 +78,7 @@ def fake(name="_fuse_forward_kernel", registers=40, shared=0, spills=0, sass="",
 
 
 def fake_launch(name="_fuse_forward_kernel") -> Launch:
-    return Launch(fn=SimpleNamespace(__name__=name), grid=(1,), args=(), kwargs={})
+    return Launch(fn=SimpleNamespace(__name__=name, fn=lambda: None), grid=(1,), args=(), kwargs={})
 
 
 def checks(compiled: Compiled, arch=H100, performance=True) -> list:
@@ -97,11 +97,12 @@ def test_shared_memory_over_the_limit_fails():
 
 
 def test_spills_count_only_where_the_kernel_runs():
-    assert checks(fake(spills=8, sass=LOOP_SPILL_SASS)) == ["spills"]  # an LDL in the loop
+    name = "_some_kernel_without_an_entry"  # in no trip table: no `trips` check
+    assert checks(fake(name, spills=8, sass=LOOP_SPILL_SASS)) == ["spills"]  # an LDL in the loop
     prologue_only = LOOP_SPILL_SASS.replace("{inside}", "IADD3")
-    assert checks(fake(spills=8, sass=prologue_only)) == []  # the STL before the loop runs once
-    assert checks(fake(spills=8, sass=STRAIGHT_SASS)) == ["spills"]  # no loop: the whole kernel is the hot path
-    assert checks(fake(spills=8, sass=STRAIGHT_SASS), performance=False) == []
+    assert checks(fake(name, spills=8, sass=prologue_only)) == []  # the STL before the loop runs once
+    assert checks(fake(name, spills=8, sass=STRAIGHT_SASS)) == ["spills"]  # no loop: the whole kernel is the hot path
+    assert checks(fake(name, spills=8, sass=STRAIGHT_SASS), performance=False) == []
 
 
 def test_occupancy_rule_is_for_memory_bound_kernels():
@@ -109,6 +110,14 @@ def test_occupancy_rule_is_for_memory_bound_kernels():
     assert checks(fake(shared=100_000), A100) == ["occupancy"]
     assert checks(fake("_upsample_adjoint_kernel", shared=100_000), A100) == ["occupancy"]
     assert checks(fake("_some_issue_bound_kernel", shared=100_000), A100) == []
+
+
+def test_trip_table_must_give_one_count_per_loop():
+    """`_fuse_forward_kernel`'s table entry has no loop (workload.KERNELS): a binary with one is unpriceable."""
+    assert checks(fake(sass=LOOP_SPILL_SASS)) == ["trips"]
+    assert checks(fake(sass=STRAIGHT_SASS)) == []
+    assert checks(fake("_some_kernel_without_an_entry", sass=LOOP_SPILL_SASS)) == []
+    assert checks(fake(sass=LOOP_SPILL_SASS), performance=False) == []
 
 
 def test_register_limit_per_block_fails_as_launch():

@@ -16,10 +16,12 @@ with Triton's compiler (`compile.compile_launch`, cached) and checked:
 - `spills`: no spill instructions (LDL/STL) where the kernel spends its time: in a loop, or anywhere in a
   kernel without loops (spills in a prologue run once);
 - `occupancy`: at least LATENCY_BOUND_WARPS warps per SM for the memory-bound kernels (MEMORY_BOUND: they
-  stream bytes and hide latency with warps in flight; the head kernels are issue- and dot-bound).
+  stream bytes and hide latency with warps in flight; the head kernels are issue- and dot-bound);
+- `trips`: the instrument's trip table (`workload.KERNELS`) gives one trip count per loop of the binary's SASS
+  (else its reports leave the kernel's issue term out: a prediction too low).
 
-`spills` and `occupancy` findings may be excepted in EXCEPTIONS, each with its reason; `shared` and `launch`
-cannot be. Code paths (`codepaths`: float64, nearest / align_corners, odd sizes, many terms, 64-bit offsets)
+`spills` and `occupancy` findings may be excepted in EXCEPTIONS, each with its reason; `shared`, `launch` and
+`trips` cannot be. Code paths (`codepaths`: float64, nearest / align_corners, odd sizes, many terms, 64-bit offsets)
 are compiled once each unless a configuration above has covered them, and checked for `shared` and `launch`.
 Prints the findings and a summary line; exit status 1 on any finding that is not excepted.
 """
@@ -74,7 +76,7 @@ EXCEPTIONS: Dict[Tuple[str, str], str] = {(name, "spills"): f"{_HEAD_SPILLS}: {_
 class Finding:
     """One check a variant fails on one target."""
 
-    check: str  # "shared", "launch", "spills", "occupancy" or "compile"
+    check: str  # "shared", "launch", "spills", "occupancy", "trips" or "compile"
     kernel: str
     sm: int
     key: str  # the variant's constexprs
@@ -118,7 +120,25 @@ def check(arch: Arch, launch: Launch, compiled: Compiled, performance: bool = Tr
         warps = occupancy(arch, compiled.registers, threads, compiled.shared).warps_per_sm
         if launch.name in MEMORY_BOUND and warps < LATENCY_BOUND_WARPS:
             found.append(("occupancy", f"{warps} warps per SM (memory-bound: at least {LATENCY_BOUND_WARPS})"))
+        mismatch = trip_mismatch(launch, compiled)
+        if mismatch:
+            found.append(("trips", mismatch))
     return found
+
+
+def trip_mismatch(launch: Launch, compiled: Compiled) -> Optional[str]:
+    """Why the trip table cannot price the binary's loops (`workload.KERNELS`), or None where it can."""
+    from .workload import KERNELS
+    work = KERNELS.get(launch.name)
+    kernel = parse_sass(compiled.sass).get(compiled.name)
+    if work is None or kernel is None:
+        return None
+    loops = len(kernel.loops)
+    trips = len(work.trips(launch.params))
+    if trips == loops:
+        return None
+    return (f"the trip table gives {trips} trip counts for the {loops} loops of its SASS (hrfast/perf/workload.py): "
+            "the reports leave its issue term out")
 
 
 # ------------------------------------------------------------------------------------------------ recording

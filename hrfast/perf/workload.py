@@ -140,6 +140,20 @@ def _src_width(p: Params) -> float:
     return sum(src * (2 / 3 if split and exact else 1) for src, exact in zip(p["SRC"], p["UEXACT"]))
 
 
+def _x0_width(p: Params) -> int:
+    """x0's inner size in the head's dots: C0P, or C0 rounded up to 16 (C0Q) in the transposed chunk
+    (kernels/head.py `TRANSPOSED`: fp32 statistics and backward reduce on sm_90)."""
+    return p["C0Q"] if p.get("TRANSPOSED") else p["C0P"]
+
+
+def _head_reduce_trips(p: Params) -> List[float]:
+    """The head's backward reduce's loops: the dense chunk loop (TILES / SPLITS tiles x chunks), the exact gathers' (0
+    trips on finite inputs), the tile loop; the transposed chunk's SASS closes the tile loop with a second
+    backward branch (a 13-instruction block on sm_90 W48), run once per tile too."""
+    tiles = p["TILES"] / p["SPLITS"]
+    return [tiles * _chunks(p), 0, tiles] + ([tiles] if p.get("TRANSPOSED") else [])
+
+
 def _tile_dot_unit(p: Params) -> str:
     return "tf32" if p["PRECISION"] == "tf32x3" else _dot_unit(p)
 
@@ -207,7 +221,7 @@ KERNELS: Dict[str, KernelWork] = {
     # NaN or whose patch missed a tap: 0 trips on finite inputs. Statistics: no further dot.
     "_head_stats_kernel": KernelWork(
         trips=lambda p: [_chunks(p), 0], elements=lambda p: _head_pixels_out(p, p["M"]),
-        dots=lambda p: _forward_tiles(p) * _chunks(p) * _tile_dot_flops(p, p["C0P"] + _src_width(p)),
+        dots=lambda p: _forward_tiles(p) * _chunks(p) * _tile_dot_flops(p, _x0_width(p) + _src_width(p)),
         dot_unit=_tile_dot_unit),
     # + the classifier dot
     "_head_forward_kernel": KernelWork(
@@ -215,11 +229,12 @@ KERNELS: Dict[str, KernelWork] = {
         dots=lambda p: _forward_tiles(p) * _chunks(p) * _tile_dot_flops(p, p["C0P"] + _src_width(p) + p["KP"]),
         unread=lambda p: [] if p["HAS_BC"] else ["bc_ptr"], dot_unit=_tile_dot_unit),
     # program `split` visits TILES / SPLITS tiles (outer loop, innermost last): per tile and chunk also g Wc
-    # and g^T a
+    # and g^T a (`_head_reduce_trips`)
     "_head_backward_reduce_kernel": KernelWork(
-        trips=lambda p: [p["TILES"] / p["SPLITS"] * _chunks(p), 0, p["TILES"] / p["SPLITS"]],
+        trips=_head_reduce_trips,
         elements=lambda p: _head_pixels_out(p, p["M"]),
-        dots=lambda p: _forward_tiles(p) * _chunks(p) * _tile_dot_flops(p, p["C0P"] + _src_width(p) + 2 * p["KP"]),
+        dots=lambda p: _forward_tiles(p) * _chunks(p) * _tile_dot_flops(p, _x0_width(p) + _src_width(p)
+                                                                        + 2 * p["KP"]),
         dot_unit=_tile_dot_unit),
     # FUSED: program `split` visits TILES / SPLITS tiles (outer loop, as the reduce); per tile and chunk also
     # g Wc, then from ds: ds W0 (dx0), ds^T x0 (dW0) and U_j^T ds (the patch partials), ds never written. Else

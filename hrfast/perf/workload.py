@@ -148,8 +148,9 @@ def _x0_width(p: Params) -> int:
 
 def _head_reduce_trips(p: Params) -> List[float]:
     """The head's backward reduce's loops: the dense chunk loop (TILES / SPLITS tiles x chunks), the exact gathers' (0
-    trips on finite inputs), the tile loop; the transposed chunk's SASS closes the tile loop with a second
-    backward branch (a 13-instruction block on sm_90 W48), run once per tile too."""
+    trips on finite inputs), the tile loop; the transposed chunk's SASS adds a fourth: the divergent path of a
+    warp-uniform branch in the tile loop (BRA.DIV, a 13-instruction block jumping back into it on sm_90 W48),
+    counted once per tile (an upper bound: a uniform warp skips it)."""
     tiles = p["TILES"] / p["SPLITS"]
     return [tiles * _chunks(p), 0, tiles] + ([tiles] if p.get("TRANSPOSED") else [])
 

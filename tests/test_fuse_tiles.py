@@ -284,13 +284,14 @@ def test_adjoint_row_matches_per_term_launches_bitwise(dtype, layout, which, mon
     if dtype != BF16 or layout != "nchw":
         return
 
-    # bf16 NCHW reads g as words of two columns (PAIRS); a g 2 bytes off a word reads the columns one by one:
-    # the same bits
+    # bf16 NCHW reads g as words of two columns (PAIRS); a g 2 bytes off a word reads the columns one by one,
+    # and 64-bit offsets read the words too: the same bits
     g_odd = torch.empty(g.numel() + 1, dtype=g.dtype, device=g.device)[1:].view(g.shape).copy_(g)
     assert K._reads_pairs(g, False) and not K._reads_pairs(g_odd, False) and not K._reads_pairs(g, True)
-    odd_dz = K._adjoint_row_launch(plan, row, g_odd, kxs, kscales, needs, False, cfgs, parts())
-    for k in row:
-        assert torch.equal(odd_dz[k].view(bits), row_dz[k].view(bits)), k
+    for g_other, int64 in ((g_odd, False), (g, True)):
+        other_dz = K._adjoint_row_launch(plan, row, g_other, kxs, kscales, needs, int64, cfgs, parts())
+        for k in row:
+            assert torch.equal(other_dz[k].view(bits), row_dz[k].view(bits)), (k, int64)
 
     monkeypatch.undo()  # the launchers' own tiles
     launched = []

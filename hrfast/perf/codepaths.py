@@ -76,8 +76,8 @@ def record_fuse_cases() -> None:
                     fuse_forward_backward(fuse_problem(dtype, sizes, resamples, channels_last), force_int64)
         sizes = _fuse_cases()[0][0]
         fuse_forward_backward(fuse_problem(dtype, sizes, [None, near, bil, bil], affine=False, relu=False))
-        # x2 / x4 / x8 bilinear: one `_adjoint_row_kernel` launch for the three (two where fp32 or
-        # channels_last), 32- and 64-bit offsets
+        # x2 / x4 / x8 bilinear: one `_adjoint_row_kernel` launch for the three (two for bf16 channels_last),
+        # 32- and 64-bit offsets
         for channels_last in (False, True):
             for force_int64 in (False, True):
                 fuse_forward_backward(fuse_problem(dtype, sizes, [None, bil, bil, bil], channels_last), force_int64)

@@ -1369,8 +1369,8 @@ def _adjoint_phase_tile(C: int, w: int, fw: int, cols: bool, itemsize: int) -> T
 
 
 def _adjoint_phase_factors(term: TermPlan, z: Tensor, H: int, W: int) -> Optional[Tuple[int, int]]:
-    """(PH, PW) where `_upsample_adjoint_kernel` takes the phase form: bf16, fp16 or fp32 (fp64, and with a
-    channels_last g fp16 and fp32 by 8, keep the gather: `_adjoint_config`), bilinear without align_corners by
+    """(PH, PW) where `_upsample_adjoint_kernel` takes the phase form: bf16, fp16 or fp32 (fp64, and fp16 with a
+    channels_last g, keep the gather: `_adjoint_config`), bilinear without align_corners by
     exactly 1/f on both axes with f a power of 2 in 2..8, g exactly f times z's size; else None."""
     if z.dtype not in (torch.bfloat16, torch.float16, torch.float32) or term.mode != BILINEAR or term.align_corners:
         return None

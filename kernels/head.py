@@ -573,15 +573,11 @@ def _dot3_exact_b(a, b, acc):
 def _x0t_parts(x0_ptr, n, cy, cx, p_mask, C0, strides, INT64: tl.constexpr, C0Q: tl.constexpr):
     """x0^T on the tile as the transposed dots' B operand, channels [0, C0Q) (C0Q a multiple of 16) in parts of 32
     and a last one of 16 ([part, pixels], padded pixels and channels 0), each as its split (hi, lo)."""
-    s_n, s_c, s_h, s_w = strides
+    pixels = _pixel_offsets(n, cy, cx, strides, INT64)
     parts = ()
     for h in tl.static_range((C0Q + 16) // 32):
         c = h * 32 + tl.arange(0, min(32, C0Q - 32 * h))
-        if INT64:
-            offsets = (n.to(tl.int64) * s_n + c.to(tl.int64) * s_c)[:, None] + (cy.to(tl.int64) * s_h
-                                                                                 + cx.to(tl.int64) * s_w)[None, :]
-        else:
-            offsets = (n * s_n + c * s_c)[:, None] + (cy * s_h + cx * s_w)[None, :]
+        offsets = _channel_offsets(c, strides, INT64)[:, None] + pixels[None, :]
         parts = parts + (_tf32_split(tl.load(x0_ptr + offsets, mask=(c < C0)[:, None] & p_mask[None, :],
                                              other=0.0)),)
     return parts

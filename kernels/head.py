@@ -975,6 +975,7 @@ def _head_backward_ds_kernel(
             dense = v < visits
             redo = M
             if not dense:
+                tl.debug_barrier()  # the dense pass's stores (redo, the rows) by other threads: visible after it
                 redo = tl.load(redo_ptr + t)
             if dense | (redo < M):
                 n = t // tiles_per_image
@@ -1006,7 +1007,6 @@ def _head_backward_ds_kernel(
                     g = _load_grad_tile(g_ptr, g_strides, n, cy, cx, p_mask, K, INT64, KP, dtype)
                     plans, covered = _tile_plans(n, cy, cx, lows, MODES, ALIGNS, PATCH_H, PATCH_W, SRC, False, F64,
                                                  INT64, dtype)
-                    tl.debug_barrier()  # the first pass's dW0 rows, stored by other threads
                     for m0 in range(0, M, GATHER_M):
                         dx0, _ = _grads_chunk(x0, g, t, n, oy, ox, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0,
                                               scale_ptr, shift_ptr, alpha_ptr, beta_ptr, wc_ptr, wc_strides, K, plans,

@@ -60,8 +60,9 @@ from .resample import (BILINEAR, NEAREST, SAME, INT32_LIMIT, adjoint_weight, bil
 # 4 bilinear terms 56 bytes spill, with 17 terms (12 bilinear) in one launch 14 KB. The backward kernel of the
 # output-size terms holds one term's values at a time and takes them all in one launch.
 MAX_TERMS = 4
-# Tests set this (or HRFAST_POISON=1): every buffer a launcher allocates starts as NaN, so an element a
-# kernel forgets to write fails the comparison instead of passing with stale memory.
+# Tests set this (or HRFAST_POISON=1): every buffer a launcher allocates starts as NaN (an integer one as its
+# most negative value), so an element a kernel forgets to write fails the comparison instead of passing with
+# stale memory.
 POISON_OUTPUTS = os.environ.get("HRFAST_POISON", "0") == "1"
 
 Grads = Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]  # (dx, dscale, dshift) of one term
@@ -988,7 +989,9 @@ def _is_channels_last(t: Tensor) -> bool:
 
 
 def _poisoned(t: Tensor) -> Tensor:
-    return t.fill_(float("nan")) if POISON_OUTPUTS else t
+    if not POISON_OUTPUTS:
+        return t
+    return t.fill_(float("nan") if t.is_floating_point() else torch.iinfo(t.dtype).min)
 
 
 def _empty(shape, dtype, device, memory_format=torch.contiguous_format) -> Tensor:

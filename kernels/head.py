@@ -676,68 +676,118 @@ def _reduce_chunk_t(x0t, g, gt, n, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0
 
 
 @triton.jit
+def _reduce_tile(x0_ptr, x0_strides, C0, H, W, g_ptr, g_strides, K, t, lows, MODES: tl.constexpr,
+                 ALIGNS: tl.constexpr, UEXACT: tl.constexpr, PATCH_H: tl.constexpr, PATCH_W: tl.constexpr,
+                 SRC: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr,
+                 TRANSPOSED: tl.constexpr, C0P: tl.constexpr, C0Q: tl.constexpr, KP: tl.constexpr,
+                 TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """Tile t's pixels and the reduce's loop-invariant operands: x0, the gradient tile, the plans (`_tile_plans`),
+    and whether its patches cover every tap. TRANSPOSED: as the transposed chunk's B operands, x0^T in parts
+    (`_x0t_parts`), the gradient as (hi, lo) in both orientations; fp32 (row form): each split (hi, lo) once per
+    tile (`_dot3_split`: Triton's own split held each in two register layouts, sm_90 W48 1,396 B of spills,
+    1,481 us predicted; split once 1,000 B, 915 us; split per chunk 3,092 B)."""
+    dtype: tl.constexpr = x0_ptr.dtype.element_ty
+    n = t // (tl.cdiv(H, TILE_H) * tl.cdiv(W, TILE_W))
+    _, _, p_mask, cy, cx = _tile_pixels(t % (tl.cdiv(H, TILE_H) * tl.cdiv(W, TILE_W)), H, W, TILE_H, TILE_W)
+    g = _load_grad_tile(g_ptr, g_strides, n, cy, cx, p_mask, K, INT64, KP, dtype)
+    plans, covered = _tile_plans(n, cy, cx, lows, MODES, ALIGNS, PATCH_H, PATCH_W, SRC, False, F64, INT64, dtype)
+    if TRANSPOSED:
+        x0 = _x0t_parts(x0_ptr, n, cy, cx, p_mask, C0, x0_strides, INT64, C0Q)
+        gs = _tf32_split(g)
+        g = (gs, (tl.trans(gs[0]), tl.trans(gs[1])))
+        plans = _transposed_plans(plans, MODES, UEXACT)
+    else:
+        x0 = _load_x0_tile(x0_ptr, n, cy, cx, p_mask, C0, x0_strides, INT64, C0P)
+        if PRECISION == "tf32x3":
+            x0 = _tf32_split(x0)
+            g = _tf32_split(g)
+            plans = _split_plans(plans, MODES, UEXACT)
+    return n, p_mask, cy, cx, x0, g, plans, covered
+
+
+@triton.jit
+def _reduce_tile_chunk(x0, g, n, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr, wc_ptr,
+                       wc_strides, K, plans, lows, rows, later, redo, MODES: tl.constexpr, ALIGNS: tl.constexpr,
+                       UEXACT: tl.constexpr, CL: tl.constexpr, GATHER: tl.constexpr, F64: tl.constexpr,
+                       INT64: tl.constexpr, PRECISION: tl.constexpr, TRANSPOSED: tl.constexpr, C0P: tl.constexpr,
+                       KP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One M chunk of a tile in its form (`_reduce_chunk_t` or `_reduce_chunk`, operands from `_reduce_tile`)."""
+    if TRANSPOSED:
+        redo = _reduce_chunk_t(x0, g[0], g[1], n, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr,
+                               shift_ptr, wc_ptr, wc_strides, K, plans, lows, rows, later, redo, MODES, ALIGNS,
+                               UEXACT, CL, GATHER, INT64, KP, BLOCK_M)
+    else:
+        dots: tl.constexpr = "tf32x3_split" if PRECISION == "tf32x3" else PRECISION
+        redo = _reduce_chunk(x0, g, n, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr, wc_ptr,
+                             wc_strides, K, plans, lows, rows, later, redo, MODES, ALIGNS, UEXACT, CL, GATHER, F64,
+                             INT64, dots, C0P, KP, BLOCK_M)
+    return redo
+
+
+@triton.jit
+def _zero_rows(rows, m0, M, K, KP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Zeroes a split's rows [K + 2, M] (`_head_backward_reduce_kernel`) at channels m0 + [0, BLOCK_M)."""
+    m = m0 + tl.arange(0, BLOCK_M)
+    r = tl.arange(0, 2 * KP)  # K + 2 <= 2 KP (KP >= 16)
+    tl.store(rows + r[:, None] * M + m[None, :], tl.zeros([2 * KP, BLOCK_M], rows.dtype.element_ty),
+             mask=(r < K + 2)[:, None] & (m < M)[None, :])
+
+
+@triton.jit
 def _head_backward_reduce_kernel(
     x0_ptr, x0_strides, C0, H, W,
     w0_ptr, w0_strides, M, scale_ptr, shift_ptr,
-    wc_ptr, wc_strides, K, g_ptr, g_strides, part_ptr, SPLITS, TILES,
+    wc_ptr, wc_strides, K, g_ptr, g_strides, part_ptr, redo_ptr, SPLITS, TILES,
     lows, MODES: tl.constexpr, ALIGNS: tl.constexpr, UEXACT: tl.constexpr, PATCH_H: tl.constexpr, PATCH_W: tl.constexpr,
     SRC: tl.constexpr, CL: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr,
     C0P: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
-    TRANSPOSED: tl.constexpr, C0Q: tl.constexpr,
+    TRANSPOSED: tl.constexpr, C0Q: tl.constexpr, EXACT: tl.constexpr, VISITS: tl.constexpr,
 ):
     """Program `split` visits the forward's tiles split, split + SPLITS, ... (of the whole batch) and, per
     tile and M chunk, adds into its own rows part[split] = [dWc (K rows); sum_p dA; sum_p dA * s] ([K + 2, M],
     accumulation dtype), dA = ReLU'(a) Wc^T g the gradient at BN's output. Each program owns its rows and
     visits its tiles in a fixed order (the first overwrites them): deterministic, no atomics; the host sums
-    the splits. From the first chunk whose dWc holds NaN (or from 0 when a patch misses a tap), a tile's
-    chunks go through the exact gathers instead (second loop; no trips on finite inputs), as in the forward."""
-    dtype: tl.constexpr = x0_ptr.dtype.element_ty
-    # fp32: every dot split by hand with its loop-invariant operand (x0, the U_j, the gradient tile) split once
-    # per tile (`_dot3_split`): Triton's own split held each in two register layouts (sm_90 W48: 1,396 B of
-    # spills, 1,481 us predicted; split once: 1,000 B, 915 us); splitting them per chunk spilled 3,092 B.
-    # TRANSPOSED (sm_90's candidate): those operands as the dots' B, in shared memory (`_reduce_chunk_t`)
-    SPLIT: tl.constexpr = PRECISION == "tf32x3"
-    dots: tl.constexpr = "tf32x3_split" if SPLIT else PRECISION
+    the splits. Two launches (`head_backward_reduce`):
+    - the patch dots (not EXACT): from the first chunk whose dWc holds NaN (or from 0 when a patch misses a
+      tap) a tile commits nothing more (the split's first tile zeroes those rows) and stores that start
+      (redo_ptr, [TILES] int32; M: nothing to redo);
+    - EXACT: the tiles whose start is under M, their chunks from there with the exact gathers; on finite
+      inputs one load of the split's starts (VISITS >= its tiles, a power of 2) and no loop trips.
+    With the exact loop inside the tile's own iteration, the tile's values lived across the dense loop and
+    spilled (fp32 transposed, sm_90 W48: 44 / 52 B of spill stores NCHW / channels_last, none in the loop);
+    the dense launch alone is spill-free there."""
     split = tl.program_id(0)
-    tiles_per_image = tl.cdiv(H, TILE_H) * tl.cdiv(W, TILE_W)
     rows = part_ptr + split * (K + 2) * M
-    for t in range(split, TILES, SPLITS):
-        n = t // tiles_per_image
-        oy, ox, p_mask, cy, cx = _tile_pixels(t % tiles_per_image, H, W, TILE_H, TILE_W)
-        g = _load_grad_tile(g_ptr, g_strides, n, cy, cx, p_mask, K, INT64, KP, dtype)
-        plans, covered = _tile_plans(n, cy, cx, lows, MODES, ALIGNS, PATCH_H, PATCH_W, SRC, False, F64, INT64,
-                                     dtype)
-        later = t != split  # the first tile overwrites the rows: no zero fill
-        redo = tl.where(covered == 0, 0, M)
-        if TRANSPOSED:
-            x0t = _x0t_parts(x0_ptr, n, cy, cx, p_mask, C0, x0_strides, INT64, C0Q)
-            gs = _tf32_split(g)
-            gt = (tl.trans(gs[0]), tl.trans(gs[1]))
-            plans = _transposed_plans(plans, MODES, UEXACT)
+    if EXACT:
+        v = split + SPLITS * tl.arange(0, VISITS)
+        if tl.min(tl.load(redo_ptr + v, mask=v < TILES, other=M), axis=0) < M:
+            for t in range(split, TILES, SPLITS):
+                redo = tl.load(redo_ptr + t)
+                if redo < M:
+                    n, p_mask, cy, cx, x0, g, plans, _ = _reduce_tile(
+                        x0_ptr, x0_strides, C0, H, W, g_ptr, g_strides, K, t, lows, MODES, ALIGNS, UEXACT, PATCH_H,
+                        PATCH_W, SRC, F64, INT64, PRECISION, TRANSPOSED, C0P, C0Q, KP, TILE_H, TILE_W)
+                    for m0 in range(redo, M, GATHER_M):
+                        _reduce_tile_chunk(x0, g, n, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr,
+                                           shift_ptr, wc_ptr, wc_strides, K, plans, lows, rows, True, redo, MODES,
+                                           ALIGNS, UEXACT, CL, True, F64, INT64, PRECISION, TRANSPOSED, C0P, KP,
+                                           GATHER_M)
+    else:
+        for t in range(split, TILES, SPLITS):
+            n, p_mask, cy, cx, x0, g, plans, covered = _reduce_tile(
+                x0_ptr, x0_strides, C0, H, W, g_ptr, g_strides, K, t, lows, MODES, ALIGNS, UEXACT, PATCH_H, PATCH_W,
+                SRC, F64, INT64, PRECISION, TRANSPOSED, C0P, C0Q, KP, TILE_H, TILE_W)
+            later = t != split  # the first tile overwrites the rows: no zero fill
+            redo = tl.where(covered == 0, 0, M)
             for m0 in range(0, M, BLOCK_M):
                 if m0 < redo:
-                    redo = _reduce_chunk_t(x0t, gs, gt, n, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr,
-                                           shift_ptr, wc_ptr, wc_strides, K, plans, lows, rows, later, redo, MODES,
-                                           ALIGNS, UEXACT, CL, False, INT64, KP, BLOCK_M)
-            for m0 in range(redo, M, GATHER_M):
-                _reduce_chunk_t(x0t, gs, gt, n, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr,
-                                wc_ptr, wc_strides, K, plans, lows, rows, later, redo, MODES, ALIGNS, UEXACT, CL, True,
-                                INT64, KP, GATHER_M)
-        else:
-            x0 = _load_x0_tile(x0_ptr, n, cy, cx, p_mask, C0, x0_strides, INT64, C0P)
-            if SPLIT:
-                x0 = _tf32_split(x0)
-                g = _tf32_split(g)
-                plans = _split_plans(plans, MODES, UEXACT)
-            for m0 in range(0, M, BLOCK_M):
-                if m0 < redo:
-                    redo = _reduce_chunk(x0, g, n, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr,
-                                         shift_ptr, wc_ptr, wc_strides, K, plans, lows, rows, later, redo, MODES,
-                                         ALIGNS, UEXACT, CL, False, F64, INT64, dots, C0P, KP, BLOCK_M)
-            for m0 in range(redo, M, GATHER_M):
-                _reduce_chunk(x0, g, n, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr, wc_ptr,
-                              wc_strides, K, plans, lows, rows, later, redo, MODES, ALIGNS, UEXACT, CL, True, F64,
-                              INT64, dots, C0P, KP, GATHER_M)
+                    redo = _reduce_tile_chunk(x0, g, n, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr,
+                                              shift_ptr, wc_ptr, wc_strides, K, plans, lows, rows, later, redo,
+                                              MODES, ALIGNS, UEXACT, CL, False, F64, INT64, PRECISION, TRANSPOSED,
+                                              C0P, KP, BLOCK_M)
+                if (m0 >= redo) & (not later):  # rows the exact launch adds into
+                    _zero_rows(rows, m0, M, K, KP, BLOCK_M)
+            tl.store(redo_ptr + t, redo)
 
 
 # the exact adjoint's flag of a non-finite value (and the code of a tap of weight 0): any count this large is NaN
@@ -906,6 +956,38 @@ def _ds_chunk(x0, g, n, oy, ox, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, s
     return tl.sum(s, axis=1)
 
 
+@triton.jit
+def _ds_tile(x0_ptr, x0_strides, C0, H, W, w0_ptr, w0_strides, M, scale_ptr, shift_ptr, alpha_ptr, beta_ptr,
+             wc_ptr, wc_strides, K, g_ptr, g_strides, redo_ptr, t, redo, lows, outs, MODES: tl.constexpr,
+             ALIGNS: tl.constexpr, UEXACT: tl.constexpr, PATCH_H: tl.constexpr, PATCH_W: tl.constexpr,
+             SRC: tl.constexpr, CL: tl.constexpr, BATCH_STATS: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr,
+             PRECISION: tl.constexpr, C0P: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr,
+             TILE_H: tl.constexpr, TILE_W: tl.constexpr, EXACT: tl.constexpr):
+    """ds of tile t (of the whole batch) stored in outs[0]: every chunk through the patch dots, then where the
+    exact gathers must start stored at redo_ptr + t; EXACT: the chunks from `redo` with the exact gathers."""
+    acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
+    tiles_per_image = tl.cdiv(H, TILE_H) * tl.cdiv(W, TILE_W)
+    n = t // tiles_per_image
+    oy, ox, p_mask, cy, cx = _tile_pixels(t % tiles_per_image, H, W, TILE_H, TILE_W)
+    x0 = _load_x0_tile(x0_ptr, n, cy, cx, p_mask, C0, x0_strides, INT64, C0P)
+    g = _load_grad_tile(g_ptr, g_strides, n, cy, cx, p_mask, K, INT64, KP, x0_ptr.dtype.element_ty)
+    plans, covered = _tile_plans(n, cy, cx, lows, MODES, ALIGNS, PATCH_H, PATCH_W, SRC, False, F64, INT64,
+                                 x0_ptr.dtype.element_ty)
+    ds_ptr, ds_strides = outs[0]
+    if EXACT:
+        for m0 in range(redo, M, BLOCK_M):
+            _ds_chunk(x0, g, n, oy, ox, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr,
+                      alpha_ptr, beta_ptr, wc_ptr, wc_strides, K, plans, lows, ds_ptr, ds_strides, MODES, ALIGNS,
+                      UEXACT, CL, True, BATCH_STATS, F64, INT64, PRECISION, C0P, KP, BLOCK_M)
+    else:
+        # NaN from the start where a patch misses a tap: nothing but the probe lives across the chunk loop
+        probe = tl.zeros([TILE_H * TILE_W], acc_t) + tl.where(covered == 0, float("nan"), 0.0)
+        for m0 in range(0, M, BLOCK_M):
+            probe += _ds_chunk(x0, g, n, oy, ox, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr,
+                               shift_ptr, alpha_ptr, beta_ptr, wc_ptr, wc_strides, K, plans, lows, ds_ptr,
+                               ds_strides, MODES, ALIGNS, UEXACT, CL, False, BATCH_STATS, F64, INT64, PRECISION,
+                               C0P, KP, BLOCK_M)
+        tl.store(redo_ptr + t, _redo_from(probe, 1, M))
 
 
 @triton.jit
@@ -917,7 +999,7 @@ def _head_backward_ds_kernel(
     PATCH_W: tl.constexpr,
     SRC: tl.constexpr, CL: tl.constexpr, BATCH_STATS: tl.constexpr, FUSED: tl.constexpr, F64: tl.constexpr,
     INT64: tl.constexpr, PRECISION: tl.constexpr, C0P: tl.constexpr, KP: tl.constexpr, BLOCK_M: tl.constexpr,
-    TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr, EXACT: tl.constexpr, VISITS: tl.constexpr,
 ):
     """The head's input gradients from ds = dA * scale (+ alpha + beta * s with batch statistics), the gradient
     of the pre-BN activation. Program `split` visits the forward's tiles split, split + SPLITS, ... of the
@@ -929,7 +1011,11 @@ def _head_backward_ds_kernel(
       stored, [PATCH_H * PATCH_W, M] per tile, summed by `_head_patch_gather_kernel`; a same-size branch's
       gradient, ds itself, is stored as is.
     Else (fp32, whose 3xTF32 dots triple every operand: the fused chunk spills kilobytes) ds is stored, [N, M,
-    H, W] in outs[0], for the op's GEMMs and the fusion op's adjoint.
+    H, W] in outs[0], for the op's GEMMs and the fusion op's adjoint, in two launches: the patch dots store
+    ds and per tile where the exact gathers must start (redo_ptr; M: nowhere), one tile per program, then
+    (EXACT, over SPLITS programs as the fused form's) those tiles' chunks again from there with the exact
+    gathers (as the backward reduce's launches: with the exact loop after the dense one, a tile value lived
+    across the dense loop and spilled, fp32 sm_90 W48: 8 B).
     From the first chunk whose s or ds holds a non-finite value (or from 0 when a patch misses a tap) a tile
     commits nothing more; its start is stored per tile (redo_ptr, [N * tiles] int32) and a second pass over the
     split's tiles (same loop, v >= visits) recomputes such a tile's every chunk with the exact gathers and the
@@ -941,24 +1027,24 @@ def _head_backward_ds_kernel(
     tl.static_assert(TILE_H * TILE_W < 256)  # `_exact_adjoint`'s flag counts
     acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
     dtype: tl.constexpr = x0_ptr.dtype.element_ty
-    if not FUSED:  # one tile per program (grid: tiles, N), ds stored
-        n = tl.program_id(1)
-        oy, ox, p_mask, cy, cx = _tile_pixels(tl.program_id(0), H, W, TILE_H, TILE_W)
-        x0 = _load_x0_tile(x0_ptr, n, cy, cx, p_mask, C0, x0_strides, INT64, C0P)
-        g = _load_grad_tile(g_ptr, g_strides, n, cy, cx, p_mask, K, INT64, KP, dtype)
-        plans, covered = _tile_plans(n, cy, cx, lows, MODES, ALIGNS, PATCH_H, PATCH_W, SRC, False, F64, INT64,
-                                     dtype)
-        ds_ptr, ds_strides = outs[0]
-        probe = tl.zeros([TILE_H * TILE_W], dtype=acc_t)
-        for m0 in range(0, M, BLOCK_M):
-            probe += _ds_chunk(x0, g, n, oy, ox, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr,
-                               shift_ptr, alpha_ptr, beta_ptr, wc_ptr, wc_strides, K, plans, lows, ds_ptr, ds_strides,
-                               MODES, ALIGNS, UEXACT, CL, False, BATCH_STATS, F64, INT64, PRECISION, C0P, KP, BLOCK_M)
-        for m0 in range(_redo_from(probe, covered, M), M, GATHER_M):
-            _ds_chunk(x0, g, n, oy, ox, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, scale_ptr, shift_ptr,
-                      alpha_ptr, beta_ptr, wc_ptr, wc_strides, K, plans, lows, ds_ptr, ds_strides, MODES, ALIGNS,
-                      UEXACT,
-                      CL, True, BATCH_STATS, F64, INT64, PRECISION, C0P, KP, GATHER_M)
+    if not FUSED:  # ds stored; two launches, as the backward reduce's
+        if EXACT:  # program `split` redoes its tiles split, split + SPLITS, ... that held NaN, if any
+            split = tl.program_id(0)
+            v = split + SPLITS * tl.arange(0, VISITS)
+            if tl.min(tl.load(redo_ptr + v, mask=v < TILES, other=M), axis=0) < M:
+                for t in range(split, TILES, SPLITS):
+                    redo = tl.load(redo_ptr + t)
+                    if redo < M:
+                        _ds_tile(x0_ptr, x0_strides, C0, H, W, w0_ptr, w0_strides, M, scale_ptr, shift_ptr,
+                                 alpha_ptr, beta_ptr, wc_ptr, wc_strides, K, g_ptr, g_strides, redo_ptr, t, redo,
+                                 lows, outs, MODES, ALIGNS, UEXACT, PATCH_H, PATCH_W, SRC, CL, BATCH_STATS, F64,
+                                 INT64, PRECISION, C0P, KP, GATHER_M, TILE_H, TILE_W, True)
+        else:  # one tile per program (grid: tiles, N)
+            _ds_tile(x0_ptr, x0_strides, C0, H, W, w0_ptr, w0_strides, M, scale_ptr, shift_ptr, alpha_ptr, beta_ptr,
+                     wc_ptr, wc_strides, K, g_ptr, g_strides, redo_ptr,
+                     tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), 0, lows, outs, MODES, ALIGNS, UEXACT,
+                     PATCH_H, PATCH_W, SRC, CL, BATCH_STATS, F64, INT64, PRECISION, C0P, KP, BLOCK_M, TILE_H,
+                     TILE_W, False)
     else:
         tiles_w = tl.cdiv(W, TILE_W)
         tiles_h = tl.cdiv(H, TILE_H)
@@ -1140,9 +1226,12 @@ _FORWARD_CANDIDATES = {
 }
 
 
-# The backward kernels hold the logits' gradient tile and two more dot results per chunk: at the forward's
-# bf16 configuration (4 warps, 32 channels) ptxas spills (sm_90: reduce 164 B). bf16: the reduce takes 8 warps
-# (255 registers, no spills: predicted 413 us against 287 us spilling). The fused ds kernel also holds the dx0
+# The backward kernels hold the logits' gradient tile and two more dot results per chunk. bf16 / fp16: the reduce
+# takes the forward's 4 warps on 16-channel chunks, spill-free on sm_80 and sm_90 at W48 since the exact gathers
+# run in a launch of their own (`_head_backward_reduce_kernel`; sm_90 W18 NCHW 8 B): predicted W48 bf16 sm_90
+# 413.4 / 377.5 -> 295.5 / 272.3 us NCHW / channels_last, sm_80 676.1 -> 437.8 us NCHW (with the exact loop in
+# the tile, 4 warps spilled: sm_90 164 B, and the reduce took 8 warps; 32-channel chunks now: 264.1 us but
+# 4 B of spills at W48 NCHW, 60-68 B at W18). The fused ds kernel also holds the dx0
 # accumulator [pixels, C0P] and the exact adjoint's code: 8 warps, 32 channels (sm_90 W48, predicted 427 us, no
 # spills, with the exact gathers in a second pass over the tiles and one flag dot; before: 412 us with 228 B
 # spills; 16 channels 697 us, 128 B; 4 warps spill kilobytes). sm_80 still spills 120-272 B, 11-22 spill
@@ -1151,8 +1240,8 @@ _FORWARD_CANDIDATES = {
 # The statistics kernel takes 16-channel chunks: the forward's 32 spilled 4-24 B in the loop (bf16 sm_80 and
 # sm_90 W18; fp16 sm_90 W48 96 B), 16 are spill-free for bf16 and fp16 on both (W48 bf16: sm_90 160.0 -> 179.1
 # us NCHW, 140.7 -> 160.4 channels_last; sm_80 250.3 -> 258.6; 8 warps spill-free too but 241 us). The reduce
-# keeps 32-channel chunks where they are spill-free, sm_90 (413.4 us; 16 channels 467.3), and takes 16 on the
-# devices of less shared memory (sm_80: 4-84 B at 32 channels, none at 16: 616.9 -> 676.1 us W48).
+# kept 32-channel chunks on sm_90 at 8 warps (413.4 us; 16 channels 467.3), 16 on the devices of less shared
+# memory (sm_80: 4-84 B at 32 channels, none at 16: 616.9 -> 676.1 us W48), before the exact launch.
 # fp32 (before the hand split of `_dot3`, which took stats and ds to sm_90 W48 8 / 88 B) spilled in every
 # configuration tried (sm_90: the forward's 8x8 / 32 channels / 4 warps is fastest: reduce 1,481 us against
 # 2,857 with 8 warps and 2,001 with 16-channel chunks; ds (writing ds, `_FUSED_DTYPES`) 645 us against 764 with
@@ -1173,6 +1262,8 @@ _FORWARD_CANDIDATES = {
 # predicted us NCHW / channels_last; the transposed SASS has 4 loops, the instrument's trip table 3: issue
 # counted by hand, trips [chunks x tiles, 0, tiles, tiles] per program): 8x8 tiles 364 / 396 B, 685 / 650 us;
 # **4x8 (taken)** 44 / 52 B, 885 / 849 us (row form: 796 / 660 B, 902 / 854 us), W18 116 / 48 B, 388 / 398 us
+# (with the exact gathers in their own launch: W48 spill-free, 863.8 / 833.5 us + 4.5 us for that launch; W18
+# 0 / 152 B, 405.5 / 423.9 us; 8x8 still spills, 144-520 B)
 # (744 / 748 B, 390 / 395 us); 4x4 spill-free (W48 and W18) but 1,355 / 1,312 us, 1.5x the row form: the
 # per-chunk W0 / Wc loads and splits repeat per tile (1,507 SASS per 16-pixel chunk). Before C0Q: 8x8, 2 stages
 # 440 / 476 B; 1 stage 264 / 268; 8 warps 772 / 684; 4x4 0 / 8. Spill-free at the row form's time needs fewer
@@ -1188,7 +1279,7 @@ _FORWARD_CANDIDATES = {
 # (48-68 B), 466.9 -> 445.1 us; backward reduce sm_90 660-796 B (744-832 B), sm_80 772-1,068 B (900-1,140 B),
 # 916.5 -> 901.9 us. The ds kernel (fp32 writes ds) also splits the gradient tile once by hand (`_dot3`) and
 # takes one stage: 32 channels on sm_90 (0-92 B, none in the loop; two stages 76-104 B in the loop; 555.3 ->
-# 472.2 us), 16 on smaller devices (sm_80: 0-24 B, W48 channels_last 24 B in the loop, where 32 channels spill
+# 472.2 us; with the exact gathers in their own launch W48 spill-free, 450.7 / 425.1 us + 4.2, W18 16 / 20 B), 16 on smaller devices (sm_80: 0-24 B, W48 channels_last 24 B in the loop, where 32 channels spill
 # 104-136 B at two stages and 96-252 B at one; 1,506.5 -> 1,272.0 us). The instrument counts issued
 # instructions, not the latency a second stage hides: one stage is its prediction, unmeasured. Tried: fp32
 # statistics in 16-channel chunks (spill-free on sm_90 but 445 -> 571 us), with 8 warps on 8x16 tiles (W48
@@ -1199,7 +1290,7 @@ _FORWARD_CANDIDATES = {
 _TILE_CANDIDATES = {
     "_head_stats_kernel": {**_FORWARD_CANDIDATES, 2: ((8, 16, 16, 2, 4),) + _FORWARD_CANDIDATES[2][1:],
                            4: ((8, 8, 64, 2, 4, SM90_SHARED, TRANSPOSED),) + _FORWARD_CANDIDATES[4]},
-    "_head_backward_reduce_kernel": {**_FORWARD_CANDIDATES, 2: ((8, 16, 32, 2, 8, SM90_SHARED), (8, 16, 16, 2, 8))
+    "_head_backward_reduce_kernel": {**_FORWARD_CANDIDATES, 2: ((8, 16, 16, 2, 4),)
                                      + _FORWARD_CANDIDATES[2][1:],
                                      4: ((4, 8, 64, 1, 4, SM90_SHARED, TRANSPOSED),) + _FORWARD_CANDIDATES[4]},
     "_head_backward_ds_kernel": {**_FORWARD_CANDIDATES, 2: ((8, 16, 32, 2, 8),) + _FORWARD_CANDIDATES[2][1:],
@@ -1433,6 +1524,10 @@ def head_forward(plan: HeadPlan, t: HeadTensors, scale: Tensor, shift: Tensor, f
 # splits of the backward reduction: enough programs for every SM of a large device a few times over, few enough
 # that the host's sum over their rows stays small (512 x (K + 2) x M floats: 40 MB at W48)
 _REDUCE_SPLITS = 512
+# the launches of the exact gathers alone (the backward reduce's, fp32 / fp16 ds's) take 8 warps on the dense
+# launch's tiles: their 16-channel chunks hold 4 taps per bilinear branch (bf16 W48 sm_90 at the dense launch's
+# 4 warps: 64-72 B of spills; 8 warps: none, W18 / W48, sm_80 / sm_90, every dtype)
+_EXACT_WARPS = 8
 
 
 def head_backward_reduce(plan: HeadPlan, t: HeadTensors, scale: Tensor, shift: Tensor, grad: Tensor,
@@ -1446,11 +1541,14 @@ def head_backward_reduce(plan: HeadPlan, t: HeadTensors, scale: Tensor, shift: T
     tile, tiles = _tiled("_head_backward_reduce_kernel", plan, t, consts)
     splits = max(1, min(tiles * N, _REDUCE_SPLITS))  # every split visits at least one tile (it writes its rows)
     parts = _empty((splits, K + 2, M), _acc_dtype(t), t.x0.device)
+    redo = _empty((N * tiles,), torch.int32, t.x0.device)  # per tile, where the exact gathers start (M: nowhere)
     with _device_context(t.x0):
-        _head_backward_reduce_kernel[launch_grid(splits)](
-            *common, scale, shift, t.wc, tuple(t.wc.stride()), K, grad, tuple(grad.stride()), parts, splits,
-            tiles * N, lows, **consts, **low_consts, **_transposed(tile, t, consts), num_warps=tile.num_warps,
-            num_stages=tile.num_stages)
+        for exact in (False, True):  # the patch dots, then the exact gathers where they stopped (none if finite)
+            _head_backward_reduce_kernel[launch_grid(splits)](
+                *common, scale, shift, t.wc, tuple(t.wc.stride()), K, grad, tuple(grad.stride()), parts, redo,
+                splits, tiles * N, lows, **consts, **low_consts, **_transposed(tile, t, consts), EXACT=exact,
+                VISITS=next_power_of_2(cdiv(tiles * N, splits)), num_warps=_EXACT_WARPS if exact else tile.num_warps,
+                num_stages=tile.num_stages)
     total = parts.sum(0)
     return total[:K], total[K], total[K + 1]
 
@@ -1500,16 +1598,20 @@ def head_backward_ds(plan: HeadPlan, t: HeadTensors, scale: Tensor, shift: Tenso
                 else _empty((N * tiles, ph * pw, M), dtype, device)
                 for p, low, ph, pw in zip(t.lows, plan.lows, tile.patch_h, tile.patch_w)]
     else:
-        dx0 = dw0 = origins = redo = scale  # unread
+        dx0 = dw0 = origins = scale  # unread
+        redo = _empty((N * tiles,), torch.int32, device)  # per tile, where the exact gathers start (M: nowhere)
         outs = [_empty((N, M, H, W), dtype, device, fmt)]  # ds
     if needs_int64(*outs):
         consts["INT64"] = True
     with _device_context(t.x0):
-        _head_backward_ds_kernel[launch_grid(splits) if fused else launch_grid(tiles, N)](
-            *common, scale, shift, alpha if alpha is not None else scale, beta if beta is not None else scale,
-            t.wc, tuple(t.wc.stride()), K, grad, tuple(grad.stride()), dx0, tuple(dx0.stride()), dw0, origins,
-            redo, splits, tiles * N, lows, tuple((o, tuple(o.stride())) for o in outs), BATCH_STATS=alpha is not None,
-            FUSED=fused, **consts, **low_consts, num_warps=tile.num_warps, num_stages=tile.num_stages)
+        for exact in (False,) if fused else (False, True):  # fp32: the exact gathers in a launch of their own
+            _head_backward_ds_kernel[launch_grid(splits) if fused or exact else launch_grid(tiles, N)](
+                *common, scale, shift, alpha if alpha is not None else scale, beta if beta is not None else scale,
+                t.wc, tuple(t.wc.stride()), K, grad, tuple(grad.stride()), dx0, tuple(dx0.stride()), dw0, origins,
+                redo, splits, tiles * N, lows, tuple((o, tuple(o.stride())) for o in outs),
+                BATCH_STATS=alpha is not None, FUSED=fused, **consts, **low_consts, EXACT=exact,
+                VISITS=next_power_of_2(cdiv(tiles * N, splits)) if exact else 1,
+                num_warps=_EXACT_WARPS if exact else tile.num_warps, num_stages=tile.num_stages)
         if not fused:
             ds = outs[0]
             return (torch.einsum("mc,nmhw->nchw", t.w0, ds).contiguous(memory_format=fmt),

@@ -18,6 +18,7 @@ That gradient is checked against an absolute bound scaled by the conv weight's g
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import NamedTuple, Optional, Sequence, Tuple
 
@@ -719,7 +720,7 @@ def test_fp32_statistics_and_reduce_forms(transposed, layout, monkeypatch):
     case = Case(C3, [(10, 8), (5, 4), (3, 2)], [bil(2), bil(align_corners=True)], N=2, M=20)
     with assume(DeviceLimits(shared_per_block=232_448 if transposed else 166_912)):
         check_head(case, F32, layout, True)
-    assert taken == [transposed, transposed]
+    assert taken == [transposed] * 3  # the statistics, the reduce's patch dots and its exact gathers
 
 
 def _aten_taps(mode: str, align: bool, n_in: int, n_out: int, d: int) -> Tuple[int, int]:
@@ -740,8 +741,9 @@ def _aten_taps(mode: str, align: bool, n_in: int, n_out: int, d: int) -> Tuple[i
 def test_tile_configuration_per_device_class():
     """A candidate tagged with a device class (`SM90_SHARED`) is taken only on devices with that much shared
     memory per block: the launchers' only view of the target (`device_limits`), the figure the instrument
-    records each architecture by. W48 seg at 512x1024, bf16: the backward reduce's 32-channel chunks on sm_90,
-    16 on sm_80 (where 32 spill); without limits (the interpreter) the first candidate; every choice fits."""
+    records each architecture by. W48 seg at 512x1024, fp32: the backward reduce's transposed chunk (64
+    channels on 4x8 tiles) on sm_90, the row form (32 channels on 8x8 tiles) on sm_80; without limits (the
+    interpreter) the first candidate; every choice fits, fp32 and bf16."""
     from hrfast.kernels import head as KH
     from hrfast.kernels.limits import DeviceLimits
     from hrfast.plan import head_plan
@@ -749,19 +751,22 @@ def test_tile_configuration_per_device_class():
     lows_hw = ((64, 128), (32, 64), (16, 32))
     plan = head_plan(lows_hw, (bil_,) * 3, (128, 256), True)
 
-    def chosen(name, limits):
-        return KH._forward_tile(name, 2, 4, 64, 32, 64, plan.lows, lows_hw, limits)
+    def chosen(name, limits, elem=4):
+        return KH._forward_tile(name, elem, 4, 64, 32, 64, plan.lows, lows_hw, limits)
+
+    def form(tile):
+        return tile.block_m, tile.tile_h, tile.tile_w, tile.transposed
 
     sm80, sm90 = DeviceLimits(shared_per_block=166_912), DeviceLimits(shared_per_block=232_448)
     reduce = "_head_backward_reduce_kernel"
-    assert (chosen(reduce, sm90).block_m, chosen(reduce, sm90).num_warps) == (32, 8)
-    assert (chosen(reduce, sm80).block_m, chosen(reduce, sm80).num_warps) == (16, 8)
+    assert form(chosen(reduce, sm90)) == (64, 4, 8, True)
+    assert form(chosen(reduce, sm80)) == (32, 8, 8, False)
     assert chosen(reduce, None) == chosen(reduce, sm90)
     for name in ("_head_stats_kernel", "_head_forward_kernel", reduce, "_head_backward_ds_kernel"):
-        for limits in (sm80, sm90):
-            tile = chosen(name, limits)
-            fused = name == "_head_backward_ds_kernel"
-            assert KH._tile_bound(name, 2, 4, 64, 32, tile.src, tile, fused) <= limits.shared_per_block, name
+        for limits, elem in itertools.product((sm80, sm90), (4, 2)):
+            tile = chosen(name, limits, elem)
+            fused = name == "_head_backward_ds_kernel" and elem == 2
+            assert KH._tile_bound(name, elem, 4, 64, 32, tile.src, tile, fused) <= limits.shared_per_block, name
 
 
 @pytest.mark.parametrize("mode, align, scale_h, scale_w, exact", [
@@ -869,16 +874,24 @@ def test_forward_fp32_inf_and_nan_as_eager():
     assert_rel_close(y[finite], expected[finite], FP32_RTOL, "finite logits")
 
 
-def test_backward_nan_in_the_gradient_stays_local(fused):
-    """NaN at one pixel of the logits' gradient (eval: folded BN) reaches exactly the gradient elements eager's
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["fp64", "fp32"])
+def test_backward_nan_in_the_gradient_stays_local(dtype, fused, monkeypatch):
+    """NaN at two pixels of the logits' gradient (eval: folded BN) reaches exactly the gradient elements eager's
     backward spreads it to: ds is NaN there, and each branch's patch partial takes it only at that pixel's taps
-    (the exact adjoint; the dense U^T ds would spread it over the tile's whole patch), over several tiles."""
+    (the exact adjoint; the dense U^T ds would spread it over the tile's whole patch), over several tiles. Three
+    splits: the NaN tiles are the first and a later tile of one split, so the reduce's exact launch adds into
+    rows its dense launch zeroed and into rows it summed (fp32: the transposed reduce, ds written, its own
+    exact launch; fp64: the row-form reduce, the fused ds's two passes)."""
+    from hrfast.kernels import head as KH
+    monkeypatch.setattr(KH, "_REDUCE_SPLITS", 3)
+    monkeypatch.setattr(KH, "_GRAD_SPLITS", 3)
     case = Case(C3, [(12, 40), (6, 20), (3, 10)], [bil(), near()], N=1)
-    args = _build(case, F64)
+    args = _build(case, dtype)
     with torch.no_grad():
         y = _call(args, case, False, backend=fused)
     grad_y = torch.randn_like(y)
-    grad_y[0, 1, 5, 17] = float("nan")
+    grad_y[0, 1, 2, 20] = float("nan")  # tile 2 of 8 x 8 and of 4 x 8 tiles: split 2's first
+    grad_y[0, 1, 10, 30] = float("nan")  # 8 x 8: tile 8, split 2's third; 4 x 8: tile 13, split 1's fifth
     before = _copy(args)
     named = _leaves(args)
     grads = gradients(_call(args, case, False, backend=fused), named, grad_y)
@@ -887,7 +900,7 @@ def test_backward_nan_in_the_gradient_stays_local(fused):
     for (name, _), g, e in zip(named, grads, expected):
         assert torch.equal(torch.isnan(g), torch.isnan(e)), name
         finite = ~torch.isnan(e)
-        assert_rel_close(g[finite], e[finite], 1e-12, f"finite d {name}")
+        assert_rel_close(g[finite], e[finite], 1e-12 if dtype == F64 else FP32_RTOL, f"finite d {name}")
         if name.startswith("xs["):
             spread += int(torch.isnan(e).any(dim=1).sum())
     assert 0 < spread < sum(x.shape[2] * x.shape[3] for x in args["xs"]) // 4

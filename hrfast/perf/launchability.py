@@ -57,15 +57,15 @@ _HEAD_SPILLS = ("the head's tile kernels (issue 14) hold the x0 tile, the interp
 # per kernel what still spills (bytes of spill stores, Triton 3.8, W18 / W48 at 512x1024, NCHW and channels_last);
 # the forward has no spill in its loop in any dtype (fp32 since U exact in tf32 runs unsplit: 0-68 B outside it)
 _HEAD_SPILLING = {
-    "_head_backward_reduce_kernel": "bf16 / fp16 none (sm_80: 16-channel chunks); fp32 sm_90 44-116 B (the "
-                                    "transposed chunk on 4x8 tiles: the loop-invariant operands as wgmma's B, in "
-                                    "shared memory, their descriptors in registers; spill-free on 4x4 tiles at "
-                                    "1.5x the issue), sm_80 (the row form: 3xTF32 split by hand, those operands "
-                                    "held in registers, mma.sync) 796-960 B",
-    "_head_backward_ds_kernel": "bf16 (fused) sm_90 W48 none, W18 4-12 B (in the tile loop's own code, the "
+    "_head_backward_reduce_kernel": "W48 none on sm_90 (every dtype; the exact gathers in a launch of their own); "
+                                    "W18 sm_90 bf16 NCHW 8 B, fp32 channels_last 152 B (the transposed chunk on "
+                                    "4x8 tiles: the loop-invariant operands as wgmma's B, in shared memory, their "
+                                    "descriptors in registers); sm_80 fp32 (the row form: 3xTF32 split by hand, "
+                                    "those operands held in registers, mma.sync) 440-664 B, bf16 / fp16 none",
+    "_head_backward_ds_kernel": "bf16 (fused) sm_90 W48 none, W18 12 B (in the tile loop's own code, the "
                                 "chunk loops spill-free), sm_80 120-272 B (11-22 spill instructions per dense "
-                                "chunk); fp32 (writing ds, one stage) sm_90 none in the loop, sm_80 (16-channel "
-                                "chunks) W48 channels_last 24 B",
+                                "chunk); fp32 (writing ds, one stage; the exact gathers in a launch of their own) "
+                                "sm_90 W48 none, W18 16-20 B, sm_80 none",
 }
 # (kernel, check) -> why the finding is accepted for now
 EXCEPTIONS: Dict[Tuple[str, str], str] = {(name, "spills"): f"{_HEAD_SPILLS}: {_HEAD_SPILLING[name]}"

@@ -147,12 +147,25 @@ def _x0_width(p: Params) -> int:
 
 
 def _head_reduce_trips(p: Params) -> List[float]:
-    """The head's backward reduce's loops: the dense chunk loop (TILES / SPLITS tiles x chunks), the exact gathers' (0
-    trips on finite inputs), the tile loop; the transposed chunk's SASS adds a fourth: the divergent path of a
-    warp-uniform branch in the tile loop (BRA.DIV, a 13-instruction block jumping back into it on sm_90 W48),
-    counted once per tile (an upper bound: a uniform warp skips it)."""
+    """The head's backward reduce's loops. The dense launch: the chunk loop (TILES / SPLITS tiles x chunks),
+    the tile loop; the transposed chunk's SASS adds a third: the divergent path of a warp-uniform branch in the
+    tile loop (BRA.DIV, a 13-instruction block jumping back into it on sm_90 W48), counted once per tile (an
+    upper bound: a uniform warp skips it). The EXACT launch: the exact gathers' chunk loop inside the tile
+    loop, both 0 trips on finite inputs (one load of the split's starts finds nothing to redo)."""
+    if p["EXACT"]:
+        return [0, 0]
     tiles = p["TILES"] / p["SPLITS"]
-    return [tiles * _chunks(p), 0, tiles] + ([tiles] if p.get("TRANSPOSED") else [])
+    return [tiles * _chunks(p), tiles] + ([tiles] if p.get("TRANSPOSED") else [])
+
+
+def _head_ds_trips(p: Params) -> List[float]:
+    """The head's backward ds kernel's loops. FUSED: the dense chunk loop (TILES / SPLITS tiles x chunks), the
+    exact gathers' (0 trips on finite inputs), the loop over the split's tiles, twice (two passes). Else (ds
+    stored): the dense launch's chunk loop, one tile per program; the EXACT launch's exact chunk loop inside
+    the split's tile loop, both 0 trips on finite inputs (one load of the split's starts finds nothing)."""
+    if p["FUSED"]:
+        return [p["TILES"] / p["SPLITS"] * _chunks(p), 0, p["TILES"] / p["SPLITS"]]
+    return [0, 0] if p["EXACT"] else [_chunks(p)]
 
 
 def _tile_dot_unit(p: Params) -> str:
@@ -230,23 +243,24 @@ KERNELS: Dict[str, KernelWork] = {
         dots=lambda p: _forward_tiles(p) * _chunks(p) * _tile_dot_flops(p, p["C0P"] + _src_width(p) + p["KP"]),
         unread=lambda p: [] if p["HAS_BC"] else ["bc_ptr"], dot_unit=_tile_dot_unit),
     # program `split` visits TILES / SPLITS tiles (outer loop, innermost last): per tile and chunk also g Wc
-    # and g^T a (`_head_reduce_trips`)
+    # and g^T a (`_head_reduce_trips`); the EXACT launch reads only the tiles' starts on finite inputs
     "_head_backward_reduce_kernel": KernelWork(
         trips=_head_reduce_trips,
         elements=lambda p: _head_pixels_out(p, p["M"]),
-        dots=lambda p: _forward_tiles(p) * _chunks(p) * _tile_dot_flops(p, _x0_width(p) + _src_width(p)
-                                                                        + 2 * p["KP"]),
+        dots=lambda p: 0.0 if p["EXACT"] else _forward_tiles(p) * _chunks(p) * _tile_dot_flops(
+            p, _x0_width(p) + _src_width(p) + 2 * p["KP"]),
+        unread=lambda p: [name for name in p if name != "redo_ptr"] if p["EXACT"] else [],
         dot_unit=_tile_dot_unit),
     # FUSED: program `split` visits TILES / SPLITS tiles (outer loop, as the reduce); per tile and chunk also
     # g Wc, then from ds: ds W0 (dx0), ds^T x0 (dW0) and U_j^T ds (the patch partials), ds never written. Else
     # (fp32) one tile per program, ds written (dx0, dW0 and the origins are stand-ins)
     "_head_backward_ds_kernel": KernelWork(
-        trips=lambda p: ([p["TILES"] / p["SPLITS"] * _chunks(p), 0, p["TILES"] / p["SPLITS"]] if p["FUSED"]
-                         else [_chunks(p), 0]),
+        trips=_head_ds_trips,
         elements=lambda p: _head_pixels_out(p, p["M"]),
-        dots=lambda p: _forward_tiles(p) * _chunks(p) * _tile_dot_flops(
+        dots=lambda p: 0.0 if p["EXACT"] else _forward_tiles(p) * _chunks(p) * _tile_dot_flops(
             p, (3 * p["C0P"] + 2 * sum(p["SRC"]) if p["FUSED"] else p["C0P"] + _src_width(p)) + p["KP"]),
-        unread=lambda p: ([] if p["BATCH_STATS"] else ["alpha_ptr", "beta_ptr"])
+        unread=lambda p: [name for name in p if name != "redo_ptr"] if p["EXACT"] else
+        ([] if p["BATCH_STATS"] else ["alpha_ptr", "beta_ptr"])
         + ([] if p["FUSED"] else ["dx0_ptr", "dw0_ptr", "origin_ptr"]), dot_unit=_tile_dot_unit),
     # one BLOCK_Y x BLOCK_X x BLOCK_M block of one branch's dP per program, the NA x NB candidate patches and the
     # bisections unrolled: no loop

@@ -8,7 +8,8 @@ pre-BN chunk s = x0^T W0[m]^T + sum_j U_j patch_j (conv bias excluded: it only s
 dots: U_j is the tile's interpolation matrix (built once per tile, `_tile_plans`) and patch_j the source pixels
 the tile reads (a plain 2-D block per chunk instead of 4 gathers per output element). The dense U multiplies
 zero weights by every patch value, so a non-finite value would spread NaN over the tile: a tile whose dense
-result holds NaN, or whose patches miss a tap, is redone with ATen's exact per-pixel gathers (a second loop).
+result holds NaN, or whose patches miss a tap, is redone with ATen's exact per-pixel gathers (a second loop; in
+the backward reduce and fp32's ds kernel a second launch, which keeps the dense one spill-free).
 
 - `_head_stats_kernel`: per-tile sum and centred sum of squares of s (BN batch statistics, training);
 - `_head_forward_kernel`: logits = Wc . ReLU(s * scale + shift) + bc, accumulated over M chunks;

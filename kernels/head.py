@@ -1263,10 +1263,10 @@ _FORWARD_CANDIDATES = {
 # predicted us NCHW / channels_last; the transposed SASS has 4 loops, the instrument's trip table 3: issue
 # counted by hand, trips [chunks x tiles, 0, tiles, tiles] per program): 8x8 tiles 364 / 396 B, 685 / 650 us;
 # **4x8 (taken)** 44 / 52 B, 885 / 849 us (row form: 796 / 660 B, 902 / 854 us), W18 116 / 48 B, 388 / 398 us
-# (with the exact gathers in their own launch: W48 spill-free, 863.8 / 833.5 us + 4.5 us for that launch; W18
-# 0 / 152 B, 405.5 / 423.9 us; 8x8 still spills, 144-520 B)
 # (744 / 748 B, 390 / 395 us); 4x4 spill-free (W48 and W18) but 1,355 / 1,312 us, 1.5x the row form: the
-# per-chunk W0 / Wc loads and splits repeat per tile (1,507 SASS per 16-pixel chunk). Before C0Q: 8x8, 2 stages
+# per-chunk W0 / Wc loads and splits repeat per tile (1,507 SASS per 16-pixel chunk). Since the exact gathers
+# run in a launch of their own: 4x8 W48 spill-free, 863.8 / 833.5 us (+ 4.5 us for that launch), W18 0 / 152 B,
+# 405.5 / 423.9 us; 8x8 still spills (144-520 B). Before C0Q: 8x8, 2 stages
 # 440 / 476 B; 1 stage 264 / 268; 8 warps 772 / 684; 4x4 0 / 8. Spill-free at the row form's time needs fewer
 # per-chunk instructions (e.g. W0 and Wc split once on the host) or fewer descriptors.
 # sm_80 keeps the row form (mma.sync holds even B in registers: the transposed chunk at 8x8 / 32 spilled
@@ -1280,9 +1280,10 @@ _FORWARD_CANDIDATES = {
 # (48-68 B), 466.9 -> 445.1 us; backward reduce sm_90 660-796 B (744-832 B), sm_80 772-1,068 B (900-1,140 B),
 # 916.5 -> 901.9 us. The ds kernel (fp32 writes ds) also splits the gradient tile once by hand (`_dot3`) and
 # takes one stage: 32 channels on sm_90 (0-92 B, none in the loop; two stages 76-104 B in the loop; 555.3 ->
-# 472.2 us; with the exact gathers in their own launch W48 spill-free, 450.7 / 425.1 us + 4.2, W18 16 / 20 B), 16 on smaller devices (sm_80: 0-24 B, W48 channels_last 24 B in the loop, where 32 channels spill
-# 104-136 B at two stages and 96-252 B at one; 1,506.5 -> 1,272.0 us). The instrument counts issued
-# instructions, not the latency a second stage hides: one stage is its prediction, unmeasured. Tried: fp32
+# 472.2 us; with the exact gathers in a launch of their own W48 spill-free, 450.7 / 425.1 us + 4.2, W18 16 / 20
+# B), 16 on smaller devices (sm_80: 0-24 B, W48 channels_last 24 B in the loop, where 32 channels spill 104-136
+# B at two stages and 96-252 B at one; 1,506.5 -> 1,272.0 us; since the exact launch: none). The instrument
+# counts issued instructions, not the latency a second stage hides: one stage is its prediction, unmeasured. Tried: fp32
 # statistics in 16-channel chunks (spill-free on sm_90 but 445 -> 571 us), with 8 warps on 8x16 tiles (W48
 # NCHW spill-free, 382 us, channels_last 28 B in the loop), one stage for the forward (sm_90 W18 108 B in the
 # loop); in the reduce, dWc^T = a^T g with the gradient tile as the dot's B operand (sm_90 W48 796 -> 736 B, but

@@ -135,7 +135,8 @@ def test_head_choices_at_w48_shapes():
     """Every head kernel runs on the forward's 2-D tiles (8x8 pixels for fp32, 8x16 for bf16), 2 stages, on A100
     and H100 alike (issue 13: the old fp32 backward reduce needed 352 KB at 3 stages on sm_90); 32-channel chunks
     but bf16's statistics (16: 32 spilled, 4fc1e27), bf16's backward reduce (16 at 4 warps: spill-free on both
-    since the exact gathers have a launch of their own; 32 spilled 4 B on sm_90 at W48 NCHW), fp32's ds kernel: 1 stage, 32 channels on sm_90 (2 stages spilled 76-104 B in the loop), 16 below (32 spilled
+    since the exact gathers have a launch of their own; 32 spilled 4 B on sm_90 at W48 NCHW), fp32's ds
+    kernel: 1 stage, 32 channels on sm_90 (2 stages spilled 76-104 B in the loop), 16 below (32 spilled
     100-188 B on sm_80), and fp32's statistics and backward reduce on sm_90: the transposed chunk, 64 channels
     (a warpgroup's wgmma rows), the reduce on 4x8 tiles and 1 stage (on sm_80 the transposed chunk spills
     kilobytes: the row form there)."""

@@ -1526,9 +1526,11 @@ def head_forward(plan: HeadPlan, t: HeadTensors, scale: Tensor, shift: Tensor, f
 # splits of the backward reduction: enough programs for every SM of a large device a few times over, few enough
 # that the host's sum over their rows stays small (512 x (K + 2) x M floats: 40 MB at W48)
 _REDUCE_SPLITS = 512
-# the launches of the exact gathers alone (the backward reduce's, fp32 / fp16 ds's) take 8 warps on the dense
-# launch's tiles: their 16-channel chunks hold 4 taps per bilinear branch (bf16 W48 sm_90 at the dense launch's
-# 4 warps: 64-72 B of spills; 8 warps: none, W18 / W48, sm_80 / sm_90, every dtype)
+# the launches of the exact gathers alone (the backward reduce's, fp32 / fp16 ds's) take 8 warps and one stage
+# on the dense launch's tiles: their 16-channel chunks hold 4 taps per bilinear branch (bf16 W48 sm_90 at the
+# dense launch's 4 warps: 64-72 B of spills; 8 warps: none at W48; sm_80 W18 bf16 / fp16 channels_last 4 B),
+# and one stage needs the least shared memory (fp32 sm_80 W48: 81,920 B, 120,960 at two; within 101,376 and
+# 49,152 B devices, fp32 / bf16 W18 / W48). They run no loop trip on finite inputs.
 _EXACT_WARPS = 8
 
 
@@ -1550,7 +1552,7 @@ def head_backward_reduce(plan: HeadPlan, t: HeadTensors, scale: Tensor, shift: T
                 *common, scale, shift, t.wc, tuple(t.wc.stride()), K, grad, tuple(grad.stride()), parts, redo,
                 splits, tiles * N, lows, **consts, **low_consts, **_transposed(tile, t, consts), EXACT=exact,
                 VISITS=next_power_of_2(cdiv(tiles * N, splits)), num_warps=_EXACT_WARPS if exact else tile.num_warps,
-                num_stages=tile.num_stages)
+                num_stages=1 if exact else tile.num_stages)
     total = parts.sum(0)
     return total[:K], total[K], total[K + 1]
 
@@ -1613,7 +1615,7 @@ def head_backward_ds(plan: HeadPlan, t: HeadTensors, scale: Tensor, shift: Tenso
                 redo, splits, tiles * N, lows, tuple((o, tuple(o.stride())) for o in outs),
                 BATCH_STATS=alpha is not None, FUSED=fused, **consts, **low_consts, EXACT=exact,
                 VISITS=next_power_of_2(cdiv(tiles * N, splits)) if exact else 1,
-                num_warps=_EXACT_WARPS if exact else tile.num_warps, num_stages=tile.num_stages)
+                num_warps=_EXACT_WARPS if exact else tile.num_warps, num_stages=1 if exact else tile.num_stages)
         if not fused:
             ds = outs[0]
             return (torch.einsum("mc,nmhw->nchw", t.w0, ds).contiguous(memory_format=fmt),

@@ -61,7 +61,9 @@ _HEAD_SPILLING = {
                                     "W18 sm_90 bf16 NCHW 8 B, fp32 channels_last 152 B (the transposed chunk on "
                                     "4x8 tiles: the loop-invariant operands as wgmma's B, in shared memory, their "
                                     "descriptors in registers); sm_80 fp32 (the row form: 3xTF32 split by hand, "
-                                    "those operands held in registers, mma.sync) 440-664 B, bf16 / fp16 none",
+                                    "those operands held in registers, mma.sync) 440-664 B, bf16 / fp16 none; the "
+                                    "exact gathers' launch (8 warps, 1 stage, no trips on finite inputs): sm_80 W18 "
+                                    "bf16 / fp16 channels_last 4 B",
     "_head_backward_ds_kernel": "bf16 (fused) sm_90 W48 none, W18 12 B (in the tile loop's own code, the "
                                 "chunk loops spill-free), sm_80 120-272 B (11-22 spill instructions per dense "
                                 "chunk); fp32 (writing ds, one stage; the exact gathers in a launch of their own) "

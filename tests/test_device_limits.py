@@ -116,6 +116,8 @@ def head_choices(dtype, channels_last: bool, device_limit=None) -> dict:
     for launch in launches:
         if launch.name not in HEAD_KERNELS:  # the backward's patch gathers: no tile configuration
             continue
+        if launch.params.get("EXACT"):  # the exact gathers' own launch: 8 warps, 1 stage on the same tiles
+            continue
         p, stages = launch.params, launch.options["num_stages"]
         pixels = p["TILE_H"] * p["TILE_W"] if "TILE_H" in p else p["BLOCK_P"]  # the forward's tiles are 2-D
         choices[launch.name] = (p["BLOCK_M"], pixels, stages, KH.shared_bound(launch.name, p, stages))

@@ -688,8 +688,9 @@ def _reduce_tile(x0_ptr, x0_strides, C0, H, W, g_ptr, g_strides, K, t, lows, MOD
     tile (`_dot3_split`: Triton's own split held each in two register layouts, sm_90 W48 1,396 B of spills,
     1,481 us predicted; split once 1,000 B, 915 us; split per chunk 3,092 B)."""
     dtype: tl.constexpr = x0_ptr.dtype.element_ty
-    n = t // (tl.cdiv(H, TILE_H) * tl.cdiv(W, TILE_W))
-    _, _, p_mask, cy, cx = _tile_pixels(t % (tl.cdiv(H, TILE_H) * tl.cdiv(W, TILE_W)), H, W, TILE_H, TILE_W)
+    tiles_per_image = tl.cdiv(H, TILE_H) * tl.cdiv(W, TILE_W)
+    n = t // tiles_per_image
+    _, _, p_mask, cy, cx = _tile_pixels(t % tiles_per_image, H, W, TILE_H, TILE_W)
     g = _load_grad_tile(g_ptr, g_strides, n, cy, cx, p_mask, K, INT64, KP, dtype)
     plans, covered = _tile_plans(n, cy, cx, lows, MODES, ALIGNS, PATCH_H, PATCH_W, SRC, False, F64, INT64, dtype)
     if TRANSPOSED:
@@ -723,6 +724,15 @@ def _reduce_tile_chunk(x0, g, n, cy, cx, p_mask, m0, M, w0_ptr, w0_strides, C0, 
                              wc_strides, K, plans, lows, rows, later, redo, MODES, ALIGNS, UEXACT, CL, GATHER, F64,
                              INT64, dots, C0P, KP, BLOCK_M)
     return redo
+
+
+@triton.jit
+def _redo_pending(redo_ptr, split, SPLITS, TILES, M, VISITS: tl.constexpr):
+    """Whether any of split's tiles (split, split + SPLITS, ...; VISITS >= their count, `_visits`) has an exact
+    start under M (the dense launch's redo_ptr): one load, so an exact launch runs no loop trip on finite
+    inputs."""
+    v = split + SPLITS * tl.arange(0, VISITS)
+    return tl.min(tl.load(redo_ptr + v, mask=v < TILES, other=M), axis=0) < M
 
 
 @triton.jit
@@ -760,8 +770,7 @@ def _head_backward_reduce_kernel(
     split = tl.program_id(0)
     rows = part_ptr + split * (K + 2) * M
     if EXACT:
-        v = split + SPLITS * tl.arange(0, VISITS)
-        if tl.min(tl.load(redo_ptr + v, mask=v < TILES, other=M), axis=0) < M:
+        if _redo_pending(redo_ptr, split, SPLITS, TILES, M, VISITS):
             for t in range(split, TILES, SPLITS):
                 redo = tl.load(redo_ptr + t)
                 if redo < M:
@@ -1031,8 +1040,7 @@ def _head_backward_ds_kernel(
     if not FUSED:  # ds stored; two launches, as the backward reduce's
         if EXACT:  # program `split` redoes its tiles split, split + SPLITS, ... that held NaN, if any
             split = tl.program_id(0)
-            v = split + SPLITS * tl.arange(0, VISITS)
-            if tl.min(tl.load(redo_ptr + v, mask=v < TILES, other=M), axis=0) < M:
+            if _redo_pending(redo_ptr, split, SPLITS, TILES, M, VISITS):
                 for t in range(split, TILES, SPLITS):
                     redo = tl.load(redo_ptr + t)
                     if redo < M:
@@ -1534,6 +1542,11 @@ _REDUCE_SPLITS = 512
 _EXACT_WARPS = 8
 
 
+def _visits(tiles: int, splits: int) -> int:
+    """The exact launches' VISITS: the most tiles a split visits, rounded up to a power of 2 (`_redo_pending`)."""
+    return next_power_of_2(cdiv(tiles, splits))
+
+
 def head_backward_reduce(plan: HeadPlan, t: HeadTensors, scale: Tensor, shift: Tensor, grad: Tensor,
                          force_int64: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     """(dWc [K, M], sum_p dA, sum_p dA * s) where dA = Wc^T grad, zeroed where a <= 0, is the gradient at BN's
@@ -1551,7 +1564,7 @@ def head_backward_reduce(plan: HeadPlan, t: HeadTensors, scale: Tensor, shift: T
             _head_backward_reduce_kernel[launch_grid(splits)](
                 *common, scale, shift, t.wc, tuple(t.wc.stride()), K, grad, tuple(grad.stride()), parts, redo,
                 splits, tiles * N, lows, **consts, **low_consts, **_transposed(tile, t, consts), EXACT=exact,
-                VISITS=next_power_of_2(cdiv(tiles * N, splits)), num_warps=_EXACT_WARPS if exact else tile.num_warps,
+                VISITS=_visits(tiles * N, splits), num_warps=_EXACT_WARPS if exact else tile.num_warps,
                 num_stages=1 if exact else tile.num_stages)
     total = parts.sum(0)
     return total[:K], total[K], total[K + 1]
@@ -1589,12 +1602,12 @@ def head_backward_ds(plan: HeadPlan, t: HeadTensors, scale: Tensor, shift: Tenso
     dtype, acc, device = t.x0.dtype, _acc_dtype(t), t.x0.device
     fused = dtype in _FUSED_DTYPES
     splits = max(1, min(tiles * N, _GRAD_SPLITS))  # every split visits at least one tile (it writes its rows)
+    redo = _empty((N * tiles,), torch.int32, device)  # per tile, where the exact gathers start (M: nowhere)
     tiles_h, tiles_w = cdiv(H, tile.tile_h), cdiv(W, tile.tile_w)
     if fused:
         dx0 = _empty((N, C0, H, W), dtype, device, fmt)
         dw0 = _empty((splits, M, C0), acc, device)
         origins = torch.empty((len(t.lows), tiles_h + tiles_w), dtype=torch.int32, device=device)  # the kernel's
-        redo = torch.empty((N * tiles,), dtype=torch.int32, device=device)  # per tile, where its exact pass starts
         # per upsampled branch the tiles' patch partials [tiles, PATCH_H * PATCH_W, M] in x0's dtype (each
         # rounded once, then at most NA x NB of them summed in the accumulation dtype); a same-size branch's
         # gradient is ds
@@ -1603,7 +1616,6 @@ def head_backward_ds(plan: HeadPlan, t: HeadTensors, scale: Tensor, shift: Tenso
                 for p, low, ph, pw in zip(t.lows, plan.lows, tile.patch_h, tile.patch_w)]
     else:
         dx0 = dw0 = origins = scale  # unread
-        redo = _empty((N * tiles,), torch.int32, device)  # per tile, where the exact gathers start (M: nowhere)
         outs = [_empty((N, M, H, W), dtype, device, fmt)]  # ds
     if needs_int64(*outs):
         consts["INT64"] = True
@@ -1614,7 +1626,7 @@ def head_backward_ds(plan: HeadPlan, t: HeadTensors, scale: Tensor, shift: Tenso
                 t.wc, tuple(t.wc.stride()), K, grad, tuple(grad.stride()), dx0, tuple(dx0.stride()), dw0, origins,
                 redo, splits, tiles * N, lows, tuple((o, tuple(o.stride())) for o in outs),
                 BATCH_STATS=alpha is not None, FUSED=fused, **consts, **low_consts, EXACT=exact,
-                VISITS=next_power_of_2(cdiv(tiles * N, splits)) if exact else 1,
+                VISITS=_visits(tiles * N, splits) if exact else 1,
                 num_warps=_EXACT_WARPS if exact else tile.num_warps, num_stages=1 if exact else tile.num_stages)
         if not fused:
             ds = outs[0]

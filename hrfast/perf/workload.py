@@ -168,6 +168,11 @@ def _head_ds_trips(p: Params) -> List[float]:
     return [0, 0] if p["EXACT"] else [_chunks(p)]
 
 
+def _exact_unread(p: Params) -> List[str]:
+    """An exact-gather launch (EXACT) on finite inputs reads only the tiles' starts (redo_ptr)."""
+    return [name for name in p if name != "redo_ptr"]
+
+
 def _tile_dot_unit(p: Params) -> str:
     return "tf32" if p["PRECISION"] == "tf32x3" else _dot_unit(p)
 
@@ -249,7 +254,7 @@ KERNELS: Dict[str, KernelWork] = {
         elements=lambda p: _head_pixels_out(p, p["M"]),
         dots=lambda p: 0.0 if p["EXACT"] else _forward_tiles(p) * _chunks(p) * _tile_dot_flops(
             p, _x0_width(p) + _src_width(p) + 2 * p["KP"]),
-        unread=lambda p: [name for name in p if name != "redo_ptr"] if p["EXACT"] else [],
+        unread=lambda p: _exact_unread(p) if p["EXACT"] else [],
         dot_unit=_tile_dot_unit),
     # FUSED: program `split` visits TILES / SPLITS tiles (outer loop, as the reduce); per tile and chunk also
     # g Wc, then from ds: ds W0 (dx0), ds^T x0 (dW0) and U_j^T ds (the patch partials), ds never written. Else
@@ -259,7 +264,7 @@ KERNELS: Dict[str, KernelWork] = {
         elements=lambda p: _head_pixels_out(p, p["M"]),
         dots=lambda p: 0.0 if p["EXACT"] else _forward_tiles(p) * _chunks(p) * _tile_dot_flops(
             p, (3 * p["C0P"] + 2 * sum(p["SRC"]) if p["FUSED"] else p["C0P"] + _src_width(p)) + p["KP"]),
-        unread=lambda p: [name for name in p if name != "redo_ptr"] if p["EXACT"] else
+        unread=lambda p: _exact_unread(p) if p["EXACT"] else
         ([] if p["BATCH_STATS"] else ["alpha_ptr", "beta_ptr"])
         + ([] if p["FUSED"] else ["dx0_ptr", "dw0_ptr", "origin_ptr"]), dot_unit=_tile_dot_unit),
     # one BLOCK_Y x BLOCK_X x BLOCK_M block of one branch's dP per program, the NA x NB candidate patches and the

@@ -18,7 +18,8 @@ SyncBatchNorm while it would not synchronise); any other norm runs as a module.
 - `fold_batch_norm(bn, z)`: (term, scale, shift) with bn's side effects, in eval and training mode; with batch
   statistics through `_BatchStatsFold` (Triton kernels when `use_kernels`, else plain PyTorch).
 - `fold_batch_norms(bns, zs)`: the same for several (a fusion step's, every row's), the batch-statistics folds
-  together: on the kernels one statistics launch (and finalize) and one backward launch for all of them.
+  together: on the kernels one statistics launch (and finalize) and one backward launch for all of them; with
+  `deferred`, the kernel folds' backward is left to the caller (`deferred_backward`, `hrfast.ops.fuse_step`).
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ["is_foldable_batchnorm", "can_fold", "affine", "running_affine", "eval_affine", "fold_into_conv",
-           "bn_step", "BNStep", "update_running_stats", "fold_batch_norm", "fold_batch_norms"]
+           "bn_step", "BNStep", "update_running_stats", "fold_batch_norm", "fold_batch_norms", "DeferredFold",
+           "deferred_backward"]
 
 _PLAIN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
 
@@ -257,13 +259,11 @@ class _BatchStatsFold(torch.autograd.Function):
         zs, weights, biases, running_means, running_vars, counters = (tensors[i * k:(i + 1) * k] for i in range(6))
         results: List[Optional[Tuple[Tensor, Tensor, Tensor]]] = [None] * k
         on_kernels = [i for i in range(k) if specs[i].use_kernels]
-        if on_kernels:
-            from hrfast.kernels import batch_norm as kernels
-            launched = kernels.batch_stats([
-                kernels.StatsTerm(zs[i], weights[i], biases[i], specs[i].eps, specs[i].dtype, running_means[i],
-                                  running_vars[i], specs[i].factor, counters[i]) for i in on_kernels])
-            for i, result in zip(on_kernels, launched):
-                results[i] = result
+        for i, result in zip(on_kernels, _kernel_stats([specs[i] for i in on_kernels],
+                                                       [[t[i] for t in (zs, weights, biases, running_means,
+                                                                        running_vars, counters)]
+                                                        for i in on_kernels])):
+            results[i] = result
         for i in range(k):
             if not specs[i].use_kernels:
                 z = zs[i]
@@ -293,20 +293,14 @@ class _BatchStatsFold(torch.autograd.Function):
         for i, spec in enumerate(specs):
             g_term, g_scale, g_shift = grads[3 * i:3 * i + 3]
             need_dz, need_dw, need_db = needs[i], needs[k + i] and weights[i] is not None, needs[2 * k + i]
-            g_bias_out = None
-            if need_db:
-                if g_shift is not None and g_shift.dtype == ctx.bias_dtypes[i]:
-                    g_biases[i] = g_shift
-                elif spec.use_kernels:  # written by the backward kernel (no conversion launch)
-                    g_biases[i] = g_bias_out = torch.empty(scales[i].shape, dtype=ctx.bias_dtypes[i],
-                                                           device=scales[i].device)
-                else:
-                    g_biases[i] = (torch.zeros_like(scales[i]) if g_shift is None else g_shift).to(ctx.bias_dtypes[i])
             if spec.use_kernels:
-                from hrfast.kernels import batch_norm as kernels
-                launch.append((i, kernels.BackwardTerm(zs[i], g_term, stats[i], weights[i], g_scale, g_shift,
-                                                       need_dz, need_dw, g_bias_out)))
-            elif need_dz or need_dw:
+                term, g_biases[i] = _kernel_backward_term(zs[i], g_term, stats[i], weights[i], g_scale, g_shift,
+                                                          need_dz, need_dw, need_db, ctx.bias_dtypes[i])
+                launch.append((i, term))
+                continue
+            if need_db:
+                g_biases[i] = (torch.zeros_like(scales[i]) if g_shift is None else g_shift).to(ctx.bias_dtypes[i])
+            if need_dz or need_dw:
                 dz, g_weight = _reference_backward(zs[i], g_term, stats[i], weights[i], scales[i], g_scale,
                                                    g_shift, zs[i].shape[0] * zs[i].shape[2] * zs[i].shape[3])
                 dzs[i], g_weights[i] = (dz if need_dz else None), (g_weight if need_dw else None)
@@ -315,6 +309,66 @@ class _BatchStatsFold(torch.autograd.Function):
             for (i, _), (dz, g_weight) in zip(launch, kernels.batch_norm_backward([t for _, t in launch])):
                 dzs[i], g_weights[i] = dz, g_weight
         return (None, *dzs, *g_weights, *g_biases, *([None] * (3 * k)))
+
+
+def _kernel_stats(specs: Sequence[FoldSpec], tensors: Sequence[Sequence[Optional[Tensor]]]
+                  ) -> List[Tuple[Tensor, Tensor, Tensor]]:
+    """(stats, scale, shift) of each fold on the kernels (one statistics launch for all, `batch_stats`);
+    tensors[i] = (z, weight, bias, running_mean, running_var, counter) of fold i."""
+    if not specs:
+        return []
+    from hrfast.kernels import batch_norm as kernels
+    return kernels.batch_stats([kernels.StatsTerm(z, w, b, spec.eps, spec.dtype, rm, rv, spec.factor, counter)
+                                for spec, (z, w, b, rm, rv, counter) in zip(specs, tensors)])
+
+
+def _kernel_backward_term(z: Tensor, g_term: Optional[Tensor], stats: Tensor, weight: Optional[Tensor],
+                          g_scale: Optional[Tensor], g_shift: Optional[Tensor], need_dz: bool, need_dw: bool,
+                          need_db: bool, bias_dtype: Optional[torch.dtype], g_scaled: bool = False):
+    """(the kernels' BackwardTerm, the bias gradient): the bias gradient is g_shift itself where its dtype is the
+    bias's, else written by the backward kernel in the bias's dtype (no conversion launch); None unless
+    `need_db`. `g_scaled`: g_term is the gradient of the scaled term (`kernels.BackwardTerm`)."""
+    from hrfast.kernels import batch_norm as kernels
+    g_bias = g_bias_out = None
+    if need_db:
+        if g_shift is not None and g_shift.dtype == bias_dtype:
+            g_bias = g_shift
+        else:
+            g_bias = g_bias_out = torch.empty(stats.shape[1:], dtype=bias_dtype, device=stats.device)
+    return kernels.BackwardTerm(z, g_term, stats, weight, g_scale, g_shift, need_dz, need_dw, g_bias_out,
+                                g_scaled), g_bias
+
+
+class DeferredFold(NamedTuple):
+    """A batch-statistics fold on the kernels whose backward its caller runs (`fold_batch_norms(deferred=...)`,
+    `deferred_backward`): entry `index` of the call, its z, statistics [2, C] = (mean, r) and module tensors."""
+
+    index: int
+    z: Tensor
+    stats: Tensor
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+
+
+def deferred_backward(folds: Sequence[DeferredFold], g_terms: Sequence[Optional[Tensor]],
+                      g_scaled: Sequence[bool], g_scales: Sequence[Optional[Tensor]],
+                      g_shifts: Sequence[Optional[Tensor]], needs: Sequence[Tuple[bool, bool, bool]]
+                      ) -> List[Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]]:
+    """(dz, g_weight, g_bias) of each deferred fold given the gradients of its (term, scale, shift), as
+    `_BatchStatsFold`'s backward computes them, in one kernel launch; `needs[i]` = (dz, weight, bias) wanted.
+    `g_scaled[i]`: g_terms[i] is the gradient of term * scale (the fused op's g of an output-size term), scaled
+    by the kernel as it reads it."""
+    from hrfast.kernels import batch_norm as kernels
+    terms, g_biases = [], []
+    for f, g_term, scaled, g_scale, g_shift, (need_dz, need_dw, need_db) in zip(folds, g_terms, g_scaled, g_scales,
+                                                                                g_shifts, needs):
+        term, g_bias = _kernel_backward_term(f.z, g_term, f.stats, f.weight, g_scale, g_shift, need_dz,
+                                             need_dw and f.weight is not None, need_db and f.bias is not None,
+                                             None if f.bias is None else f.bias.dtype, scaled)
+        terms.append(term)
+        g_biases.append(g_bias)
+    out = kernels.batch_norm_backward(terms) if terms else []
+    return [(dz, g_weight, g_bias) for (dz, g_weight), g_bias in zip(out, g_biases)]
 
 
 def _reference_stats(z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, dtype: torch.dtype,
@@ -372,13 +426,19 @@ def fold_batch_norm(bn: nn.Module, z: Tensor, term_dtype: Optional[torch.dtype] 
 
 def fold_batch_norms(bns: Sequence[nn.Module], zs: Sequence[Tensor],
                      term_dtype: Union[None, torch.dtype, Sequence[Optional[torch.dtype]]] = None,
-                     use_kernels: bool = False) -> List[Optional[Tuple[Tensor, Tensor, Tensor]]]:
+                     use_kernels: bool = False, deferred: Optional[List[DeferredFold]] = None
+                     ) -> List[Optional[Tuple[Tensor, Tensor, Tensor]]]:
     """`fold_batch_norm` of each (bn, z) in order, with the same results and side effects, the batch-statistics
     folds done together: one `_BatchStatsFold` for all of them, so on the kernels one statistics launch (one
     finalize), and in backward one launch, for a whole fusion step (`hrfast.nn.fusion`: every row's folds; up
     to `hrfast.kernels.batch_norm.MAX_TERMS` per launch). `term_dtype`: one dtype for every term, or one per
     term (None: z's own). An error of term j (`_check_input_dim`, a single value per channel) is raised after
-    terms 0..j-1 have folded, as a loop of `fold_batch_norm` would."""
+    terms 0..j-1 have folded, as a loop of `fold_batch_norm` would.
+
+    `deferred`: a list to which the batch-statistics folds on the kernels whose term is z itself (no dtype
+    conversion) are appended as `DeferredFold`s; their (term, scale, shift) are (z, scale, shift) with no
+    autograd node: the caller owns their backward (`deferred_backward`; `hrfast.ops.fuse_step` runs it inside
+    the fused step's backward, reading the fused op's gradient where `_BatchStatsFold` would need it written)."""
     if len(bns) != len(zs):
         raise ValueError(f"fold_batch_norms: {len(bns)} modules for {len(zs)} inputs")
     if isinstance(term_dtype, (list, tuple)):
@@ -419,6 +479,12 @@ def fold_batch_norms(bns: Sequence[nn.Module], zs: Sequence[Tensor],
             pending.append((i, FoldSpec(dtype, dt, bn.eps, step.factor, kernels),
                             (z, bn.weight, bn.bias, step.running_mean, step.running_var, counter)))
     finally:  # on an error too: the folds before it have their side effects
+        now = [p for p in pending if deferred is not None and p[1].use_kernels and p[1].term_dtype == p[2][0].dtype]
+        for (i, _, (z, weight, bias, *_)), (stats, scale, shift) in zip(
+                now, _kernel_stats([spec for _, spec, _ in now], [tensors for _, _, tensors in now])):
+            results[i] = (z, scale, shift)
+            deferred.append(DeferredFold(i, z, stats, weight, bias))
+        pending = [p for p in pending if not any(p is q for q in now)]
         if pending:
             specs = tuple(spec for _, spec, _ in pending)
             flat = [tensors[field] for field in range(6) for _, _, tensors in pending]

@@ -289,10 +289,13 @@ def _backward_term(pid, z_ptr, z_strides, g_ptr, g_strides, dz_ptr, dz_strides, 
                    weight_ptr, g_scale_ptr, g_shift_ptr, g_weight_ptr, g_bias_ptr,
                    HAS_G: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_GSCALE: tl.constexpr,
                    HAS_GSHIFT: tl.constexpr, NEED_DZ: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-                   F64: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+                   G_SCALED: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr,
+                   BLOCK_P: tl.constexpr):
     """Program `pid` of one term (pixel block fastest, then channel block, then image; one program per channel
     block without dz): dz on a [BLOCK_C x BLOCK_P] tile; the program of pixel block 0 of image 0 also writes g_w
-    (NEED_DW) and g_b = g_shift in the bias's dtype (NEED_DB) of its channels. Strides are (s_n, s_c, s_p)."""
+    (NEED_DW) and g_b = g_shift in the bias's dtype (NEED_DB) of its channels. Strides are (s_n, s_c, s_p).
+    G_SCALED: g_term is the gradient of the folded term's scaled value, taken times scale = w * r here (the
+    finalize's product, so the fused op's scale bitwise)."""
     acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
     if NEED_DZ:
         tiles = tl.cdiv(P, BLOCK_P)
@@ -335,6 +338,8 @@ def _backward_term(pid, z_ptr, z_strides, g_ptr, g_strides, dz_ptr, dz_strides, 
         if HAS_G:
             g = tl.load(g_ptr + n64 * g_strides[0] + c64 * g_strides[1] + p64 * g_strides[2], mask=mask,
                         other=0.0).to(acc_t)
+            if G_SCALED:
+                g = g * (w * r)[:, None]
             dz = g + dz
         tl.store(dz_ptr + n64 * dz_strides[0] + c64 * dz_strides[1] + p64 * dz_strides[2],
                  dz.to(dz_ptr.dtype.element_ty), mask=mask)
@@ -343,8 +348,8 @@ def _backward_term(pid, z_ptr, z_strides, g_ptr, g_strides, dz_ptr, dz_strides, 
 @triton.jit
 def _bn_backward_kernel(terms, HAS_G: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_GSCALE: tl.constexpr,
                         HAS_GSHIFT: tl.constexpr, NEED_DZ: tl.constexpr, NEED_DW: tl.constexpr,
-                        NEED_DB: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr,
-                        BLOCK_P: tl.constexpr):
+                        NEED_DB: tl.constexpr, G_SCALED: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """The backward of up to MAX_TERMS folds in one launch: programs [start, end) are term k's (`_backward_term`;
     the constexprs are tuples, one entry per term)."""
     pid = tl.program_id(0)
@@ -354,8 +359,8 @@ def _bn_backward_kernel(terms, HAS_G: tl.constexpr, HAS_WEIGHT: tl.constexpr, HA
         if (pid >= start) & (pid < end):
             _backward_term(pid - start, z_ptr, z_strides, g_ptr, g_strides, dz_ptr, dz_strides, C, P, count,
                            stats_ptr, weight_ptr, g_scale_ptr, g_shift_ptr, g_weight_ptr, g_bias_ptr, HAS_G[k],
-                           HAS_WEIGHT[k], HAS_GSCALE[k], HAS_GSHIFT[k], NEED_DZ[k], NEED_DW[k], NEED_DB[k], F64,
-                           INT64, BLOCK_C[k], BLOCK_P[k])
+                           HAS_WEIGHT[k], HAS_GSCALE[k], HAS_GSHIFT[k], NEED_DZ[k], NEED_DW[k], NEED_DB[k],
+                           G_SCALED[k], F64, INT64, BLOCK_C[k], BLOCK_P[k])
 
 
 # ------------------------------------------------------------------------------------------------ launchers
@@ -389,6 +394,7 @@ class BackwardTerm(NamedTuple):
     need_dz: bool = True
     need_dw: bool = False
     g_bias: Optional[Tensor] = None
+    g_scaled: bool = False  # g_term is the gradient of term * scale: dz takes g_term * scale (`_backward_term`)
 
 
 def can_launch(device: torch.device) -> bool:
@@ -646,7 +652,8 @@ def _backward_launch(work) -> None:
         start += programs
         conf.append(dict(HAS_G=g_term is not None, HAS_WEIGHT=t.weight is not None, HAS_GSCALE=t.g_scale is not None,
                          HAS_GSHIFT=t.g_shift is not None, NEED_DZ=t.need_dz, NEED_DW=g_weight is not None,
-                         NEED_DB=t.g_bias is not None, BLOCK_C=block_c, BLOCK_P=block_p))
+                         NEED_DB=t.g_bias is not None, G_SCALED=g_term is not None and t.g_scaled, BLOCK_C=block_c,
+                         BLOCK_P=block_p))
         tensors += [x for x in (z, g_term, dz) if x is not None]
     per_term = {name: tuple(c[name] for c in conf) for name in conf[0]}
     with _device_context(work[0][0].z):

@@ -42,7 +42,7 @@ import functools
 import math
 import os
 from contextlib import nullcontext
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -369,18 +369,38 @@ def _same_term_backward(g, n, c, c_mask, oy, ox, mask, part_ptr, row, R, C, term
 
 
 @triton.jit
-def _fuse_backward_same_kernel(
-    gy_ptr, gy_strides, y_ptr, y_strides, g_ptr, g_strides, part_ptr, R, C, H, W, terms,
-    HAS_SCALE: tl.constexpr, NEED_DX: tl.constexpr, NEED_DSCALE: tl.constexpr,
-    RELU: tl.constexpr, WRITE_G: tl.constexpr, NEED_SUM_G: tl.constexpr,
-    F64: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    """g = relu_backward(y, grad_y); per output-size term k = (x, x strides, scale, dx, dx strides): dx_k = g * scale_k
-    and partials of sum(g * x_k) (slot k); partials of sum(g) in the slot after the terms'."""
+def _fuse_backward_same_kernel(rows, HAS_SCALE: tl.constexpr, NEED_DX: tl.constexpr, NEED_DSCALE: tl.constexpr,
+                               RELU: tl.constexpr, WRITE_G: tl.constexpr, NEED_SUM_G: tl.constexpr,
+                               F64: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr,
+                               BLOCK_P: tl.constexpr):
+    """The output-size backward of one fusion row, or of a step's rows in one launch: programs [start, end) of
+    the 1-D grid are row k's (`rows[k]` = (grad_y, y, g, partial sums, N, C, H, W with strides, its output-size
+    terms, start, end); its constexprs are entry k of the tuples), `_same_row_backward` each."""
+    pid = tl.program_id(0)
+    for k in tl.static_range(len(rows)):
+        (gy_ptr, gy_strides, y_ptr, y_strides, g_ptr, g_strides, part_ptr, N, C, H, W, terms, start,
+         end) = rows[k]
+        if (pid >= start) & (pid < end):
+            _same_row_backward(pid - start, gy_ptr, gy_strides, y_ptr, y_strides, g_ptr, g_strides, part_ptr, N, C,
+                               H, W, terms, HAS_SCALE[k], NEED_DX[k], NEED_DSCALE[k], RELU[k], WRITE_G[k],
+                               NEED_SUM_G[k], F64, INT64, BLOCK_C[k], BLOCK_P[k])
+
+
+@triton.jit
+def _same_row_backward(pid, gy_ptr, gy_strides, y_ptr, y_strides, g_ptr, g_strides, part_ptr, N, C, H, W, terms,
+                       HAS_SCALE: tl.constexpr, NEED_DX: tl.constexpr, NEED_DSCALE: tl.constexpr,
+                       RELU: tl.constexpr, WRITE_G: tl.constexpr, NEED_SUM_G: tl.constexpr, F64: tl.constexpr,
+                       INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Program `pid` of one row (pixel block fastest, then channel block, then image) on a [BLOCK_C x BLOCK_P]
+    tile: g = relu_backward(y, grad_y); per output-size term k = (x, x strides, scale, dx, dx strides): dx_k = g *
+    scale_k and partials of sum(g * x_k) (slot k, R = pixel blocks x N rows); partials of sum(g) in the slot after
+    the terms'."""
     acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    n = tl.program_id(2)
+    tiles_p = tl.cdiv(H * W, BLOCK_P)
+    pid_p = pid % tiles_p
+    pid_c = pid // tiles_p % tl.cdiv(C, BLOCK_C)
+    n = pid // tiles_p // tl.cdiv(C, BLOCK_C)
+    R = tiles_p * N
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     p_mask = p < H * W
@@ -388,7 +408,7 @@ def _fuse_backward_same_kernel(
     mask = c_mask[:, None] & p_mask[None, :]
     oy = p // W
     ox = p % W
-    row = n * tl.num_programs(0) + pid_p
+    row = n * tiles_p + pid_p
     g = tl.load(gy_ptr + tile_offsets(n, c, oy, ox, gy_strides, INT64), mask=mask, other=0.0)
     g = g.to(acc_t)
     if RELU:
@@ -904,25 +924,31 @@ def _adjoint_row_out(acc, base: tl.constexpr, term, n, nn, c, cc, sy, h, q, tile
 
 
 @triton.jit
-def _reduce_partials_kernel(part_ptr, C, sources, outs, F64: tl.constexpr, INT64: tl.constexpr,
-                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Program (channel block, output i): outs[i][c] = the sum of the R_i rows [R_i, C] of partial sums at
-    element `offset_i` of `part_ptr` (sources[i] = (offset_i, R_i)), in a fixed order (BLOCK_R rows at a time
-    into a [BLOCK_R, BLOCK_C] accumulator, then its rows summed): every per-channel gradient of a backward call
-    in one launch, each into its own [C] tensor in its own dtype."""
+def _reduce_partials_kernel(sources, outs, F64: tl.constexpr, INT64: tl.constexpr, BLOCK_R: tl.constexpr,
+                            BLOCK_C: tl.constexpr):
+    """Program (channel block, output i): outs[i][c] = the sum of the R_i rows [R_i, C_i] of partial sums at
+    element `offset_i` of buffer `parts_i` (sources[i] = (parts_i, offset_i, R_i, C_i)), in a fixed order
+    (BLOCK_R rows at a time into a [BLOCK_R, BLOCK_C] accumulator, then its rows summed): every per-channel
+    gradient of a backward call (or of a fusion step's rows, `reduce_partials`) in one launch, each into its own
+    [C] tensor in its own dtype."""
     acc_t: tl.constexpr = tl.float64 if F64 else tl.float32
     i = tl.program_id(1)
+    base = sources[0][0]
+    offset = sources[0][1]
+    rows = sources[0][2]
+    C = sources[0][3]
+    for j in tl.static_range(1, len(sources)):
+        base = tl.where(i == j, sources[j][0], base)
+        offset = tl.where(i == j, sources[j][1], offset)
+        rows = tl.where(i == j, sources[j][2], rows)
+        C = tl.where(i == j, sources[j][3], C)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
-    offset = sources[0][0]
-    rows = sources[0][1]
-    for j in tl.static_range(1, len(sources)):
-        offset = tl.where(i == j, sources[j][0], offset)
-        rows = tl.where(i == j, sources[j][1], rows)
+    rows = tl.where(tl.program_id(0) * BLOCK_C < C, rows, 0)  # the grid fits the widest output: none to sum
     if INT64:
-        base = part_ptr + offset.to(tl.int64)
+        base += offset.to(tl.int64)
     else:
-        base = part_ptr + offset
+        base += offset
     acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=acc_t)
     for r0 in range(0, rows, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
@@ -1161,6 +1187,34 @@ def window(ratio: Tuple[int, int], mode: int, align_corners: bool, n_out: int) -
     return min(n_out + 2, math.ceil(fan_out) + 5), 0, 0
 
 
+class PendingSums(NamedTuple):
+    """Per-channel gradients whose per-tile partial sums are written but not summed yet: outs[i] = the sum of the
+    [R_i, C] rows at element offset_i of `parts` (sources[i] = (offset_i, R_i))."""
+
+    parts: Tensor
+    C: int
+    sources: List[Tuple[int, int]]
+    outs: List[Tensor]
+    int64: bool
+
+
+class BackwardCall(NamedTuple):
+    """One fusion row's backward, `fuse_backward`'s arguments. `scaled_by_caller`: output-size terms with a scale
+    whose dx = g * scale_k the caller computes where it reads it (the batch-norm backward of a folded term,
+    `hrfast.ops.fuse_step`): their dx slot holds g itself, the gradient behind the ReLU, and no dx is written for
+    them (one full-resolution write less per term)."""
+
+    plan: FusePlan
+    grad_y: Tensor
+    y: Optional[Tensor]
+    xs: Sequence[Tensor]
+    scales: Sequence[Optional[Tensor]]
+    shifts: Sequence[Optional[Tensor]]
+    needs: Sequence[Tuple[bool, bool, bool]]
+    scaled_by_caller: Sequence[int] = ()
+    force_int64: bool = False
+
+
 def fuse_backward(plan: FusePlan, grad_y: Tensor, y: Optional[Tensor], xs: Sequence[Tensor],
                   scales: Sequence[Optional[Tensor]], shifts: Sequence[Optional[Tensor]],
                   needs: Sequence[Tuple[bool, bool, bool]], force_int64: bool = False) -> List[Grads]:
@@ -1170,57 +1224,98 @@ def fuse_backward(plan: FusePlan, grad_y: Tensor, y: Optional[Tensor], xs: Seque
 
     Every kernel writes its per-tile partial sums into one buffer; one `_reduce_partials_kernel` launch then
     sums them (fixed order) into every per-channel gradient, each its own tensor in its parameter's dtype."""
-    upsampled = [k for k, t in enumerate(plan.terms) if t.mode != SAME and any(needs[k])]
-    if not upsampled and all(t.mode != SAME for t in plan.terms):
-        return [(None, None, None)] * len(xs)
-    int64 = force_int64 or needs_int64(grad_y, y, *xs)
-    N, C, H, W = grad_y.shape
-    same = [k for k, t in enumerate(plan.terms) if t.mode == SAME]
-    same_cfg = _same_config(C, H * W, N, _is_channels_last(grad_y))
-    adjoint_cfgs = {k: _adjoint_config(xs[k], plan.terms[k], H, W, _is_channels_last(grad_y)) for k in upsampled}
-    # the partial-sum buffer: the output-size kernel's slots (one per output-size term, then sum(g)), then two
-    # (sum(u * z), sum(u)) per upsampled term; each kernel gets its [slots, R, C] view
-    sizes = [(len(same) + 1) * same_cfg[3] * C] + [2 * adjoint_cfgs[k][3] * C for k in upsampled]
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    parts = _empty((sum(sizes),), _accumulation_dtype(xs[0].dtype), grad_y.device)
-    same_parts = parts[:sizes[0]].view(len(same) + 1, same_cfg[3], C)
-    g, grads = _output_size_backward(plan, grad_y, y, xs, scales, needs, bool(upsampled), int64, same_cfg,
-                                     same_parts)
-    sources, outs = [], []
+    return fuse_backward_rows([BackwardCall(plan, grad_y, y, xs, scales, shifts, needs, (), force_int64)])[0]
 
-    def reduced(param: Optional[Tensor], offset: int, rows: int) -> Optional[Tensor]:
+
+def fuse_backward_rows(calls: Sequence[BackwardCall]) -> List[List[Grads]]:
+    """`fuse_backward` of several rows (a fusion step's) with their launches shared: one output-size launch for
+    every row (`_fuse_backward_same_kernel`, a program range per row), each row's adjoints, one
+    `_reduce_partials_kernel` launch for every row's sums. Each row's arithmetic is that of its own call."""
+    rows = [_RowBackward(call) for call in calls]
+    _same_launch([row.same for row in rows if row.same is not None])
+    for row in rows:
+        row.adjoints()
+    reduce_partials([row.pending for row in rows])
+    return [row.result() for row in rows]
+
+
+class _RowBackward:
+    """One row's backward between the launches it shares: its buffers (g, dx, partial sums) and output-size
+    launch entry first, then its adjoints, then its pending sums."""
+
+    def __init__(self, call: BackwardCall):
+        plan, grad_y, y, xs, scales, shifts, needs = call[:7]
+        deferred = frozenset(call.scaled_by_caller)
+        if any(plan.terms[k].mode != SAME or not plan.terms[k].has_scale for k in deferred):
+            raise ValueError("scaled_by_caller: only output-size terms with a scale")
+        self.call = call
+        self.upsampled = [k for k, t in enumerate(plan.terms) if t.mode != SAME and any(needs[k])]
+        self.int64 = call.force_int64 or needs_int64(grad_y, y, *xs)
+        N, C, H, W = grad_y.shape
+        self.C, self.same, self.sources, self.outs = C, None, [], []
+        self.grads: Dict[int, Grads] = {}
+        if not self.upsampled and all(t.mode != SAME for t in plan.terms):
+            self.parts = grad_y.new_empty((0,))
+            return
+        same = [k for k, t in enumerate(plan.terms) if t.mode == SAME]
+        same_cfg = _same_config(C, H * W, N, _is_channels_last(grad_y))
+        self.adjoint_cfgs = {k: _adjoint_config(xs[k], plan.terms[k], H, W, _is_channels_last(grad_y))
+                             for k in self.upsampled}
+        # the partial-sum buffer: the output-size kernel's slots (one per output-size term, then sum(g)), then
+        # two (sum(u * z), sum(u)) per upsampled term; each kernel gets its [slots, R, C] view
+        R0 = same_cfg[3]
+        sizes = [(len(same) + 1) * R0 * C] + [2 * self.adjoint_cfgs[k][3] * C for k in self.upsampled]
+        self.starts = [sum(sizes[:i + 1]) for i in range(len(self.upsampled))]
+        self.parts = _empty((sum(sizes),), _accumulation_dtype(xs[0].dtype), grad_y.device)
+        same_parts = self.parts[:sizes[0]].view(len(same) + 1, R0, C)
+        self.g, self.grads, self.same = _output_size_backward(plan, grad_y, y, xs, scales, needs,
+                                                              bool(self.upsampled), self.int64, same_cfg,
+                                                              same_parts, deferred)
+        for slot, k in enumerate(same):
+            need_dscale, need_dshift = needs[k][1] and plan.terms[k].has_scale, needs[k][2] and plan.terms[k].has_shift
+            self.grads[k] = (self.grads[k][0], self._reduced(scales[k], slot * R0 * C, R0) if need_dscale else None,
+                             self._reduced(shifts[k], len(same) * R0 * C, R0) if need_dshift else None)
+
+    def _reduced(self, param: Optional[Tensor], offset: int, rows: int) -> Optional[Tensor]:
+        """The [C] gradient of `param`, summed later from `rows` partial rows at `offset`."""
         if param is None:
             return None
         out = _empty(param.shape, param.dtype, param.device)
-        sources.append((offset, rows))
-        outs.append(out)
+        self.sources.append((offset, rows))
+        self.outs.append(out)
         return out
 
-    R0 = same_cfg[3]
-    for slot, k in enumerate(same):
-        dx = grads[k][0]
-        dscale = reduced(scales[k], slot * R0 * C, R0) if needs[k][1] and plan.terms[k].has_scale else None
-        dshift = reduced(shifts[k], len(same) * R0 * C, R0) if needs[k][2] and plan.terms[k].has_shift else None
-        grads[k] = (dx, dscale, dshift)
-    term_needs = {k: (needs[k][0], needs[k][1] and plan.terms[k].has_scale, needs[k][2] and plan.terms[k].has_shift)
-                  for k in upsampled}
-    term_parts = {k: parts[start:start + 2 * adjoint_cfgs[k][3] * C].view(2, adjoint_cfgs[k][3], C)
-                  for k, start in zip(upsampled, starts[1:])}
-    # the phase-form terms that can share g's reads: one `_adjoint_row_kernel` launch for them all
-    row = _adjoint_row_group(upsampled, adjoint_cfgs, xs)
-    row_dz = _adjoint_row_launch(plan, row, g, xs, scales, term_needs, int64, adjoint_cfgs, term_parts) if row else {}
-    for k, start in zip(upsampled, starts[1:]):
-        R = adjoint_cfgs[k][3]
-        need_dz, need_dscale, need_dshift = term_needs[k]
-        if k in row_dz:
-            dz = row_dz[k]
-        else:
-            dz = _adjoint_launch(plan.terms[k], g, xs[k], scales[k], term_needs[k], int64, adjoint_cfgs[k],
-                                 term_parts[k])
-        grads[k] = (dz, reduced(scales[k], start, R) if need_dscale else None,
-                    reduced(shifts[k], start + R * C, R) if need_dshift else None)
-    _reduce_partials(parts, C, sources, outs, int64)
-    return [grads.get(k, (None, None, None)) for k in range(len(xs))]
+    def adjoints(self) -> None:
+        """The upsampled terms' launches (they read g, which the output-size launch wrote)."""
+        if not self.upsampled:
+            return
+        plan, _, _, xs, scales, shifts, needs = self.call[:7]
+        C, cfgs = self.C, self.adjoint_cfgs
+        term_needs = {k: (needs[k][0], needs[k][1] and plan.terms[k].has_scale,
+                          needs[k][2] and plan.terms[k].has_shift) for k in self.upsampled}
+        term_parts = {k: self.parts[start:start + 2 * cfgs[k][3] * C].view(2, cfgs[k][3], C)
+                      for k, start in zip(self.upsampled, self.starts)}
+        # the phase-form terms that can share g's reads: one `_adjoint_row_kernel` launch for them all
+        row = _adjoint_row_group(self.upsampled, cfgs, xs)
+        row_dz = _adjoint_row_launch(plan, row, self.g, xs, scales, term_needs, self.int64, cfgs,
+                                     term_parts) if row else {}
+        for k, start in zip(self.upsampled, self.starts):
+            R = cfgs[k][3]
+            _, need_dscale, need_dshift = term_needs[k]
+            if k in row_dz:
+                dz = row_dz[k]
+            else:
+                dz = _adjoint_launch(plan.terms[k], self.g, xs[k], scales[k], term_needs[k], self.int64, cfgs[k],
+                                     term_parts[k])
+            self.grads[k] = (dz, self._reduced(scales[k], start, R) if need_dscale else None,
+                             self._reduced(shifts[k], start + R * C, R) if need_dshift else None)
+
+    @property
+    def pending(self) -> PendingSums:
+        return PendingSums(self.parts, self.C, self.sources, self.outs, self.int64)
+
+    def result(self) -> List[Grads]:
+        return [self.grads.get(k, (None, None, None)) for k in range(len(self.call.xs))]
 
 
 # rows x channels per program of `_reduce_partials_kernel` (4 warps)
@@ -1228,37 +1323,77 @@ REDUCE_TILE = 2048
 REDUCE_MAX_C = 64
 
 
-def _reduce_partials(parts: Tensor, C: int, sources: List[Tuple[int, int]], outs: List[Tensor],
-                     int64: bool = False) -> None:
-    """One launch of `_reduce_partials_kernel`: outs[i] = the sum over its rows of the [R_i, C] partials at
-    parts[offset_i:] (sources[i] = (offset_i, R_i))."""
-    if not outs or C == 0:
+def reduce_partials(pending: Sequence[PendingSums]) -> None:
+    """One launch of `_reduce_partials_kernel` for every sum of `pending` (each call's buffer and channel
+    count its own): writes their `outs`."""
+    sources, outs, int64 = [], [], False
+    for p in pending:
+        if p.C == 0 or not p.outs:
+            continue
+        sources += [(p.parts, offset, rows, p.C) for offset, rows in p.sources]
+        outs += p.outs
+        int64 |= p.int64 or p.parts.numel() > INT32_LIMIT - REDUCE_TILE * p.C
+    if not outs:
         return
+    C = max(s[3] for s in sources)
     block_c = min(next_power_of_2(C), REDUCE_MAX_C)
-    block_r = max(1, min(REDUCE_TILE // block_c, next_power_of_2(max(r for _, r in sources))))
-    with _device_context(parts):
+    block_r = max(1, min(REDUCE_TILE // block_c, next_power_of_2(max(s[2] for s in sources))))
+    with _device_context(outs[0]):
         _reduce_partials_kernel[launch_grid(cdiv(C, block_c), len(outs))](
-            parts, C, tuple(sources), tuple(outs), F64=parts.dtype == torch.float64,
-            INT64=int64 or parts.numel() > INT32_LIMIT - REDUCE_TILE * C, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+            tuple(sources), tuple(outs), F64=sources[0][0].dtype == torch.float64, INT64=int64, BLOCK_R=block_r,
+            BLOCK_C=block_c, num_warps=4)
 
 
-def _same_config(C: int, pixels: int, N: int, channels_last: bool) -> Tuple[int, int, Tuple[int, int, int], int]:
-    """(BLOCK_C, BLOCK_P, grid, R) of `_fuse_backward_same_kernel`: R = rows of partial sums (one per program
-    along pixels and image)."""
+def _same_config(C: int, pixels: int, N: int, channels_last: bool) -> Tuple[int, int, int, int]:
+    """(BLOCK_C, BLOCK_P, programs, R) of one row of `_fuse_backward_same_kernel`: R = rows of partial sums (one
+    per program along pixels and image)."""
     block_c, block_p = _tile(C, pixels, channels_last, budget=2048)
-    grid = launch_grid(cdiv(pixels, block_p), cdiv(C, block_c), N)
-    return block_c, block_p, grid, grid[0] * N
+    tiles_p = cdiv(pixels, block_p)
+    return block_c, block_p, tiles_p * cdiv(C, block_c) * N, tiles_p * N
+
+
+class _SameRow(NamedTuple):
+    """One row's entry in a `_fuse_backward_same_kernel` launch: its argument tuple (less its program range),
+    its program count and constexprs."""
+
+    args: tuple
+    programs: int
+    constexprs: dict
+    f64: bool
+    int64: bool
+
+
+def _same_launch(rows: Sequence[_SameRow]) -> None:
+    """One `_fuse_backward_same_kernel` launch for `rows` (one per accumulation dtype): row k's programs follow row
+    k-1's on the 1-D grid."""
+    for f64 in (False, True):
+        group = [r for r in rows if r.f64 == f64]
+        if not group:
+            continue
+        entries, start = [], 0
+        for r in group:
+            entries.append((*r.args, start, start + r.programs))
+            start += r.programs
+        per_row = {name: tuple(r.constexprs[name] for r in group) for name in group[0].constexprs}
+        with _device_context(group[0].args[0]):
+            _fuse_backward_same_kernel[launch_grid(start)](tuple(entries), F64=f64,
+                                                           INT64=any(r.int64 for r in group), **per_row,
+                                                           num_warps=4)
 
 
 def _output_size_backward(plan: FusePlan, grad_y: Tensor, y: Optional[Tensor], xs: Sequence[Tensor],
                           scales: Sequence[Optional[Tensor]], needs: Sequence[Tuple[bool, bool, bool]],
-                          need_g: bool, int64: bool, config,
-                          parts: Tensor) -> Tuple[Optional[Tensor], Dict[int, Grads]]:
-    """One launch of `_fuse_backward_same_kernel`: the output-size terms' dx by term index (dscale, dshift
-    None: their partial sums are in `parts` [terms + 1, R, C], slot k for sum(g * x_k), the last for sum(g)),
-    and (when `need_g`, for the upsampled terms) g, the gradient behind the ReLU (grad_y itself without ReLU)."""
+                          need_g: bool, int64: bool, config, parts: Tensor, deferred: frozenset = frozenset()
+                          ) -> Tuple[Optional[Tensor], Dict[int, Grads], Optional[_SameRow]]:
+    """The output-size terms' dx by term index (dscale, dshift None: their partial sums go to `parts` [terms +
+    1, R, C], slot k for sum(g * x_k), the last for sum(g)), (when `need_g`, for the upsampled terms) g, the
+    gradient behind the ReLU (grad_y itself without ReLU), allocated, and the row's entry in the
+    `_fuse_backward_same_kernel` launch that writes them (None: nothing to launch). The `deferred` terms' dx
+    slot holds g (see `BackwardCall`)."""
     N, C, H, W = grad_y.shape
     same = [k for k, t in enumerate(plan.terms) if t.mode == SAME]
+    deferred = frozenset(k for k in deferred if needs[k][0])
+    need_g = need_g or bool(deferred)
     channels_last = _is_channels_last(grad_y)
     write_g = need_g and plan.relu
     g = grad_y if need_g else None
@@ -1269,24 +1404,26 @@ def _output_size_backward(plan: FusePlan, grad_y: Tensor, y: Optional[Tensor], x
     # (one full-resolution write less; only one term, so no two returned gradients share memory)
     g_is_dx = next((k for k in same if write_g and needs[k][0] and not plan.terms[k].has_scale
                     and _grad_layout_of(xs[k], g)), None)
-    dxs = [_empty_grad(xs[k], grad_y) if needs[k][0] and k != g_is_dx else None for k in same]
+    dxs = [_empty_grad(xs[k], grad_y) if needs[k][0] and k != g_is_dx and k not in deferred else None
+           for k in same]
     need_dscale = [needs[k][1] and plan.terms[k].has_scale for k in same]
     need_sum_g = any(needs[k][2] for k in same)
-    block_c, block_p, grid, R = config
+    block_c, block_p, programs, _ = config
     busy = write_g or need_sum_g or any(dx is not None for dx in dxs) or any(need_dscale)
-    if busy and grad_y.numel() > 0:
-        y_arg, g_arg = _or(y, grad_y), g if write_g else grad_y
-        with _device_context(grad_y):
-            _fuse_backward_same_kernel[grid](
-                grad_y, tuple(grad_y.stride()), y_arg, tuple(y_arg.stride()), g_arg, tuple(g_arg.stride()),
-                parts, R, C, H, W, tuple(_same_term_args(xs[k], scales[k], dx, read, grad_y)
-                                         for k, dx, read in zip(same, dxs, need_dscale)),
-                HAS_SCALE=tuple(plan.terms[k].has_scale for k in same), NEED_DX=tuple(dx is not None for dx in dxs),
-                NEED_DSCALE=tuple(need_dscale), RELU=plan.relu, WRITE_G=write_g, NEED_SUM_G=need_sum_g,
-                F64=parts.dtype == torch.float64, INT64=int64, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=4)
-    elif busy and parts.numel() > 0:
+    grads = {k: (g if k == g_is_dx or k in deferred else dx, None, None) for k, dx in zip(same, dxs)}
+    if not busy:
+        return g, grads, None
+    if grad_y.numel() == 0:
         parts.zero_()  # empty tensors: the sums are zero
-    return g, {k: (g if k == g_is_dx else dx, None, None) for k, dx in zip(same, dxs)}
+        return g, grads, None
+    y_arg, g_arg = _or(y, grad_y), g if write_g else grad_y
+    args = (grad_y, tuple(grad_y.stride()), y_arg, tuple(y_arg.stride()), g_arg, tuple(g_arg.stride()), parts, N,
+            C, H, W, tuple(_same_term_args(xs[k], scales[k], dx, read, grad_y)
+                           for k, dx, read in zip(same, dxs, need_dscale)))
+    constexprs = dict(HAS_SCALE=tuple(plan.terms[k].has_scale for k in same),
+                      NEED_DX=tuple(dx is not None for dx in dxs), NEED_DSCALE=tuple(need_dscale), RELU=plan.relu,
+                      WRITE_G=write_g, NEED_SUM_G=need_sum_g, BLOCK_C=block_c, BLOCK_P=block_p)
+    return g, grads, _SameRow(args, programs, constexprs, parts.dtype == torch.float64, int64)
 
 
 def _grad_layout_of(x: Tensor, g: Tensor) -> bool:

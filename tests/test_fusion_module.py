@@ -481,19 +481,46 @@ def test_sync_batchnorm_folds(timm_modules, train, backend):
 @pytest.mark.parametrize("merged", [False, True], ids=["two_launches", "merged"])
 def test_training_step_folds_in_one_launch(timm_modules, merged, monkeypatch):
     """The whole step's batch norms (the 4-branch module's 12 folds, every row's) share one statistics launch (+ one
-    finalize) and one backward launch on Triton, with the eager step's results (fp64) and running statistics."""
+    finalize) and one backward launch on Triton, and the four rows' per-channel sums one reduction launch (the step
+    is one autograd node, `hrfast.ops.fuse_step`) as do the rows' output-size backward kernels, with the eager
+    step's results (fp64) and running statistics. No strided-down term's gradient is written by the fused
+    backward: the batch-norm backward reads g."""
     from test_batch_norm_fold import _Counting
 
     from hrfast.kernels import batch_norm as kernels
+    from hrfast.kernels import fuse as fuse_kernels
 
     monkeypatch.setattr(kernels, "MERGED_FINALIZE", merged)
     counts = {}
     for name in ("_bn_stats_kernel", "_bn_finalize_kernel", "_bn_backward_kernel"):
         monkeypatch.setattr(kernels, name, _Counting(getattr(kernels, name), counts, name))
+    monkeypatch.setattr(fuse_kernels, "_reduce_partials_kernel",
+                        _Counting(fuse_kernels._reduce_partials_kernel, counts, "_reduce_partials_kernel"))
+    written = []
+    same = fuse_kernels._fuse_backward_same_kernel
+    monkeypatch.setattr(fuse_kernels, "_fuse_backward_same_kernel",
+                        _Recording(same, lambda kwargs: written.append((kwargs["HAS_SCALE"], kwargs["NEED_DX"]))))
     m = timm_modules[4]
     _check_fusion(m.fuse_layers, lambda fl: _timm_eager(fl, nn.ReLU(False)), _branch_outputs(m, SIZES),
                   torch.float64, True, "triton", FP64_TOL)
-    assert counts == {"_bn_stats_kernel": 1, "_bn_backward_kernel": 1, **({} if merged else {"_bn_finalize_kernel": 1})}
+    assert counts == {"_bn_stats_kernel": 1, "_bn_backward_kernel": 1, "_reduce_partials_kernel": 1,
+                      **({} if merged else {"_bn_finalize_kernel": 1})}
+    (rows,) = written  # one output-size launch for the four rows
+    assert [sum(has_scale) for has_scale in rows[0]] == [0, 1, 2, 3]  # the strided-down terms, all folded
+    assert not any(scaled and dx for has_scale, need_dx in zip(*rows) for scaled, dx in zip(has_scale, need_dx))
+
+
+class _Recording:
+    """A kernel stand-in that reports each launch's keyword arguments, then launches it."""
+
+    def __init__(self, kernel, report):
+        self.kernel, self.report = kernel, report
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.report(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

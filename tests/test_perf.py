@@ -506,18 +506,12 @@ def test_recording_a_patched_model_gives_one_fuse_launch_per_fused_branch(w18_in
 def test_recording_training_attributes_backward_launches_and_fold_ops(w18_training):
     _, attribution = w18_training
     for call in attribution.calls:
-        backward = [l.name for l in call.launches["backward"]]
         if call.kind == "fuse":
-            upsampled = sum(t.mode != 0 for t in call.plan.terms)
-            same = len(call.plan.terms) - upsampled
-            # the phase-form terms of a row in one `_adjoint_row_kernel` launch, the others one launch each
-            rows = [l for l in call.launches["backward"] if l.name == "_adjoint_row_kernel"]
-            assert len(rows) <= 1 and all(len(l.params["FH"]) >= 2 for l in rows)
-            assert backward.count("_upsample_adjoint_kernel") + sum(len(l.params["FH"]) for l in rows) == upsampled
-            assert backward.count("_fuse_backward_same_kernel") == (1 if same else 0)
             assert "var_mean" not in [op.name for op in call.ops["forward"]]
-    # batch statistics: one launch of each BN kernel for all the folds of a fusion step, every row's (the step's
-    # first row's call holds them, `hrfast.perf.opcalls`); the step's other rows launch none
+            assert [l.name for l in call.launches["forward"]][-1] == "_fuse_forward_kernel"
+    # batch statistics: one launch of each BN kernel for all the folds of a fusion step, every row's; the step is
+    # one autograd node (`hrfast.ops.fuse_step`), so its whole backward, every row's, sits in its first row's
+    # call (`hrfast.perf.opcalls`); the step's other rows launch none but their forward kernel
     from hrfast.kernels import batch_norm as batch_norm_kernels  # as hrfast imports it (not at the top: this
     # file also runs as a script, tests/test_perf.py, in a subprocess)
     steps = []
@@ -528,13 +522,23 @@ def test_recording_training_attributes_backward_launches_and_fold_ops(w18_traini
             steps.append([call])
             assert forward.count("_bn_stats_kernel") == 1 and backward.count("_bn_backward_kernel") == 1
             assert forward.count("_bn_finalize_kernel") == (0 if batch_norm_kernels.MERGED_FINALIZE else 1)
+            assert backward.count("_reduce_partials_kernel") == 1  # every row's per-channel sums
         else:
-            assert steps and not any(name.startswith("_bn_") for name in forward + backward)
+            assert steps and forward == ["_fuse_forward_kernel"] and not backward
             steps[-1].append(call)
     assert [len(step) for step in steps] == [2] + [3] * 4 + [4] * 3  # hrnet_w18: stages 2-4 of 1, 4, 3 modules
     for step in steps:
         stats = [l for l in step[0].launches["forward"] if l.name == "_bn_stats_kernel"]
         assert len(stats[0].params["terms"]) == sum(t.has_scale for call in step for t in call.plan.terms)
+        backward = step[0].launches["backward"]
+        names = [l.name for l in backward]
+        # the phase-form terms of a row in one `_adjoint_row_kernel` launch, the others one launch each
+        rows = [l for l in backward if l.name == "_adjoint_row_kernel"]
+        assert all(len(l.params["FH"]) >= 2 for l in rows)
+        upsampled = sum(t.mode != 0 for call in step for t in call.plan.terms)
+        assert names.count("_upsample_adjoint_kernel") + sum(len(l.params["FH"]) for l in rows) == upsampled
+        (same,) = [l for l in backward if l.name == "_fuse_backward_same_kernel"]  # every row's, one launch
+        assert len(same.params["rows"]) == sum(any(t.mode == 0 for t in call.plan.terms) for call in step)
     (head,) = [c for c in attribution.calls if c.kind == "head"]
     backward = [l.name for l in head.launches["backward"]]
     assert [l.name for l in head.launches["forward"]] == ["_head_stats_kernel", "_head_forward_kernel"]

@@ -24,6 +24,7 @@ from .. import backends
 from ..batchnorm import can_fold, fold_batch_norms
 from ..hrnet.fusion import IDENTITY, FusionTerm, describe_fuse_layers, resample_from_args
 from ..ops.fuse import fuse
+from ..ops.fuse_step import StepRow, fuse_step
 from ..plan import Resample
 
 __all__ = ["HRFusion", "fusion_forward"]
@@ -56,12 +57,24 @@ def fusion_forward(fuse_layers: nn.ModuleList, xs: Sequence[Tensor], *, default:
             raise ValueError(f"xs[{j}] must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
     resolved = backends.resolve(backend, xs[0].device)
     # every row's terms up to its foldable norms, then all of the step's folds at once (on Triton one
-    # batch-statistics launch and one backward launch for the whole step), then one fused op per row
+    # batch-statistics launch and one backward launch for the whole step), then one fused op per row, or in
+    # training on Triton one op for the whole step (`hrfast.ops.fuse_step`)
     prepared = [_row_terms(row, xs, fold=resolved != "reference") for row in rows]
-    _fold_step(rows, prepared, use_kernels=resolved == "triton")
-    return [fuse(r.terms, scales=r.scales, shifts=r.shifts, resample=[e.resample for e in row],
-                 size=tuple(xs[i].shape[2:]), relu=True, backend=backend)
-            for i, (row, r) in enumerate(zip(rows, prepared))]
+    deferred = [] if resolved == "triton" and _one_step_node(xs) else None
+    where = _fold_step(rows, prepared, use_kernels=resolved == "triton", deferred=deferred)
+    calls = [StepRow(r.terms, r.scales, r.shifts, [e.resample for e in row], tuple(xs[i].shape[2:]))
+             for i, (row, r) in enumerate(zip(rows, prepared))]
+    if deferred:
+        return fuse_step(calls, [(*where[f.index], f) for f in deferred])
+    return [fuse(c.inputs, scales=c.scales, shifts=c.shifts, resample=c.resample, size=c.size, relu=True,
+                 backend=backend) for c in calls]
+
+
+def _one_step_node(xs: Sequence[Tensor]) -> bool:
+    """Whether the step may run as one autograd node (`fuse_step`): a gradient is being recorded, nothing
+    traces the call (tracers see the row-by-row custom ops) and the inputs are plain, non-empty tensors."""
+    return (torch.is_grad_enabled() and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and all(type(x) is Tensor and x.numel() > 0 for x in xs))
 
 
 class _RowTerms(NamedTuple):
@@ -97,18 +110,21 @@ def _row_terms(row: Sequence[FusionTerm], xs: Sequence[Tensor], fold: bool) -> _
     return _RowTerms(terms, [None] * len(row), [None] * len(row), to_fold, dtype)
 
 
-def _fold_step(rows: Sequence[Sequence[FusionTerm]], prepared: Sequence[_RowTerms], use_kernels: bool) -> None:
+def _fold_step(rows: Sequence[Sequence[FusionTerm]], prepared: Sequence[_RowTerms], use_kernels: bool,
+               deferred: Optional[list] = None) -> List[Tuple[int, int]]:
     """Folds every row's `to_fold` norms in one `fold_batch_norms` call (row after row, term after term: the
     order eager runs them in, which is also the order an error leaves earlier folds done in), replacing each
-    folded term by (term in the row's dtype, scale, shift) in `prepared`."""
+    folded term by (term in the row's dtype, scale, shift) in `prepared`. Returns the folds' (row, term), in
+    the order of `fold_batch_norms`'s inputs (`deferred`: passed on)."""
     where = [(i, j) for i, r in enumerate(prepared) for j in r.to_fold]
     if not where:
-        return
+        return where
     folded = fold_batch_norms([rows[i][j].last for i, j in where], [prepared[i].terms[j] for i, j in where],
-                              [prepared[i].dtype for i, _ in where], use_kernels=use_kernels)
+                              [prepared[i].dtype for i, _ in where], use_kernels=use_kernels, deferred=deferred)
     for (i, j), (term, scale, shift) in zip(where, folded):
         r = prepared[i]
         r.terms[j], r.scales[j], r.shifts[j] = term, scale, shift
+    return where
 
 
 class HRFusion(nn.Module):

@@ -187,14 +187,16 @@ def _main_loop(kernel, trips: Optional[List[float]]) -> Optional[dict]:
 def term_launches(launch: Launch) -> Optional[List[Launch]]:
     """A grouped launch as the one-term launches its programs run, or None for any other launch.
 
-    Grouped kernels (kernels/batch_norm.py) take a `terms` parameter, one argument tuple per term ending in the
-    term's program range (start, end) of the 1-D grid, and per-term constexprs as tuples of the same length. A
+    Grouped kernels (kernels/batch_norm.py; the fusion's `_fuse_backward_same_kernel`, whose groups are `rows`)
+    take a `terms` parameter, one argument tuple per term ending in the term's program range (start, end) of the
+    1-D grid, and per-term constexprs as tuples of the same length. A
     program runs only its own term's copy of the code, while the binary holds every copy: charging each warp the
     whole straight-line SASS would count every term's code K times. Term k's launch is the same kernel with
     that term alone (programs [0, end - start), its constexprs), i.e. the k = 1 case the launcher makes for a
     single fold."""
     params = launch.params
-    terms = params.get("terms")
+    group = "rows" if "rows" in params else "terms"
+    terms = params.get(group)
     if not (isinstance(terms, tuple) and len(terms) > 1
             and all(isinstance(t, tuple) and isinstance(t[-2], int) and isinstance(t[-1], int) for t in terms)):
         return None
@@ -204,7 +206,7 @@ def term_launches(launch: Launch) -> Optional[List[Launch]]:
     launches = []
     for k, term in enumerate(terms):
         start, end = term[-2], term[-1]
-        one = {**params, "terms": (term[:-2] + (0, end - start),), **{n: (params[n][k],) for n in per_term}}
+        one = {**params, group: (term[:-2] + (0, end - start),), **{n: (params[n][k],) for n in per_term}}
         launches.append(Launch(launch.fn, (end - start,), (), {**one, **launch.options}))
     return launches
 

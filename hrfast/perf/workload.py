@@ -97,21 +97,17 @@ def _adjoint_unread(p: Params) -> Sequence[str]:
     return unread
 
 
-def _same_unread(p: Params) -> Sequence[str]:
-    unread = [] if p["RELU"] else ["y_ptr"]
-    if not p["WRITE_G"]:
-        unread.append("g_ptr")
-    return unread
-
-
 def _same_elements(p: Params) -> int:
-    return p["gy_ptr"].numel()
+    """The output elements of the launch's rows (`rows[k][0]` is row k's grad_y)."""
+    return sum(row[0].numel() for row in p["rows"])
 
 
 def _reduce_trips(p: Params) -> List[float]:
-    """The row loop: output i's program runs cdiv(R_i, BLOCK_R) trips; the mean over the outputs."""
-    rows = [r for _, r in p["sources"]]
-    return [sum(_cdiv(r, p["BLOCK_R"]) for r in rows) / len(rows)]
+    """The row loop: output i's programs run cdiv(R_i, BLOCK_R) trips each, those of its channel blocks (the grid
+    fits the widest output; the others run none); the mean over the programs."""
+    sources = p["sources"]
+    blocks = _cdiv(max(c for _, _, _, c in sources), p["BLOCK_C"]) * len(sources)
+    return [sum(_cdiv(c, p["BLOCK_C"]) * _cdiv(r, p["BLOCK_R"]) for _, _, r, c in sources) / blocks]
 
 
 # ----------------------------------------------------------------------------------------- head kernels
@@ -221,8 +217,10 @@ def _bn_finalize_trips(p: Params) -> List[float]:
 KERNELS: Dict[str, KernelWork] = {
     # one [BLOCK_C x BLOCK_P] tile per program, every term unrolled (static_range): no loop
     "_fuse_forward_kernel": KernelWork(trips=lambda p: [], elements=_fuse_forward_elements),
-    # one tile per program, every output-size term unrolled: no loop
-    "_fuse_backward_same_kernel": KernelWork(trips=lambda p: [], elements=_same_elements, unread=_same_unread),
+    # one tile per program, every output-size term unrolled: no loop; a launch holds one or several rows (a
+    # step's), program ranges of the 1-D grid like the batch-norm kernels' terms; what a row does not read (y
+    # without ReLU) or write (g) is its grad_y passed again (counted once)
+    "_fuse_backward_same_kernel": KernelWork(trips=lambda p: [], elements=_same_elements),
     # per program a [BLOCK_C x BLOCK_H x BLOCK_W] tile of source pixels; loops kx < KW (outer), ky < KH; the
     # phase form (PH > 0): one source row of BLOCK_W columns, no loop
     "_upsample_adjoint_kernel": KernelWork(trips=_adjoint_trips, elements=_adjoint_elements,
@@ -233,7 +231,7 @@ KERNELS: Dict[str, KernelWork] = {
     "_adjoint_row_kernel": KernelWork(trips=lambda p: [], elements=_adjoint_row_elements),
     # program (channel block, output): a loop over its [R_i, C] partials BLOCK_R rows at a time
     "_reduce_partials_kernel": KernelWork(trips=_reduce_trips,
-                                          elements=lambda p: len(p["outs"]) * p["C"]),
+                                          elements=lambda p: sum(c for _, _, _, c in p["sources"])),
     # The head's tile kernels: one TILE_H x TILE_W pixel tile per program (the backward reduce: a split of them),
     # a loop over the M chunks through the patch dots (x0^T W0^T and one U_j patch_j per upsampled branch), then
     # a second loop over 16-channel chunks with the exact gathers that runs only for a tile whose dense s held

@@ -80,22 +80,51 @@ def _fuse_forward_kernel(
     the tensor) is clamped onto the last valid index for every load and masked only at the store; EXACT: the
     tiles cover the output exactly, no mask at all. G > 0: the phase form (`_fuse_forward_phases`, below), for
     terms upsampled by powers of 2 (FH / FW: each term's factors), tiles of G rows."""
-    if G > 0:
-        _fuse_forward_phases(out_ptr, W, out_strides, sources, scales, shifts, MODES, FH, FW, HAS_SCALE,
-                             HAS_SHIFT, RELU, INT64, G, BLOCK_C, BLOCK_W // G)
-    else:
-        _fuse_forward_tile(out_ptr, C, H, W, out_strides, sources, scales, shifts, MODES, ALIGNS, HAS_SCALE,
-                           HAS_SHIFT, RELU, F64, INT64, EXACT, BLOCK_C, BLOCK_H, BLOCK_W)
+    _fuse_forward_program(tl.program_id(0), tl.program_id(1), tl.program_id(2), out_ptr, C, H, W, out_strides,
+                          sources, scales, shifts, MODES, ALIGNS, HAS_SCALE, HAS_SHIFT, RELU, F64, INT64, EXACT,
+                          BLOCK_C, BLOCK_H, BLOCK_W, G, FH, FW)
 
 
 @triton.jit
-def _fuse_forward_tile(out_ptr, C, H, W, out_strides, sources, scales, shifts,
+def _fuse_forward_rows_kernel(rows, MODES: tl.constexpr, ALIGNS: tl.constexpr, HAS_SCALE: tl.constexpr,
+                              HAS_SHIFT: tl.constexpr, RELU: tl.constexpr, EXACT: tl.constexpr,
+                              BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, G: tl.constexpr,
+                              FH: tl.constexpr, FW: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr):
+    """A step's rows in one launch (`fuse_forward_rows`): programs [start, end) of the 1-D grid are row k's
+    (`rows[k]` = (out, C, H, W, out strides, sources, scales, shifts, pixel tiles, channel blocks, start, end);
+    its constexprs are entry k of the tuples), each one program of `_fuse_forward_kernel`'s grid for that row,
+    pixel tiles fastest, then channel blocks, then images."""
+    pid = tl.program_id(0)
+    for k in tl.static_range(len(rows)):
+        (out_ptr, C, H, W, out_strides, sources, scales, shifts, tiles_p, tiles_c, start, end) = rows[k]
+        if (pid >= start) & (pid < end):
+            local = pid - start
+            _fuse_forward_program(local % tiles_p, local // tiles_p % tiles_c, local // tiles_p // tiles_c,
+                                  out_ptr, C, H, W, out_strides, sources, scales, shifts, MODES[k], ALIGNS[k],
+                                  HAS_SCALE[k], HAS_SHIFT[k], RELU[k], F64, INT64, EXACT[k], BLOCK_C[k],
+                                  BLOCK_H[k], BLOCK_W[k], G[k], FH[k], FW[k])
+
+
+@triton.jit
+def _fuse_forward_program(pid_p, pid_c, n, out_ptr, C, H, W, out_strides, sources, scales, shifts,
+                          MODES: tl.constexpr, ALIGNS: tl.constexpr, HAS_SCALE: tl.constexpr,
+                          HAS_SHIFT: tl.constexpr, RELU: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr,
+                          EXACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+                          G: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr):
+    """Program (pid_p, pid_c, n) of `_fuse_forward_kernel`: the phase form (G > 0) or the general tile."""
+    if G > 0:
+        _fuse_forward_phases(pid_p, pid_c, n, out_ptr, W, out_strides, sources, scales, shifts, MODES, FH, FW,
+                             HAS_SCALE, HAS_SHIFT, RELU, INT64, G, BLOCK_C, BLOCK_W // G)
+    else:
+        _fuse_forward_tile(pid_p, pid_c, n, out_ptr, C, H, W, out_strides, sources, scales, shifts, MODES, ALIGNS,
+                           HAS_SCALE, HAS_SHIFT, RELU, F64, INT64, EXACT, BLOCK_C, BLOCK_H, BLOCK_W)
+
+
+@triton.jit
+def _fuse_forward_tile(pid_p, pid_c, n, out_ptr, C, H, W, out_strides, sources, scales, shifts,
                        MODES: tl.constexpr, ALIGNS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
                        RELU: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr, EXACT: tl.constexpr,
                        BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    n = tl.program_id(2)
     tiles_w = tl.cdiv(W, BLOCK_W)
     oy = (pid_p // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)
     ox = (pid_p % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
@@ -282,7 +311,7 @@ def _phase_affine(v, affine, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
 
 
 @triton.jit
-def _fuse_forward_phases(out_ptr, W, out_strides, sources, scales, shifts,
+def _fuse_forward_phases(pid_p, pid_c, n, out_ptr, W, out_strides, sources, scales, shifts,
                          MODES: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr, HAS_SCALE: tl.constexpr,
                          HAS_SHIFT: tl.constexpr, RELU: tl.constexpr, INT64: tl.constexpr, G: tl.constexpr,
                          BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr):
@@ -293,9 +322,6 @@ def _fuse_forward_phases(out_ptr, W, out_strides, sources, scales, shifts,
     source row's horizontal interpolation computed once per output column and shared by the output rows that
     read it, taps and weights are constants (phases unrolled), and each output row's G columns are stored (an
     output-size term's read) as one vector. Same arithmetic, in the same order, as `_fuse_forward_kernel`."""
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    n = tl.program_id(2)
     tiles_q = W // (G * BLOCK_Q)
     gy = pid_p // tiles_q
     gx = (pid_p % tiles_q) * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -1046,24 +1072,75 @@ def fuse_forward(plan: FusePlan, xs: Sequence[Tensor], scales: Sequence[Optional
     """y = ReLU(sum_k Up_k(x_k) * scale_k + shift_k) of shape [N, C, *plan.size], in the terms' dtype and the
     plan's memory format. scales[k] / shifts[k]: a dense [C] vector, or None where the plan has none. All terms
     share batch, channels, dtype and device (the caller validates)."""
+    return fuse_forward_rows([(plan, xs, scales, shifts)], force_int64)[0]
+
+
+def fuse_forward_rows(calls: Sequence[tuple], force_int64: bool = False) -> List[Tensor]:
+    """`fuse_forward` of several rows (plan, xs, scales, shifts) (a fusion step's), their last launches shared:
+    one `_fuse_forward_rows_kernel` launch for every row (a program range each; a row of more than MAX_TERMS
+    terms first runs its chained launches). One row alone takes `_fuse_forward_kernel`. Each row's arithmetic
+    is that of its own call."""
+    outs, rows = [], []
+    for plan, xs, scales, shifts in calls:
+        out, row = _forward_row(plan, xs, scales, shifts, force_int64)
+        outs.append(out)
+        if row is not None:
+            rows.append(row)
+    if len(rows) == 1:
+        row = rows[0]
+        with _device_context(row.args[0]):
+            _fuse_forward_kernel[launch_grid(*row.grid)](*row.args, F64=row.f64, INT64=row.int64,
+                                                          num_warps=row.warps, **row.constexprs)
+        return outs
+    for key in dict.fromkeys((r.f64, r.warps) for r in rows):
+        group = [r for r in rows if (r.f64, r.warps) == key]
+        entries, start = [], 0
+        for r in group:
+            tiles_p, tiles_c, N = r.grid
+            entries.append((*r.args, tiles_p, tiles_c, start, start + tiles_p * tiles_c * N))
+            start += tiles_p * tiles_c * N
+        consts = [{"G": 0, "FH": (1,) * len(r.constexprs["MODES"]), "FW": (1,) * len(r.constexprs["MODES"]),
+                   **r.constexprs} for r in group]
+        per_row = {name: tuple(c[name] for c in consts) for name in consts[0]}
+        with _device_context(group[0].args[0]):
+            _fuse_forward_rows_kernel[launch_grid(start)](tuple(entries), F64=key[0],
+                                                          INT64=any(r.int64 for r in group), num_warps=key[1],
+                                                          **per_row)
+    return outs
+
+
+class _ForwardRow(NamedTuple):
+    """A row's (last) forward launch: `_fuse_forward_kernel`'s arguments, its grid (pixel tiles, channel blocks,
+    images) and constexprs but F64 / INT64."""
+
+    args: tuple
+    grid: Tuple[int, int, int]
+    constexprs: dict
+    f64: bool
+    int64: bool
+    warps: int = 4
+
+
+def _forward_row(plan: FusePlan, xs: Sequence[Tensor], scales: Sequence[Optional[Tensor]],
+                 shifts: Sequence[Optional[Tensor]], force_int64: bool) -> Tuple[Tensor, Optional[_ForwardRow]]:
+    """The row's output (allocated) and the launch that writes it (None: empty). A row of more than MAX_TERMS
+    terms chains launches through a partial sum: those before the last run here."""
     x0 = xs[0]
     N, C = x0.shape[0], x0.shape[1]
-    shape = (N, C, *plan.size)
+    H, W = plan.size
+    shape = (N, C, H, W)
     fmt = torch.channels_last if plan.channels_last else torch.contiguous_format
     out = _empty(shape, x0.dtype, x0.device, fmt)
     if out.numel() == 0:
-        return out
+        return out, None
     int64 = force_int64 or needs_int64(out, *xs)
     phase = _phase_launch(plan, C, x0.dtype)
     if phase is not None and _phase_sources_fit(plan, xs):
-        H, W = plan.size
-        grid = launch_grid((H // phase["BLOCK_H"]) * (W // phase["BLOCK_W"]), C // phase["BLOCK_C"], N)
-        with _device_context(out):
-            _fuse_forward_kernel[grid](
-                out, C, H, W, out.stride(), tuple(source_args(x, t) for x, t in zip(xs, plan.terms)),
-                tuple(_or(s, x) for s, x in zip(scales, xs)), tuple(_or(s, x) for s, x in zip(shifts, xs)),
-                INT64=int64, num_warps=PHASE_WARPS, **phase)
-        return out
+        consts = {k: v for k, v in phase.items() if k != "F64"}
+        args = (out, C, H, W, out.stride(), tuple(source_args(x, t) for x, t in zip(xs, plan.terms)),
+                tuple(_or(s, x) for s, x in zip(scales, xs)), tuple(_or(s, x) for s, x in zip(shifts, xs)))
+        grid = ((H // phase["BLOCK_H"]) * (W // phase["BLOCK_W"]), C // phase["BLOCK_C"], N)
+        return out, _ForwardRow(args, grid, consts, False, int64, PHASE_WARPS)
     launches = _forward_launches(plan, C, x0.dtype == torch.float64)
     partial = None
     for i, (group, consts) in enumerate(launches):
@@ -1075,13 +1152,15 @@ def fuse_forward(plan: FusePlan, xs: Sequence[Tensor], scales: Sequence[Optional
         if partial is not None:  # the sum so far, as a plain output-size term
             sources = (source_args(partial, _PARTIAL),) + sources
             scale_args, shift_args = (partial,) + scale_args, (partial,) + shift_args
-        H, W = plan.size
-        grid = launch_grid(cdiv(H, consts["BLOCK_H"]) * cdiv(W, consts["BLOCK_W"]), cdiv(C, consts["BLOCK_C"]), N)
+        grid = (cdiv(H, consts["BLOCK_H"]) * cdiv(W, consts["BLOCK_W"]), cdiv(C, consts["BLOCK_C"]), N)
+        args = (target, C, H, W, target.stride(), sources, scale_args, shift_args)
+        row = _ForwardRow(args, grid, {k: v for k, v in consts.items() if k != "F64"}, consts["F64"], int64)
+        if last:
+            return out, row
         with _device_context(out):
-            _fuse_forward_kernel[grid](target, C, *plan.size, target.stride(), sources, scale_args, shift_args,
-                                       INT64=int64, num_warps=4, **consts)
+            _fuse_forward_kernel[launch_grid(*grid)](*args, F64=row.f64, INT64=int64, num_warps=4, **row.constexprs)
         partial = target
-    return out
+    raise AssertionError("unreachable: the last launch returns")
 
 
 # Threads per program of the phase kernel (one [G x G] output block of one channel each) and the widest row of

@@ -353,3 +353,23 @@ def test_backward_rows_match_per_row_calls_bitwise(dtype, layout):
                 grads, expected = grads[1:], expected[1:]
             for a, e in zip(grads, expected):
                 assert (a is None) == (e is None) and (a is None or torch.equal(a, e))
+
+
+@pytest.mark.parametrize("dtype, layout", [(BF16, "nchw"), (F32, "channels_last")], ids=["bf16_nchw", "fp32_cl"])
+def test_forward_rows_match_per_row_calls_bitwise(dtype, layout):
+    """`fuse_forward_rows` (a step's rows in one `_fuse_forward_rows_kernel` launch) writes each row's output
+    bitwise as its own `fuse_forward` call: a phase-form row, tile rows and a row of more than MAX_TERMS terms
+    (its chained launches first, its last one in the group)."""
+    from hrfast.kernels import fuse as K
+
+    cases = [PHASED_X8, Case((6, 10), [((6, 10), None), ((3, 5), bil()), ((2, 3), near())], N=2, C=3),
+             Case((5, 3), [((5, 3), None)] * 5 + [((2, 2), bil())], N=2, C=5, affine="mixed")]
+    assert _phase_form(cases[0], dtype, layout) is not None and len(cases[2].terms) > K.MAX_TERMS
+    calls = []
+    for case in cases:
+        xs, scales, shifts, resamples, _ = _build(case, dtype, layout)
+        plan, kxs, kscales, kshifts = _kernel_args(xs, scales, shifts, resamples, case.size, True, layout != "nchw")
+        calls.append((plan, kxs, kscales, kshifts))
+    for together, call in zip(K.fuse_forward_rows(calls), calls):
+        alone = K.fuse_forward(*call)
+        assert together.stride() == alone.stride() and torch.equal(together, alone)

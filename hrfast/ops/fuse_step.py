@@ -10,8 +10,9 @@ of its own. As one node, the step's backward
   one full-resolution write less per strided-down term (W48 stage 4: six terms, 34.6 MB in bf16);
 - runs every row's output-size backward in one `_fuse_backward_same_kernel` launch and sums every row's
   per-channel gradients in one `_reduce_partials_kernel` launch (one of each per row before).
-The forward runs the rows' fused kernels as `fuse` does. The arithmetic is the row-by-row path's, but for
-dz of a strided-down term, now rounded once (g * scale is no longer stored in the term's dtype first).
+The forward runs every row's fused kernel in one launch (`fuse_forward_rows`). The arithmetic is the
+row-by-row path's, but for dz of a strided-down term, now rounded once (g * scale is no longer stored in the
+term's dtype first).
 
 `hrfast.nn.fusion.fusion_forward` takes it in training on the Triton backend whenever a batch norm folds onto
 the kernels (`fold_batch_norms(deferred=...)`); traced calls (torch.compile, export, jit.trace) fold in
@@ -84,7 +85,7 @@ class FuseStepFunction(torch.autograd.Function):
         from hrfast.kernels import fuse as K
 
         rows, folds = _unflatten(layout, flat)
-        ys = [K.fuse_forward(plan, terms, scales, shifts) for plan, (terms, scales, shifts) in zip(layout.plans, rows)]
+        ys = K.fuse_forward_rows([(plan, *row) for plan, row in zip(layout.plans, rows)])
         folded = set(layout.folds)
         needs = ctx.needs_input_grad[1:]
         # kept for backward: y (the ReLU mask), z of every fold, x_k where d(scale_k) is wanted

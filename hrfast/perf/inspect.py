@@ -273,11 +273,19 @@ def key_constexprs(launch: Launch) -> str:
         if signature.get(name) != "constexpr" or _HIDDEN.get(name, object()) == value:
             continue
         if name in _MODE_LETTERS:
-            letters = _MODE_LETTERS[name]
-            value = "".join(letters[v] for v in value) if isinstance(value, tuple) else letters[value]
+            value = _mode_letters(_MODE_LETTERS[name], value)
         parts.append(f"{name}={_fmt_value(value)}")
     parts.append(f"warps={launch.options['num_warps']} stages={launch.options['num_stages']}")
     return " ".join(parts)
+
+
+def _mode_letters(letters: str, value) -> str:
+    """Modes as letters: "sbbb" for a row's terms, "sbbb,ssbb" for a grouped launch's rows."""
+    if not isinstance(value, tuple):
+        return letters[value]
+    if value and isinstance(value[0], tuple):
+        return ",".join(_mode_letters(letters, v) for v in value)
+    return "".join(letters[v] for v in value)
 
 
 def _sum_terms(costs: Sequence[dict]) -> Dict[str, float]:
@@ -382,9 +390,12 @@ def op_row(arch: Arch, calls: List[OpCall], launch_s: Dict[int, float], failing:
     eager_ops, compiled_ops = replaced_ops(call, training)
     eager_s, compile_s = _phase_seconds(arch, eager_ops), _phase_seconds(arch, compiled_ops)
     hrfast_s = sum(kernels.values()) + sum(glue.values())
+    # None: a row of a training step whose shared launches sit in the step's first row (`opcalls`): only the
+    # totals compare like for like
     return {"op": describe(call), "kind": call.kind, "calls": len(calls), "kernels_s": kernels, "glue_s": glue,
             "glue_in_op_s": in_op, "hrfast_s": hrfast_s, "eager_s": eager_s, "compile_s": compile_s,
-            "ratio_eager": sum(eager_s.values()) / hrfast_s, "ratio_compile": sum(compile_s.values()) / hrfast_s,
+            "ratio_eager": sum(eager_s.values()) / hrfast_s if hrfast_s else None,
+            "ratio_compile": sum(compile_s.values()) / hrfast_s if hrfast_s else None,
             "cannot_launch": sorted({l.name for l in launches if id(l) in failing})}
 
 

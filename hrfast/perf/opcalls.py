@@ -276,38 +276,21 @@ def _fuse_hook(attribution: Attribution, fuse: Callable) -> Callable:
 
 
 def _step_hook(attribution: Attribution, fuse_step: Callable) -> Callable:
-    """`hrfast.ops.fuse_step` (a training step's rows as one autograd node): one op call per row, each with its
-    row's forward launches; the node's backward (every row's, and the step's deferred batch-norm backward) goes
-    to the first row's call, as the step's grouped batch-norm launches do."""
-    from hrfast.kernels import fuse as fuse_kernels
-    from ..ops.fuse_step import FuseStepFunction
-
+    """`hrfast.ops.fuse_step` (a training step's rows as one autograd node, their kernels in shared launches):
+    one op call per row (its plan and inputs, for the eager comparison), the step's launches, forward and
+    backward, in the first row's, as the step's grouped batch-norm launches are."""
     def step(rows, folds):
         calls = [attribution.open("fuse") for _ in rows]
         for call, row in zip(calls, rows):
             call.plan = row.plan()
             call.inputs, call.dtype = [tuple(x.shape) for x in row.inputs], row.inputs[0].dtype
-        order = iter(calls)
-
-        def row_forward(*args, **kwargs):  # the step's forward runs the rows' kernels in order
-            call, start = next(order), len(attribution.launches)
-            attribution._stack.append(call)
-            try:
-                return forward(*args, **kwargs)
-            finally:
-                attribution._stack.pop()
-                call.launches[FORWARD].extend(attribution.launches[start:])
-
-        forward = fuse_kernels.fuse_forward
         params = [t for row in rows for t in (*row.scales, *row.shifts) if t is not None]
         out: list = []
         with attribution.scope(calls[0], [*(x for row in rows for x in row.inputs), *params], lambda: out,
-                               op_output=True), _replaced(fuse_kernels, "fuse_forward", row_forward):
+                               op_output=True):
             out.extend(fuse_step(rows, folds))
         return out
-
-    backward = FuseStepFunction.backward
-    return step, _implementation(attribution, backward, None)
+    return step
 
 
 def _head_hook(attribution: Attribution, forward: Callable) -> Callable:
@@ -387,9 +370,11 @@ def recording() -> Iterator[Attribution]:
             stack.enter_context(_replaced(bn_kernels, name, _launcher_hook(attribution, getattr(bn_kernels, name))))
         stack.enter_context(_replaced(nn_fusion, "fuse", _fuse_hook(attribution, nn_fusion.fuse)))
         from ..ops.fuse_step import FuseStepFunction
-        step, step_backward = _step_hook(attribution, nn_fusion.fuse_step)
-        stack.enter_context(_replaced(nn_fusion, "fuse_step", step))
-        stack.enter_context(_replaced(FuseStepFunction, "backward", staticmethod(step_backward)))
+        stack.enter_context(_replaced(nn_fusion, "fuse_step", _step_hook(attribution, nn_fusion.fuse_step)))
+        stack.enter_context(_replaced(FuseStepFunction, "forward", staticmethod(
+            _launcher_hook(attribution, FuseStepFunction.forward))))
+        stack.enter_context(_replaced(FuseStepFunction, "backward", staticmethod(
+            _implementation(attribution, FuseStepFunction.backward, None))))
         stack.enter_context(_replaced(HRNetV2Head, "forward", _head_hook(attribution, HRNetV2Head.forward)))
         stack.enter_context(_CudnnLayouts())
         stack.enter_context(_OpRecorder(attribution))

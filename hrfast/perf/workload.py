@@ -217,6 +217,9 @@ def _bn_finalize_trips(p: Params) -> List[float]:
 KERNELS: Dict[str, KernelWork] = {
     # one [BLOCK_C x BLOCK_P] tile per program, every term unrolled (static_range): no loop
     "_fuse_forward_kernel": KernelWork(trips=lambda p: [], elements=_fuse_forward_elements),
+    # a step's rows in one launch, program ranges of the 1-D grid (`rows[k][0]`: row k's output)
+    "_fuse_forward_rows_kernel": KernelWork(trips=lambda p: [],
+                                            elements=lambda p: sum(r[0].numel() for r in p["rows"])),
     # one tile per program, every output-size term unrolled: no loop; a launch holds one or several rows (a
     # step's), program ranges of the 1-D grid like the batch-norm kernels' terms; what a row does not read (y
     # without ReLU) or write (g) is its grad_y passed again (counted once)

@@ -1404,16 +1404,21 @@ REDUCE_MAX_C = 64
 
 def reduce_partials(pending: Sequence[PendingSums]) -> None:
     """One launch of `_reduce_partials_kernel` for every sum of `pending` (each call's buffer and channel
-    count its own): writes their `outs`."""
+    count its own; one launch per accumulation dtype of the buffers): writes their `outs`."""
+    groups: Dict[torch.dtype, List[PendingSums]] = {}
+    for p in pending:
+        if p.C and p.outs:
+            groups.setdefault(p.parts.dtype, []).append(p)
+    for group in groups.values():
+        _reduce_launch(group)
+
+
+def _reduce_launch(pending: Sequence[PendingSums]) -> None:
     sources, outs, int64 = [], [], False
     for p in pending:
-        if p.C == 0 or not p.outs:
-            continue
         sources += [(p.parts, offset, rows, p.C) for offset, rows in p.sources]
         outs += p.outs
         int64 |= p.int64 or p.parts.numel() > INT32_LIMIT - REDUCE_TILE * p.C
-    if not outs:
-        return
     C = max(s[3] for s in sources)
     block_c = min(next_power_of_2(C), REDUCE_MAX_C)
     block_r = max(1, min(REDUCE_TILE // block_c, next_power_of_2(max(s[2] for s in sources))))

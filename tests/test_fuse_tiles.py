@@ -326,16 +326,17 @@ class _Spy:
 @pytest.mark.parametrize("dtype, layout", [(BF16, "nchw"), (F32, "channels_last")], ids=["bf16_nchw", "fp32_cl"])
 def test_backward_rows_match_per_row_calls_bitwise(dtype, layout):
     """`fuse_backward_rows` (a step's rows: one output-size launch, one reduction launch for all) gives each row's
-    gradients bitwise as its own `fuse_backward` call, for rows of different channels, sizes and term mixes; a
-    `scaled_by_caller` term gets g itself (no dx written) and the rest is unchanged."""
+    gradients bitwise as its own `fuse_backward` call, for rows of different channels, sizes, term mixes and
+    accumulation dtypes; a `scaled_by_caller` term gets g itself (no dx written) and the rest is unchanged."""
     from hrfast.kernels import fuse as K
 
     cases = [Case((6, 10), [((6, 10), None), ((3, 5), bil()), ((2, 3), bil())], N=2, C=3),
              Case((3, 5), [((3, 5), None), ((3, 5), None), ((2, 3), near())], N=2, C=5, affine="mixed"),
              Case((2, 3), [((2, 3), None)] * 4, N=2, C=9, affine="mixed")]  # "mixed": term 1 unscaled
     calls, alone = [], []
-    for case in cases:
-        xs, scales, shifts, resamples, _ = _build(case, dtype, layout)
+    row_dtypes = [dtype, dtype, F64]  # an fp64 row: its sums in a launch of their own (one per accumulation dtype)
+    for case, row_dtype in zip(cases, row_dtypes):
+        xs, scales, shifts, resamples, _ = _build(case, row_dtype, layout)
         plan, kxs, kscales, kshifts = _kernel_args(xs, scales, shifts, resamples, case.size, True, layout != "nchw")
         y = K.fuse_forward(plan, kxs, kscales, kshifts)
         grad_y = torch.randn_like(y)
@@ -344,12 +345,13 @@ def test_backward_rows_match_per_row_calls_bitwise(dtype, layout):
         scaled = [k for k, t in enumerate(plan.terms) if t.mode == 0 and t.has_scale]
         calls.append(K.BackwardCall(plan, grad_y, y, kxs, kscales, kshifts, needs, scaled))
     assert [len(c.scaled_by_caller) for c in calls] == [1, 1, 3]
-    for call, together, own in zip(calls, K.fuse_backward_rows(calls), alone):
+    for call, together, own, row_dtype in zip(calls, K.fuse_backward_rows(calls), alone, row_dtypes):
         g = torch.where(call.y <= 0, torch.zeros_like(call.grad_y), call.grad_y)
+        acc = torch.float64 if row_dtype == F64 else torch.float32
         for k, (grads, expected) in enumerate(zip(together, own)):
             if k in call.scaled_by_caller:
                 assert torch.equal(grads[0], g)
-                assert torch.equal(own[k][0], (g.to(torch.float32) * call.scales[k].float()[:, None, None]).to(dtype))
+                assert torch.equal(own[k][0], (g.to(acc) * call.scales[k].to(acc)[:, None, None]).to(row_dtype))
                 grads, expected = grads[1:], expected[1:]
             for a, e in zip(grads, expected):
                 assert (a is None) == (e is None) and (a is None or torch.equal(a, e))

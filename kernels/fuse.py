@@ -1094,19 +1094,27 @@ def fuse_forward_rows(calls: Sequence[tuple], force_int64: bool = False) -> List
         return outs
     for key in dict.fromkeys((r.f64, r.warps) for r in rows):
         group = [r for r in rows if (r.f64, r.warps) == key]
-        entries, start = [], 0
-        for r in group:
-            tiles_p, tiles_c, N = r.grid
-            entries.append((*r.args, tiles_p, tiles_c, start, start + tiles_p * tiles_c * N))
-            start += tiles_p * tiles_c * N
         consts = [{"G": 0, "FH": (1,) * len(r.constexprs["MODES"]), "FW": (1,) * len(r.constexprs["MODES"]),
                    **r.constexprs} for r in group]
-        per_row = {name: tuple(c[name] for c in consts) for name in consts[0]}
+        entries, start, per_row = _program_ranges([(*r.args, r.grid[0], r.grid[1]) for r in group],
+                                                  [math.prod(r.grid) for r in group], consts)
         with _device_context(group[0].args[0]):
-            _fuse_forward_rows_kernel[launch_grid(start)](tuple(entries), F64=key[0],
+            _fuse_forward_rows_kernel[launch_grid(start)](entries, F64=key[0],
                                                           INT64=any(r.int64 for r in group), num_warps=key[1],
                                                           **per_row)
     return outs
+
+
+def _program_ranges(args: Sequence[tuple], programs: Sequence[int], constexprs: Sequence[dict]
+                    ) -> Tuple[tuple, int, dict]:
+    """A grouped launch's (rows, total programs, per-row constexprs): row k's argument tuple gets its program
+    range [start, end) of the 1-D grid appended, after row k-1's; each constexpr becomes a tuple, entry k row
+    k's."""
+    entries, start = [], 0
+    for row_args, n in zip(args, programs):
+        entries.append((*row_args, start, start + n))
+        start += n
+    return tuple(entries), start, {name: tuple(c[name] for c in constexprs) for name in constexprs[0]}
 
 
 class _ForwardRow(NamedTuple):
@@ -1454,13 +1462,10 @@ def _same_launch(rows: Sequence[_SameRow]) -> None:
         group = [r for r in rows if r.f64 == f64]
         if not group:
             continue
-        entries, start = [], 0
-        for r in group:
-            entries.append((*r.args, start, start + r.programs))
-            start += r.programs
-        per_row = {name: tuple(r.constexprs[name] for r in group) for name in group[0].constexprs}
+        entries, start, per_row = _program_ranges([r.args for r in group], [r.programs for r in group],
+                                                  [r.constexprs for r in group])
         with _device_context(group[0].args[0]):
-            _fuse_backward_same_kernel[launch_grid(start)](tuple(entries), F64=f64,
+            _fuse_backward_same_kernel[launch_grid(start)](entries, F64=f64,
                                                            INT64=any(r.int64 for r in group), **per_row,
                                                            num_warps=4)
 

@@ -31,8 +31,8 @@ a thread owns a few source pixels of one source row, reads its window of g once 
 column by column (channels_last), sums it over the window's rows with compile-time tent weights, then over
 each pixel's columns. Where a row has several such terms, `_adjoint_row_kernel` runs them in one launch that
 reads g once (a program owns a row of the coarsest term's source pixels and the finer terms' source rows under
-it; the same arithmetic per term, so the same bits as one launch per term). No
-atomics anywhere: per-channel gradients are per-tile partial sums, all of a backward call in one buffer, reduced
+it; the same arithmetic per term, so the same bits as one launch per term); a fusion step's rows share one
+`_adjoint_rows_kernel` launch (a program range each, single terms included). No atomics anywhere: per-channel gradients are per-tile partial sums, all of a backward call in one buffer, reduced
 in a fixed order by one `_reduce_partials_kernel` launch straight into each gradient's own [C] tensor (no ATen
 sums or copies), so results are bitwise deterministic.
 """
@@ -802,13 +802,43 @@ def _adjoint_row_kernel(g_ptr, g_strides, W, h0, C, terms,
     same pieces but for the edge pieces' columns outside the window, which it leaves out too), and its partial
     sums in the rows its own launch would write: the same bits as one `_upsample_adjoint_kernel` launch per
     term."""
+    _adjoint_row_program(tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(2), g_ptr,
+                         g_strides, W, h0, C, terms, HAS_SCALE, NEED_DZ, NEED_DSCALE, NEED_DSHIFT, FH, FW, P, COLS,
+                         INT64, BLOCK_C, BLOCK_Q, PAIRS)
+
+
+@triton.jit
+def _adjoint_rows_kernel(rows, HAS_SCALE: tl.constexpr, NEED_DZ: tl.constexpr, NEED_DSCALE: tl.constexpr,
+                         NEED_DSHIFT: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr, P: tl.constexpr,
+                         COLS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, PAIRS: tl.constexpr,
+                         INT64: tl.constexpr):
+    """A step's rows' `_adjoint_row_kernel` launches in one (`_adjoint_launch_rows`): programs [start, end) of
+    the 1-D grid are row k's (`rows[k]` = (g, g strides, W, h0, C, N, terms, pixel programs, channel blocks,
+    start, end); its constexprs are entry k of the tuples, each a tuple over its terms but the scalars COLS,
+    BLOCK_C, BLOCK_Q, PAIRS), each one program of that row's `_adjoint_row_kernel` grid, pixel programs fastest,
+    then channel blocks, then images. A row may have one term here."""
+    pid = tl.program_id(0)
+    for k in tl.static_range(len(rows)):
+        (g_ptr, g_strides, W, h0, C, N, terms, tiles_p, tiles_c, start, end) = rows[k]
+        if (pid >= start) & (pid < end):
+            local = pid - start
+            _adjoint_row_program(local % tiles_p, local // tiles_p % tiles_c, local // tiles_p // tiles_c, N,
+                                 g_ptr, g_strides, W, h0, C, terms, HAS_SCALE[k], NEED_DZ[k], NEED_DSCALE[k],
+                                 NEED_DSHIFT[k], FH[k], FW[k], P[k], COLS[k], INT64, BLOCK_C[k], BLOCK_Q[k],
+                                 PAIRS[k])
+
+
+@triton.jit
+def _adjoint_row_program(pid_p, pid_c, n, N, g_ptr, g_strides, W, h0, C, terms,
+                         HAS_SCALE: tl.constexpr, NEED_DZ: tl.constexpr, NEED_DSCALE: tl.constexpr,
+                         NEED_DSHIFT: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr, P: tl.constexpr,
+                         COLS: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr,
+                         PAIRS: tl.constexpr):
+    """Program (pid_p, pid_c, n) of `_adjoint_row_kernel` over N images."""
     FM: tl.constexpr = _cmax(FH)
     WM: tl.constexpr = _cmax(FW)
     VEC: tl.constexpr = 128 // g_ptr.dtype.element_ty.primitive_bitwidth
     L: tl.constexpr = P[0] * FW[0]
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    n = tl.program_id(2)
     tiles_q = W // (BLOCK_Q * L)
     S = pid_p // tiles_q
     tile = pid_p % tiles_q
@@ -886,7 +916,7 @@ def _adjoint_row_kernel(g_ptr, g_strides, W, h0, C, terms,
         for t in tl.static_range(len(FH)):
             for j in tl.static_range(FM // FH[t]):
                 if r == _row_start(FM, FH[t], j) + 2 * FH[t] - 1:
-                    _adjoint_row_out(acc, _acc_slot(FH, FW, L, COLS, VEC, t, j, 0), terms[t], n, nn, c, cc,
+                    _adjoint_row_out(acc, _acc_slot(FH, FW, L, COLS, VEC, t, j, 0), terms[t], n, N, nn, c, cc,
                                      (FM // FH[t]) * S + j, (FM // FH[t]) * h0, q, tile, tiles_q, C, first_x,
                                      last_x, HAS_SCALE[t], NEED_DZ[t], NEED_DSCALE[t], NEED_DSHIFT[t], FW[t], P[t],
                                      L, WM, COLS, VEC, INT64)
@@ -906,8 +936,8 @@ def _row_add(a, v, k: tl.constexpr, f: tl.constexpr, first, last):
 
 
 @triton.jit
-def _adjoint_row_out(acc, base: tl.constexpr, term, n, nn, c, cc, sy, h, q, tile, tiles_q, C, first_x, last_x,
-                     HAS_SCALE: tl.constexpr, NEED_DZ: tl.constexpr, NEED_DSCALE: tl.constexpr,
+def _adjoint_row_out(acc, base: tl.constexpr, term, n, N, nn, c, cc, sy, h, q, tile, tiles_q, C, first_x,
+                     last_x, HAS_SCALE: tl.constexpr, NEED_DZ: tl.constexpr, NEED_DSCALE: tl.constexpr,
                      NEED_DSHIFT: tl.constexpr, F: tl.constexpr, P: tl.constexpr, L: tl.constexpr,
                      WM: tl.constexpr, COLS: tl.constexpr, VEC: tl.constexpr, INT64: tl.constexpr):
     """`_adjoint_phases`' epilogue for one source row sy (of h) of one term of `_adjoint_row_kernel`: its row
@@ -942,7 +972,7 @@ def _adjoint_row_out(acc, base: tl.constexpr, term, n, nn, c, cc, sy, h, q, tile
             sum_uz += u * z.to(tl.float32)
         sum_u += u
     row_id = n * (h * tiles_q) + sy * tiles_q + tile
-    R = tl.num_programs(2) * (h * tiles_q)
+    R = N * (h * tiles_q)
     if NEED_DSCALE:
         tl.store(part_ptr + row_id * C + c, tl.sum(sum_uz, axis=1))
     if NEED_DSHIFT:
@@ -1316,12 +1346,15 @@ def fuse_backward(plan: FusePlan, grad_y: Tensor, y: Optional[Tensor], xs: Seque
 
 def fuse_backward_rows(calls: Sequence[BackwardCall]) -> List[List[Grads]]:
     """`fuse_backward` of several rows (a fusion step's) with their launches shared: one output-size launch for
-    every row (`_fuse_backward_same_kernel`, a program range per row), each row's adjoints, one
+    every row (`_fuse_backward_same_kernel`, a program range per row), one adjoint-row launch for every row's
+    phase-form upsampled terms (`_adjoint_rows_kernel`), the other upsampled terms one launch each, one
     `_reduce_partials_kernel` launch for every row's sums. Each row's arithmetic is that of its own call."""
     rows = [_RowBackward(call) for call in calls]
     _same_launch([row.same for row in rows if row.same is not None])
-    for row in rows:
-        row.adjoints()
+    # several rows share one adjoint-row launch, a row's single phase-form term included; one row keeps
+    # `_upsample_adjoint_kernel` for a single term
+    min_row_terms = 1 if sum(bool(row.row_group(1)) for row in rows) >= 2 else 2
+    _adjoint_launch_rows([e for e in (row.adjoints(min_row_terms) for row in rows) if e is not None])
     reduce_partials([row.pending for row in rows])
     return [row.result() for row in rows]
 
@@ -1372,20 +1405,28 @@ class _RowBackward:
         self.outs.append(out)
         return out
 
-    def adjoints(self) -> None:
-        """The upsampled terms' launches (they read g, which the output-size launch wrote)."""
+    def row_group(self, min_terms: int) -> List[int]:
+        """The upsampled terms of this row's adjoint-row entry (`_adjoint_row_group`)."""
         if not self.upsampled:
-            return
+            return []
+        return _adjoint_row_group(self.upsampled, self.adjoint_cfgs, self.call.xs, min_terms)
+
+    def adjoints(self, min_row_terms: int = 2) -> Optional[_AdjointRow]:
+        """The upsampled terms' gradients (their launches read g, which the output-size launch wrote): the
+        phase-form terms that can share g's reads (`row_group(min_row_terms)`) as this row's entry of one
+        `_adjoint_launch_rows` (returned: the caller launches it, with the other rows' entries), each other term
+        in its own launch here."""
+        if not self.upsampled:
+            return None
         plan, _, _, xs, scales, shifts, needs = self.call[:7]
         C, cfgs = self.C, self.adjoint_cfgs
         term_needs = {k: (needs[k][0], needs[k][1] and plan.terms[k].has_scale,
                           needs[k][2] and plan.terms[k].has_shift) for k in self.upsampled}
         term_parts = {k: self.parts[start:start + 2 * cfgs[k][3] * C].view(2, cfgs[k][3], C)
                       for k, start in zip(self.upsampled, self.starts)}
-        # the phase-form terms that can share g's reads: one `_adjoint_row_kernel` launch for them all
-        row = _adjoint_row_group(self.upsampled, cfgs, xs)
-        row_dz = _adjoint_row_launch(plan, row, self.g, xs, scales, term_needs, self.int64, cfgs,
-                                     term_parts) if row else {}
+        row = self.row_group(min_row_terms)
+        row_dz, entry = _adjoint_row_entry(plan, row, self.g, xs, scales, term_needs, self.int64, cfgs,
+                                           term_parts) if row else ({}, None)
         for k, start in zip(self.upsampled, self.starts):
             R = cfgs[k][3]
             _, need_dscale, need_dshift = term_needs[k]
@@ -1396,6 +1437,7 @@ class _RowBackward:
                                      term_parts[k])
             self.grads[k] = (dz, self._reduced(scales[k], start, R) if need_dscale else None,
                              self._reduced(shifts[k], start + R * C, R) if need_dshift else None)
+        return entry
 
     @property
     def pending(self) -> PendingSums:
@@ -1644,12 +1686,14 @@ ADJOINT_ROW_MAX_TERMS = 3
 ADJOINT_ROW_MAX_TERMS_WIDE = 2
 
 
-def _adjoint_row_group(upsampled: Sequence[int], cfgs: dict, xs: Sequence[Tensor]) -> List[int]:
+def _adjoint_row_group(upsampled: Sequence[int], cfgs: dict, xs: Sequence[Tensor], min_terms: int = 2
+                       ) -> List[int]:
     """The upsampled terms (indices, in order) that one `_adjoint_row_kernel` launch takes: those in the
     adjoint's phase form whose configurations (`_adjoint_config`) share BLOCK_C, BLOCK_Q, the output columns
     per thread (PQ x PW) and COLS, and whose sources share a dtype, the first such up to ADJOINT_ROW_MAX_TERMS
     (a [BLOCK_C, BLOCK_Q] program of ADJOINT_PHASE_THREADS cells, one per thread) or ADJOINT_ROW_MAX_TERMS_WIDE;
-    [] unless at least two (one term keeps `_upsample_adjoint_kernel`)."""
+    [] unless at least `min_terms` (one row's single term keeps `_upsample_adjoint_kernel`; a step's rows share
+    one launch, single terms included: `fuse_backward_rows`)."""
     def key(k):
         block_c, _, block_w, _, _, phase = cfgs[k]
         return block_c, block_w // phase[2], phase[2] * phase[1], phase[3], xs[k].dtype
@@ -1663,7 +1707,7 @@ def _adjoint_row_group(upsampled: Sequence[int], cfgs: dict, xs: Sequence[Tensor
     narrow = block_c * (block_w // phase[2]) == ADJOINT_PHASE_THREADS
     group = [k for k in phased if key(k) == key(phased[0])]
     group = group[:ADJOINT_ROW_MAX_TERMS if narrow else ADJOINT_ROW_MAX_TERMS_WIDE]
-    return group if len(group) >= 2 else []
+    return group if len(group) >= min_terms else []
 
 
 def _reads_pairs(g: Tensor, cols: bool) -> bool:
@@ -1674,12 +1718,24 @@ def _reads_pairs(g: Tensor, cols: bool) -> bool:
             and g.data_ptr() % 4 == 0)
 
 
-def _adjoint_row_launch(plan: FusePlan, row: Sequence[int], g: Tensor, xs: Sequence[Tensor],
-                        scales: Sequence[Optional[Tensor]], needs: Dict[int, Tuple[bool, bool, bool]], int64: bool,
-                        cfgs: dict, parts: Dict[int, Tensor]) -> Dict[int, Optional[Tensor]]:
-    """One `_adjoint_row_kernel` launch for the terms `row` (`_adjoint_row_group`): dz by term index (None
-    unless needs[k][0]); each term's partial sums into parts[k] [2, R, C] as its own `_adjoint_launch` would
-    write them. g stands in for what a term does not read (its z without d(scale), scale, dz)."""
+class _AdjointRow(NamedTuple):
+    """One row's `_adjoint_row_kernel` launch: its arguments (g, g strides, W, h0, C, terms), grid (pixel
+    programs, channel blocks, images) and constexprs but INT64."""
+
+    args: tuple
+    grid: Tuple[int, int, int]
+    constexprs: dict
+    int64: bool
+
+
+def _adjoint_row_entry(plan: FusePlan, row: Sequence[int], g: Tensor, xs: Sequence[Tensor],
+                       scales: Sequence[Optional[Tensor]], needs: Dict[int, Tuple[bool, bool, bool]], int64: bool,
+                       cfgs: dict, parts: Dict[int, Tensor]
+                       ) -> Tuple[Dict[int, Optional[Tensor]], Optional[_AdjointRow]]:
+    """dz by term index (None unless needs[k][0]) of the terms `row` (`_adjoint_row_group`) and the
+    `_adjoint_row_kernel` launch that writes them (None: empty), each term's partial sums into parts[k] [2, R,
+    C] as its own `_adjoint_launch` would write them. g stands in for what a term does not read (its z without
+    d(scale), scale, dz)."""
     N, C, H, W = g.shape
     block_c, _, block_w, _, _, phase = cfgs[row[0]]
     block_q = block_w // phase[2]
@@ -1687,22 +1743,38 @@ def _adjoint_row_launch(plan: FusePlan, row: Sequence[int], g: Tensor, xs: Seque
     fw = tuple(cfgs[k][5][1] for k in row)
     pq = tuple(cfgs[k][5][2] for k in row)
     dzs = {k: _empty_grad(xs[k], g) if needs[k][0] else None for k in row}
-    if N * C * H * W > 0:
-        terms = []
-        for k in row:
-            z = xs[k] if needs[k][1] else g
-            dz = _or(dzs[k], g)
-            terms.append((z, tuple(z.stride()), _or(scales[k], g), dz, tuple(dz.stride()), parts[k]))
-        h0 = H // max(fh)
-        grid = launch_grid(h0 * (W // (block_q * phase[2] * phase[1])), C // block_c, N)
-        with _device_context(g):
-            _adjoint_row_kernel[grid](
-                g, tuple(g.stride()), W, h0, C, tuple(terms),
-                HAS_SCALE=tuple(plan.terms[k].has_scale for k in row), NEED_DZ=tuple(needs[k][0] for k in row),
-                NEED_DSCALE=tuple(needs[k][1] for k in row), NEED_DSHIFT=tuple(needs[k][2] for k in row), FH=fh,
-                FW=fw, P=pq, COLS=phase[3], INT64=int64 or any(needs_int64(xs[k], dzs[k]) for k in row),
-                BLOCK_C=block_c, BLOCK_Q=block_q, PAIRS=_reads_pairs(g, phase[3]), num_warps=4)
-    return dzs
+    if N * C * H * W == 0:
+        return dzs, None
+    terms = []
+    for k in row:
+        z = xs[k] if needs[k][1] else g
+        dz = _or(dzs[k], g)
+        terms.append((z, tuple(z.stride()), _or(scales[k], g), dz, tuple(dz.stride()), parts[k]))
+    h0 = H // max(fh)
+    grid = launch_grid(h0 * (W // (block_q * phase[2] * phase[1])), C // block_c, N)
+    constexprs = dict(HAS_SCALE=tuple(plan.terms[k].has_scale for k in row), NEED_DZ=tuple(needs[k][0] for k in row),
+                      NEED_DSCALE=tuple(needs[k][1] for k in row), NEED_DSHIFT=tuple(needs[k][2] for k in row),
+                      FH=fh, FW=fw, P=pq, COLS=phase[3], BLOCK_C=block_c, BLOCK_Q=block_q,
+                      PAIRS=_reads_pairs(g, phase[3]))
+    return dzs, _AdjointRow((g, tuple(g.stride()), W, h0, C, tuple(terms)), grid, constexprs,
+                            int64 or any(needs_int64(xs[k], dzs[k]) for k in row))
+
+
+def _adjoint_launch_rows(rows: Sequence[_AdjointRow]) -> None:
+    """One `_adjoint_row_kernel` launch for one row's entry, one `_adjoint_rows_kernel` launch for several (a
+    step's rows: row k's programs follow row k-1's on the 1-D grid)."""
+    if not rows:
+        return
+    if len(rows) == 1:
+        (row,) = rows
+        with _device_context(row.args[0]):
+            _adjoint_row_kernel[row.grid](*row.args, INT64=row.int64, **row.constexprs, num_warps=4)
+        return
+    # (g, g strides, W, h0, C, N, terms, pixel programs, channel blocks)
+    args = [(*r.args[:5], r.grid[2], r.args[5], r.grid[0], r.grid[1]) for r in rows]
+    entries, start, per_row = _program_ranges(args, [math.prod(r.grid) for r in rows], [r.constexprs for r in rows])
+    with _device_context(rows[0].args[0]):
+        _adjoint_rows_kernel[launch_grid(start)](entries, INT64=any(r.int64 for r in rows), **per_row, num_warps=4)
 
 
 def upsample_term_backward(term: TermPlan, g: Tensor, z: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],

@@ -242,8 +242,8 @@ def test_adjoint_row_matches_per_term_launches_bitwise(dtype, layout, which, mon
     """The row launch computes each term's `_upsample_adjoint_kernel` phase-form arithmetic in its order: the
     same dz and the same partial sums (so the same d(scale), d(shift)) as one launch per term, bit for bit, NaN
     and inf included (g non-finite at the image's first and last rows and columns and inside). "some": a term
-    without dz, one without d(scale) (z not read). bf16 NCHW also through fuse_backward: one row launch and the
-    same gradients as one launch per term."""
+    without dz, one without d(scale) (z not read). bf16 NCHW also with g read column by column and with 64-bit
+    offsets. (A step's rows sharing the launch: test_backward_rows_match_per_row_calls_bitwise.)"""
     plan, kxs, kscales, kshifts, terms, K = _adjoint_phase_terms(ADJOINT_ROW, dtype, layout)
     max_q = 1 if layout == "nchw" else 2  # two column tiles (16 / 8 output columns per thread)
     # fp32 channels_last: [4 x 2] programs of one element per thread (ADJOINT_PHASE_THREADS, its row launch's cells)
@@ -270,7 +270,7 @@ def test_adjoint_row_matches_per_term_launches_bitwise(dtype, layout, which, mon
         return {k: torch.full((2, cfgs[k][3], C), float("nan"), dtype=torch.float32, device=g.device) for k in row}
 
     row_parts, term_parts = parts(), parts()
-    row_dz = K._adjoint_row_launch(plan, row, g, kxs, kscales, needs, False, cfgs, row_parts)
+    row_dz = _adjoint_row_launch(K, plan, row, g, kxs, kscales, needs, False, cfgs, row_parts)
     for k in row:
         dz = K._adjoint_launch(plan.terms[k], g, kxs[k], kscales[k], needs[k], False, cfgs[k], term_parts[k])
         assert (dz is None) == (row_dz[k] is None) == (not needs[k][0])
@@ -289,27 +289,16 @@ def test_adjoint_row_matches_per_term_launches_bitwise(dtype, layout, which, mon
     g_odd = torch.empty(g.numel() + 1, dtype=g.dtype, device=g.device)[1:].view(g.shape).copy_(g)
     assert K._reads_pairs(g, False) and not K._reads_pairs(g_odd, False) and not K._reads_pairs(g, True)
     for g_other, int64 in ((g_odd, False), (g, True)):
-        other_dz = K._adjoint_row_launch(plan, row, g_other, kxs, kscales, needs, int64, cfgs, parts())
+        other_dz = _adjoint_row_launch(K, plan, row, g_other, kxs, kscales, needs, int64, cfgs, parts())
         for k in row:
             assert torch.equal(other_dz[k].view(bits), row_dz[k].view(bits)), (k, int64)
 
-    monkeypatch.undo()  # the launchers' own tiles
-    launched = []
-    monkeypatch.setattr(K, "_adjoint_row_kernel", _Spy(K._adjoint_row_kernel, launched))
-    y = K.fuse_forward(plan, kxs, kscales, kshifts)
-    grad_y = torch.randn_like(y)
-    fuse_needs = [(True, True, True)] * len(kxs)
-    grads = K.fuse_backward(plan, grad_y, y, kxs, kscales, kshifts, fuse_needs)
-    assert len(launched) == 1
-    monkeypatch.setattr(K, "_adjoint_row_group", lambda *args: [])
-    per_term = K.fuse_backward(plan, grad_y, y, kxs, kscales, kshifts, fuse_needs)
-    assert len(launched) == 1
-    for k, (a, e) in enumerate(zip(grads, per_term)):
-        for name, x, x_e in zip(("dx", "dscale", "dshift"), a, e):
-            assert (x is None) == (x_e is None), (k, name)
-            if x is not None:
-                assert torch.equal(x.view(torch.int16 if x.dtype == BF16 else torch.int32),
-                                   x_e.view(torch.int16 if x_e.dtype == BF16 else torch.int32)), (k, name)
+
+def _adjoint_row_launch(K, *args):
+    """The terms of `K._adjoint_row_entry(*args)` through their one `_adjoint_row_kernel` launch: dz by term."""
+    dzs, entry = K._adjoint_row_entry(*args)
+    K._adjoint_launch_rows([entry])
+    return dzs
 
 
 class _Spy:
@@ -324,14 +313,18 @@ class _Spy:
 
 
 @pytest.mark.parametrize("dtype, layout", [(BF16, "nchw"), (F32, "channels_last")], ids=["bf16_nchw", "fp32_cl"])
-def test_backward_rows_match_per_row_calls_bitwise(dtype, layout):
-    """`fuse_backward_rows` (a step's rows: one output-size launch, one reduction launch for all) gives each row's
-    gradients bitwise as its own `fuse_backward` call, for rows of different channels, sizes, term mixes and
-    accumulation dtypes; a `scaled_by_caller` term gets g itself (no dx written) and the rest is unchanged."""
+def test_backward_rows_match_per_row_calls_bitwise(dtype, layout, monkeypatch):
+    """`fuse_backward_rows` (a step's rows: one output-size launch, one adjoint-row launch, one reduction launch
+    for all) gives each row's gradients bitwise as its own `fuse_backward` call, for rows of different channels,
+    sizes, term mixes and accumulation dtypes; a `scaled_by_caller` term gets g itself (no dx written) and the
+    rest is unchanged. Row 0's x2 and x4 terms and row 1's single x2 term share the adjoint-row launch (alone,
+    row 1's takes `_upsample_adjoint_kernel`); row 0's 3 -> 8 term and row 1's nearest one keep their own
+    launches."""
     from hrfast.kernels import fuse as K
 
-    cases = [Case((6, 10), [((6, 10), None), ((3, 5), bil()), ((2, 3), bil())], N=2, C=3),
-             Case((3, 5), [((3, 5), None), ((3, 5), None), ((2, 3), near())], N=2, C=5, affine="mixed"),
+    cases = [Case((8, 12), [((8, 12), None), ((4, 6), bil()), ((2, 3), bil()), ((3, 5), bil())], N=2, C=3),
+             Case((4, 6), [((4, 6), None), ((4, 6), None), ((2, 3), near()), ((2, 3), bil())], N=2, C=5,
+                  affine="mixed"),
              Case((2, 3), [((2, 3), None)] * 4, N=2, C=9, affine="mixed")]  # "mixed": term 1 unscaled
     calls, alone = [], []
     row_dtypes = [dtype, dtype, F64]  # an fp64 row: its sums in a launch of their own (one per accumulation dtype)
@@ -345,7 +338,13 @@ def test_backward_rows_match_per_row_calls_bitwise(dtype, layout):
         scaled = [k for k, t in enumerate(plan.terms) if t.mode == 0 and t.has_scale]
         calls.append(K.BackwardCall(plan, grad_y, y, kxs, kscales, kshifts, needs, scaled))
     assert [len(c.scaled_by_caller) for c in calls] == [1, 1, 3]
-    for call, together, own, row_dtype in zip(calls, K.fuse_backward_rows(calls), alone, row_dtypes):
+    launched = {name: [] for name in ("_adjoint_rows_kernel", "_adjoint_row_kernel", "_upsample_adjoint_kernel")}
+    for name, grids in launched.items():
+        monkeypatch.setattr(K, name, _Spy(getattr(K, name), grids))
+    rows = K.fuse_backward_rows(calls)
+    assert {name: len(grids) for name, grids in launched.items()} == {
+        "_adjoint_rows_kernel": 1, "_adjoint_row_kernel": 0, "_upsample_adjoint_kernel": 2}
+    for call, together, own, row_dtype in zip(calls, rows, alone, row_dtypes):
         g = torch.where(call.y <= 0, torch.zeros_like(call.grad_y), call.grad_y)
         acc = torch.float64 if row_dtype == F64 else torch.float32
         for k, (grads, expected) in enumerate(zip(together, own)):

@@ -67,6 +67,17 @@ def fuse_forward_backward(problem, force_int64=False) -> None:
                     force_int64=force_int64)
 
 
+def step_forward_backward(problems, force_int64=False) -> None:
+    """A fusion step's rows through their shared launches (`fuse_forward_rows`, `fuse_backward_rows`)."""
+    from hrfast.kernels import fuse as K
+
+    ys = K.fuse_forward_rows(problems, force_int64)
+    K.fuse_backward_rows([K.BackwardCall(plan, torch.randn_like(y), y, xs, scales, shifts,
+                                         [(True, s is not None, b is not None) for s, b in zip(scales, shifts)],
+                                         force_int64=force_int64)
+                          for (plan, xs, scales, shifts), y in zip(problems, ys)])
+
+
 def record_fuse_cases() -> None:
     bil, _, near = _resamples()
     for dtype in DTYPES:
@@ -83,6 +94,12 @@ def record_fuse_cases() -> None:
                 fuse_forward_backward(fuse_problem(dtype, sizes, [None, bil, bil, bil], channels_last), force_int64)
     for dtype in (torch.float32, torch.bfloat16):
         fuse_forward_backward(fuse_problem(dtype, *_many_terms()))
+    # a step's grouped launches with 64-bit offsets (the HRNet configurations take 32-bit ones): rows of x2 / x4
+    # / x8 and of one x2 term share the adjoint-row launch
+    sizes = _fuse_cases()[0][0]
+    bil = _resamples()[0]
+    step_forward_backward([fuse_problem(torch.bfloat16, sizes, [None, bil, bil, bil]),
+                           fuse_problem(torch.bfloat16, sizes[1:3], [None, bil])], force_int64=True)
 
 
 def record_head_cases() -> None:

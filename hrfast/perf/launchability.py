@@ -50,7 +50,7 @@ MODES = ("inference", "training")
 HEAD_KERNELS = ("_head_stats_kernel", "_head_forward_kernel", "_head_backward_reduce_kernel",
                 "_head_backward_ds_kernel")
 MEMORY_BOUND = ("_fuse_forward_kernel", "_fuse_forward_rows_kernel", "_fuse_backward_same_kernel",
-                "_upsample_adjoint_kernel", "_adjoint_row_kernel")
+                "_upsample_adjoint_kernel", "_adjoint_row_kernel", "_adjoint_rows_kernel")
 
 _HEAD_SPILLS = ("the head's tile kernels (issue 14) hold the x0 tile, the interpolation matrices and several dot "
                 "results per chunk; fp32's 3xTF32 dots triple the operands and still spill somewhere (Triton 3.8, "

@@ -84,8 +84,17 @@ def _adjoint_elements(p: Params) -> int:
 
 def _adjoint_row_elements(p: Params) -> int:
     """The source pixels of all the row's terms (g's size over each term's factors)."""
-    N, C, H, W = p["g_ptr"].shape
-    return sum(N * C * (H // fh) * (W // fw) for fh, fw in zip(p["FH"], p["FW"]))
+    return _row_source_pixels(p["g_ptr"], p["FH"], p["FW"])
+
+
+def _adjoint_rows_elements(p: Params) -> int:
+    """The source pixels of every row's terms (`rows[k][0]`: row k's g)."""
+    return sum(_row_source_pixels(row[0], fh, fw) for row, fh, fw in zip(p["rows"], p["FH"], p["FW"]))
+
+
+def _row_source_pixels(g, fh: Sequence[int], fw: Sequence[int]) -> int:
+    N, C, H, W = g.shape
+    return sum(N * C * (H // a) * (W // b) for a, b in zip(fh, fw))
 
 
 def _adjoint_unread(p: Params) -> Sequence[str]:
@@ -232,6 +241,8 @@ KERNELS: Dict[str, KernelWork] = {
     # source row of BLOCK_Q x L output columns per program, its window's rows and every term unrolled, no loop;
     # what a term does not read is g passed again (counted once)
     "_adjoint_row_kernel": KernelWork(trips=lambda p: [], elements=_adjoint_row_elements),
+    # a step's rows' `_adjoint_row_kernel` launches in one, program ranges of the 1-D grid: no loop
+    "_adjoint_rows_kernel": KernelWork(trips=lambda p: [], elements=_adjoint_rows_elements),
     # program (channel block, output): a loop over its [R_i, C] partials BLOCK_R rows at a time
     "_reduce_partials_kernel": KernelWork(trips=_reduce_trips,
                                           elements=lambda p: sum(c for _, _, _, c in p["sources"])),

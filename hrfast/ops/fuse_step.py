@@ -8,8 +8,9 @@ of its own. As one node, the step's backward
 - lets the batch-norm backward read each row's g (written once anyway: the gradient of the row's own branch)
   and apply the scale as it reads it (`BackwardCall.scaled_by_caller`, the batch-norm kernel's G_SCALED):
   one full-resolution write less per strided-down term (W48 stage 4: six terms, 34.6 MB in bf16);
-- runs every row's output-size backward in one `_fuse_backward_same_kernel` launch and sums every row's
-  per-channel gradients in one `_reduce_partials_kernel` launch (one of each per row before).
+- runs every row's output-size backward in one `_fuse_backward_same_kernel` launch, every row's phase-form
+  upsampled terms in one `_adjoint_rows_kernel` launch, and sums every row's per-channel gradients in one
+  `_reduce_partials_kernel` launch (one of each per row before).
 The forward runs every row's fused kernel in one launch (`fuse_forward_rows`). The arithmetic is the
 row-by-row path's, but for dz of a strided-down term, now rounded once (g * scale is no longer stored in the
 term's dtype first).

@@ -31,10 +31,10 @@ a thread owns a few source pixels of one source row, reads its window of g once 
 column by column (channels_last), sums it over the window's rows with compile-time tent weights, then over
 each pixel's columns. Where a row has several such terms, `_adjoint_row_kernel` runs them in one launch that
 reads g once (a program owns a row of the coarsest term's source pixels and the finer terms' source rows under
-it; the same arithmetic per term, so the same bits as one launch per term); a fusion step's rows share one
-`_adjoint_rows_kernel` launch (a program range each, single terms included). No atomics anywhere: per-channel gradients are per-tile partial sums, all of a backward call in one buffer, reduced
-in a fixed order by one `_reduce_partials_kernel` launch straight into each gradient's own [C] tensor (no ATen
-sums or copies), so results are bitwise deterministic.
+it; the same arithmetic per term, so the same bits as one launch per term); a step's rows can share one
+`_adjoint_rows_kernel` launch. No atomics anywhere: per-channel gradients are per-tile partial sums, all of a
+backward call in one buffer, reduced in a fixed order by one `_reduce_partials_kernel` launch straight into
+each gradient's own [C] tensor (no ATen sums or copies), so results are bitwise deterministic.
 """
 from __future__ import annotations
 
@@ -818,7 +818,9 @@ def _adjoint_rows_kernel(rows, HAS_SCALE: tl.constexpr, NEED_DZ: tl.constexpr, N
     BLOCK_C, BLOCK_Q, PAIRS), each one program of that row's `_adjoint_row_kernel` grid, pixel programs fastest,
     then channel blocks, then images. A row may have one term here."""
     pid = tl.program_id(0)
-    for k in tl.static_range(len(rows)):
+    # the rows' code in reverse order: in row order ptxas gave sm_80 W48 bf16 255 registers and 44 B of spills
+    # (row 0 alone 178); in reverse 189, no spills (sm_90 190 -> 194)
+    for k in tl.static_range(len(rows) - 1, -1, -1):
         (g_ptr, g_strides, W, h0, C, N, terms, tiles_p, tiles_c, start, end) = rows[k]
         if (pid >= start) & (pid < end):
             local = pid - start
@@ -1351,11 +1353,14 @@ def fuse_backward_rows(calls: Sequence[BackwardCall]) -> List[List[Grads]]:
     `_reduce_partials_kernel` launch for every row's sums. Each row's arithmetic is that of its own call."""
     rows = [_RowBackward(call) for call in calls]
     _same_launch([row.same for row in rows if row.same is not None])
-    # several rows share one adjoint-row launch, a row's single phase-form term included; one row keeps
-    # `_upsample_adjoint_kernel` for a single term
-    min_row_terms = 1 if sum(bool(row.row_group(1)) for row in rows) >= 2 else 2
-    _adjoint_launch_rows([e for e in (row.adjoints(min_row_terms) for row in rows) if e is not None])
+    # rows that share the adjoint-row launch take a single phase-form term into it too; else a single term keeps
+    # `_upsample_adjoint_kernel` and each row's terms their own launch
+    shared = _shares_adjoint_launch(rows)
+    entries = [e for e in (row.adjoints(1 if shared else 2) for row in rows) if e is not None]
+    for group in [entries] if shared else [[e] for e in entries]:
+        _adjoint_launch_rows(group)
     reduce_partials([row.pending for row in rows])
+
     return [row.result() for row in rows]
 
 
@@ -1708,6 +1713,25 @@ def _adjoint_row_group(upsampled: Sequence[int], cfgs: dict, xs: Sequence[Tensor
     group = [k for k in phased if key(k) == key(phased[0])]
     group = group[:ADJOINT_ROW_MAX_TERMS if narrow else ADJOINT_ROW_MAX_TERMS_WIDE]
     return group if len(group) >= min_terms else []
+
+
+# Cells ([channel, column group] pairs) per program of every row in a shared adjoint-row launch: a program of
+# fewer cells than threads replicates values across threads and takes more registers, and together such rows
+# spilled (W18 training, 4-8 B: sm_80 bf16 channels_last [2 x 32] / [4 x 16] / [8 x 8] programs, sm_90 fp16
+# [2 x 16] / [4 x 8]); W48's rows hold one or more per thread.
+ADJOINT_ROWS_MIN_CELLS = ADJOINT_PHASE_THREADS
+
+
+def _shares_adjoint_launch(rows: Sequence[_RowBackward]) -> bool:
+    """Whether a step's rows share one `_adjoint_rows_kernel` launch: at least two of them have phase-form terms
+    (`_adjoint_row_group`), each on programs of at least ADJOINT_ROWS_MIN_CELLS cells."""
+    firsts = [(row, group[0]) for row in rows for group in [row.row_group(1)] if group]
+
+    def cells(row, k):
+        block_c, _, block_w, _, _, phase = row.adjoint_cfgs[k]
+        return block_c * (block_w // phase[2])
+
+    return len(firsts) >= 2 and all(cells(row, k) >= ADJOINT_ROWS_MIN_CELLS for row, k in firsts)
 
 
 def _reads_pairs(g: Tensor, cols: bool) -> bool:

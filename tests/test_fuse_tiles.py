@@ -338,6 +338,7 @@ def test_backward_rows_match_per_row_calls_bitwise(dtype, layout, monkeypatch):
         scaled = [k for k, t in enumerate(plan.terms) if t.mode == 0 and t.has_scale]
         calls.append(K.BackwardCall(plan, grad_y, y, kxs, kscales, kshifts, needs, scaled))
     assert [len(c.scaled_by_caller) for c in calls] == [1, 1, 3]
+    monkeypatch.setattr(K, "ADJOINT_ROWS_MIN_CELLS", 1)  # these rows' programs hold a few cells (C = 3, 5)
     launched = {name: [] for name in ("_adjoint_rows_kernel", "_adjoint_row_kernel", "_upsample_adjoint_kernel")}
     for name, grids in launched.items():
         monkeypatch.setattr(K, name, _Spy(getattr(K, name), grids))

@@ -532,15 +532,14 @@ def test_recording_training_attributes_backward_launches_and_fold_ops(w18_traini
         assert len(stats[0].params["terms"]) == sum(t.has_scale for call in step for t in call.plan.terms)
         backward = step[0].launches["backward"]
         names = [l.name for l in backward]
-        # every row's phase-form terms in one `_adjoint_rows_kernel` launch (one `_adjoint_row_kernel` launch
-        # where only one row has them, of two terms or more), the others one launch each
-        grouped = [l for l in backward if l.name == "_adjoint_rows_kernel"]
+        # a row's phase-form terms in one `_adjoint_row_kernel` launch (two or more), the others one launch each;
+        # W18 at 64x128 runs programs of fewer cells than threads, so its rows do not share one
+        # `_adjoint_rows_kernel` launch (`ADJOINT_ROWS_MIN_CELLS`; W48's do: benchmarks/results/fusion_kernel)
+        assert "_adjoint_rows_kernel" not in names
         rows = [l for l in backward if l.name == "_adjoint_row_kernel"]
-        assert len(grouped) + len(rows) <= 1 and all(len(l.params["FH"]) >= 2 for l in rows)
-        row_terms = sum(len(l.params["FH"]) for l in rows) + sum(len(fh) for l in grouped for fh in l.params["FH"])
+        assert all(len(l.params["FH"]) >= 2 for l in rows)
         upsampled = sum(t.mode != 0 for call in step for t in call.plan.terms)
-        assert names.count("_upsample_adjoint_kernel") + row_terms == upsampled
-        assert len(grouped) == (len(step) > 2)  # W18 NCHW fp32: stage 3 and 4's rows 0-2 (x2 for stage 2)
+        assert names.count("_upsample_adjoint_kernel") + sum(len(l.params["FH"]) for l in rows) == upsampled
         (same,) = [l for l in backward if l.name == "_fuse_backward_same_kernel"]  # every row's, one launch
         assert len(same.params["rows"]) == sum(any(t.mode == 0 for t in call.plan.terms) for call in step)
         (forward,) = [l for l in step[0].launches["forward"] if l.name == "_fuse_forward_rows_kernel"]
@@ -554,6 +553,29 @@ def test_recording_training_attributes_backward_launches_and_fold_ops(w18_traini
     assert sum(op.name == "einsum" and op.flops > 0 for op in head.ops["backward"]) == 2
     assert sum(op.name == "convolution_backward" for op in head.ops["backward"]) == 3
 
+
+
+def test_w48_stage4_training_step_shares_one_adjoint_launch():
+    """W48's stage-4 step in training (bf16, b8 at 128x256 on meta tensors, as the patched model runs it): every
+    upsampled term of rows 0-2 (x2 / x4 / x8, x2 / x4, x2) in one `_adjoint_rows_kernel` launch, row by row."""
+    from hrfast.models import build_model
+    from hrfast.nn.fusion import fusion_forward
+    from hrfast.perf.opcalls import BACKWARD, recording
+    from hrfast.plan import Resample
+
+    with torch.device("meta"):
+        model = build_model("hrnetv2_w48_seg")
+    fuse = [m for m in model.modules() if getattr(m, "fuse_layers", None) is not None][-1]
+    layers = fuse.fuse_layers.to(torch.bfloat16).train()
+    xs = [torch.empty((8, c, 128 >> j, 256 >> j), dtype=torch.bfloat16, device="meta", requires_grad=True)
+          for j, c in enumerate((48, 96, 192, 384))]
+    with recording() as attribution:
+        ys = fusion_forward(layers, xs, default=Resample("bilinear", align_corners=False), backend="triton")
+        torch.autograd.backward(ys, [torch.empty_like(y) for y in ys])
+    backward = [l for call in attribution.calls for l in call.launches[BACKWARD]]
+    (adjoint,) = [l for l in backward if "adjoint" in l.name]
+    assert adjoint.name == "_adjoint_rows_kernel"
+    assert adjoint.params["FH"] == ((2, 4, 8), (2, 4), (2,))
 
 def test_trip_count_table_covers_every_kernel():
     """Every kernel the launchers launch (`name[grid](...)`) has trip counts, or is listed as unknown."""

@@ -68,14 +68,20 @@ def fuse_forward_backward(problem, force_int64=False) -> None:
 
 
 def step_forward_backward(problems, force_int64=False) -> None:
-    """A fusion step's rows through their shared launches (`fuse_forward_rows`, `fuse_backward_rows`)."""
+    """A fusion step's rows through their shared launches (`fuse_forward_rows`, `fuse_backward_rows`; the
+    adjoint rows share theirs whatever their programs' size)."""
     from hrfast.kernels import fuse as K
 
     ys = K.fuse_forward_rows(problems, force_int64)
-    K.fuse_backward_rows([K.BackwardCall(plan, torch.randn_like(y), y, xs, scales, shifts,
-                                         [(True, s is not None, b is not None) for s, b in zip(scales, shifts)],
-                                         force_int64=force_int64)
-                          for (plan, xs, scales, shifts), y in zip(problems, ys)])
+    calls = [K.BackwardCall(plan, torch.randn_like(y), y, xs, scales, shifts,
+                            [(True, s is not None, b is not None) for s, b in zip(scales, shifts)],
+                            force_int64=force_int64)
+             for (plan, xs, scales, shifts), y in zip(problems, ys)]
+    min_cells, K.ADJOINT_ROWS_MIN_CELLS = K.ADJOINT_ROWS_MIN_CELLS, 1
+    try:
+        K.fuse_backward_rows(calls)
+    finally:
+        K.ADJOINT_ROWS_MIN_CELLS = min_cells
 
 
 def record_fuse_cases() -> None:

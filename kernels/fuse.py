@@ -1706,10 +1706,9 @@ def _adjoint_row_group(upsampled: Sequence[int], cfgs: dict, xs: Sequence[Tensor
     phased = [k for k in upsampled if cfgs[k][5] is not None]
     if not phased:
         return []
-    block_c, _, block_w, _, _, phase = cfgs[phased[0]]
     # 3 only where every thread holds one cell (sm_90 W18 bf16 row 0, [2 x 16] on 128 threads: 16 B spilled;
     # bf16 channels_last [16 x 32])
-    narrow = block_c * (block_w // phase[2]) == ADJOINT_PHASE_THREADS
+    narrow = _phase_cells(cfgs[phased[0]]) == ADJOINT_PHASE_THREADS
     group = [k for k in phased if key(k) == key(phased[0])]
     group = group[:ADJOINT_ROW_MAX_TERMS if narrow else ADJOINT_ROW_MAX_TERMS_WIDE]
     return group if len(group) >= min_terms else []
@@ -1725,13 +1724,15 @@ ADJOINT_ROWS_MIN_CELLS = ADJOINT_PHASE_THREADS
 def _shares_adjoint_launch(rows: Sequence[_RowBackward]) -> bool:
     """Whether a step's rows share one `_adjoint_rows_kernel` launch: at least two of them have phase-form terms
     (`_adjoint_row_group`), each on programs of at least ADJOINT_ROWS_MIN_CELLS cells."""
-    firsts = [(row, group[0]) for row in rows for group in [row.row_group(1)] if group]
+    firsts = [row.adjoint_cfgs[group[0]] for row in rows for group in [row.row_group(1)] if group]
+    return len(firsts) >= 2 and all(_phase_cells(cfg) >= ADJOINT_ROWS_MIN_CELLS for cfg in firsts)
 
-    def cells(row, k):
-        block_c, _, block_w, _, _, phase = row.adjoint_cfgs[k]
-        return block_c * (block_w // phase[2])
 
-    return len(firsts) >= 2 and all(cells(row, k) >= ADJOINT_ROWS_MIN_CELLS for row, k in firsts)
+def _phase_cells(config) -> int:
+    """[channel, column group] cells per program (BLOCK_C x BLOCK_Q) of an adjoint phase-form configuration
+    (`_adjoint_config`)."""
+    block_c, _, block_w, _, _, phase = config
+    return block_c * (block_w // phase[2])
 
 
 def _reads_pairs(g: Tensor, cols: bool) -> bool:

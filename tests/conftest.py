@@ -15,6 +15,23 @@ if not HAS_CUDA:
     # backend="cuda" runs the CUDA kernels through the host build's grid emulation (hrfast._cuda.build)
     os.environ.setdefault("HRFAST_CSRC_ON_CPU", "1")
 
+
+def _interpret_without_overflow_asserts():
+    """The interpreter checks every int32 add / sub / mul for overflow (a device_assert each, as a compiled kernel
+    does only with debug=True): 40% of an interpreted kernel's time, and the tests' tiny shapes cannot overflow
+    (the 64-bit offset paths are tested with force_int64). Interpret as the compiled kernels run."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import dataclasses
+
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    builder.options = dataclasses.replace(builder.options, sanitize_overflow=False)
+
+
+_interpret_without_overflow_asserts()
+
 # device on which the Triton kernels run in this session: the GPU, or the CPU through the interpreter
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 

@@ -11,15 +11,14 @@ The kernels take the plan's terms as tuples with one entry per term: runtime one
 ALIGNS, HAS_SCALE, ...), unrolled with `tl.static_range`; each term count and mix of modes compiles to its
 own variant.
 
-Forward: one program per [BLOCK_C channels x BLOCK_H rows x BLOCK_W columns] tile of one image; every term
-is read once, the sum stays in fp32 (fp64 for fp64 inputs), y is written once. Resampling is separable: source
-taps and weights once per tile row and column (`resample.term_grid`), shared by the tile's channels and the
-other axis. Channel blocks fit HRNet's channel counts (`resample.channel_block`). Strides are arguments, so NCHW and
-channels_last need no copies. Up to MAX_TERMS terms per launch; more are chained through a partial sum in
-the accumulation dtype. bf16 / fp16 / fp32 terms upsampled by powers of 2 (some by 4 or more) take the phase form
-instead (`_fuse_forward_phases`, `_phase_launch`): a thread owns a G x G output block of one channel, loads
-each source pixel the block reads once, and reuses each source row's horizontal interpolation for every
-output row that reads it, with compile-time taps and weights; same arithmetic, same order.
+Forward: one program per [BLOCK_C channels x BLOCK_H rows x BLOCK_W columns] tile of one image; every term is read
+once, the sum stays in fp32 (fp64 for fp64 inputs), y is written once. Resampling is separable: source taps and
+weights once per tile row and column (`resample.term_grid`), shared by the tile's channels and the other axis.
+Channel blocks fit HRNet's channel counts (`resample.channel_block`). Strides are arguments: NCHW and channels_last
+need no copies. Up to MAX_TERMS terms per launch; more chain through a partial sum. bf16 / fp16 / fp32 terms upsampled
+by powers of 2 take the phase form (`_fuse_forward_phases`, `_phase_launch`): a thread owns a G x G output block of
+one channel, loads each source pixel once, reuses each source row's horizontal interpolation for every output row
+that reads it (compile-time taps and weights; same arithmetic, same order), and can write the ReLU's bits (BITS).
 
 Backward: `_fuse_backward_same_kernel` applies the ReLU mask once, writes the gradients of all output-size
 terms in one launch and, if there are upsampled terms, the masked gradient g (which is also the gradient of
@@ -70,52 +69,53 @@ Grads = Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]  # (dx, dsca
 
 @triton.jit
 def _fuse_forward_kernel(
-    out_ptr, C, H, W, out_strides, sources, scales, shifts,
+    out_ptr, C, H, W, out_strides, sources, scales, shifts, relu_bits, bits_strides,
     MODES: tl.constexpr, ALIGNS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     RELU: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr, EXACT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-    G: tl.constexpr = 0, FH: tl.constexpr = None, FW: tl.constexpr = None,
+    G: tl.constexpr = 0, FH: tl.constexpr = None, FW: tl.constexpr = None, BITS: tl.constexpr = False,
 ):
-    """One [BLOCK_C, BLOCK_H, BLOCK_W] output tile per program. The tile's tail (rows, columns, channels past
-    the tensor) is clamped onto the last valid index for every load and masked only at the store; EXACT: the
-    tiles cover the output exactly, no mask at all. G > 0: the phase form (`_fuse_forward_phases`, below), for
-    terms upsampled by powers of 2 (FH / FW: each term's factors), tiles of G rows."""
+    """One [BLOCK_C, BLOCK_H, BLOCK_W] output tile per program; the tile's tail (rows, columns, channels past
+    the tensor) clamped onto the last valid index for every load, masked only at the store; EXACT: the tiles
+    cover the output exactly, no mask. G > 0: the phase form (`_fuse_forward_phases`), for terms upsampled by
+    powers of 2 (FH / FW: each term's factors), tiles of G rows; BITS: it writes the ReLU's bits too."""
     _fuse_forward_program(tl.program_id(0), tl.program_id(1), tl.program_id(2), out_ptr, C, H, W, out_strides,
-                          sources, scales, shifts, MODES, ALIGNS, HAS_SCALE, HAS_SHIFT, RELU, F64, INT64, EXACT,
-                          BLOCK_C, BLOCK_H, BLOCK_W, G, FH, FW)
+                          sources, scales, shifts, relu_bits, bits_strides, MODES, ALIGNS, HAS_SCALE, HAS_SHIFT,
+                          RELU, F64, INT64, EXACT, BLOCK_C, BLOCK_H, BLOCK_W, G, FH, FW, BITS)
 
 
 @triton.jit
 def _fuse_forward_rows_kernel(rows, MODES: tl.constexpr, ALIGNS: tl.constexpr, HAS_SCALE: tl.constexpr,
-                              HAS_SHIFT: tl.constexpr, RELU: tl.constexpr, EXACT: tl.constexpr,
+                              HAS_SHIFT: tl.constexpr, RELU: tl.constexpr, EXACT: tl.constexpr, BITS: tl.constexpr,
                               BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, G: tl.constexpr,
                               FH: tl.constexpr, FW: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr):
     """A step's rows in one launch (`fuse_forward_rows`): programs [start, end) of the 1-D grid are row k's
-    (`rows[k]` = (out, C, H, W, out strides, sources, scales, shifts, pixel tiles, channel blocks, start, end);
-    its constexprs are entry k of the tuples), each one program of `_fuse_forward_kernel`'s grid for that row,
-    pixel tiles fastest, then channel blocks, then images."""
+    (`rows[k]` = (out, C, H, W, out strides, sources, scales, shifts, ReLU bits and strides, pixel tiles,
+    channel blocks, start, end); its constexprs are entry k of the tuples), each one program of
+    `_fuse_forward_kernel`'s grid for that row, pixel tiles fastest, then channel blocks, then images."""
     pid = tl.program_id(0)
     for k in tl.static_range(len(rows)):
-        (out_ptr, C, H, W, out_strides, sources, scales, shifts, tiles_p, tiles_c, start, end) = rows[k]
+        out_ptr, C, H, W, out_strides, sources, scales, shifts, bits, b_strides, tiles_p, tiles_c, start, end = rows[k]
         if (pid >= start) & (pid < end):
             local = pid - start
             _fuse_forward_program(local % tiles_p, local // tiles_p % tiles_c, local // tiles_p // tiles_c,
-                                  out_ptr, C, H, W, out_strides, sources, scales, shifts, MODES[k], ALIGNS[k],
-                                  HAS_SCALE[k], HAS_SHIFT[k], RELU[k], F64, INT64, EXACT[k], BLOCK_C[k],
-                                  BLOCK_H[k], BLOCK_W[k], G[k], FH[k], FW[k])
+                                  out_ptr, C, H, W, out_strides, sources, scales, shifts, bits, b_strides,
+                                  MODES[k], ALIGNS[k], HAS_SCALE[k], HAS_SHIFT[k], RELU[k], F64, INT64, EXACT[k],
+                                  BLOCK_C[k], BLOCK_H[k], BLOCK_W[k], G[k], FH[k], FW[k], BITS[k])
 
 
 @triton.jit
-def _fuse_forward_program(pid_p, pid_c, n, out_ptr, C, H, W, out_strides, sources, scales, shifts,
-                          MODES: tl.constexpr, ALIGNS: tl.constexpr, HAS_SCALE: tl.constexpr,
+def _fuse_forward_program(pid_p, pid_c, n, out_ptr, C, H, W, out_strides, sources, scales, shifts, relu_bits,
+                          bits_strides, MODES: tl.constexpr, ALIGNS: tl.constexpr, HAS_SCALE: tl.constexpr,
                           HAS_SHIFT: tl.constexpr, RELU: tl.constexpr, F64: tl.constexpr, INT64: tl.constexpr,
                           EXACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-                          G: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr):
+                          G: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr, BITS: tl.constexpr):
     """Program (pid_p, pid_c, n) of `_fuse_forward_kernel`: the phase form (G > 0) or the general tile."""
     if G > 0:
-        _fuse_forward_phases(pid_p, pid_c, n, out_ptr, W, out_strides, sources, scales, shifts, MODES, FH, FW,
-                             HAS_SCALE, HAS_SHIFT, RELU, INT64, G, BLOCK_C, BLOCK_W // G)
-    else:
+        _fuse_forward_phases(pid_p, pid_c, n, out_ptr, W, out_strides, sources, scales, shifts, relu_bits,
+                             bits_strides, MODES, FH, FW, HAS_SCALE, HAS_SHIFT, RELU, INT64, G, BLOCK_C,
+                             BLOCK_W // G, BITS)
+    else:  # BITS: the phase form only (`_phase_launch`)
         _fuse_forward_tile(pid_p, pid_c, n, out_ptr, C, H, W, out_strides, sources, scales, shifts, MODES, ALIGNS,
                            HAS_SCALE, HAS_SHIFT, RELU, F64, INT64, EXACT, BLOCK_C, BLOCK_H, BLOCK_W)
 
@@ -311,17 +311,22 @@ def _phase_affine(v, affine, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
 
 
 @triton.jit
-def _fuse_forward_phases(pid_p, pid_c, n, out_ptr, W, out_strides, sources, scales, shifts,
+def _fuse_forward_phases(pid_p, pid_c, n, out_ptr, W, out_strides, sources, scales, shifts, relu_bits, bits_strides,
                          MODES: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr, HAS_SCALE: tl.constexpr,
                          HAS_SHIFT: tl.constexpr, RELU: tl.constexpr, INT64: tl.constexpr, G: tl.constexpr,
-                         BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr):
+                         BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, BITS: tl.constexpr = False):
     """`_fuse_forward_kernel` for terms upsampled by powers of 2 (bilinear without align_corners, or nearest;
     FH[k] / FW[k] the factors, dividing G) in float32 accumulation: one program per G output rows x
     BLOCK_Q * G columns x BLOCK_C channels, which the launcher made cover the output exactly (no masks). Each
     thread owns G columns of one channel: every source pixel its rows read is loaded and converted once, each
     source row's horizontal interpolation computed once per output column and shared by the output rows that
     read it, taps and weights are constants (phases unrolled), and each output row's G columns are stored (an
-    output-size term's read) as one vector. Same arithmetic, in the same order, as `_fuse_forward_kernel`."""
+    output-size term's read) as one vector. Same arithmetic, in the same order, as `_fuse_forward_kernel`.
+
+    BITS (G = 8, ReLU): also the ReLU's backward mask, a bit per element: bit r of byte (n, c, gy, x) of
+    `relu_bits` ([N, C, H / 8, W] uint8) is 0 where output (n, c, 8 gy + r, x) as stored is <= 0 (where
+    `relu_backward` zeroes the gradient), else 1 (NaN included). The thread's G rows of a column are one byte,
+    gathered in registers; the backward reads 1/16 of y's bytes in bf16 (`_same_row_backward`)."""
     tiles_q = W // (G * BLOCK_Q)
     gy = pid_p // tiles_q
     gx = (pid_p % tiles_q) * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -353,6 +358,7 @@ def _fuse_forward_phases(pid_p, pid_c, n, out_ptr, W, out_strides, sources, scal
             prepared = prepared + (_phase_source(chan, gy, gx, sources[k], MODES[k], FH[k], FW[k], G, INT64),)
     o_n, o_c, o_h, o_w = out_strides
     out_base = (nn * o_n + cc * o_c)[:, None, None] + ((G * gxo)[None, :, None] + phase[None, None, :]) * o_w
+    bits = 0
     for r in tl.static_range(G):
         oy = G * gy + r
         if INT64:
@@ -372,7 +378,15 @@ def _fuse_forward_phases(pid_p, pid_c, n, out_ptr, W, out_strides, sources, scal
                 acc += v
         if RELU:
             acc = relu(acc)
-        tl.store(out_ptr + (out_base + oy * o_h), acc.to(out_ptr.dtype.element_ty))
+        y = acc.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + (out_base + oy * o_h), y)
+        if BITS:  # from y as stored: a sum that rounds to 0 is masked, as relu_backward(y) masks it
+            bits = bits | tl.where(y.to(tl.float32) <= 0.0, 0, 1 << r)
+    if BITS:
+        tl.static_assert(G == 8 and RELU, "a byte holds the bits of 8 rows")
+        b_n, b_c, b_h, b_w = bits_strides
+        bits_base = (nn * b_n + cc * b_c)[:, None, None] + ((G * gxo)[None, :, None] + phase[None, None, :]) * b_w
+        tl.store(relu_bits + (bits_base + gy * b_h), bits.to(tl.uint8))
 
 
 # ------------------------------------------------------------------------------------------------- backward
@@ -398,10 +412,11 @@ def _same_term_backward(g, n, c, c_mask, oy, ox, mask, part_ptr, row, R, C, term
 def _fuse_backward_same_kernel(rows, HAS_SCALE: tl.constexpr, NEED_DX: tl.constexpr, NEED_DSCALE: tl.constexpr,
                                RELU: tl.constexpr, WRITE_G: tl.constexpr, NEED_SUM_G: tl.constexpr,
                                F64: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr,
-                               BLOCK_P: tl.constexpr):
+                               BLOCK_P: tl.constexpr, RELU_BITS: tl.constexpr):
     """The output-size backward of one fusion row, or of a step's rows in one launch: programs [start, end) of
     the 1-D grid are row k's (`rows[k]` = (grad_y, y, g, partial sums, N, C, H, W with strides, its output-size
-    terms, start, end); its constexprs are entry k of the tuples), `_same_row_backward` each."""
+    terms, start, end); its constexprs are entry k of the tuples), `_same_row_backward` each. RELU_BITS[k]: row
+    k's y is its ReLU bits (`_fuse_forward_phases`)."""
     pid = tl.program_id(0)
     for k in tl.static_range(len(rows)):
         (gy_ptr, gy_strides, y_ptr, y_strides, g_ptr, g_strides, part_ptr, N, C, H, W, terms, start,
@@ -409,14 +424,15 @@ def _fuse_backward_same_kernel(rows, HAS_SCALE: tl.constexpr, NEED_DX: tl.conste
         if (pid >= start) & (pid < end):
             _same_row_backward(pid - start, gy_ptr, gy_strides, y_ptr, y_strides, g_ptr, g_strides, part_ptr, N, C,
                                H, W, terms, HAS_SCALE[k], NEED_DX[k], NEED_DSCALE[k], RELU[k], WRITE_G[k],
-                               NEED_SUM_G[k], F64, INT64, BLOCK_C[k], BLOCK_P[k])
+                               NEED_SUM_G[k], F64, INT64, BLOCK_C[k], BLOCK_P[k], RELU_BITS[k])
 
 
 @triton.jit
 def _same_row_backward(pid, gy_ptr, gy_strides, y_ptr, y_strides, g_ptr, g_strides, part_ptr, N, C, H, W, terms,
                        HAS_SCALE: tl.constexpr, NEED_DX: tl.constexpr, NEED_DSCALE: tl.constexpr,
                        RELU: tl.constexpr, WRITE_G: tl.constexpr, NEED_SUM_G: tl.constexpr, F64: tl.constexpr,
-                       INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+                       INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+                       RELU_BITS: tl.constexpr = False):
     """Program `pid` of one row (pixel block fastest, then channel block, then image) on a [BLOCK_C x BLOCK_P]
     tile: g = relu_backward(y, grad_y); per output-size term k = (x, x strides, scale, dx, dx strides): dx_k = g *
     scale_k and partials of sum(g * x_k) (slot k, R = pixel blocks x N rows); partials of sum(g) in the slot after
@@ -437,7 +453,14 @@ def _same_row_backward(pid, gy_ptr, gy_strides, y_ptr, y_strides, g_ptr, g_strid
     row = n * tiles_p + pid_p
     g = tl.load(gy_ptr + tile_offsets(n, c, oy, ox, gy_strides, INT64), mask=mask, other=0.0)
     g = g.to(acc_t)
-    if RELU:
+    if RELU_BITS:  # y_ptr: the bits, [N, C, H / 8, W]; bit 0 where y <= 0 (relu_backward's mask)
+        # c, contiguous in runs of at most one 128-bit vector of grad_y: 1-byte loads of 16 channels would
+        # give the tile another layout than grad_y's (more shuffles in the channel sums)
+        VEC: tl.constexpr = 128 // gy_ptr.dtype.element_ty.primitive_bitwidth
+        c_vec = (c // VEC) * VEC + c % VEC
+        bits = tl.load(y_ptr + tile_offsets(n, c_vec, oy // 8, ox, y_strides, INT64), mask=mask, other=0)
+        g = tl.where(((bits.to(tl.int32) >> (oy % 8)[None, :]) & 1) == 0, 0.0, g)
+    elif RELU:
         y = tl.load(y_ptr + tile_offsets(n, c, oy, ox, y_strides, INT64), mask=mask, other=0.0)
         g = relu_backward(y, g)
     if WRITE_G:
@@ -1112,10 +1135,24 @@ def fuse_forward_rows(calls: Sequence[tuple], force_int64: bool = False) -> List
     one `_fuse_forward_rows_kernel` launch for every row (a program range each; a row of more than MAX_TERMS
     terms first runs its chained launches). One row alone takes `_fuse_forward_kernel`. Each row's arithmetic
     is that of its own call."""
+    return [y for y, _ in _forward_rows(calls, force_int64, False)]
+
+
+def fuse_forward_rows_with_bits(calls: Sequence[tuple], force_int64: bool = False
+                                ) -> List[Tuple[Tensor, Optional[Tensor]]]:
+    """`fuse_forward_rows`, and per row with ReLU whose output is a multiple of 8 rows and columns and whose
+    terms the phase form takes (`_phase_launch(bits=True)`: at G = 8) the ReLU's backward mask as bits
+    ([N, C, H / 8, W] uint8 in y's memory format; `_fuse_forward_phases`), for `BackwardCall.relu_bits`: the
+    backward reads 1/16 of y's bytes (bf16; 1/32 in fp32). (y, bits or None) per row; y has the same bits as
+    `fuse_forward_rows` gives."""
+    return _forward_rows(calls, force_int64, True)
+
+
+def _forward_rows(calls: Sequence[tuple], force_int64: bool, bits: bool) -> List[Tuple[Tensor, Optional[Tensor]]]:
     outs, rows = [], []
     for plan, xs, scales, shifts in calls:
-        out, row = _forward_row(plan, xs, scales, shifts, force_int64)
-        outs.append(out)
+        out, relu_bits, row = _forward_row(plan, xs, scales, shifts, force_int64, bits)
+        outs.append((out, relu_bits))
         if row is not None:
             rows.append(row)
     if len(rows) == 1:
@@ -1127,7 +1164,7 @@ def fuse_forward_rows(calls: Sequence[tuple], force_int64: bool = False) -> List
     for key in dict.fromkeys((r.f64, r.warps) for r in rows):
         group = [r for r in rows if (r.f64, r.warps) == key]
         consts = [{"G": 0, "FH": (1,) * len(r.constexprs["MODES"]), "FW": (1,) * len(r.constexprs["MODES"]),
-                   **r.constexprs} for r in group]
+                   "BITS": False, **r.constexprs} for r in group]
         entries, start, per_row = _program_ranges([(*r.args, r.grid[0], r.grid[1]) for r in group],
                                                   [math.prod(r.grid) for r in group], consts)
         with _device_context(group[0].args[0]):
@@ -1162,9 +1199,11 @@ class _ForwardRow(NamedTuple):
 
 
 def _forward_row(plan: FusePlan, xs: Sequence[Tensor], scales: Sequence[Optional[Tensor]],
-                 shifts: Sequence[Optional[Tensor]], force_int64: bool) -> Tuple[Tensor, Optional[_ForwardRow]]:
-    """The row's output (allocated) and the launch that writes it (None: empty). A row of more than MAX_TERMS
-    terms chains launches through a partial sum: those before the last run here."""
+                 shifts: Sequence[Optional[Tensor]], force_int64: bool, bits: bool = False
+                 ) -> Tuple[Tensor, Optional[Tensor], Optional[_ForwardRow]]:
+    """The row's output and (`bits`: where the row can, see `fuse_forward_rows_with_bits`) ReLU bits
+    (allocated), and the launch that writes them (None: empty). A row of more than MAX_TERMS terms chains
+    launches through a partial sum: those before the last run here."""
     x0 = xs[0]
     N, C = x0.shape[0], x0.shape[1]
     H, W = plan.size
@@ -1172,15 +1211,20 @@ def _forward_row(plan: FusePlan, xs: Sequence[Tensor], scales: Sequence[Optional
     fmt = torch.channels_last if plan.channels_last else torch.contiguous_format
     out = _empty(shape, x0.dtype, x0.device, fmt)
     if out.numel() == 0:
-        return out, None
+        return out, None, None
     int64 = force_int64 or needs_int64(out, *xs)
-    phase = _phase_launch(plan, C, x0.dtype)
-    if phase is not None and _phase_sources_fit(plan, xs):
+    phase = _phase_launch(plan, C, x0.dtype, bits) if _phase_sources_fit(plan, xs) else None
+    if bits and phase is None:  # no phase form at G = 8 for this row: y is its mask
+        phase = _phase_launch(plan, C, x0.dtype) if _phase_sources_fit(plan, xs) else None
+    if phase is not None:
         consts = {k: v for k, v in phase.items() if k != "F64"}
+        relu_bits = _empty((N, C, H // 8, W), torch.uint8, x0.device, fmt) if phase["BITS"] else None
+        mask = _or(relu_bits, out)
         args = (out, C, H, W, out.stride(), tuple(source_args(x, t) for x, t in zip(xs, plan.terms)),
-                tuple(_or(s, x) for s, x in zip(scales, xs)), tuple(_or(s, x) for s, x in zip(shifts, xs)))
+                tuple(_or(s, x) for s, x in zip(scales, xs)), tuple(_or(s, x) for s, x in zip(shifts, xs)),
+                mask, mask.stride())
         grid = ((H // phase["BLOCK_H"]) * (W // phase["BLOCK_W"]), C // phase["BLOCK_C"], N)
-        return out, _ForwardRow(args, grid, consts, False, int64, PHASE_WARPS)
+        return out, relu_bits, _ForwardRow(args, grid, consts, False, int64, PHASE_WARPS)
     launches = _forward_launches(plan, C, x0.dtype == torch.float64)
     partial = None
     for i, (group, consts) in enumerate(launches):
@@ -1193,10 +1237,10 @@ def _forward_row(plan: FusePlan, xs: Sequence[Tensor], scales: Sequence[Optional
             sources = (source_args(partial, _PARTIAL),) + sources
             scale_args, shift_args = (partial,) + scale_args, (partial,) + shift_args
         grid = (cdiv(H, consts["BLOCK_H"]) * cdiv(W, consts["BLOCK_W"]), cdiv(C, consts["BLOCK_C"]), N)
-        args = (target, C, H, W, target.stride(), sources, scale_args, shift_args)
+        args = (target, C, H, W, target.stride(), sources, scale_args, shift_args, target, target.stride())
         row = _ForwardRow(args, grid, {k: v for k, v in consts.items() if k != "F64"}, consts["F64"], int64)
         if last:
-            return out, row
+            return out, None, row
         with _device_context(out):
             _fuse_forward_kernel[launch_grid(*grid)](*args, F64=row.f64, INT64=int64, num_warps=4, **row.constexprs)
         partial = target
@@ -1216,13 +1260,16 @@ def _power_of_2_factor(ratio: Tuple[int, int], G: int) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
-def _phase_launch(plan: FusePlan, C: int, dtype: torch.dtype) -> Optional[dict]:
+def _phase_launch(plan: FusePlan, C: int, dtype: torch.dtype, bits: bool = False) -> Optional[dict]:
     """The constexprs of `_fuse_forward_phase_kernel` for this plan, or None where it does not apply: bf16, fp16
     or fp32 (fp64 keeps the general kernel; fp32 computes the same arithmetic in the same order, W48 branch 0
     issue/bytes 1.03 -> 0.28 on sm_90), one launch's worth of terms, each output-size, nearest or
     bilinear without align_corners by a power-of-2 factor on both axes (bilinear: >= 2), some term by 4 or more
     (sm_90, W48 stage 4 bf16: the x2-only branch issues 2.05 SASS per element this way, 1.76 in tiles), and an
-    output whose size is a multiple of the group and whose channels a block divides. Read-only."""
+    output whose size is a multiple of the group and whose channels a block divides. Read-only.
+
+    `bits` (with ReLU): at G = 8, so that a thread's rows of a column make a byte of ReLU bits (BITS), for any
+    mix of factors, x2 and output-size only included (where G would be 4 or less)."""
     if dtype not in (torch.bfloat16, torch.float16, torch.float32) or len(plan.terms) > MAX_TERMS or C == 0:
         return None
     G = 8
@@ -1235,7 +1282,8 @@ def _phase_launch(plan: FusePlan, C: int, dtype: torch.dtype) -> Optional[dict]:
             return None
         fh.append(a)
         fw.append(b)
-    G = max(fh + fw)
+    bits = bits and plan.relu
+    G = 8 if bits else max(fh + fw)
     H, W = plan.size
     if G < 4 or H % G or W % G:  # x2 at most: 4 outputs per thread, too few to pay for the unrolled form
         return None
@@ -1252,7 +1300,7 @@ def _phase_launch(plan: FusePlan, C: int, dtype: torch.dtype) -> Optional[dict]:
     return dict(MODES=tuple(t.mode for t in plan.terms), ALIGNS=(False,) * len(plan.terms),
                 HAS_SCALE=tuple(t.has_scale for t in plan.terms), HAS_SHIFT=tuple(t.has_shift for t in plan.terms),
                 RELU=plan.relu, F64=False, EXACT=True, BLOCK_C=block_c, BLOCK_H=G, BLOCK_W=block_q * G, G=G,
-                FH=tuple(fh), FW=tuple(fw))
+                FH=tuple(fh), FW=tuple(fw), BITS=bits)
 
 
 def _phase_sources_fit(plan: FusePlan, xs: Sequence[Tensor]) -> bool:
@@ -1321,7 +1369,8 @@ class BackwardCall(NamedTuple):
     """One fusion row's backward, `fuse_backward`'s arguments. `scaled_by_caller`: output-size terms with a scale
     whose dx = g * scale_k the caller computes where it reads it (the batch-norm backward of a folded term,
     `hrfast.ops.fuse_step`): their dx slot holds g itself, the gradient behind the ReLU, and no dx is written for
-    them (one full-resolution write less per term)."""
+    them (one full-resolution write less per term). `relu_bits`: the row's ReLU bits
+    (`fuse_forward_rows_with_bits`), read instead of y (then None)."""
 
     plan: FusePlan
     grad_y: Tensor
@@ -1332,6 +1381,7 @@ class BackwardCall(NamedTuple):
     needs: Sequence[Tuple[bool, bool, bool]]
     scaled_by_caller: Sequence[int] = ()
     force_int64: bool = False
+    relu_bits: Optional[Tensor] = None
 
 
 def fuse_backward(plan: FusePlan, grad_y: Tensor, y: Optional[Tensor], xs: Sequence[Tensor],
@@ -1373,6 +1423,13 @@ class _RowBackward:
         deferred = frozenset(call.scaled_by_caller)
         if any(plan.terms[k].mode != SAME or not plan.terms[k].has_scale for k in deferred):
             raise ValueError("scaled_by_caller: only output-size terms with a scale")
+        bits = call.relu_bits
+        if plan.relu and y is None and bits is None:
+            raise ValueError("y: a plan with ReLU needs the forward output y (or relu_bits) for the ReLU's mask")
+        if bits is not None and (not plan.relu or bits.dtype != torch.uint8 or grad_y.shape[2] % 8
+                                 or tuple(bits.shape) != (*grad_y.shape[:2], grad_y.shape[2] // 8, grad_y.shape[3])):
+            raise ValueError("relu_bits: expected the row's ReLU bits, [N, C, H / 8, W] uint8 "
+                             "(fuse_forward_rows_with_bits), and a plan with ReLU")
         self.call = call
         self.upsampled = [k for k, t in enumerate(plan.terms) if t.mode != SAME and any(needs[k])]
         self.int64 = call.force_int64 or needs_int64(grad_y, y, *xs)
@@ -1395,7 +1452,7 @@ class _RowBackward:
         same_parts = self.parts[:sizes[0]].view(len(same) + 1, R0, C)
         self.g, self.grads, self.same = _output_size_backward(plan, grad_y, y, xs, scales, needs,
                                                               bool(self.upsampled), self.int64, same_cfg,
-                                                              same_parts, deferred)
+                                                              same_parts, deferred, call.relu_bits)
         for slot, k in enumerate(same):
             need_dscale, need_dshift = needs[k][1] and plan.terms[k].has_scale, needs[k][2] and plan.terms[k].has_shift
             self.grads[k] = (self.grads[k][0], self._reduced(scales[k], slot * R0 * C, R0) if need_dscale else None,
@@ -1519,13 +1576,14 @@ def _same_launch(rows: Sequence[_SameRow]) -> None:
 
 def _output_size_backward(plan: FusePlan, grad_y: Tensor, y: Optional[Tensor], xs: Sequence[Tensor],
                           scales: Sequence[Optional[Tensor]], needs: Sequence[Tuple[bool, bool, bool]],
-                          need_g: bool, int64: bool, config, parts: Tensor, deferred: frozenset = frozenset()
+                          need_g: bool, int64: bool, config, parts: Tensor, deferred: frozenset = frozenset(),
+                          relu_bits: Optional[Tensor] = None
                           ) -> Tuple[Optional[Tensor], Dict[int, Grads], Optional[_SameRow]]:
     """The output-size terms' dx by term index (dscale, dshift None: their partial sums go to `parts` [terms +
     1, R, C], slot k for sum(g * x_k), the last for sum(g)), (when `need_g`, for the upsampled terms) g, the
     gradient behind the ReLU (grad_y itself without ReLU), allocated, and the row's entry in the
     `_fuse_backward_same_kernel` launch that writes them (None: nothing to launch). The `deferred` terms' dx
-    slot holds g (see `BackwardCall`)."""
+    slot holds g (see `BackwardCall`). `relu_bits`: the ReLU's mask as bits, read instead of y."""
     N, C, H, W = grad_y.shape
     same = [k for k, t in enumerate(plan.terms) if t.mode == SAME]
     deferred = frozenset(k for k in deferred if needs[k][0])
@@ -1552,13 +1610,14 @@ def _output_size_backward(plan: FusePlan, grad_y: Tensor, y: Optional[Tensor], x
     if grad_y.numel() == 0:
         parts.zero_()  # empty tensors: the sums are zero
         return g, grads, None
-    y_arg, g_arg = _or(y, grad_y), g if write_g else grad_y
+    y_arg, g_arg = relu_bits if relu_bits is not None else _or(y, grad_y), g if write_g else grad_y
     args = (grad_y, tuple(grad_y.stride()), y_arg, tuple(y_arg.stride()), g_arg, tuple(g_arg.stride()), parts, N,
             C, H, W, tuple(_same_term_args(xs[k], scales[k], dx, read, grad_y)
                            for k, dx, read in zip(same, dxs, need_dscale)))
     constexprs = dict(HAS_SCALE=tuple(plan.terms[k].has_scale for k in same),
                       NEED_DX=tuple(dx is not None for dx in dxs), NEED_DSCALE=tuple(need_dscale), RELU=plan.relu,
-                      WRITE_G=write_g, NEED_SUM_G=need_sum_g, BLOCK_C=block_c, BLOCK_P=block_p)
+                      WRITE_G=write_g, NEED_SUM_G=need_sum_g, BLOCK_C=block_c, BLOCK_P=block_p,
+                      RELU_BITS=plan.relu and relu_bits is not None)
     return g, grads, _SameRow(args, programs, constexprs, parts.dtype == torch.float64, int64)
 
 

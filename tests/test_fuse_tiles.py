@@ -357,6 +357,94 @@ def test_backward_rows_match_per_row_calls_bitwise(dtype, layout, monkeypatch):
                 assert (a is None) == (e is None) and (a is None or torch.equal(a, e))
 
 
+# a training step's rows with ReLU bits (`fuse_forward_rows_with_bits`): a x2 / x8 row (phase form at G = 8
+# anyway), a x2-only row and an output-size-only row (the general tile without bits: the phase form at G = 8
+# with them), and a row of 6 rows (not a multiple of 8: no bits, its backward reads y)
+BITS_ROWS = [Case((16, 16), [((16, 16), None), ((8, 8), bil()), ((2, 2), bil())], N=2, C=4),
+             Case((8, 24), [((8, 24), None), ((4, 12), bil())], N=1, C=4),
+             Case((8, 16), [((8, 16), None)] * 3, N=2, C=4, affine="mixed"),
+             Case((6, 8), [((6, 8), None), ((3, 4), bil())], N=2, C=4)]
+
+
+@pytest.mark.parametrize("dtype, layout", [(BF16, "channels_last"), (F16, "nchw"), (F32, "nchw")],
+                         ids=["bf16_cl", "fp16_nchw", "fp32_nchw"])
+def test_relu_bits_match_y_bitwise(dtype, layout):
+    """The forward's ReLU bits (bit h % 8 of byte [n, c, h // 8, w]) are `relu_backward`'s mask of y as stored:
+    0 where y <= 0, 1 elsewhere, NaN included, and (fp16) 0 where a positive sum rounds to 0; y keeps the
+    bits `fuse_forward_rows` gives; the backward reading the bits gives the gradients of the one reading y, bit
+    for bit. The 6-row row gets no bits."""
+    from hrfast.kernels import fuse as K
+
+    calls, grads_y = [], []
+    for i, case in enumerate(BITS_ROWS):
+        xs, scales, shifts, resamples, _ = _build(case, dtype, layout)
+        plan, kxs, kscales, kshifts = _kernel_args(xs, scales, shifts, resamples, case.size, True, layout != "nchw")
+        kxs[0][0, 1, 1, 2] = float("nan")
+        if i == 1:  # channel 0: x0 * 1 + (2^-25 - 2^-10) + Up(x1) * 0 = 2^-25 at x0 = 2^-10, 0 in fp16
+            kxs[0][0, 0, 3, 5] = 2.0 ** -10
+            kscales = [s.float() for s in kscales]
+            kshifts = [b.float() for b in kshifts]
+            kscales[0][0], kshifts[0][0], kscales[1][0], kshifts[1][0] = 1.0, 2.0 ** -25 - 2.0 ** -10, 0.0, 0.0
+        calls.append((plan, kxs, kscales, kshifts))
+    assert [K._phase_launch(c[0], 4, dtype, True) is not None for c in calls] == [True, True, True, False]
+    assert [K._phase_launch(c[0], 4, dtype) is not None for c in calls] == [True, False, False, False]
+    outs = K.fuse_forward_rows_with_bits(calls)
+    backward = []
+    for (y, bits), y_rows, (plan, kxs, kscales, kshifts) in zip(outs, K.fuse_forward_rows(calls), calls):
+        assert y.stride() == y_rows.stride() and _same_bits(y, y_rows)
+        grad_y = torch.randn(y.shape, dtype=torch.float64).to(y)
+        needs = [(True, s is not None, b is not None) for s, b in zip(kscales, kshifts)]
+        backward.append((K.BackwardCall(plan, grad_y, y, kxs, kscales, kshifts, needs),
+                         K.BackwardCall(plan, grad_y, y if bits is None else None, kxs, kscales, kshifts, needs,
+                                        relu_bits=bits)))
+        if y.shape[2] % 8:
+            assert bits is None
+            continue
+        N, C, H, W = y.shape
+        passes = ~(y <= 0)
+        expected = (passes.view(N, C, H // 8, 8, W).to(torch.int32)
+                    << torch.arange(8).view(1, 1, 1, 8, 1)).sum(3).to(torch.uint8)
+        assert bits.shape == (N, C, H // 8, W) and bits.is_contiguous(memory_format=y_rows_format(y))
+        assert torch.equal(bits, expected)
+    assert torch.isnan(outs[0][0][0, 1, 1, 2])
+    if dtype == F16:
+        assert outs[1][0][0, 0, 3, 5].item() == 0.0 and not outs[1][1][0, 0, 0, 5] & 8
+    for with_y, with_bits in zip(K.fuse_backward_rows([b[0] for b in backward]),
+                                 K.fuse_backward_rows([b[1] for b in backward])):
+        for a, e in zip((t for grads in with_bits for t in grads), (t for grads in with_y for t in grads)):
+            assert (a is None) == (e is None) and (a is None or _same_bits(a, e))
+
+
+def _same_bits(a, b):
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return a.dtype == b.dtype and torch.equal(a.view(ints), b.view(ints))
+
+
+def y_rows_format(y):
+    return CL if y.stride(1) == 1 and y.shape[1] > 1 else torch.contiguous_format
+
+
+def test_relu_bits_are_checked():
+    """Bits of another shape or dtype, or bits without ReLU, and a ReLU row with neither y nor bits are refused
+    by name."""
+    from hrfast.kernels import fuse as K
+
+    case = BITS_ROWS[1]
+    xs, scales, shifts, resamples, _ = _build(case, F32, "nchw")
+    plan, kxs, kscales, kshifts = _kernel_args(xs, scales, shifts, resamples, case.size, True, False)
+    grad_y = torch.randn(1, 4, 8, 24)
+    needs = [(True, True, True)] * 2
+    for bits in (torch.zeros(1, 4, 1, 24, dtype=torch.int32), torch.zeros(1, 4, 8, 24, dtype=torch.uint8)):
+        with pytest.raises(ValueError, match="relu_bits"):
+            K.fuse_backward_rows([K.BackwardCall(plan, grad_y, None, kxs, kscales, kshifts, needs, relu_bits=bits)])
+    with pytest.raises(ValueError, match="y: a plan with ReLU"):
+        K.fuse_backward_rows([K.BackwardCall(plan, grad_y, None, kxs, kscales, kshifts, needs)])
+    plan_no_relu, *_ = _kernel_args(xs, scales, shifts, resamples, case.size, False, False)
+    with pytest.raises(ValueError, match="relu_bits"):
+        K.fuse_backward_rows([K.BackwardCall(plan_no_relu, grad_y, None, kxs, kscales, kshifts, needs,
+                                             relu_bits=torch.zeros(1, 4, 1, 24, dtype=torch.uint8))])
+
+
 @pytest.mark.parametrize("dtype, layout", [(BF16, "nchw"), (F32, "channels_last")], ids=["bf16_nchw", "fp32_cl"])
 def test_forward_rows_match_per_row_calls_bitwise(dtype, layout):
     """`fuse_forward_rows` (a step's rows in one `_fuse_forward_rows_kernel` launch) writes each row's output

@@ -510,6 +510,39 @@ def test_training_step_folds_in_one_launch(timm_modules, merged, monkeypatch):
     assert not any(scaled and dx for has_scale, need_dx in zip(*rows) for scaled, dx in zip(has_scale, need_dx))
 
 
+def test_training_step_reads_relu_bits(timm_modules, monkeypatch):
+    """In bf16 the step's forward writes the ReLU's bits for the rows whose size is a multiple of 8 (16x16 and
+    8x8 here; not 4x4, 2x2) and their backward reads them instead of y: the same outputs, gradients and
+    running statistics, bit for bit, as the step reading y everywhere."""
+    from hrfast.kernels import fuse as fuse_kernels
+
+    m = timm_modules[4]
+    xs = [x.bfloat16() for x in _branch_outputs(m, SIZES)]
+    layers = _copy(m.fuse_layers, torch.bfloat16, True)
+
+    def run():
+        reads = []
+        same = fuse_kernels._fuse_backward_same_kernel
+        with monkeypatch.context() as patch:
+            patch.setattr(fuse_kernels, "_fuse_backward_same_kernel",
+                          _Recording(same, lambda kwargs: reads.append(kwargs["RELU_BITS"])))
+            fast = copy.deepcopy(layers)
+            return _collect(HRFusion(fast, backend="triton"), fast, xs, grad_seed=5), reads
+
+    with_bits, reads = run()
+    assert reads == [(True, True, False, False)]
+    monkeypatch.setattr(fuse_kernels, "fuse_forward_rows_with_bits",
+                        lambda calls: [(y, None) for y in fuse_kernels.fuse_forward_rows(calls)])
+    with_y, reads = run()
+    assert reads == [(False, False, False, False)]
+
+    def same_bits(a, b, name):
+        ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        assert a.dtype == b.dtype and torch.equal(a.view(ints), b.view(ints)), name
+
+    _compare(with_bits, with_y, same_bits)
+
+
 class _Recording:
     """A kernel stand-in that reports each launch's keyword arguments, then launches it."""
 

@@ -11,9 +11,11 @@ of its own. As one node, the step's backward
 - runs every row's output-size backward in one `_fuse_backward_same_kernel` launch, every row's phase-form
   upsampled terms in one `_adjoint_rows_kernel` launch, and sums every row's per-channel gradients in one
   `_reduce_partials_kernel` launch (one of each per row before).
-The forward runs every row's fused kernel in one launch (`fuse_forward_rows`). The arithmetic is the
-row-by-row path's, but for dz of a strided-down term, now rounded once (g * scale is no longer stored in the
-term's dtype first).
+The forward runs every row's fused kernel in one launch (`fuse_forward_rows_with_bits`), which also writes
+the ReLU's mask as bits for the rows whose size allows (multiples of 8 rows and columns, phase-form terms):
+their backward reads 1/16 of y's bytes (bf16), not y (W48 stage 4, 512x1024 b8 bf16: 44 MB less). The
+arithmetic is the row-by-row path's, but for dz of a strided-down term, now rounded once (g * scale is no
+longer stored in the term's dtype first).
 
 `hrfast.nn.fusion.fusion_forward` takes it in training on the Triton backend whenever a batch norm folds onto
 the kernels (`fold_batch_norms(deferred=...)`); traced calls (torch.compile, export, jit.trace) fold in
@@ -86,10 +88,19 @@ class FuseStepFunction(torch.autograd.Function):
         from hrfast.kernels import fuse as K
 
         rows, folds = _unflatten(layout, flat)
-        ys = K.fuse_forward_rows([(plan, *row) for plan, row in zip(layout.plans, rows)])
+        calls = [(plan, *row) for plan, row in zip(layout.plans, rows)]
+        if any(ctx.needs_input_grad):
+            outs = K.fuse_forward_rows_with_bits(calls)
+        else:  # no backward to come (no_grad): no bits
+            outs = [(y, None) for y in K.fuse_forward_rows(calls)]
+        ys = [y for y, _ in outs]
+        # the ReLU mask each row's backward reads: its bits where the forward wrote them (1/16 of y's bytes in
+        # bf16), else y
+        masks = [y if bits is None else bits for y, bits in outs]
+        ctx.bits = tuple(bits is not None for _, bits in outs)
         folded = set(layout.folds)
         needs = ctx.needs_input_grad[1:]
-        # kept for backward: y (the ReLU mask), z of every fold, x_k where d(scale_k) is wanted
+        # kept for backward: the ReLU masks, z of every fold, x_k where d(scale_k) is wanted
         kept, position = [], 0
         for i, (terms, scales, _) in enumerate(rows):
             n, n_scales, n_shifts = layout.counts(i)
@@ -100,7 +111,7 @@ class FuseStepFunction(torch.autograd.Function):
             position += n + n_scales + n_shifts
         ctx.shapes = [tuple(x.shape) for terms, _, _ in rows for x in terms]
         ctx.layout = layout
-        ctx.save_for_backward(*ys, *kept, *[t for _, scales, shifts in rows for t in scales + shifts if t is not None],
+        ctx.save_for_backward(*masks, *kept, *[t for _, scales, shifts in rows for t in scales + shifts if t is not None],
                               *[t for fold in folds for t in fold])
         return tuple(ys)
 
@@ -112,7 +123,7 @@ class FuseStepFunction(torch.autograd.Function):
         layout = ctx.layout
         plans = layout.plans
         saved = iter(ctx.saved_tensors)
-        ys = [next(saved) for _ in plans]
+        masks = [next(saved) for _ in plans]
         kept = [next(saved) for _ in ctx.shapes]
         params = [next(saved) for i in range(len(plans)) for _ in range(sum(layout.counts(i)[1:]))]
         folds = [tuple(next(saved) for _ in range(3)) for _ in layout.folds]
@@ -139,8 +150,8 @@ class FuseStepFunction(torch.autograd.Function):
                         deferred.append(k)
                 else:
                     row_needs.append((needs[position + k], need_scale, need_shift))
-            calls.append(K.BackwardCall(plan, dys[i], ys[i] if plan.relu else None, xs, scales, shifts, row_needs,
-                                        deferred))
+            y, bits = (None, masks[i]) if ctx.bits[i] else (masks[i] if plan.relu else None, None)
+            calls.append(K.BackwardCall(plan, dys[i], y, xs, scales, shifts, row_needs, deferred, relu_bits=bits))
             position += n + n_scales + n_shifts
             term_index += n
             param_index += n_scales + n_shifts

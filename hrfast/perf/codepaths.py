@@ -68,15 +68,16 @@ def fuse_forward_backward(problem, force_int64=False) -> None:
 
 
 def step_forward_backward(problems, force_int64=False) -> None:
-    """A fusion step's rows through their shared launches (`fuse_forward_rows`, `fuse_backward_rows`; the
-    adjoint rows share theirs whatever their programs' size)."""
+    """A fusion step's rows through their shared launches as `hrfast.ops.fuse_step` runs them
+    (`fuse_forward_rows_with_bits`, `fuse_backward_rows` reading the ReLU bits where a row has them; the
+    adjoint rows share their launch whatever their programs' size)."""
     from hrfast.kernels import fuse as K
 
-    ys = K.fuse_forward_rows(problems, force_int64)
-    calls = [K.BackwardCall(plan, torch.randn_like(y), y, xs, scales, shifts,
+    outs = K.fuse_forward_rows_with_bits(problems, force_int64)
+    calls = [K.BackwardCall(plan, torch.randn_like(y), y if bits is None else None, xs, scales, shifts,
                             [(True, s is not None, b is not None) for s, b in zip(scales, shifts)],
-                            force_int64=force_int64)
-             for (plan, xs, scales, shifts), y in zip(problems, ys)]
+                            force_int64=force_int64, relu_bits=bits)
+             for (plan, xs, scales, shifts), (y, bits) in zip(problems, outs)]
     min_cells, K.ADJOINT_ROWS_MIN_CELLS = K.ADJOINT_ROWS_MIN_CELLS, 1
     try:
         K.fuse_backward_rows(calls)
@@ -101,7 +102,7 @@ def record_fuse_cases() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         fuse_forward_backward(fuse_problem(dtype, *_many_terms()))
     # a step's grouped launches with 64-bit offsets (the HRNet configurations take 32-bit ones): rows of x2 / x4
-    # / x8 and of one x2 term share the adjoint-row launch
+    # / x8 (8x8: ReLU bits) and of one x2 term (4x4: y) share the adjoint-row launch
     sizes = _fuse_cases()[0][0]
     bil = _resamples()[0]
     step_forward_backward([fuse_problem(torch.bfloat16, sizes, [None, bil, bil, bil]),

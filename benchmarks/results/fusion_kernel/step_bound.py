@@ -10,8 +10,9 @@ number of launches (4 us each, as eager's): the launch budget a 3x step has.
 
 Compulsory bytes of a fused design, per output row with output elements `out`, terms of `e_j` elements:
 - forward: the batch statistics read every normalised term once; the fused kernel reads every term once and
-  writes y once.
-- backward: dy and y read (the ReLU mask), g = dx of the row's own branch written once; the upsampled terms'
+  writes y once, and the ReLU's mask as bits (out / 8 bytes; `fuse_forward_rows_with_bits`, since stop 29:
+  until then the backward read y for it).
+- backward: dy and the ReLU bits read, g = dx of the row's own branch written once; the upsampled terms'
   adjoint reads g once for all of them (one launch per row at best), reads z_j for the BN sums and writes dz_j;
   BN's backward then reads dz_j and z_j and writes dx_j (5 e_j per upsampled term in all); each strided-down
   (output-size) term: its BN sums read z_j (g still in registers) and its BN backward reads g and z_j and
@@ -37,14 +38,14 @@ from hrfast.perf.arch import LAUNCH_SECONDS  # noqa: E402
 from stage4_rows import branch_problem, cost_rows, record_training_step, step_arguments, step_setup  # noqa: E402
 
 
-def compulsory_elements(plan, shapes):
-    """(forward, backward) compulsory elements of one row (see the module docstring)."""
+def compulsory_bytes(plan, shapes, size):
+    """(forward, backward) compulsory bytes of one row, elements of `size` bytes (see the module docstring)."""
     out, terms = eager._fuse_terms(plan, shapes)
     ups = [e for e, up, _ in terms if up]
     downs = [e for e, up, bn in terms if bn and not up]
     forward = sum(e for e, _, bn in terms if bn) + sum(e for e, _, _ in terms) + out
-    backward = 3 * out + (out if ups else 0) + sum(5 * e for e in ups) + sum(4 * e for e in downs)
-    return forward, backward
+    backward = 2 * out + (out if ups else 0) + sum(5 * e for e in ups) + sum(4 * e for e in downs)
+    return forward * size + out / 8, backward * size + out / 8
 
 
 def main(argv=None):
@@ -60,8 +61,8 @@ def main(argv=None):
         shapes = [tuple(x.shape) for x in xs]
         for phase, ops in eager.eager_fuse(plan, shapes, dtype, True).items():
             eager_ops[phase] += ops
-        for phase, e in zip(("forward", "backward"), compulsory_elements(plan, shapes)):
-            ideal[phase] += e * size
+        for phase, b in zip(("forward", "backward"), compulsory_bytes(plan, shapes, size)):
+            ideal[phase] += b
     step = record_training_step(dtype, args.channels_last)
     today = {p: sum(len(phases[p]) + len(aten.get(p, [])) for _, _, phases, aten in step)
              for p in ("forward", "backward")}

@@ -111,8 +111,8 @@ class FuseStepFunction(torch.autograd.Function):
             position += n + n_scales + n_shifts
         ctx.shapes = [tuple(x.shape) for terms, _, _ in rows for x in terms]
         ctx.layout = layout
-        ctx.save_for_backward(*masks, *kept, *[t for _, scales, shifts in rows for t in scales + shifts if t is not None],
-                              *[t for fold in folds for t in fold])
+        params = [t for _, scales, shifts in rows for t in scales + shifts if t is not None]
+        ctx.save_for_backward(*masks, *kept, *params, *[t for fold in folds for t in fold])
         return tuple(ys)
 
     @staticmethod

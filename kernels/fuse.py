@@ -1213,9 +1213,9 @@ def _forward_row(plan: FusePlan, xs: Sequence[Tensor], scales: Sequence[Optional
     if out.numel() == 0:
         return out, None, None
     int64 = force_int64 or needs_int64(out, *xs)
-    phase = _phase_launch(plan, C, x0.dtype, bits) if _phase_sources_fit(plan, xs) else None
-    if bits and phase is None:  # no phase form at G = 8 for this row: y is its mask
-        phase = _phase_launch(plan, C, x0.dtype) if _phase_sources_fit(plan, xs) else None
+    phase = None
+    if _phase_sources_fit(plan, xs):  # without a phase form at G = 8 for the bits, y is the row's mask
+        phase = (bits and _phase_launch(plan, C, x0.dtype, True)) or _phase_launch(plan, C, x0.dtype)
     if phase is not None:
         consts = {k: v for k, v in phase.items() if k != "F64"}
         relu_bits = _empty((N, C, H // 8, W), torch.uint8, x0.device, fmt) if phase["BITS"] else None

@@ -514,6 +514,8 @@ def test_training_step_reads_relu_bits(timm_modules, monkeypatch):
     """In bf16 the step's forward writes the ReLU's bits for the rows whose size is a multiple of 8 (16x16 and
     8x8 here; not 4x4, 2x2) and their backward reads them instead of y: the same outputs, gradients and
     running statistics, bit for bit, as the step reading y everywhere."""
+    from test_fuse_tiles import _same_bits
+
     from hrfast.kernels import fuse as fuse_kernels
 
     m = timm_modules[4]
@@ -537,8 +539,7 @@ def test_training_step_reads_relu_bits(timm_modules, monkeypatch):
     assert reads == [(False, False, False, False)]
 
     def same_bits(a, b, name):
-        ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-        assert a.dtype == b.dtype and torch.equal(a.view(ints), b.view(ints)), name
+        assert _same_bits(a, b), name
 
     _compare(with_bits, with_y, same_bits)
 
